@@ -1,0 +1,39 @@
+# Everything runs from a local virtual environment, created on first use.
+# TORCH_SPEC picks the torch build: users get the plain range; CI pins the CPU wheel.
+PYTHON     ?= python3
+TORCH_SPEC ?= torch>=2.2
+VENV       := .venv
+PY         := $(VENV)/bin/python
+DATA       ?= ../shared/data/tinyshakespeare/input.txt
+STAMP      := $(VENV)/.installed
+
+.PHONY: setup train train-torch sample test test-slow parity-report bench figures clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+# Train the NumPy GPT with the default (nanoGPT CPU) recipe, then print a sample.
+train: $(STAMP)
+	$(PY) train_np.py $(if $(wildcard $(DATA)),--data $(DATA))
+
+train-torch: $(STAMP)
+	$(PY) train_torch.py $(if $(wildcard $(DATA)),--data $(DATA))
+
+# The whole default test suite: unit tests and the NumPy/PyTorch parity suite.
+test: $(STAMP)
+	NPGPT_DATA=$(abspath $(DATA)) $(PY) -m pytest -q -n 2
+
+test-slow: $(STAMP)
+	NPGPT_DATA=$(abspath $(DATA)) $(PY) -m pytest -q -n 2 -m slow
+
+parity-report: $(STAMP)
+	$(PY) -m parity_tests.report
+
+clean:
+	rm -rf $(VENV) out* .pytest_cache .hypothesis
