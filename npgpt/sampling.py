@@ -31,5 +31,6 @@ def sample_next(logits: np.ndarray, temperature: float = 1.0, top_k: int | None 
     probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)  # (B, V)
     cdf = np.cumsum(probs, axis=-1)
+    # Index = how many CDF entries lie at or below u: a zero-probability token is never picked.
     u = rng.random((logits.shape[0], 1)) * cdf[:, -1:]  # (B, 1), scaled so rounding never overshoots
-    return np.minimum((cdf < u).sum(axis=-1), logits.shape[-1] - 1).astype(np.int64)
+    return np.minimum((cdf <= u).sum(axis=-1), logits.shape[-1] - 1).astype(np.int64)
