@@ -1,0 +1,405 @@
+"""Every layer of the GPT as a forward/backward pair of plain NumPy functions.
+
+Dimension legend
+    B  batch size            T  time (sequence length)     C  channels (n_embd)
+    nh number of heads       hs head size (C // nh)        V  vocabulary size
+    N  any number of leading positions (B*T, or B, T separately)
+
+Conventions (as in CS231n and llm.c)
+    name_forward(inputs..., params...) -> (out, cache)
+    name_backward(dout, cache)         -> gradients of the inputs, then of the parameters,
+                                          in the order of the forward's arguments.
+    `dout` is the gradient of the loss with respect to `out`; `dx` the gradient w.r.t. `x`.
+    A backward returns fresh arrays and never writes into `dout` or into its cache.
+    Every backward's docstring states its result; docs/gradients.md derives it.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.special import erf  # the error function itself; every derivative below is ours
+
+LAYERNORM_EPS = 1e-5
+
+
+def _sum_to_last_axis(a: np.ndarray) -> np.ndarray:
+    """Sum over every axis but the last: (..., K) -> (K,). Used for bias and norm gains."""
+    return a.reshape(-1, a.shape[-1]).sum(axis=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Token + position embedding
+# --------------------------------------------------------------------------------------------
+
+def embedding_forward(idx: np.ndarray, wte: np.ndarray, wpe: np.ndarray | None = None):
+    """x[b, t] = wte[idx[b, t]] + wpe[t].   idx (B, T) int, wte (V, C), wpe (block_size, C) or None.
+
+    With wpe None this is a plain lookup table (the bigram model).
+    """
+    B, T = idx.shape
+    out = wte[idx]  # (B, T, C) gather
+    if wpe is not None:
+        out += wpe[:T]  # broadcast over the batch
+    return out, (idx, wte.shape, None if wpe is None else wpe.shape)
+
+
+def embedding_backward(dout: np.ndarray, cache):
+    """dwte[v] = sum of dout[b, t] over every (b, t) with idx[b, t] == v;  dwpe[t] = sum_b dout[b, t].
+
+    Returns (dwte, dwpe), dwpe None without wpe; idx is integer and has no gradient. A token id that appears many times
+    collects the sum of all its rows (a scatter-add), written here as one matmul with the one-hot
+    matrix, which is exact and avoids the slow np.add.at. See docs/gradients.md#embedding.
+    """
+    idx, wte_shape, wpe_shape = cache
+    B, T, C = dout.shape
+    V = wte_shape[0]
+    one_hot = np.zeros((B * T, V), dtype=dout.dtype)  # (B*T, V)
+    one_hot[np.arange(B * T), idx.reshape(-1)] = 1.0
+    dwte = one_hot.T @ dout.reshape(B * T, C)  # (V, B*T) @ (B*T, C) -> (V, C)
+    if wpe_shape is None:
+        return dwte, None
+    dwpe = np.zeros(wpe_shape, dtype=dout.dtype)  # positions >= T got no gradient
+    dwpe[:T] = dout.sum(axis=0)  # (T, C)
+    return dwte, dwpe
+
+
+# --------------------------------------------------------------------------------------------
+# Linear (nn.Linear layout: w is (out, in))
+# --------------------------------------------------------------------------------------------
+
+def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None):
+    """out = x @ w.T + b.   x (..., in), w (out, in), b (out,) or None -> out (..., out)."""
+    out = x @ w.T
+    if b is not None:
+        out += b
+    return out, (x, w, b is not None)
+
+
+def linear_backward(dout: np.ndarray, cache):
+    """dx = dout @ w;  dw = dout^T x (summed over positions);  db = dout summed over positions.
+
+    Returns (dx, dw, db); db is None when the forward had no bias. See docs/gradients.md#linear.
+    """
+    x, w, has_bias = cache
+    dx = dout @ w  # (..., out) @ (out, in) -> (..., in)
+    dout2d = dout.reshape(-1, dout.shape[-1])  # (N, out)
+    dw = dout2d.T @ x.reshape(-1, x.shape[-1])  # (out, N) @ (N, in) -> (out, in)
+    db = dout2d.sum(axis=0) if has_bias else None
+    return dx, dw, db
+
+
+# --------------------------------------------------------------------------------------------
+# Layer normalisation over the last axis
+# --------------------------------------------------------------------------------------------
+
+def layernorm_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
+                      eps: float = LAYERNORM_EPS):
+    """out = (x - mean) / sqrt(var + eps) * w + b, statistics over the last axis (biased var)."""
+    mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
+    xc = x - mean
+    var = (xc * xc).mean(axis=-1, keepdims=True)  # (..., 1)
+    rstd = 1.0 / np.sqrt(var + eps)  # (..., 1)
+    xhat = xc * rstd  # (..., C)
+    out = xhat * w
+    if b is not None:
+        out += b
+    return out, (xhat, rstd, w, b is not None)
+
+
+def layernorm_backward(dout: np.ndarray, cache):
+    """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dout * w;  dw = sum dout*xhat.
+
+    The two mean terms are the paths through the mean and the variance, which both depend on
+    every x in the row. Returns (dx, dw, db). See docs/gradients.md#layernorm.
+    """
+    xhat, rstd, w, has_bias = cache
+    g = dout * w  # (..., C) gradient w.r.t. xhat
+    dx = rstd * (g - g.mean(axis=-1, keepdims=True)
+                 - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    dw = _sum_to_last_axis(dout * xhat)
+    db = _sum_to_last_axis(dout) if has_bias else None
+    return dx, dw, db
+
+
+# --------------------------------------------------------------------------------------------
+# Activations
+# --------------------------------------------------------------------------------------------
+
+def relu_forward(x: np.ndarray):
+    """out = max(x, 0)."""
+    out = np.maximum(x, 0)
+    return out, out > 0
+
+
+def relu_backward(dout: np.ndarray, cache):
+    """dx = dout where x > 0, else 0 (torch's convention: the kink at 0 gets gradient 0)."""
+    positive = cache
+    return (np.where(positive, dout, 0),)
+
+
+def gelu_forward(x: np.ndarray):
+    """Exact GELU: out = x * Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2 (nn.GELU())."""
+    phi = 0.5 * (1.0 + erf(x * (1.0 / math.sqrt(2.0))))  # standard normal CDF
+    return x * phi, (x, phi)
+
+
+def gelu_backward(dout: np.ndarray, cache):
+    """dx = dout * (Phi(x) + x * pdf(x)), pdf(x) = exp(-x^2 / 2) / sqrt(2 pi)."""
+    x, phi = cache
+    pdf = np.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    return (dout * (phi + x * pdf),)
+
+
+_GELU_TANH_K = math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh_forward(x: np.ndarray):
+    """GPT-2's GELU: out = x/2 * (1 + tanh(u)), u = sqrt(2/pi) * (x + 0.044715 x^3)."""
+    th = np.tanh(_GELU_TANH_K * (x + 0.044715 * x * x * x))
+    return 0.5 * x * (1.0 + th), (x, th)
+
+
+def gelu_tanh_backward(dout: np.ndarray, cache):
+    """dx = dout * (1/2 (1 + tanh u) + x/2 (1 - tanh^2 u) sqrt(2/pi) (1 + 3*0.044715 x^2))."""
+    x, th = cache
+    du_dx = _GELU_TANH_K * (1.0 + 3 * 0.044715 * x * x)
+    return (dout * (0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du_dx),)
+
+
+ACTIVATION_FUNCTIONS = {
+    "relu": (relu_forward, relu_backward),
+    "gelu": (gelu_forward, gelu_backward),
+    "gelu_tanh": (gelu_tanh_forward, gelu_tanh_backward),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Dropout (inverted: kept activations are scaled by 1 / (1 - p) during training)
+# --------------------------------------------------------------------------------------------
+
+def dropout_mask(shape, p: float, rng: np.random.Generator, dtype=np.float32) -> np.ndarray:
+    """A mask of values keep / (1 - p): 0 with probability p, else 1 / (1 - p)."""
+    dtype = np.dtype(dtype)
+    keep = rng.random(shape) >= p
+    return keep.astype(dtype) / dtype.type(1.0 - p)
+
+
+def dropout_forward(x: np.ndarray, p: float, rng: np.random.Generator | None = None,
+                    mask: np.ndarray | None = None):
+    """out = x * mask. The mask is given explicitly, or drawn from `rng` (reproducible)."""
+    if mask is None:
+        if rng is None:
+            raise ValueError("dropout_forward needs either rng or mask")
+        mask = dropout_mask(x.shape, p, rng, x.dtype)
+    return x * mask, mask
+
+
+def dropout_backward(dout: np.ndarray, cache):
+    """dx = dout * mask: dropped units pass no gradient, kept ones are scaled by 1 / (1 - p)."""
+    mask = cache
+    return (dout * mask,)
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax over the last axis
+# --------------------------------------------------------------------------------------------
+
+def softmax_forward(x: np.ndarray):
+    """out = exp(x - max x) / sum exp(x - max x): subtracting the row max avoids overflow."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    out = e / e.sum(axis=-1, keepdims=True)
+    return out, out
+
+
+def softmax_backward(dout: np.ndarray, cache):
+    """dx = y * (dout - sum(dout * y)): the Jacobian diag(y) - y y^T applied without forming it."""
+    y = cache
+    return (y * (dout - (dout * y).sum(axis=-1, keepdims=True)),)
+
+
+# --------------------------------------------------------------------------------------------
+# Causal multi-head self-attention (all heads in one batched computation)
+# --------------------------------------------------------------------------------------------
+
+def split_heads(x: np.ndarray, n_head: int) -> np.ndarray:
+    """(B, T, C) -> (B, nh, T, hs): head j owns channels [j*hs, (j+1)*hs)."""
+    B, T, C = x.shape
+    return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: np.ndarray) -> np.ndarray:
+    """(B, nh, T, hs) -> (B, T, C): the inverse of split_heads."""
+    B, nh, T, hs = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, T, nh * hs)
+
+
+def causal_mask(T_query: int, T_key: int) -> np.ndarray:
+    """(Tq, Tk) boolean, True where query i may NOT see key j (j in its future).
+
+    Queries are the last Tq positions of the Tk keys, so query i sits at position Tk - Tq + i.
+    """
+    offset = T_key - T_query
+    return np.triu(np.ones((T_query, T_key), dtype=bool), k=1 + offset)
+
+
+def attention_probs(q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
+    """softmax(q k^T * scale) with the future masked: q (B, nh, Tq, hs), k (B, nh, Tk, hs).
+
+    The Tq queries are the last Tq of the Tk positions (Tq < Tk when keys come from a KV cache).
+    """
+    scores = (q @ k.transpose(0, 1, 3, 2)) * scale  # (B, nh, Tq, Tk)
+    scores[..., causal_mask(q.shape[2], k.shape[2])] = -np.inf  # exp(-inf) = 0: no weight on the future
+    att, _ = softmax_forward(scores)
+    return att
+
+
+def attention_forward(qkv: np.ndarray, n_head: int, dropout_p: float = 0.0,
+                      rng: np.random.Generator | None = None, mask: np.ndarray | None = None):
+    """Causal self-attention on the fused qkv (B, T, 3C) -> y (B, T, C).
+
+    att = softmax(q k^T / sqrt(hs) with the future masked to -inf); y = dropout(att) v, per head.
+    Dropout (applied to att when dropout_p > 0) takes `mask` if given, else draws from `rng`.
+    """
+    C = qkv.shape[-1] // 3
+    q, k, v = (split_heads(part, n_head) for part in np.split(qkv, 3, axis=-1))  # (B, nh, T, hs)
+    scale = 1.0 / math.sqrt(C // n_head)
+    att = attention_probs(q, k, scale)  # (B, nh, T, T)
+    att_mask = None
+    att_used = att
+    if dropout_p > 0.0 or mask is not None:
+        att_used, att_mask = dropout_forward(att, dropout_p, rng, mask)
+    y = merge_heads(att_used @ v)  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, T, C)
+    return y, (q, k, v, att, att_mask, scale)
+
+
+def attention_backward(dout: np.ndarray, cache):
+    """Gradient of the fused qkv, (B, T, 3C) = concat(dq, dk, dv) along channels.
+
+    dV = A^T dY;  dA = dY V^T (through dropout);  dS = softmax_backward(dA);
+    dQ = dS K * scale;  dK = dS^T Q * scale. Masked entries have A = 0, so they pass nothing back.
+    See docs/gradients.md#attention.
+    """
+    q, k, v, att, att_mask, scale = cache
+    n_head = q.shape[1]
+    dy = split_heads(dout, n_head)  # (B, nh, T, hs)
+    att_used = att if att_mask is None else att * att_mask
+    dv = att_used.transpose(0, 1, 3, 2) @ dy  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
+    datt = dy @ v.transpose(0, 1, 3, 2)  # (B, nh, T, T)
+    if att_mask is not None:
+        datt = datt * att_mask
+    (dscores,) = softmax_backward(datt, att)  # (B, nh, T, T)
+    dq = (dscores @ k) * scale  # (B, nh, T, hs)
+    dk = (dscores.transpose(0, 1, 3, 2) @ q) * scale  # (B, nh, T, hs)
+    return (np.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1),)
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-entropy fused with softmax, mean over all positions
+# --------------------------------------------------------------------------------------------
+
+def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray):
+    """loss = mean over the N = B*T positions of -log softmax(logits)[target]."""
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)  # (N, V)
+    t = targets.reshape(-1)  # (N,)
+    shifted = flat - flat.max(axis=-1, keepdims=True)
+    log_z = np.log(np.exp(shifted).sum(axis=-1))  # (N,) log of the partition function
+    rows = np.arange(flat.shape[0])
+    loss = (log_z - shifted[rows, t]).mean()
+    probs = np.exp(shifted - log_z[:, None])  # (N, V) softmax, kept for the backward
+    return loss, (probs, t, logits.shape)
+
+
+def cross_entropy_backward(dloss, cache):
+    """dlogits = (softmax(logits) - onehot(target)) / N * dloss.  Returns (dlogits,)."""
+    probs, t, shape = cache
+    n = probs.shape[0]
+    dlogits = probs.copy()
+    dlogits[np.arange(n), t] -= 1.0
+    dlogits *= dlogits.dtype.type(dloss / n)
+    return (dlogits.reshape(shape),)
+
+
+# --------------------------------------------------------------------------------------------
+# The transformer block (a composite "sandwich" layer: its cache is the tuple of its parts)
+# --------------------------------------------------------------------------------------------
+
+def block_forward(x: np.ndarray, p: dict, n_head: int, activation: str = "gelu",
+                  dropout_p: float = 0.0, rng: np.random.Generator | None = None,
+                  masks: list | None = None):
+    """x = x + drop(c_proj(attn(ln_1(x)))); x = x + drop(mlp_c_proj(act(c_fc(ln_2(x))))).
+
+    `p` holds this block's parameters under nanoGPT's local names ("ln_1.weight", "attn.c_attn.weight",
+    ...; ".bias" entries optional). Dropout runs when dropout_p > 0 or masks are given; `masks` is
+    [attention probabilities, attention residual, mlp residual]. Returns (out, cache).
+    """
+    act_forward, _ = ACTIVATION_FUNCTIONS[activation]
+    m_att, m_res1, m_res2 = masks if masks is not None else (None, None, None)
+    use_dropout = dropout_p > 0.0 or masks is not None
+
+    # attention branch
+    h, c_ln1 = layernorm_forward(x, p["ln_1.weight"], p.get("ln_1.bias"))
+    qkv, c_qkv = linear_forward(h, p["attn.c_attn.weight"], p.get("attn.c_attn.bias"))  # (B, T, 3C)
+    a, c_att = attention_forward(qkv, n_head, dropout_p, rng, m_att)  # (B, T, C)
+    a, c_aproj = linear_forward(a, p["attn.c_proj.weight"], p.get("attn.c_proj.bias"))
+    c_drop1 = None
+    if use_dropout:
+        a, c_drop1 = dropout_forward(a, dropout_p, rng, m_res1)
+    x = x + a  # residual
+
+    # MLP branch
+    h, c_ln2 = layernorm_forward(x, p["ln_2.weight"], p.get("ln_2.bias"))
+    h, c_fc = linear_forward(h, p["mlp.c_fc.weight"], p.get("mlp.c_fc.bias"))  # (B, T, 4C)
+    h, c_act = act_forward(h)
+    h, c_mproj = linear_forward(h, p["mlp.c_proj.weight"], p.get("mlp.c_proj.bias"))  # (B, T, C)
+    c_drop2 = None
+    if use_dropout:
+        h, c_drop2 = dropout_forward(h, dropout_p, rng, m_res2)
+    out = x + h  # residual
+
+    cache = (activation, c_ln1, c_qkv, c_att, c_aproj, c_drop1, c_ln2, c_fc, c_act, c_mproj, c_drop2)
+    return out, cache
+
+
+def block_dropout_masks(cache) -> list:
+    """The three dropout masks a block_forward used (attention, attn residual, mlp residual)."""
+    _, _, _, c_att, _, c_drop1, _, _, _, _, c_drop2 = cache
+    return [c_att[4], c_drop1, c_drop2]
+
+
+def block_backward(dout: np.ndarray, cache):
+    """Returns (dx, grads): grads keyed by the block's local parameter names.
+
+    The residual stream x -> x + f(x) splits the gradient: dx = dout + (df/dx)^T dout, so each
+    branch's input gradient is added to the gradient flowing straight through.
+    """
+    activation, c_ln1, c_qkv, c_att, c_aproj, c_drop1, c_ln2, c_fc, c_act, c_mproj, c_drop2 = cache
+    _, act_backward = ACTIVATION_FUNCTIONS[activation]
+    grads = {}
+
+    def put(prefix, dw, db):
+        grads[prefix + ".weight"] = dw
+        if db is not None:
+            grads[prefix + ".bias"] = db
+
+    # MLP branch: out = x_mid + h
+    dh = dout
+    if c_drop2 is not None:
+        (dh,) = dropout_backward(dh, c_drop2)
+    dh, dw, db = linear_backward(dh, c_mproj); put("mlp.c_proj", dw, db)
+    (dh,) = act_backward(dh, c_act)
+    dh, dw, db = linear_backward(dh, c_fc); put("mlp.c_fc", dw, db)
+    dh, dw, db = layernorm_backward(dh, c_ln2); put("ln_2", dw, db)
+    dx_mid = dout + dh  # residual fan-in: straight path + MLP branch
+
+    # attention branch: x_mid = x + a
+    da = dx_mid
+    if c_drop1 is not None:
+        (da,) = dropout_backward(da, c_drop1)
+    da, dw, db = linear_backward(da, c_aproj); put("attn.c_proj", dw, db)
+    (dqkv,) = attention_backward(da, c_att)
+    dh, dw, db = linear_backward(dqkv, c_qkv); put("attn.c_attn", dw, db)
+    dh, dw, db = layernorm_backward(dh, c_ln1); put("ln_1", dw, db)
+    dx = dx_mid + dh  # residual fan-in
+    return dx, grads

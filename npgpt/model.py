@@ -1,0 +1,350 @@
+"""The GPT and the bigram baseline, composed from the layer pairs in npgpt.layers.
+
+Parameters live in one dict keyed by nanoGPT's names (the keys torchgpt's named_parameters()
+gives), in nn.Linear layout (out, in). Gradients come back in a dict with the same keys.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .config import GPTConfig
+from .layers import (
+    attention_probs,
+    block_backward,
+    block_dropout_masks,
+    block_forward,
+    cross_entropy_backward,
+    cross_entropy_forward,
+    dropout_backward,
+    dropout_forward,
+    embedding_backward,
+    embedding_forward,
+    layernorm_backward,
+    layernorm_forward,
+    linear_backward,
+    linear_forward,
+    merge_heads,
+    split_heads,
+    ACTIVATION_FUNCTIONS,
+)
+from .sampling import sample_next
+
+BLOCK_PARAM_NAMES = (  # one block's parameters, local names, in nanoGPT order
+    "ln_1.weight", "ln_1.bias",
+    "attn.c_attn.weight", "attn.c_attn.bias",
+    "attn.c_proj.weight", "attn.c_proj.bias",
+    "ln_2.weight", "ln_2.bias",
+    "mlp.c_fc.weight", "mlp.c_fc.bias",
+    "mlp.c_proj.weight", "mlp.c_proj.bias",
+)
+
+
+def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name and shape, in nanoGPT's named_parameters() order."""
+    V, C, L = config.vocab_size, config.n_embd, config.n_layer
+    local = {
+        "ln_1.weight": (C,), "ln_1.bias": (C,),
+        "attn.c_attn.weight": (3 * C, C), "attn.c_attn.bias": (3 * C,),
+        "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+        "ln_2.weight": (C,), "ln_2.bias": (C,),
+        "mlp.c_fc.weight": (4 * C, C), "mlp.c_fc.bias": (4 * C,),
+        "mlp.c_proj.weight": (C, 4 * C), "mlp.c_proj.bias": (C,),
+    }
+    shapes = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (config.block_size, C)}
+    for i in range(L):
+        for name in BLOCK_PARAM_NAMES:
+            if config.bias or not name.endswith(".bias"):
+                shapes[f"transformer.h.{i}.{name}"] = local[name]
+    shapes["transformer.ln_f.weight"] = (C,)
+    if config.bias:
+        shapes["transformer.ln_f.bias"] = (C,)
+    if not config.tie_weights:
+        shapes["lm_head.weight"] = (V, C)
+    return shapes
+
+
+def init_params(config: GPTConfig, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
+    """nanoGPT's initialisation: N(0, 0.02) weights and embeddings, N(0, 0.02/sqrt(2L)) for the
+    c_proj weights that write into the residual stream, zero biases, unit layernorm gains."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(config).items():
+        if name.endswith(".bias"):
+            value = np.zeros(shape)
+        elif ".ln_" in name:
+            value = np.ones(shape)
+        elif name.endswith("c_proj.weight"):
+            value = rng.normal(0.0, 0.02 / math.sqrt(2 * config.n_layer), shape)
+        else:
+            value = rng.normal(0.0, 0.02, shape)
+        params[name] = value.astype(dtype)
+    return params
+
+
+def _check_idx(idx, vocab_size: int, max_len: int | None, what: str = "idx") -> np.ndarray:
+    idx = np.asarray(idx)
+    if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"{what} must be a (B, T) integer array, got shape {idx.shape} dtype {idx.dtype}")
+    if idx.size and (idx.min() < 0 or idx.max() >= vocab_size):
+        raise ValueError(f"{what} holds token ids outside [0, {vocab_size})")
+    if max_len is not None and idx.shape[1] > max_len:
+        raise ValueError(f"{what} has length {idx.shape[1]} > block_size {max_len}; crop it to the last "
+                         f"{max_len} tokens")
+    return idx
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, preallocated to block_size."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_size)
+        self.k = np.zeros(shape, dtype=dtype)  # (L, B, nh, block_size, hs)
+        self.v = np.zeros(shape, dtype=dtype)
+        self.length = 0  # number of positions filled
+
+
+class GPT:
+    """The character-level GPT of the lecture, in nanoGPT's form, with hand-written backprop."""
+
+    def __init__(self, config: GPTConfig, seed: int = 0, dtype=np.float32):
+        self.config = config
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        self.params = init_params(config, seed, self.dtype)
+        self.training = True
+        self.rng = np.random.default_rng([seed, 1])  # dropout masks; independent of the init stream
+        self.last_dropout_masks: list[np.ndarray] = []
+        self._cache = None
+
+    # ---------------------------------------------------------------------------------------
+    # Bookkeeping
+    # ---------------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> "GPT":
+        self.training = mode
+        return self
+
+    def eval(self) -> "GPT":
+        return self.train(False)
+
+    def num_params(self) -> int:
+        return sum(p.size for p in self.params.values())
+
+    def block_params(self, i: int) -> dict[str, np.ndarray]:
+        """Block i's parameters under their local names ("ln_1.weight", ...), no copies."""
+        prefix = f"transformer.h.{i}."
+        return {k[len(prefix):]: v for k, v in self.params.items() if k.startswith(prefix)}
+
+    @property
+    def head_weight(self) -> np.ndarray:
+        """The output projection (V, C): wte itself when the weights are tied."""
+        key = "transformer.wte.weight" if self.config.tie_weights else "lm_head.weight"
+        return self.params[key]
+
+    # ---------------------------------------------------------------------------------------
+    # Forward and backward
+    # ---------------------------------------------------------------------------------------
+
+    def forward(self, idx, targets=None, dropout_masks: list | None = None):
+        """idx (B, T) -> (logits (B, T, V), loss float or None).
+
+        Dropout runs in training mode when config.dropout > 0. Its masks, in the order
+        [embedding, then per block: attention probabilities, attention residual, MLP residual],
+        are drawn from self.rng or taken from `dropout_masks`; those used are kept in
+        self.last_dropout_masks.
+        """
+        cfg, P = self.config, self.params
+        idx = _check_idx(idx, cfg.vocab_size, cfg.block_size)
+        use_dropout = self.training and cfg.dropout > 0.0
+        if dropout_masks is not None:
+            expected = 1 + 3 * cfg.n_layer
+            if not use_dropout:
+                raise ValueError("dropout_masks given, but dropout is off (eval mode or dropout=0)")
+            if len(dropout_masks) != expected:
+                raise ValueError(f"dropout_masks has {len(dropout_masks)} masks, expected {expected}")
+        masks = [np.asarray(m, dtype=self.dtype) for m in dropout_masks] if dropout_masks else None
+        p = cfg.dropout if use_dropout else 0.0
+
+        x, c_emb = embedding_forward(idx, P["transformer.wte.weight"], P["transformer.wpe.weight"])
+        c_drop = None
+        if use_dropout:
+            x, c_drop = dropout_forward(x, p, self.rng, masks[0] if masks else None)
+        c_blocks = []
+        for i in range(cfg.n_layer):
+            block_masks = masks[1 + 3 * i: 4 + 3 * i] if masks else None
+            x, c = block_forward(x, self.block_params(i), cfg.n_head, cfg.activation, p, self.rng,
+                                 block_masks)
+            c_blocks.append(c)
+        x, c_lnf = layernorm_forward(x, P["transformer.ln_f.weight"], P.get("transformer.ln_f.bias"))
+        logits, c_head = linear_forward(x, self.head_weight)  # (B, T, V)
+
+        self.last_dropout_masks = ([c_drop] + [m for c in c_blocks for m in block_dropout_masks(c)]
+                                   if use_dropout else [])
+        loss, c_loss = None, None
+        if targets is not None:
+            targets = _check_idx(targets, cfg.vocab_size, None, "targets")
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets shape {targets.shape} differs from idx shape {idx.shape}")
+            loss, c_loss = cross_entropy_forward(logits, targets)
+            loss = float(loss)
+        self._cache = (c_emb, c_drop, c_blocks, c_lnf, c_head, c_loss)
+        return logits, loss
+
+    def backward(self) -> dict[str, np.ndarray]:
+        """Gradients of the last forward's loss w.r.t. every parameter, keyed like self.params."""
+        if self._cache is None or self._cache[-1] is None:
+            raise RuntimeError("backward() needs a loss: call forward(idx, targets) with targets first")
+        c_emb, c_drop, c_blocks, c_lnf, c_head, c_loss = self._cache
+        cfg = self.config
+        grads = {}
+
+        (dlogits,) = cross_entropy_backward(1.0, c_loss)  # (B, T, V)
+        dx, dhead, _ = linear_backward(dlogits, c_head)  # dhead (V, C)
+        dx, grads["transformer.ln_f.weight"], db = layernorm_backward(dx, c_lnf)
+        if db is not None:
+            grads["transformer.ln_f.bias"] = db
+        for i in reversed(range(cfg.n_layer)):
+            dx, block_grads = block_backward(dx, c_blocks[i])
+            for name, g in block_grads.items():
+                grads[f"transformer.h.{i}.{name}"] = g
+        if c_drop is not None:
+            (dx,) = dropout_backward(dx, c_drop)
+        dwte, grads["transformer.wpe.weight"] = embedding_backward(dx, c_emb)
+        if cfg.tie_weights:
+            grads["transformer.wte.weight"] = dwte + dhead  # one matrix used twice: the two add
+        else:
+            grads["transformer.wte.weight"] = dwte
+            grads["lm_head.weight"] = dhead
+        return {k: grads[k] for k in self.params}  # same keys, same order as params
+
+    __call__ = forward
+
+    # ---------------------------------------------------------------------------------------
+    # Inference with a KV cache
+    # ---------------------------------------------------------------------------------------
+
+    def new_kv_cache(self, batch_size: int) -> KVCache:
+        return KVCache(self.config, batch_size, self.dtype)
+
+    def forward_cached(self, idx_new, kv: KVCache) -> np.ndarray:
+        """Logits (B, Tn, V) for the tokens idx_new (B, Tn) that follow the kv.length cached ones.
+
+        Each layer appends its new keys and values to the cache and attends over all of them;
+        no dropout. Equal to the uncached forward on the whole sequence, position by position.
+        """
+        cfg, P = self.config, self.params
+        idx_new = np.asarray(idx_new)
+        start, Tn = kv.length, idx_new.shape[1]
+        if start + Tn > cfg.block_size:
+            raise ValueError(f"KV cache holds {start} positions; {Tn} more exceed block_size {cfg.block_size}")
+        act_forward, _ = ACTIVATION_FUNCTIONS[cfg.activation]
+        scale = 1.0 / math.sqrt(cfg.head_size)
+        x = P["transformer.wte.weight"][idx_new] + P["transformer.wpe.weight"][start:start + Tn]  # (B, Tn, C)
+        for i in range(cfg.n_layer):
+            p = self.block_params(i)
+            h, _ = layernorm_forward(x, p["ln_1.weight"], p.get("ln_1.bias"))
+            qkv, _ = linear_forward(h, p["attn.c_attn.weight"], p.get("attn.c_attn.bias"))
+            q, k, v = (split_heads(part, cfg.n_head) for part in np.split(qkv, 3, axis=-1))  # (B, nh, Tn, hs)
+            kv.k[i, :, :, start:start + Tn] = k
+            kv.v[i, :, :, start:start + Tn] = v
+            keys, values = kv.k[i, :, :, :start + Tn], kv.v[i, :, :, :start + Tn]  # (B, nh, Tk, hs)
+            y = merge_heads(attention_probs(q, keys, scale) @ values)  # (B, Tn, C)
+            y, _ = linear_forward(y, p["attn.c_proj.weight"], p.get("attn.c_proj.bias"))
+            x = x + y
+            h, _ = layernorm_forward(x, p["ln_2.weight"], p.get("ln_2.bias"))
+            h, _ = linear_forward(h, p["mlp.c_fc.weight"], p.get("mlp.c_fc.bias"))
+            h, _ = act_forward(h)
+            h, _ = linear_forward(h, p["mlp.c_proj.weight"], p.get("mlp.c_proj.bias"))
+            x = x + h
+        kv.length = start + Tn
+        x, _ = layernorm_forward(x, P["transformer.ln_f.weight"], P.get("transformer.ln_f.bias"))
+        logits, _ = linear_forward(x, self.head_weight)
+        return logits
+
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 rng: np.random.Generator | None = None, use_cache: bool = True) -> np.ndarray:
+        """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens).
+
+        The model sees at most the last block_size tokens. With the KV cache each new token costs
+        one position's work; once the window is full the positions shift, so the cache is refilled
+        from the cropped context. temperature 0 is greedy decoding. No dropout.
+        """
+        bs = self.config.block_size
+        idx = _check_idx(idx, self.config.vocab_size, None)
+        if idx.shape[1] == 0:
+            raise ValueError("generate needs at least one context token per row")
+        idx = idx.astype(np.int64)
+        kv = self.new_kv_cache(idx.shape[0])
+        logits = self.forward_cached(idx[:, -bs:], kv)
+        for step in range(max_new_tokens):
+            next_id = sample_next(logits[:, -1], temperature, top_k, rng)  # (B,)
+            idx = np.concatenate([idx, next_id[:, None]], axis=1)
+            if step == max_new_tokens - 1:
+                break
+            if use_cache and kv.length < bs:
+                logits = self.forward_cached(next_id[:, None], kv)
+            else:  # window full (positions shift) or no cache wanted: recompute the cropped context
+                kv.length = 0
+                logits = self.forward_cached(idx[:, -bs:], kv)
+        return idx
+
+
+class BigramLanguageModel:
+    """The lecture's baseline: the next token's logits are a row of a (V, V) table."""
+
+    def __init__(self, vocab_size: int, seed: int = 0, dtype=np.float32):
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
+            raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+        self.vocab_size = vocab_size
+        self.dtype = np.dtype(dtype)
+        rng = np.random.default_rng(seed)
+        # N(0, 1) as nn.Embedding's default initialisation
+        self.params = {"token_embedding_table.weight": rng.normal(0.0, 1.0, (vocab_size, vocab_size)).astype(dtype)}
+        self.training = True
+        self._cache = None
+
+    def train(self, mode: bool = True) -> "BigramLanguageModel":
+        self.training = mode
+        return self
+
+    def eval(self) -> "BigramLanguageModel":
+        return self.train(False)
+
+    def num_params(self) -> int:
+        return self.vocab_size * self.vocab_size
+
+    def forward(self, idx, targets=None, dropout_masks=None):
+        """logits[b, t] = table[idx[b, t]]: (B, T, V); loss the mean cross-entropy or None."""
+        idx = _check_idx(idx, self.vocab_size, None)
+        logits, c_emb = embedding_forward(idx, self.params["token_embedding_table.weight"])
+        loss, c_loss = None, None
+        if targets is not None:
+            targets = _check_idx(targets, self.vocab_size, None, "targets")
+            loss, c_loss = cross_entropy_forward(logits, targets)
+            loss = float(loss)
+        self._cache = (c_emb, c_loss)
+        return logits, loss
+
+    __call__ = forward
+
+    def backward(self) -> dict[str, np.ndarray]:
+        """d table = scatter-add of (softmax - onehot) / N into the rows of the input tokens."""
+        if self._cache is None or self._cache[1] is None:
+            raise RuntimeError("backward() needs a loss: call forward(idx, targets) with targets first")
+        c_emb, c_loss = self._cache
+        (dlogits,) = cross_entropy_backward(1.0, c_loss)
+        dtable, _ = embedding_backward(dlogits, c_emb)
+        return {"token_embedding_table.weight": dtable}
+
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 rng: np.random.Generator | None = None, use_cache: bool = True) -> np.ndarray:
+        """Only the last token matters to a bigram model, so no context cropping or cache is needed."""
+        idx = _check_idx(idx, self.vocab_size, None).astype(np.int64)
+        table = self.params["token_embedding_table.weight"]
+        for _ in range(max_new_tokens):
+            next_id = sample_next(table[idx[:, -1]], temperature, top_k, rng)
+            idx = np.concatenate([idx, next_id[:, None]], axis=1)
+        return idx
