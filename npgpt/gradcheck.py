@@ -53,8 +53,12 @@ def check_layer(forward: Callable, backward: Callable, inputs: dict[str, np.ndar
     dout = rng.standard_normal(np.shape(out))
     analytic = backward(dout, cache)
     errors = {}
-    for (name, x), g in zip(inputs.items(), analytic):
-        if x is None or g is None or not np.issubdtype(np.asarray(x).dtype, np.floating):
+    # Integer inputs (token ids) have no gradient slot: a backward returns gradients only for
+    # the float arguments, in order (embedding_backward -> (dwte, dwpe) for (idx, wte, wpe)).
+    differentiable = [(name, x) for name, x in inputs.items()
+                      if x is None or np.issubdtype(np.asarray(x).dtype, np.floating)]
+    for (name, x), g in zip(differentiable, analytic):
+        if x is None or g is None:
             continue
         loss = lambda: float(np.sum(forward(*args, **kwargs)[0] * dout))  # noqa: E731
         errors[name] = rel_error(g, numerical_gradient(loss, x, h))

@@ -18,14 +18,53 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.special import erf  # the error function itself; every derivative below is ours
+from scipy.special import erf as _scipy_erf  # the error function itself; every derivative below is ours
 
 LAYERNORM_EPS = 1e-5
+
+# Speed notes (bench/RESULTS.md has the measurements). The layers below keep the plain formulas
+# but evaluate them with few fresh arrays: a new large array costs page faults on memory the
+# allocator has just taken from the OS (an elementwise op on fresh memory can take ~4x as long as
+# on warm memory), so chains like `a * b + c` are written `out = a * b; out += c` wherever the
+# operands need not survive. Each such rewrite does the same floating-point operations in the same
+# order, so float64 results are bit-for-bit those of the one-line formula.
 
 
 def _sum_to_last_axis(a: np.ndarray) -> np.ndarray:
     """Sum over every axis but the last: (..., K) -> (K,). Used for bias and norm gains."""
     return a.reshape(-1, a.shape[-1]).sum(axis=0)
+
+
+# The error function for float32: the rational approximation of Eigen and XLA (their float32 erf),
+# erf(x) ~= x P(x^2) / Q(x^2) on x clamped to [-4, 4] (erf(4) rounds to 1 in float32).
+# scipy's erf is a scalar C loop, ~15 ns an element, and was most of a float32 training step's
+# non-matmul time; this is ~20 whole-array operations. Its error is below 5e-7 everywhere (a few
+# float32 ulps; tests/test_fastpath.py checks it against scipy). float64 keeps scipy's erf, so the
+# float64 gradient checks and the parity suite see the exact function.
+_ERF32_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+            -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+            -1.60960333262415e-02)  # coefficients of x^12, x^10, ..., x^0 in P
+_ERF32_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+            -7.37332916720468e-03, -1.42647390514189e-02)  # of x^8, ..., x^0 in Q
+
+
+def erf(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The error function elementwise: scipy's for float64, Eigen's approximation for float32."""
+    if x.dtype != np.float32:
+        return _scipy_erf(x, out=out)
+    out = np.clip(x, -4.0, 4.0, out=out)  # the clamped x; becomes the result below
+    x2 = out * out
+    p = np.full_like(x2, _ERF32_P[0])  # Horner's rule: p = (..(c0 x2 + c1) x2 + ..) x2 + c6
+    for c in _ERF32_P[1:]:
+        p *= x2
+        p += c
+    q = np.full_like(x2, _ERF32_Q[0])
+    for c in _ERF32_Q[1:]:
+        q *= x2
+        q += c
+    out *= p  # x P(x^2)
+    out /= q  # x P(x^2) / Q(x^2)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -47,9 +86,10 @@ def embedding_forward(idx: np.ndarray, wte: np.ndarray, wpe: np.ndarray | None =
 def embedding_backward(dout: np.ndarray, cache):
     """dwte[v] = sum of dout[b, t] over every (b, t) with idx[b, t] == v;  dwpe[t] = sum_b dout[b, t].
 
-    Returns (dwte, dwpe), dwpe None without wpe; idx is integer and has no gradient. A token id that appears many times
-    collects the sum of all its rows (a scatter-add), written here as one matmul with the one-hot
-    matrix, which is exact and avoids the slow np.add.at. See docs/gradients.md#embedding.
+    Returns (dwte, dwpe), dwpe None without wpe; idx is integer and has no gradient. A token id
+    that appears many times collects the sum of all its rows (a scatter-add), written here as one
+    matmul with the one-hot matrix, which is exact and avoids the slow np.add.at.
+    See docs/gradients.md#embedding.
     """
     idx, wte_shape, wpe_shape = cache
     B, T, C = dout.shape
@@ -70,7 +110,9 @@ def embedding_backward(dout: np.ndarray, cache):
 
 def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None):
     """out = x @ w.T + b.   x (..., in), w (out, in), b (out,) or None -> out (..., out)."""
-    out = x @ w.T
+    # One (N, in) @ (in, out) product: on a 3-D x, matmul would loop over the batch with B
+    # smaller products instead (~20% slower here). The reshapes are views.
+    out = (x.reshape(-1, x.shape[-1]) @ w.T).reshape(x.shape[:-1] + (w.shape[0],))
     if b is not None:
         out += b
     return out, (x, w, b is not None)
@@ -82,8 +124,8 @@ def linear_backward(dout: np.ndarray, cache):
     Returns (dx, dw, db); db is None when the forward had no bias. See docs/gradients.md#linear.
     """
     x, w, has_bias = cache
-    dx = dout @ w  # (..., out) @ (out, in) -> (..., in)
     dout2d = dout.reshape(-1, dout.shape[-1])  # (N, out)
+    dx = (dout2d @ w).reshape(x.shape)  # (N, out) @ (out, in) -> (N, in) -> (..., in)
     dw = dout2d.T @ x.reshape(-1, x.shape[-1])  # (out, N) @ (N, in) -> (out, in)
     db = dout2d.sum(axis=0) if has_bias else None
     return dx, dw, db
@@ -98,10 +140,12 @@ def layernorm_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
     """out = (x - mean) / sqrt(var + eps) * w + b, statistics over the last axis (biased var)."""
     mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
     xc = x - mean
-    var = (xc * xc).mean(axis=-1, keepdims=True)  # (..., 1)
+    sq = xc * xc  # (..., C) scratch, reused as the output below
+    var = sq.mean(axis=-1, keepdims=True)  # (..., 1)
     rstd = 1.0 / np.sqrt(var + eps)  # (..., 1)
-    xhat = xc * rstd  # (..., C)
-    out = xhat * w
+    xhat = xc
+    xhat *= rstd  # (..., C) xc * rstd, in place: xc is not needed again
+    out = np.multiply(xhat, w, out=sq)
     if b is not None:
         out += b
     return out, (xhat, rstd, w, b is not None)
@@ -115,9 +159,13 @@ def layernorm_backward(dout: np.ndarray, cache):
     """
     xhat, rstd, w, has_bias = cache
     g = dout * w  # (..., C) gradient w.r.t. xhat
-    dx = rstd * (g - g.mean(axis=-1, keepdims=True)
-                 - xhat * (g * xhat).mean(axis=-1, keepdims=True))
-    dw = _sum_to_last_axis(dout * xhat)
+    scratch = g * xhat  # (..., C)
+    mean_gx = scratch.mean(axis=-1, keepdims=True)  # (..., 1)
+    dx = g  # rstd * (g - mean(g) - xhat * mean_gx), built in place in g's memory
+    dx -= g.mean(axis=-1, keepdims=True)
+    dx -= np.multiply(xhat, mean_gx, out=scratch)
+    dx *= rstd
+    dw = _sum_to_last_axis(np.multiply(dout, xhat, out=scratch))
     db = _sum_to_last_axis(dout) if has_bias else None
     return dx, dw, db
 
@@ -133,22 +181,37 @@ def relu_forward(x: np.ndarray):
 
 
 def relu_backward(dout: np.ndarray, cache):
-    """dx = dout where x > 0, else 0 (torch's convention: the kink at 0 gets gradient 0)."""
+    """dx = dout where x > 0, else 0 (torch's convention: the kink at 0 gets gradient 0).
+
+    See docs/gradients.md#relu.
+    """
     positive = cache
     return (np.where(positive, dout, 0),)
 
 
 def gelu_forward(x: np.ndarray):
     """Exact GELU: out = x * Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2 (nn.GELU())."""
-    phi = 0.5 * (1.0 + erf(x * (1.0 / math.sqrt(2.0))))  # standard normal CDF
+    phi = x * (1.0 / math.sqrt(2.0))
+    erf(phi, out=phi)  # in place: one fresh array for the whole of Phi
+    phi += 1.0
+    phi *= 0.5  # standard normal CDF
     return x * phi, (x, phi)
 
 
 def gelu_backward(dout: np.ndarray, cache):
-    """dx = dout * (Phi(x) + x * pdf(x)), pdf(x) = exp(-x^2 / 2) / sqrt(2 pi)."""
+    """dx = dout * (Phi(x) + x * pdf(x)), pdf(x) = exp(-x^2 / 2) / sqrt(2 pi).
+
+    In the code `phi` is the CDF Phi and `pdf` its derivative. See docs/gradients.md#gelu.
+    """
     x, phi = cache
-    pdf = np.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
-    return (dout * (phi + x * pdf),)
+    dx = -0.5 * x  # the chain below is dout * (phi + x * pdf), built in one fresh array
+    dx *= x
+    np.exp(dx, out=dx)
+    dx *= 1.0 / math.sqrt(2.0 * math.pi)  # pdf
+    dx *= x
+    dx += phi
+    dx *= dout
+    return (dx,)
 
 
 _GELU_TANH_K = math.sqrt(2.0 / math.pi)
@@ -161,7 +224,10 @@ def gelu_tanh_forward(x: np.ndarray):
 
 
 def gelu_tanh_backward(dout: np.ndarray, cache):
-    """dx = dout * (1/2 (1 + tanh u) + x/2 (1 - tanh^2 u) sqrt(2/pi) (1 + 3*0.044715 x^2))."""
+    """dx = dout * (1/2 (1 + tanh u) + x/2 (1 - tanh^2 u) sqrt(2/pi) (1 + 3*0.044715 x^2)).
+
+    See docs/gradients.md#tanh-gelu.
+    """
     x, th = cache
     du_dx = _GELU_TANH_K * (1.0 + 3 * 0.044715 * x * x)
     return (dout * (0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du_dx),)
@@ -196,7 +262,10 @@ def dropout_forward(x: np.ndarray, p: float, rng: np.random.Generator | None = N
 
 
 def dropout_backward(dout: np.ndarray, cache):
-    """dx = dout * mask: dropped units pass no gradient, kept ones are scaled by 1 / (1 - p)."""
+    """dx = dout * mask: dropped units pass no gradient, kept ones are scaled by 1 / (1 - p).
+
+    See docs/gradients.md#dropout.
+    """
     mask = cache
     return (dout * mask,)
 
@@ -207,15 +276,23 @@ def dropout_backward(dout: np.ndarray, cache):
 
 def softmax_forward(x: np.ndarray):
     """out = exp(x - max x) / sum exp(x - max x): subtracting the row max avoids overflow."""
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    out = e / e.sum(axis=-1, keepdims=True)
+    out = x - x.max(axis=-1, keepdims=True)  # the one fresh array; the rest is done in place
+    np.exp(out, out=out)
+    out /= out.sum(axis=-1, keepdims=True)
     return out, out
 
 
 def softmax_backward(dout: np.ndarray, cache):
-    """dx = y * (dout - sum(dout * y)): the Jacobian diag(y) - y y^T applied without forming it."""
+    """dx = y * (dout - sum(dout * y)): the Jacobian diag(y) - y y^T applied without forming it.
+
+    See docs/gradients.md#softmax.
+    """
     y = cache
-    return (y * (dout - (dout * y).sum(axis=-1, keepdims=True)),)
+    dx = dout * y
+    row_sum = dx.sum(axis=-1, keepdims=True)  # (..., 1)
+    np.subtract(dout, row_sum, out=dx)  # reuse dx's memory for dout - sum(dout * y)
+    dx *= y
+    return (dx,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,8 +325,11 @@ def attention_probs(q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
 
     The Tq queries are the last Tq of the Tk positions (Tq < Tk when keys come from a KV cache).
     """
-    scores = (q @ k.transpose(0, 1, 3, 2)) * scale  # (B, nh, Tq, Tk)
-    scores[..., causal_mask(q.shape[2], k.shape[2])] = -np.inf  # exp(-inf) = 0: no weight on the future
+    scores = q @ k.transpose(0, 1, 3, 2)  # (B, nh, Tq, Tk)
+    scores *= scale
+    # exp(-inf) = 0: no weight on the future. copyto broadcasts the (Tq, Tk) mask over (B, nh),
+    # ~4x faster than the equivalent boolean indexing scores[..., mask] = -inf.
+    np.copyto(scores, -np.inf, where=causal_mask(q.shape[2], k.shape[2]))
     att, _ = softmax_forward(scores)
     return att
 
@@ -269,7 +349,10 @@ def attention_forward(qkv: np.ndarray, n_head: int, dropout_p: float = 0.0,
     att_used = att
     if dropout_p > 0.0 or mask is not None:
         att_used, att_mask = dropout_forward(att, dropout_p, rng, mask)
-    y = merge_heads(att_used @ v)  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, T, C)
+    # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs), each head written straight into its
+    # channels of y (B, T, C): split_heads(y) is a view, so no merge_heads copy is needed.
+    y = np.empty(qkv.shape[:-1] + (C,), dtype=qkv.dtype)
+    np.matmul(att_used, v, out=split_heads(y, n_head))
     return y, (q, k, v, att, att_mask, scale)
 
 
@@ -283,15 +366,21 @@ def attention_backward(dout: np.ndarray, cache):
     q, k, v, att, att_mask, scale = cache
     n_head = q.shape[1]
     dy = split_heads(dout, n_head)  # (B, nh, T, hs)
+    # dq, dk, dv are views into one (B, T, 3C) result, as q, k, v are views into qkv: the
+    # matmuls write straight into it (out=), so there is no merge_heads copy and no concatenate.
+    dqkv = np.empty(dout.shape[:-1] + (3 * dout.shape[-1],), dtype=dout.dtype)  # (B, T, 3C)
+    dq, dk, dv = (split_heads(part, n_head) for part in np.split(dqkv, 3, axis=-1))  # (B, nh, T, hs)
     att_used = att if att_mask is None else att * att_mask
-    dv = att_used.transpose(0, 1, 3, 2) @ dy  # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs)
+    np.matmul(att_used.transpose(0, 1, 3, 2), dy, out=dv)  # (B, nh, T, T) @ (B, nh, T, hs)
     datt = dy @ v.transpose(0, 1, 3, 2)  # (B, nh, T, T)
     if att_mask is not None:
-        datt = datt * att_mask
+        datt *= att_mask
     (dscores,) = softmax_backward(datt, att)  # (B, nh, T, T)
-    dq = (dscores @ k) * scale  # (B, nh, T, hs)
-    dk = (dscores.transpose(0, 1, 3, 2) @ q) * scale  # (B, nh, T, hs)
-    return (np.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1),)
+    np.matmul(dscores, k, out=dq)
+    dq *= scale
+    np.matmul(dscores.transpose(0, 1, 3, 2), q, out=dk)
+    dk *= scale
+    return (dqkv,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,12 +396,17 @@ def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray):
     log_z = np.log(np.exp(shifted).sum(axis=-1))  # (N,) log of the partition function
     rows = np.arange(flat.shape[0])
     loss = (log_z - shifted[rows, t]).mean()
-    probs = np.exp(shifted - log_z[:, None])  # (N, V) softmax, kept for the backward
+    probs = shifted  # (N, V) softmax, kept for the backward: exp(shifted - log_z), in place
+    probs -= log_z[:, None]
+    np.exp(probs, out=probs)
     return loss, (probs, t, logits.shape)
 
 
 def cross_entropy_backward(dloss, cache):
-    """dlogits = (softmax(logits) - onehot(target)) / N * dloss.  Returns (dlogits,)."""
+    """dlogits = (softmax(logits) - onehot(target)) / N * dloss.  Returns (dlogits,).
+
+    See docs/gradients.md#cross-entropy.
+    """
     probs, t, shape = cache
     n = probs.shape[0]
     dlogits = probs.copy()
@@ -346,7 +440,8 @@ def block_forward(x: np.ndarray, p: dict, n_head: int, activation: str = "gelu",
     c_drop1 = None
     if use_dropout:
         a, c_drop1 = dropout_forward(a, dropout_p, rng, m_res1)
-    x = x + a  # residual
+    a += x  # residual x + a, summed into the branch's fresh output rather than a new array
+    x = a
 
     # MLP branch
     h, c_ln2 = layernorm_forward(x, p["ln_2.weight"], p.get("ln_2.bias"))
@@ -356,7 +451,8 @@ def block_forward(x: np.ndarray, p: dict, n_head: int, activation: str = "gelu",
     c_drop2 = None
     if use_dropout:
         h, c_drop2 = dropout_forward(h, dropout_p, rng, m_res2)
-    out = x + h  # residual
+    h += x  # residual x + h, in place as above
+    out = h
 
     cache = (activation, c_ln1, c_qkv, c_att, c_aproj, c_drop1, c_ln2, c_fc, c_act, c_mproj, c_drop2)
     return out, cache
@@ -373,6 +469,7 @@ def block_backward(dout: np.ndarray, cache):
 
     The residual stream x -> x + f(x) splits the gradient: dx = dout + (df/dx)^T dout, so each
     branch's input gradient is added to the gradient flowing straight through.
+    See docs/gradients.md#transformer-block and docs/gradients.md#residual-stream.
     """
     activation, c_ln1, c_qkv, c_att, c_aproj, c_drop1, c_ln2, c_fc, c_act, c_mproj, c_drop2 = cache
     _, act_backward = ACTIVATION_FUNCTIONS[activation]
@@ -391,7 +488,8 @@ def block_backward(dout: np.ndarray, cache):
     (dh,) = act_backward(dh, c_act)
     dh, dw, db = linear_backward(dh, c_fc); put("mlp.c_fc", dw, db)
     dh, dw, db = layernorm_backward(dh, c_ln2); put("ln_2", dw, db)
-    dx_mid = dout + dh  # residual fan-in: straight path + MLP branch
+    dh += dout  # residual fan-in: straight path + MLP branch (dh is fresh, dout is not ours)
+    dx_mid = dh
 
     # attention branch: x_mid = x + a
     da = dx_mid
@@ -401,5 +499,5 @@ def block_backward(dout: np.ndarray, cache):
     (dqkv,) = attention_backward(da, c_att)
     dh, dw, db = linear_backward(dqkv, c_qkv); put("attn.c_attn", dw, db)
     dh, dw, db = layernorm_backward(dh, c_ln1); put("ln_1", dw, db)
-    dx = dx_mid + dh  # residual fan-in
-    return dx, grads
+    dh += dx_mid  # residual fan-in
+    return dh, grads

@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from .config import GPTConfig
+from .optim import decays
 from .layers import (
     attention_probs,
     block_backward,
@@ -83,6 +84,29 @@ def init_params(config: GPTConfig, seed: int = 0, dtype=np.float32) -> dict[str,
     return params
 
 
+def pack_params(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The same parameters, as views into one contiguous buffer: first every parameter that
+    AdamW decays (the matrices), then the rest, each group in dict order. Keys keep their order.
+
+    Why: AdamW updates each of its two groups as one flat vector. When the group already lies
+    back to back in memory, that vector is a view, and a step needs no gather (np.concatenate)
+    before the update and no scatter after it. Each value is still an ordinary ndarray of its
+    own shape: reading it, or writing into it (params[k][...] = value, as loading does), works
+    as before. Replacing an entry with a new array is allowed too; AdamW then gathers again.
+    """
+    order = ([n for n, p in params.items() if decays(n, p)]
+             + [n for n, p in params.items() if not decays(n, p)])
+    dtype = np.result_type(*params.values()) if params else np.float32
+    buffer = np.empty(sum(p.size for p in params.values()), dtype=dtype)
+    views, offset = {}, 0
+    for n in order:
+        size = params[n].size
+        views[n] = buffer[offset:offset + size].reshape(params[n].shape)
+        views[n][...] = params[n]
+        offset += size
+    return {n: views[n] for n in params}
+
+
 def _check_idx(idx, vocab_size: int, max_len: int | None, what: str = "idx") -> np.ndarray:
     idx = np.asarray(idx)
     if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
@@ -113,7 +137,7 @@ class GPT:
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
-        self.params = init_params(config, seed, self.dtype)
+        self.params = pack_params(init_params(config, seed, self.dtype))  # views of one buffer
         self.training = True
         self.rng = np.random.default_rng([seed, 1])  # dropout masks; independent of the init stream
         self.last_dropout_masks: list[np.ndarray] = []
@@ -194,7 +218,12 @@ class GPT:
         return logits, loss
 
     def backward(self) -> dict[str, np.ndarray]:
-        """Gradients of the last forward's loss w.r.t. every parameter, keyed like self.params."""
+        """Gradients of the last forward's loss w.r.t. every parameter, keyed like self.params.
+
+        Walks the forward in reverse: loss, head, ln_f, blocks from last to first, embedding; the
+        tied wte collects dwte + dhead. See docs/gradients.md#model-backward and
+        docs/gradients.md#weight-tying.
+        """
         if self._cache is None or self._cache[-1] is None:
             raise RuntimeError("backward() needs a loss: call forward(idx, targets) with targets first")
         c_emb, c_drop, c_blocks, c_lnf, c_head, c_loss = self._cache
@@ -214,7 +243,8 @@ class GPT:
             (dx,) = dropout_backward(dx, c_drop)
         dwte, grads["transformer.wpe.weight"] = embedding_backward(dx, c_emb)
         if cfg.tie_weights:
-            grads["transformer.wte.weight"] = dwte + dhead  # one matrix used twice: the two add
+            dwte += dhead  # one matrix used twice: the two gradients add
+            grads["transformer.wte.weight"] = dwte
         else:
             grads["transformer.wte.weight"] = dwte
             grads["lm_head.weight"] = dhead
@@ -236,7 +266,7 @@ class GPT:
         no dropout. Equal to the uncached forward on the whole sequence, position by position.
         """
         cfg, P = self.config, self.params
-        idx_new = np.asarray(idx_new)
+        idx_new = _check_idx(idx_new, cfg.vocab_size, cfg.block_size, "idx_new")
         start, Tn = kv.length, idx_new.shape[1]
         if start + Tn > cfg.block_size:
             raise ValueError(f"KV cache holds {start} positions; {Tn} more exceed block_size {cfg.block_size}")
@@ -331,7 +361,10 @@ class BigramLanguageModel:
     __call__ = forward
 
     def backward(self) -> dict[str, np.ndarray]:
-        """d table = scatter-add of (softmax - onehot) / N into the rows of the input tokens."""
+        """d table = scatter-add of (softmax - onehot) / N into the rows of the input tokens.
+
+        See docs/gradients.md#bigram-model.
+        """
         if self._cache is None or self._cache[1] is None:
             raise RuntimeError("backward() needs a loss: call forward(idx, targets) with targets first")
         c_emb, c_loss = self._cache

@@ -16,10 +16,11 @@ def sample_next(logits: np.ndarray, temperature: float = 1.0, top_k: int | None 
     Sampling is by inverse CDF on one uniform number per row, so it is fully determined by `rng`.
     """
     logits = np.asarray(logits, dtype=np.float64)  # (B, V)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+    if not temperature >= 0 or temperature == float("inf"):  # also rejects NaN
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
+                              or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
     if temperature == 0:
         return np.argmax(logits, axis=-1).astype(np.int64)
     if rng is None:

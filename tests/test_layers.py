@@ -1,0 +1,455 @@
+"""Unit tests of npgpt.layers: every forward/backward pair against centred finite differences.
+
+Gradients are checked in float64 with a random upstream gradient (check_layer draws it), to a
+normwise relative error of 1e-6 for every input and parameter. Each case below is built by a
+factory `make(rng, dtype) -> (forward, backward, inputs, kwargs)`; the same table drives the
+gradient check, the "backward writes nothing" check and the float32 dtype check.
+
+Dimension letters as in npgpt.layers: B batch, T time, C channels, nh heads, hs head size, V vocab.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+from scipy.special import log_softmax, ndtr
+from scipy.special import softmax as scipy_softmax
+
+from npgpt import layers as L
+from npgpt.gradcheck import check_layer
+
+TOL = 1e-6  # normwise relative error of every gradient against finite differences
+H = 1e-5  # finite-difference step (check_layer's default)
+BLOCK_NAMES = (  # one block's parameters under nanoGPT's local names, written out independently
+    "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+    "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+    "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
+)
+
+
+def normal(rng, shape, dtype, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The case table
+# --------------------------------------------------------------------------------------------
+
+def embedding_case(V, C, idx, block_size=None):
+    """idx is bound into the forward; test_check_layer_takes_embedding_inputs_in_forward_order
+    checks the positional form, where check_layer skips the integer idx."""
+    def make(rng, dtype):
+        ids = np.array(idx)
+        wpe = None if block_size is None else normal(rng, (block_size, C), dtype)
+        inputs = {"wte": normal(rng, (V, C), dtype), "wpe": wpe}
+
+        def forward(wte, wpe):
+            return L.embedding_forward(ids, wte, wpe)
+
+        return forward, L.embedding_backward, inputs, {}
+    return make
+
+
+def linear_case(x_shape, n_out, bias):
+    def make(rng, dtype):
+        n_in = x_shape[-1]
+        inputs = {"x": normal(rng, x_shape, dtype), "w": normal(rng, (n_out, n_in), dtype),
+                  "b": normal(rng, (n_out,), dtype) if bias else None}
+        return L.linear_forward, L.linear_backward, inputs, {}
+    return make
+
+
+def layernorm_case(x_shape, bias):
+    def make(rng, dtype):
+        C = x_shape[-1]
+        inputs = {"x": normal(rng, x_shape, dtype, 2.0) + dtype(0.5),  # non-zero mean on purpose
+                  "w": (1.0 + normal(rng, (C,), np.float64, 0.5)).astype(dtype),
+                  "b": normal(rng, (C,), dtype) if bias else None}
+        return L.layernorm_forward, L.layernorm_backward, inputs, {}
+    return make
+
+
+def relu_case(shape):
+    def make(rng, dtype):
+        x = rng.standard_normal(shape)
+        x = np.where(np.abs(x) < 0.01, np.copysign(0.01, x), x).astype(dtype)
+        # centred differences with step H must not straddle the kink at 0
+        assert np.abs(x).min() > 1e-3 and np.abs(x).min() > 100 * H
+        return L.relu_forward, L.relu_backward, {"x": x}, {}
+    return make
+
+
+def pointwise_case(forward, backward, shape, scale=2.0):
+    def make(rng, dtype):
+        return forward, backward, {"x": normal(rng, shape, dtype, scale)}, {}
+    return make
+
+
+def dropout_case(shape, p):
+    def make(rng, dtype):
+        mask = L.dropout_mask(shape, p, rng, dtype)
+        assert (mask == 0).any() and (mask != 0).any()  # both kinds of unit present
+        return L.dropout_forward, L.dropout_backward, {"x": normal(rng, shape, dtype)}, {"p": p, "mask": mask}
+    return make
+
+
+def attention_case(B, T, C, n_head, dropout_p=0.0):
+    def make(rng, dtype):
+        qkv = normal(rng, (B, T, 3 * C), dtype, 1.5)  # scores of order 1: far from uniform attention
+        kwargs = {"n_head": n_head}
+        if dropout_p:
+            kwargs.update(dropout_p=dropout_p, mask=L.dropout_mask((B, n_head, T, T), dropout_p, rng, dtype))
+        return L.attention_forward, L.attention_backward, {"qkv": qkv}, kwargs
+    return make
+
+
+def cross_entropy_case(B, T, V, targets=None):
+    def make(rng, dtype):
+        t = rng.integers(0, V, (B, T)) if targets is None else np.array(targets)
+        inputs = {"logits": normal(rng, (B, T, V), dtype, 2.0), "targets": t}
+        return L.cross_entropy_forward, L.cross_entropy_backward, inputs, {}
+    return make
+
+
+def block_param_shapes(C):
+    return {"ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (3 * C, C),
+            "attn.c_attn.bias": (3 * C,), "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+            "ln_2.weight": (C,), "ln_2.bias": (C,), "mlp.c_fc.weight": (4 * C, C),
+            "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.weight": (C, 4 * C), "mlp.c_proj.bias": (C,)}
+
+
+def random_block_params(rng, C, bias, dtype):
+    """O(1) activations everywhere: gains near 1, non-zero biases, weights N(0, 1/fan_in)."""
+    params = {}
+    for name, shape in block_param_shapes(C).items():
+        if name.endswith(".bias"):
+            if bias:
+                params[name] = normal(rng, shape, dtype, 0.2)
+        elif name.startswith("ln_"):
+            params[name] = (1.0 + normal(rng, shape, np.float64, 0.2)).astype(dtype)
+        else:
+            params[name] = normal(rng, shape, dtype, 1.0 / math.sqrt(shape[1]))
+    return params
+
+
+def block_case(B, T, C, n_head, activation="gelu", bias=True, dropout_p=0.0):
+    """block_forward takes a dict of parameters; check_layer wants positional arrays, so the
+    wrapper rebuilds the dict from the very arrays check_layer perturbs in place."""
+    def make(rng, dtype):
+        x = normal(rng, (B, T, C), dtype)
+        params = random_block_params(rng, C, bias, dtype)
+        names = list(params)
+        masks = None
+        if dropout_p:
+            masks = [L.dropout_mask(shape, dropout_p, rng, dtype)
+                     for shape in ((B, n_head, T, T), (B, T, C), (B, T, C))]
+
+        def forward(x, *arrays):
+            return L.block_forward(x, dict(zip(names, arrays)), n_head, activation, dropout_p, None, masks)
+
+        def backward(dout, cache):
+            dx, grads = L.block_backward(dout, cache)
+            assert sorted(grads) == sorted(names), f"block grads {sorted(grads)} != params {sorted(names)}"
+            return (dx, *(grads[n] for n in names))
+
+        return forward, backward, {"x": x, **params}, {}
+    return make
+
+
+REPEATED_IDS = [[0, 2, 2, 1, 2], [3, 0, 2, 2, 0]]  # id 2 five times, id 0 three times
+
+CASES = [
+    pytest.param(embedding_case(4, 3, REPEATED_IDS, block_size=6), id="embedding-repeated-ids"),
+    pytest.param(embedding_case(4, 3, REPEATED_IDS), id="embedding-bigram-wpe-none"),
+    pytest.param(embedding_case(2, 5, np.full((2, 12), 1), block_size=12), id="embedding-vocab2-one-id-run"),
+    pytest.param(embedding_case(5, 4, [[3], [3]], block_size=4), id="embedding-T1"),
+    pytest.param(linear_case((6, 5), 3, True), id="linear-2d-bias"),
+    pytest.param(linear_case((6, 5), 3, False), id="linear-2d-nobias"),
+    pytest.param(linear_case((2, 3, 5), 7, True), id="linear-3d-bias"),
+    pytest.param(linear_case((2, 3, 5), 7, False), id="linear-3d-nobias"),
+    pytest.param(layernorm_case((2, 3, 4), True), id="layernorm-C4-bias"),
+    pytest.param(layernorm_case((2, 3, 4), False), id="layernorm-C4-nobias"),
+    pytest.param(layernorm_case((6, 5), True), id="layernorm-2d-C5-bias"),
+    pytest.param(layernorm_case((2, 1, 7), False), id="layernorm-T1-C7-nobias"),
+    pytest.param(relu_case((2, 3, 7)), id="relu"),
+    pytest.param(pointwise_case(L.gelu_forward, L.gelu_backward, (2, 3, 7)), id="gelu"),
+    pytest.param(pointwise_case(L.gelu_tanh_forward, L.gelu_tanh_backward, (2, 3, 7)), id="gelu_tanh"),
+    pytest.param(dropout_case((2, 3, 5), 0.4), id="dropout-explicit-mask"),
+    pytest.param(pointwise_case(L.softmax_forward, L.softmax_backward, (2, 3, 6)), id="softmax"),
+    pytest.param(pointwise_case(L.softmax_forward, L.softmax_backward, (4, 2), 1.0), id="softmax-2-classes"),
+    pytest.param(attention_case(2, 4, 4, 1), id="attention-nh1"),
+    pytest.param(attention_case(2, 4, 4, 2), id="attention-nh2"),
+    pytest.param(attention_case(2, 5, 6, 3), id="attention-C6-nh3-hs2"),
+    pytest.param(attention_case(1, 3, 5, 5), id="attention-C5-nh5-hs1"),
+    pytest.param(attention_case(2, 1, 4, 2), id="attention-T1"),
+    pytest.param(attention_case(2, 4, 6, 2, dropout_p=0.3), id="attention-dropout-mask"),
+    pytest.param(cross_entropy_case(2, 4, 5), id="cross_entropy"),
+    pytest.param(cross_entropy_case(2, 3, 2), id="cross_entropy-vocab2"),
+    pytest.param(cross_entropy_case(3, 1, 4, targets=[[1], [1], [1]]), id="cross_entropy-T1-same-target"),
+    pytest.param(block_case(2, 4, 4, 2, "gelu", True), id="block-gelu-bias"),
+    pytest.param(block_case(2, 4, 4, 2, "gelu", False), id="block-gelu-nobias"),
+    pytest.param(block_case(2, 4, 4, 2, "gelu_tanh", True), id="block-gelu_tanh-bias"),
+    pytest.param(block_case(2, 4, 4, 2, "gelu_tanh", False), id="block-gelu_tanh-nobias"),
+    pytest.param(block_case(2, 4, 4, 2, "relu", True), id="block-relu-bias"),
+    pytest.param(block_case(2, 4, 4, 2, "relu", False), id="block-relu-nobias"),
+    pytest.param(block_case(2, 3, 4, 2, "gelu", True, dropout_p=0.3), id="block-gelu-dropout-masks"),
+    pytest.param(block_case(2, 3, 4, 2, "relu", False, dropout_p=0.3), id="block-relu-nobias-dropout-masks"),
+    pytest.param(block_case(1, 3, 6, 3, "gelu_tanh", True), id="block-C6-nh3-hs2"),
+    pytest.param(block_case(2, 3, 5, 5, "gelu", False), id="block-C5-nh5-hs1"),
+    pytest.param(block_case(2, 1, 4, 1, "gelu", True), id="block-T1-nh1"),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers for the "backward writes nothing" check
+# --------------------------------------------------------------------------------------------
+
+def assert_unchanged(before, after, path):
+    """Recursive equality of a cache (tuples/lists/dicts of arrays, None, bools, str, shapes)."""
+    if isinstance(before, np.ndarray):
+        assert isinstance(after, np.ndarray), f"{path}: was an array, is {type(after)}"
+        assert after.dtype == before.dtype and after.shape == before.shape, f"{path}: dtype/shape changed"
+        assert np.array_equal(after, before), f"{path}: array was modified by backward"
+    elif isinstance(before, (tuple, list)):
+        assert type(after) is type(before) and len(after) == len(before), f"{path}: structure changed"
+        for i, (b, a) in enumerate(zip(before, after)):
+            assert_unchanged(b, a, f"{path}[{i}]")
+    elif isinstance(before, dict):
+        assert list(after) == list(before), f"{path}: keys changed"
+        for k in before:
+            assert_unchanged(before[k], after[k], f"{path}[{k!r}]")
+    else:
+        assert after == before, f"{path}: {before!r} became {after!r}"
+
+
+def arrays_in(obj):
+    if isinstance(obj, np.ndarray):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from arrays_in(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from arrays_in(o)
+
+
+def float_inputs(inputs):
+    return {n: x for n, x in inputs.items() if x is not None and np.issubdtype(np.asarray(x).dtype, np.floating)}
+
+
+# --------------------------------------------------------------------------------------------
+# The three checks every layer pair gets
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", CASES)
+def test_backward_matches_finite_differences(make, request, errors_below, recording_relu):
+    forward, backward, inputs, kwargs = make(np.random.default_rng(20240611), np.float64)
+    with recording_relu() as pre:  # ReLU inputs inside a block, at the point being checked
+        forward(*inputs.values(), **kwargs)
+    assert bool(pre) == request.node.callspec.id.startswith("block-relu")  # the recorder works
+    if pre:
+        margin = min(float(np.abs(a).min()) for a in pre)
+        assert margin > 10 * H, f"a ReLU pre-activation lies {margin:.2e} from the kink; pick another seed"
+    errors = check_layer(forward, backward, inputs, rng=np.random.default_rng(7), h=H, **kwargs)
+    # every floating input got a gradient (a backward that returns None or too few would skip one)
+    assert sorted(errors) == sorted(float_inputs(inputs))
+    errors_below(errors, TOL, request.node.callspec.id)
+
+
+@pytest.mark.parametrize("make", CASES)
+def test_backward_leaves_dout_and_cache_untouched(make):
+    rng = np.random.default_rng(3)
+    forward, backward, inputs, kwargs = make(rng, np.float64)
+    inputs_before = copy.deepcopy(inputs)
+    out, cache = forward(*inputs.values(), **kwargs)
+    dout = rng.standard_normal(np.shape(out))
+    dout_before, cache_before = dout.copy(), copy.deepcopy(cache)
+    grads = backward(dout, cache)
+    assert np.array_equal(dout, dout_before), "backward wrote into dout"
+    assert_unchanged(cache_before, cache, "cache")
+    assert_unchanged(inputs_before, inputs, "inputs")
+    # fresh arrays: no gradient is a view of dout, of the cache or of an input
+    for g in grads:
+        if g is None:
+            continue
+        for other in [dout, *arrays_in(cache), *arrays_in(inputs)]:
+            assert not np.shares_memory(g, other), "a gradient shares memory with dout/cache/inputs"
+    # a second backward from the same cache gives identical gradients
+    for g1, g2 in zip(grads, backward(dout, cache)):
+        assert (g1 is None and g2 is None) or np.array_equal(g1, g2)
+
+
+@pytest.mark.parametrize("make", CASES)
+def test_float32_in_float32_out(make):
+    """Every gradient has its input's shape and dtype; float32 stays float32 (no silent upcast)."""
+    forward, backward, inputs, kwargs = make(np.random.default_rng(4), np.float32)
+    out, cache = forward(*inputs.values(), **kwargs)
+    assert np.asarray(out).dtype == np.float32
+    dout = np.random.default_rng(5).standard_normal(np.shape(out)).astype(np.float32)
+    grads = [g for g in backward(dout, cache) if g is not None]
+    assert len(grads) == len(float_inputs(inputs))
+    for (name, x), g in zip(float_inputs(inputs).items(), grads):
+        assert g.shape == x.shape, f"d{name} has shape {g.shape}, expected {x.shape}"
+        assert g.dtype == np.float32, f"d{name} is {g.dtype}"
+
+
+# --------------------------------------------------------------------------------------------
+# Forward values against independent references
+# --------------------------------------------------------------------------------------------
+
+def test_forward_values_match_references(assert_close):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 5))
+    w, b = rng.standard_normal((4, 5)), rng.standard_normal(4)
+    assert_close("linear", L.linear_forward(x, w, b)[0], np.einsum("btc,oc->bto", x, w) + b, 1e-14)
+
+    g, beta = rng.standard_normal(5), rng.standard_normal(5)
+    ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * g + beta
+    assert_close("layernorm", L.layernorm_forward(x, g, beta)[0], ref, 1e-14)
+
+    assert_close("gelu", L.gelu_forward(x)[0], x * ndtr(x), 1e-14)
+    u = math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)
+    assert_close("gelu_tanh", L.gelu_tanh_forward(x)[0], 0.5 * x * (1 + np.tanh(u)), 1e-14)
+    assert np.abs(L.gelu_tanh_forward(x)[0] - L.gelu_forward(x)[0]).max() < 1e-3  # the approximation
+    assert np.array_equal(L.relu_forward(x)[0], np.where(x > 0, x, 0.0))
+    assert_close("softmax", L.softmax_forward(x)[0], scipy_softmax(x, axis=-1), 1e-14)
+
+    logits, t = rng.standard_normal((2, 3, 6)) * 3, rng.integers(0, 6, (2, 3))
+    ref_loss = -np.take_along_axis(log_softmax(logits, axis=-1), t[..., None], -1).mean()
+    loss, _ = L.cross_entropy_forward(logits, t)
+    assert abs(loss - ref_loss) <= 1e-14 * abs(ref_loss)
+
+    idx = np.array(REPEATED_IDS)
+    wte, wpe = rng.standard_normal((4, 3)), rng.standard_normal((7, 3))
+    out, _ = L.embedding_forward(idx, wte, wpe)
+    assert np.array_equal(out, np.stack([[wte[i] + wpe[t] for t, i in enumerate(row)] for row in idx]))
+    wte_before = wte.copy()
+    out[...] = 0.0  # the output is a copy: writing it leaves the table alone
+    assert np.array_equal(wte, wte_before)
+
+
+@pytest.mark.parametrize("B,T,C,n_head", [(2, 5, 4, 1), (2, 5, 6, 3), (1, 4, 5, 5), (2, 1, 4, 2)])
+def test_attention_forward_matches_per_head_loop(B, T, C, n_head, assert_close):
+    rng = np.random.default_rng(1)
+    qkv = rng.standard_normal((B, T, 3 * C)) * 1.5
+    y, _ = L.attention_forward(qkv, n_head)
+    hs = C // n_head
+    q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
+    ref = np.zeros((B, T, C))
+    for b in range(B):
+        for h in range(n_head):
+            s = slice(h * hs, (h + 1) * hs)
+            for t in range(T):
+                scores = k[b, :t + 1, s] @ q[b, t, s] / math.sqrt(hs)  # keys 0..t only
+                ref[b, t, s] = scipy_softmax(scores) @ v[b, :t + 1, s]
+    assert_close(f"attention B{B} T{T} C{C} nh{n_head}", y, ref, 1e-13)
+
+
+def test_attention_is_causal():
+    rng = np.random.default_rng(2)
+    B, T, C, n_head = 2, 6, 6, 2
+    qkv = rng.standard_normal((B, T, 3 * C))
+    y, _ = L.attention_forward(qkv, n_head)
+    for t in range(1, T):
+        changed = qkv.copy()
+        changed[:, t:] = rng.standard_normal((B, T - t, 3 * C))  # rewrite q, k, v of positions >= t
+        y2, _ = L.attention_forward(changed, n_head)
+        assert np.array_equal(y2[:, :t], y[:, :t]), f"outputs before {t} saw the future"
+        assert not np.allclose(y2[:, t:], y[:, t:]), "positions >= t should change (test is vacuous)"
+
+
+def test_causal_mask_with_kv_offset():
+    # 2 new queries after 3 cached keys: query i sits at position 3 + i and sees keys 0..3+i
+    expected = np.array([[0, 0, 0, 0, 1], [0, 0, 0, 0, 0]], dtype=bool)
+    assert np.array_equal(L.causal_mask(2, 5), expected)
+    assert np.array_equal(L.causal_mask(4, 4), np.triu(np.ones((4, 4), bool), k=1))
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding: the scatter-add
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("idx,V", [
+    (np.array(REPEATED_IDS), 4),
+    (np.full((4, 64), 3), 5),  # one id, 256 times: the longest run of additions into one row
+    (np.random.default_rng(9).integers(0, 2, (8, 33)), 2),
+])
+def test_embedding_backward_equals_add_at_scatter(idx, V, assert_close):
+    rng = np.random.default_rng(5)
+    B, T = idx.shape
+    C = 3
+    _, cache = L.embedding_forward(idx, rng.standard_normal((V, C)), rng.standard_normal((T + 2, C)))
+    dout = rng.standard_normal((B, T, C))
+    dwte, dwpe = L.embedding_backward(dout, cache)
+    ref = np.zeros((V, C))
+    np.add.at(ref, idx.reshape(-1), dout.reshape(-1, C))
+    assert np.array_equal(dwte, ref), f"max abs difference {np.abs(dwte - ref).max():.3e}"
+    ref_pe = np.zeros((T + 2, C))
+    np.add.at(ref_pe, np.tile(np.arange(T), B), dout.reshape(-1, C))
+    assert_close("dwpe", dwpe, ref_pe, 1e-14)
+    assert not dwpe[T:].any()  # positions never used get exactly zero
+
+
+def test_check_layer_takes_embedding_inputs_in_forward_order():
+    rng = np.random.default_rng(8)
+    inputs = {"idx": np.array(REPEATED_IDS), "wte": rng.standard_normal((4, 3)),
+              "wpe": rng.standard_normal((6, 3))}
+    errors = check_layer(L.embedding_forward, L.embedding_backward, inputs)
+    assert sorted(errors) == ["wpe", "wte"] and max(errors.values()) <= TOL
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax stability, dropout
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scale,shift", [(1e3, 0.0), (1.0, 1e3), (1e3, -1e3), (50.0, 700.0)])
+def test_softmax_large_logits(scale, shift, assert_close):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 4, 7)) * scale + shift
+    y, cache = L.softmax_forward(x)
+    assert np.isfinite(y).all()
+    assert np.abs(y.sum(-1) - 1.0).max() <= 1e-12
+    assert_close("softmax vs scipy", y, scipy_softmax(x, axis=-1), 1e-13)
+    assert_close("shift invariance", L.softmax_forward(x - 123.0)[0], y, 1e-10)
+    (dx,) = L.softmax_backward(rng.standard_normal(x.shape), cache)
+    assert np.isfinite(dx).all()
+    assert np.abs(dx.sum(-1)).max() <= 1e-10  # the Jacobian's rows sum to zero
+
+
+def test_dropout_mask_values_and_rate():
+    p, shape = 0.3, (200, 250)
+    mask = L.dropout_mask(shape, p, np.random.default_rng(0), np.float64)
+    assert set(np.unique(mask)) == {0.0, 1.0 / (1.0 - p)}
+    n = mask.size
+    dropped = np.count_nonzero(mask == 0) / n
+    # binomial standard deviation sqrt(p(1-p)/n) = 0.0013; 6 of them
+    assert abs(dropped - p) < 6 * math.sqrt(p * (1 - p) / n)
+    assert np.array_equal(mask, L.dropout_mask(shape, p, np.random.default_rng(0), np.float64))
+    assert L.dropout_mask((3,), p, np.random.default_rng(0), np.float32).dtype == np.float32
+
+
+def test_dropout_forward_uses_given_mask_and_needs_rng_or_mask():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 5))
+    mask = L.dropout_mask(x.shape, 0.5, rng, np.float64)
+    out, cache = L.dropout_forward(x, 0.5, mask=mask)
+    assert np.array_equal(out, x * mask) and cache is mask
+    with pytest.raises(ValueError, match="rng or mask"):
+        L.dropout_forward(x, 0.5)
+
+
+def test_block_dropout_masks_reproduce_a_drawn_forward():
+    rng = np.random.default_rng(2)
+    B, T, C, n_head = 2, 4, 4, 2
+    x = rng.standard_normal((B, T, C))
+    p = random_block_params(rng, C, True, np.float64)
+    out, cache = L.block_forward(x, p, n_head, "gelu", 0.4, np.random.default_rng(11))
+    masks = L.block_dropout_masks(cache)
+    assert [m.shape for m in masks] == [(B, n_head, T, T), (B, T, C), (B, T, C)]
+    assert all((m == 0).any() for m in masks)
+    out2, _ = L.block_forward(x, p, n_head, "gelu", 0.4, None, masks)
+    assert np.array_equal(out, out2)
+    out_nodrop, _ = L.block_forward(x, p, n_head, "gelu")
+    assert not np.allclose(out, out_nodrop)

@@ -1,0 +1,196 @@
+"""Unit tests of npgpt.optim: AdamW against a per-parameter reference, clipping, the LR schedule."""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+
+from npgpt import GPT, GPTConfig
+from npgpt.gradcheck import rel_error
+from npgpt.optim import AdamW, clip_grad_norm, cosine_lr
+
+
+def model_params(seed=0, dtype=np.float64, **overrides):
+    """A real parameter dict: matrices and vectors interleaved, as the flat groups must undo."""
+    config = dict(vocab_size=7, block_size=6, n_layer=2, n_head=2, n_embd=8, tie_weights=False)
+    return GPT(GPTConfig(**{**config, **overrides}), seed=seed, dtype=dtype).params
+
+
+def random_grads(params, rng):
+    return {n: rng.standard_normal(p.shape).astype(p.dtype) for n, p in params.items()}
+
+
+def reference_adamw(params, grad_steps, lrs, betas, eps, weight_decay):
+    """torch.optim.AdamW's algorithm written from the formula, one parameter at a time, t from 1:
+        p *= 1 - lr wd  (matrices only),  m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2,
+        p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    """
+    b1, b2 = betas
+    p = {n: x.copy() for n, x in params.items()}
+    m = {n: np.zeros_like(x) for n, x in params.items()}
+    v = {n: np.zeros_like(x) for n, x in params.items()}
+    for t, (grads, lr) in enumerate(zip(grad_steps, lrs), start=1):
+        for n in p:
+            g = grads[n]
+            if p[n].ndim >= 2:
+                p[n] = p[n] * (1 - lr * weight_decay)
+            m[n] = b1 * m[n] + (1 - b1) * g
+            v[n] = b2 * v[n] + (1 - b2) * g ** 2
+            p[n] = p[n] - lr / (1 - b1 ** t) * m[n] / (np.sqrt(v[n]) / math.sqrt(1 - b2 ** t) + eps)
+    return p, m, v
+
+
+# --------------------------------------------------------------------------------------------
+# AdamW
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lr_overrides", [
+    [None],                                  # one step
+    [None, None, None, None, None, None],    # several steps at the base rate
+    [None, 3e-3, None, 1e-4, 0.0, None],     # step(grads, lr=...) as a schedule does
+])
+def test_adamw_matches_reference(lr_overrides, assert_close):
+    base_lr, betas, eps, wd = 1e-2, (0.9, 0.95), 1e-8, 0.1
+    params = model_params(seed=1)
+    start = {n: p.copy() for n, p in params.items()}
+    opt = AdamW(params, lr=base_lr, betas=betas, eps=eps, weight_decay=wd)
+    rng = np.random.default_rng(0)
+    grad_steps = [random_grads(params, rng) for _ in lr_overrides]
+    for grads, lr in zip(grad_steps, lr_overrides):
+        opt.step(grads, lr=lr)
+    assert opt.lr == base_lr, "an lr override must not change the base rate"
+    lrs = [base_lr if lr is None else lr for lr in lr_overrides]
+    ref_p, ref_m, ref_v = reference_adamw(start, grad_steps, lrs, betas, eps, wd)
+    assert opt.step_count == len(lr_overrides)
+    m, v = opt.moments("exp_avg"), opt.moments("exp_avg_sq")
+    for n in params:
+        assert_close(f"{n}", params[n], ref_p[n], 1e-12)
+        assert_close(f"{n} exp_avg", m[n], ref_m[n], 1e-12)
+        assert_close(f"{n} exp_avg_sq", v[n], ref_v[n], 1e-12)
+        assert not np.array_equal(params[n], start[n]), f"{n} did not move"
+
+
+def test_weight_decay_only_for_matrices():
+    params = model_params()
+    before = {n: p.copy() for n, p in params.items()}
+    opt = AdamW(params, lr=0.1, weight_decay=0.5)
+    assert opt.groups["decay"] == [n for n, p in params.items() if p.ndim >= 2]
+    assert opt.groups["no_decay"] == [n for n, p in params.items() if p.ndim < 2]
+    assert "transformer.wte.weight" in opt.groups["decay"]  # embeddings decay, as in nanoGPT
+    assert all(n.endswith(".bias") or ".ln_" in n for n in opt.groups["no_decay"])
+    # zero gradients: Adam's step is 0 / (0 + eps) = 0, so only the decay moves anything
+    opt.step({n: np.zeros_like(p) for n, p in params.items()})
+    for n, p in params.items():
+        if p.ndim >= 2:
+            assert np.allclose(p, before[n] * 0.95, rtol=1e-15, atol=0), f"{n} not decayed by 1 - lr wd"
+        else:
+            assert np.array_equal(p, before[n]), f"{n} (ndim {p.ndim}) must not decay"
+
+
+def test_adamw_keeps_float32_and_updates_in_place():
+    params = model_params(dtype=np.float32)
+    arrays = {n: p for n, p in params.items()}
+    opt = AdamW(params, lr=1e-3, weight_decay=0.1)
+    opt.step(random_grads(params, np.random.default_rng(1)))
+    for n, p in params.items():
+        assert p is arrays[n], "the model's arrays must be updated in place, not replaced"
+        assert p.dtype == np.float32
+    assert all(m.dtype == np.float32 for m in opt.moments().values())
+
+
+def test_state_dict_round_trip_gives_identical_steps():
+    rng = np.random.default_rng(2)
+    params_a = model_params(seed=3)
+    opt_a = AdamW(params_a, lr=3e-3, betas=(0.8, 0.99), weight_decay=0.1)
+    for _ in range(3):
+        opt_a.step(random_grads(params_a, rng))
+    state = opt_a.state_dict()
+    buffer = io.BytesIO()
+    np.savez(buffer, **state)  # flat arrays: saves and loads without pickle
+    buffer.seek(0)
+    loaded = dict(np.load(buffer, allow_pickle=False))
+
+    params_b = {n: p.copy() for n, p in params_a.items()}
+    opt_b = AdamW(params_b, lr=3e-3, betas=(0.8, 0.99), weight_decay=0.1)
+    opt_b.load_state_dict(loaded)
+    assert opt_b.step_count == 3
+    for _ in range(2):
+        grads = random_grads(params_a, rng)
+        opt_a.step(grads)
+        opt_b.step(grads)
+    for n in params_a:
+        assert np.array_equal(params_a[n], params_b[n]), f"{n} diverged after load_state_dict"
+    # the saved state is a copy: the two later steps did not reach into it
+    assert int(state["step"]) == 3
+    assert all(not np.shares_memory(a, b) for a in state.values() for b in opt_a.exp_avg.values())
+
+
+def test_load_state_of_another_model_raises():
+    opt = AdamW(model_params())
+    other = AdamW(model_params(n_embd=4))
+    with pytest.raises(ValueError, match="belongs to another model"):
+        opt.load_state_dict(other.state_dict())
+
+
+def test_invalid_adamw_settings_raise():
+    for kwargs in (dict(lr=-1.0), dict(betas=(0.9, 1.0)), dict(eps=-1e-8), dict(weight_decay=-0.1)):
+        with pytest.raises(ValueError, match="invalid AdamW settings"):
+            AdamW(model_params(), **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient clipping
+# --------------------------------------------------------------------------------------------
+
+def global_norm(grads):
+    return math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values()))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_clip_grad_norm_scales_to_max_norm(dtype):
+    grads = random_grads(model_params(dtype=dtype), np.random.default_rng(4))
+    before = {n: g.copy() for n, g in grads.items()}
+    norm_before = global_norm(grads)  # about 60 here
+    assert norm_before > 10
+    returned = clip_grad_norm(grads, 1.0)
+    assert abs(returned - norm_before) <= 1e-6 * norm_before, "must return the norm before clipping"
+    assert abs(global_norm(grads) - 1.0) <= 1e-6, f"clipped norm {global_norm(grads)}"
+    scale = 1.0 / (norm_before + 1e-6)  # torch's coefficient max_norm / (norm + 1e-6)
+    for n, g in grads.items():
+        assert g.dtype == dtype
+        assert rel_error(g, before[n] * scale) <= (1e-6 if dtype == np.float32 else 1e-12), n
+
+
+def test_clip_grad_norm_leaves_small_gradients_alone():
+    grads = random_grads(model_params(), np.random.default_rng(5))
+    norm = global_norm(grads)
+    before = {n: g.copy() for n, g in grads.items()}
+    assert abs(clip_grad_norm(grads, 2 * norm) - norm) <= 1e-12 * norm
+    assert all(np.array_equal(grads[n], before[n]) for n in grads)
+    zeros = {n: np.zeros_like(g) for n, g in grads.items()}
+    assert clip_grad_norm(zeros, 1.0) == 0.0
+    assert all(not g.any() and np.isfinite(g).all() for g in zeros.values())
+
+
+# --------------------------------------------------------------------------------------------
+# Learning-rate schedule
+# --------------------------------------------------------------------------------------------
+
+def test_cosine_lr_schedule():
+    lr, warmup, decay_iters, min_lr = 1e-3, 10, 100, 1e-4
+    sched = [cosine_lr(it, lr, warmup, decay_iters, min_lr) for it in range(decay_iters + 50)]
+    # linear warmup, nanoGPT's (it + 1) / (warmup_iters + 1): never zero, reaches lr at it = warmup
+    for it in range(warmup):
+        assert sched[it] == pytest.approx(lr * (it + 1) / (warmup + 1), rel=1e-15)
+    assert all(a < b for a, b in zip(sched[:warmup], sched[1:warmup + 1]))
+    assert sched[warmup] == pytest.approx(lr, rel=1e-15)
+    # cosine decay, strictly decreasing, through the midpoint, down to min_lr exactly
+    assert all(a > b for a, b in zip(sched[warmup:decay_iters], sched[warmup + 1:decay_iters + 1]))
+    mid = (warmup + decay_iters) // 2
+    assert sched[mid] == pytest.approx((lr + min_lr) / 2, rel=1e-12)
+    assert sched[decay_iters] == pytest.approx(min_lr, rel=1e-15)
+    assert all(min_lr <= s <= lr for s in sched[warmup:])
+    assert all(s == min_lr for s in sched[decay_iters + 1:])
+    assert cosine_lr(10 ** 6, lr, warmup, decay_iters, min_lr) == min_lr
