@@ -26,11 +26,17 @@ train-torch: $(STAMP)
 	$(PY) train_torch.py $(if $(wildcard $(DATA)),--data $(DATA))
 
 # The whole default test suite: unit tests and the NumPy/PyTorch parity suite.
+# Two pytest workers, one BLAS/OpenMP thread each: more threads than cores only spin.
+TEST_ENV := NPGPT_DATA=$(abspath $(DATA)) OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 test: $(STAMP)
-	NPGPT_DATA=$(abspath $(DATA)) $(PY) -m pytest -q -n 2
+	$(TEST_ENV) $(PY) -m pytest -q -n 2
 
 test-slow: $(STAMP)
-	NPGPT_DATA=$(abspath $(DATA)) $(PY) -m pytest -q -n 2 -m slow
+	$(TEST_ENV) $(PY) -m pytest -q -n 2 -m slow
+
+# The README's pictures (loss curves, attention maps, parity errors) into docs/figures/.
+figures: $(STAMP)
+	NPGPT_DATA=$(abspath $(DATA)) MPLBACKEND=Agg $(PY) docs/figures.py --out docs/figures
 
 parity-report: $(STAMP)
 	$(PY) -m parity_tests.report
