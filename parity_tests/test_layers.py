@@ -1,0 +1,486 @@
+"""Every forward/backward pair in npgpt.layers against the same computation in torch autograd.
+
+For each layer: run npgpt's forward, draw a RANDOM upstream gradient dout, run npgpt's backward;
+run torch.nn.functional's version of the layer on the same inputs and get its gradients from
+torch.autograd.grad(out, inputs, dout). The output and every gradient are compared by
+parity_tests.compare, in float64 (1e-12) and float32 (1e-5 outputs, 1e-4 gradients).
+
+Two regimes are ill-conditioned for ANY implementation, so they get their own bound, explained
+where they are tested: layernorm over fewer than 4 channels, and softmax / cross-entropy rows that
+are nearly one-hot (where the gradient is a difference of nearly equal numbers).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from npgpt import layers as L
+from parity_tests.compare import bounds, compare_all, compare_outputs_and_grads
+from parity_tests.twins import small_config
+from torchgpt.convert import load_params
+from torchgpt.model import NO_DROPOUT, Block, DropoutPlan
+
+DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")]
+
+
+def randn(rng, shape, dtype, scale=1.0, offset=0.0) -> np.ndarray:
+    return (offset + scale * rng.standard_normal(shape)).astype(dtype)
+
+
+def frozen(*objs):
+    """Make every array in objs (and in tuples, lists and dicts inside them) read-only, and return
+    objs. npgpt's layers promise never to write into their inputs, dout or their cache; a write
+    into a frozen array raises, so the promise is checked on every call below. (A layer that wrote
+    into dout would also hand torch a different dout than it used itself.)"""
+    def freeze(o):
+        if isinstance(o, np.ndarray):
+            o.flags.writeable = False
+        elif isinstance(o, (tuple, list)):
+            for item in o:
+                freeze(item)
+        elif isinstance(o, dict):
+            for item in o.values():
+                freeze(item)
+    for o in objs:
+        freeze(o)
+    return objs
+
+
+def torch_vjp(fn, inputs: dict, dout):
+    """out = fn(*inputs) in torch, and the gradient of sum(out * dout) w.r.t. each input."""
+    leaves = {name: torch.tensor(value, requires_grad=True) for name, value in inputs.items()}
+    out = fn(*leaves.values())
+    grads = torch.autograd.grad(out, list(leaves.values()), torch.tensor(dout, dtype=out.dtype))
+    return out, {"d" + name: g for name, g in zip(leaves, grads)}
+
+
+def check_layer(header, dtype, fn, inputs: dict, out, grads: tuple, dout, atol=None):
+    """Compare npgpt's (out, grads in the order of `inputs`) with torch's on the same inputs.
+
+    Every tensor gets its dtype's relative bound, except those named in `atol` ({name: bound}),
+    which get that absolute bound instead (ill-conditioned cases only, each explained where used).
+    """
+    t_out, t_grads = torch_vjp(fn, inputs, dout)
+    ours = dict(zip(("d" + n for n in inputs), grads))
+    if not atol:
+        return compare_outputs_and_grads({"out": out}, {"out": t_out}, ours, t_grads, dtype, header)
+    b = bounds(dtype)
+    rtol = {"out": b["forward"], **{n: b["grad"] for n in t_grads}}
+    for name in atol:
+        del rtol[name]
+    return compare_all({"out": out, **ours}, {"out": t_out, **t_grads}, rtol=rtol, atol=atol,
+                       header=f"{header} [{np.dtype(dtype).name}]")
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding_repeated_ids(dtype):
+    rng = np.random.default_rng(0)
+    V, C, block_size, B, T = 7, 5, 8, 3, 6
+    idx = rng.integers(0, V, (B, T))
+    idx[0] = 3  # one id many times: its row of dwte is a sum of 6 + rows
+    idx[1, :4] = 0
+    wte, wpe = randn(rng, (V, C), dtype), randn(rng, (block_size, C), dtype)
+    out, cache = L.embedding_forward(*frozen(idx, wte, wpe))
+    dout = randn(rng, out.shape, dtype)
+    grads = L.embedding_backward(*frozen(dout, cache))
+    idx_t = torch.tensor(idx)
+    rows = check_layer("embedding", dtype, lambda w, p: F.embedding(idx_t, w) + p[:T],
+                       {"wte": wte, "wpe": wpe}, out, grads, dout)
+    assert rows[0].shape == (B, T, C)
+    assert np.all(grads[1][T:] == 0)  # positions past T were not used
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding_bigram_form(dtype):
+    """wpe None: the bigram model's (V, V) lookup table."""
+    rng = np.random.default_rng(1)
+    V, B, T = 6, 4, 9
+    idx = rng.integers(0, V, (B, T))
+    idx[2] = 5
+    table = randn(rng, (V, V), dtype)
+    out, cache = L.embedding_forward(*frozen(idx, table))
+    dout = randn(rng, out.shape, dtype)
+    dtable, dwpe = L.embedding_backward(*frozen(dout, cache))
+    assert dwpe is None
+    idx_t = torch.tensor(idx)
+    check_layer("embedding (bigram)", dtype, lambda w: F.embedding(idx_t, w), {"table": table}, out,
+                (dtable,), dout)
+
+
+# --------------------------------------------------------------------------------------------
+# Linear, layernorm
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear(dtype, bias):
+    rng = np.random.default_rng(2)
+    x, w = randn(rng, (3, 5, 8), dtype), randn(rng, (12, 8), dtype)
+    b = randn(rng, (12,), dtype) if bias else None
+    out, cache = L.linear_forward(*frozen(x, w, b))
+    dout = randn(rng, out.shape, dtype)
+    dx, dw, db = L.linear_backward(*frozen(dout, cache))
+    if bias:
+        check_layer("linear", dtype, F.linear, {"x": x, "w": w, "b": b}, out, (dx, dw, db), dout)
+    else:
+        assert db is None
+        check_layer("linear (no bias)", dtype, F.linear, {"x": x, "w": w}, out, (dx, dw), dout)
+
+
+def layernorm_case(dtype, C, bias, seed):
+    rng = np.random.default_rng([seed, C])
+    x = randn(rng, (4, 5, C), dtype, scale=2.0, offset=0.5)  # off-centre rows: the mean term matters
+    w, b = randn(rng, (C,), dtype, 0.3, 1.0), randn(rng, (C,), dtype) if bias else None
+    out, cache = L.layernorm_forward(*frozen(x, w, b))
+    dout = randn(rng, out.shape, dtype)
+    grads = L.layernorm_backward(*frozen(dout, cache))
+    inputs = {"x": x, "w": w, "b": b} if bias else {"x": x, "w": w}
+    if not bias:
+        assert grads[2] is None
+    fn = lambda x, w, b=None: F.layer_norm(x, (C,), w, b, eps=1e-5)  # noqa: E731
+    return inputs, out, grads[:len(inputs)], dout, fn
+
+
+@pytest.mark.parametrize("C", [4, 16])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layernorm(dtype, bias, C):
+    inputs, out, grads, dout, fn = layernorm_case(dtype, C, bias, seed=3)
+    check_layer(f"layernorm C={C}", dtype, fn, inputs, out, grads, dout)
+
+
+@pytest.mark.parametrize("C", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layernorm_narrow(dtype, C):
+    """Layernorm over fewer than 4 channels, where dx is ill-conditioned for any implementation.
+
+    dx = rstd (g - mean g - xhat mean(g xhat)), g = dout * w, removes from g its components along
+    (1, .., 1) and along xhat. With C = 3 one direction is left, and on random rows dx is as accurate
+    as for C >= 4 (tight bound here); only a row whose g lies almost in the removed plane cancels
+    (to a fraction t of rstd |g| with chance ~t; test_properties has a case hypothesis found).
+    With C = 2 none is left: xhat = (s, -s) with s^2 = var / (var + eps), and the exact dx is
+    rstd (g1 - g2) / 2 * eps / (var + eps) * (1, -1), a difference of terms of size rstd |g| that
+    cancel down to a fraction eps / (var + eps) (~1e-5 of them for unit variance). Any
+    implementation keeps the rounding error of those terms, so dx is bounded per element, not
+    relatively (for unit variance that is 5 of float64's 16 digits, and all of float32's 7, lost):
+        |dx_ours - dx_torch| <= 8 eps_mach rstd (|g1| + |g2|) (1 + max|x| rstd)   per row.
+    The first factor is the terms' own rounding; (1 + max|x| rstd) is that of x - mean, which has
+    an absolute error eps_mach |x| and matters when the two values nearly coincide (x = (3.374,
+    3.389) loses 3 more digits in both backends). Over 300 random rows the worst error was 0.13 of
+    this bound in both dtypes; a wrong formula misses it by a factor of ~1 / eps_mach.
+    With C = 1, x - mean = 0 exactly, so xhat = 0 and the true dx and dw are exactly 0 (ours are);
+    torch's are rounding noise of size eps_mach * rstd * |g| with rstd = 1 / sqrt(eps) ~ 316, so
+    they are compared by absolute error against 16 eps_mach |g|max / sqrt(eps).
+    The output, db, and dw for C >= 2 involve no such cancellation and keep the tight bounds.
+    """
+    inputs, out, grads, dout, fn = layernorm_case(dtype, C, True, seed=4)
+    x, w = inputs["x"].astype(np.float64), inputs["w"].astype(np.float64)
+    g = dout.astype(np.float64) * w  # (4, 5, C)
+    eps_mach, ln_eps = float(np.finfo(dtype).eps), L.LAYERNORM_EPS
+    if C == 3:
+        check_layer("layernorm C=3", dtype, fn, inputs, out, grads, dout)
+        return
+    if C == 2:
+        rstd = 1.0 / np.sqrt(x.var(axis=-1, keepdims=True) + ln_eps)  # (4, 5, 1)
+        per_element = (8 * eps_mach * rstd * np.abs(g).sum(axis=-1, keepdims=True)
+                       * (1 + np.abs(x).max(axis=-1, keepdims=True) * rstd))  # (4, 5, 1)
+        check_layer("layernorm C=2", dtype, fn, inputs, out, grads, dout,
+                    atol={"dx": np.broadcast_to(per_element, x.shape)})
+        return
+    noise = 16 * eps_mach * float(np.abs(g).max()) / math.sqrt(ln_eps)
+    assert np.all(grads[0] == 0) and np.all(grads[1] == 0)  # ours: exactly the true value 0
+    check_layer("layernorm C=1", dtype, fn, inputs, out, grads, dout, atol={"dx": noise, "dw": noise})
+
+
+# --------------------------------------------------------------------------------------------
+# Activations and dropout
+# --------------------------------------------------------------------------------------------
+
+TORCH_ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": lambda x: F.gelu(x),  # exact erf form, nn.GELU()
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+@pytest.mark.parametrize("name", list(L.ACTIVATION_FUNCTIONS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activation(dtype, name):
+    rng = np.random.default_rng(5)
+    x = randn(rng, (3, 4, 10), dtype, scale=3.0)  # both tails, where GELU's derivative bends
+    x[0, 0, :3] = 0.0  # ReLU's kink: torch's convention is gradient 0 at exactly 0
+    x[0, 1, :2] = (-12.0, 12.0)  # far tails: GELU's derivative is 0 and 1 there
+    forward, backward = L.ACTIVATION_FUNCTIONS[name]
+    out, cache = forward(*frozen(x))
+    dout = randn(rng, out.shape, dtype)
+    grads = backward(*frozen(dout, cache))
+    check_layer(name, dtype, TORCH_ACTIVATIONS[name], {"x": x}, out, grads, dout)
+    assert np.shares_memory(grads[0], dout) is False  # a fresh array, dout untouched
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_shared_mask(dtype, p):
+    """npgpt draws the mask; torch applies the same mask as x * mask (as torchgpt does)."""
+    rng = np.random.default_rng(6)
+    x = randn(rng, (4, 6, 8), dtype)
+    out, mask = L.dropout_forward(*frozen(x), p, rng=np.random.default_rng(7))
+    assert mask.dtype == dtype and set(np.unique(mask)) == {0.0, dtype(1.0) / dtype(1.0 - p)}
+    assert 0.0 < (mask == 0).mean() < 1.0
+    out2, mask2 = L.dropout_forward(x, p, mask=frozen(mask)[0])  # the same mask given back: the same output
+    assert np.array_equal(out2, out) and mask2 is mask
+    dout = randn(rng, out.shape, dtype)
+    grads = L.dropout_backward(*frozen(dout, mask))
+    mask_t = torch.tensor(mask)
+    check_layer(f"dropout p={p}", dtype, lambda x: x * mask_t, {"x": x}, out, grads, dout)
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax and cross-entropy
+# --------------------------------------------------------------------------------------------
+
+# Logits for the well-conditioned regimes: rows far from 0 (exp would overflow without the
+# max subtraction: exp(1000) = inf even in float64) and rows so spread out that the softmax is
+# exactly one-hot in floating point (exp underflows to 0, and so does every gradient but the row's
+# few O(1) entries).
+SOFTMAX_REGIMES = {
+    "unit": dict(scale=1.0, offset=0.0),
+    "offset +1e3": dict(scale=1.0, offset=1e3),
+    "offset -1e3": dict(scale=1.0, offset=-1e3),
+    "saturated (spread 1e3)": dict(scale=1e3, offset=0.0),
+}
+
+
+@pytest.mark.parametrize("regime", list(SOFTMAX_REGIMES))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax(dtype, regime):
+    rng = np.random.default_rng(8)
+    x = randn(rng, (3, 5, 9), dtype, **SOFTMAX_REGIMES[regime])
+    out, cache = L.softmax_forward(*frozen(x))
+    dout = randn(rng, out.shape, dtype)
+    grads = L.softmax_backward(*frozen(dout, cache))
+    assert np.isfinite(out).all() and np.allclose(out.sum(-1), 1.0)
+    check_layer(f"softmax {regime}", dtype, lambda x: F.softmax(x, dim=-1), {"x": x}, out, grads, dout)
+
+
+def softmax_backward_rounding_bound(y: np.ndarray, dout: np.ndarray, dtype) -> np.ndarray:
+    """Per-element bound on |dx_ours - dx_torch| for dx = y (dout - s), s = sum_j dout_j y_j.
+
+    Both backends evaluate this formula. Each has error at most
+        eps_mach y_i ((V + 4) sum_j |dout_j| y_j + 6 |dout_i - s|)
+    (the sum's rounding, y's own few-ulp error, the subtraction and the product), so their
+    difference is at most twice that, plus a few of the smallest subnormal numbers (below the
+    normal range rounding is absolute, not relative). When y_i ~ 1 and dout_i ~ s the exact dx_i is
+    far smaller than these terms: a near one-hot row loses ~log10(1 / (1 - y_max)) digits in any
+    backend.
+    """
+    y, dout = y.astype(np.float64), dout.astype(np.float64)
+    V = y.shape[-1]
+    s = (dout * y).sum(axis=-1, keepdims=True)
+    eps_mach = float(np.finfo(dtype).eps)
+    return (2 * eps_mach * y * ((V + 4) * (np.abs(dout) * y).sum(axis=-1, keepdims=True)
+                                + 6 * np.abs(dout - s))
+            + 8 * float(np.finfo(dtype).smallest_subnormal))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_peaked_rows(dtype):
+    """Rows with a gap of ~10-100 between the top logits: y_max = 1 - 1e-5 .. 1 - 1e-40.
+
+    The gradient of the top entry, y_max (dout_max - sum_j dout_j y_j), is then a difference of two
+    nearly equal numbers in ANY implementation: over 300 random cases the normwise relative error
+    between the two backends reached 1e-3 in float64 and 0.3 in float32 with no bug anywhere. So
+    dx is checked per element against the rounding-error bound of the formula
+    (softmax_backward_rounding_bound; the worst case seen used 0.36 of it); the output keeps the
+    tight relative bound.
+    """
+    rng = np.random.default_rng(9)
+    x = randn(rng, (4, 6, 7), dtype, scale=30.0)
+    out, cache = L.softmax_forward(*frozen(x))
+    dout = randn(rng, out.shape, dtype)
+    grads = L.softmax_backward(*frozen(dout, cache))
+    assert (out.max(-1) > 1 - 1e-4).mean() > 0.5  # mostly peaked rows: the regime under test
+    y_t = F.softmax(torch.tensor(x), dim=-1).numpy()
+    check_layer("softmax peaked rows", dtype, lambda x: F.softmax(x, dim=-1), {"x": x}, out, grads, dout,
+                atol={"dx": softmax_backward_rounding_bound(y_t, dout, dtype)})
+
+
+def cross_entropy_rounding_bound(logits: np.ndarray, targets: np.ndarray, dloss: float, dtype):
+    """Per-element bound on |dlogits_ours - dlogits_torch|, dlogits = (p - onehot(t)) dloss / N.
+
+    p_i = exp(x_i - max - log Z) has a relative error ~eps_mach (|x_i - max| + log V + 4) from the
+    rounding of its exponent; torch then forms p_i / N - 1 / N and npgpt (p_i - 1) / N, each with
+    a further eps_mach |p_i - [i == t]| / N. A confidently right row (p_t = 1 - 1e-9, say) has a
+    gradient of 1e-9 / N built from terms of size 1 / N, so it keeps only ~7 digits in float64.
+    A few of the smallest subnormals are added: below the normal range rounding is absolute.
+    """
+    x = logits.astype(np.float64).reshape(-1, logits.shape[-1])  # (N, V)
+    N, V = x.shape
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    onehot = np.zeros_like(p)
+    onehot[np.arange(N), targets.reshape(-1)] = 1.0
+    eps_mach = float(np.finfo(dtype).eps)
+    per = p * (np.abs(x - x.max(-1, keepdims=True)) + np.log(V) + 4) + 4 * np.abs(p - onehot) + 4 * onehot
+    floor = 8 * float(np.finfo(dtype).smallest_subnormal)
+    return (2 * eps_mach * abs(dloss) / N * per + floor).reshape(logits.shape)
+
+
+def cross_entropy_loss_rounding_bound(logits: np.ndarray, targets: np.ndarray, dtype) -> float:
+    """Bound on |loss_ours - loss_torch| for loss = mean over rows of log Z - (x_t - max).
+
+    Per row: x_t - max carries eps_mach |x_t - max|, log Z about eps_mach (V + 2 + log V) from the
+    exps, their sum and the log, and the subtraction eps_mach |term|; the mean adds eps_mach N |loss|.
+    Twice that bounds the difference. It matters when every row is confidently right: the loss is
+    then ~e^-gap, far below these terms.
+    """
+    x = logits.astype(np.float64).reshape(-1, logits.shape[-1])  # (N, V)
+    N, V = x.shape
+    shifted = x - x.max(-1, keepdims=True)
+    term = np.log(np.exp(shifted).sum(-1)) - shifted[np.arange(N), targets.reshape(-1)]  # (N,)
+    per_row = np.abs(shifted[np.arange(N), targets.reshape(-1)]) + V + 2 + 2 * np.log(V) + term
+    return 2 * float(np.finfo(dtype).eps) * (per_row.mean() + N * term.mean())
+
+
+CE_REGIMES = {
+    "unit": dict(scale=1.0, offset=0.0),
+    "offset +1e3": dict(scale=2.0, offset=1e3),
+    "spread 1e3 (one-hot softmax)": dict(scale=1e3, offset=0.0),
+}
+
+
+@pytest.mark.parametrize("regime", list(CE_REGIMES))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy(dtype, regime):
+    rng = np.random.default_rng(10)
+    B, T, V = 3, 5, 9
+    logits = randn(rng, (B, T, V), dtype, **CE_REGIMES[regime])
+    targets = rng.integers(0, V, (B, T))
+    loss, cache = L.cross_entropy_forward(*frozen(logits, targets))
+    dloss = float(rng.uniform(0.5, 2.0))  # a random upstream gradient, not 1
+    (dlogits,) = L.cross_entropy_backward(*frozen(dloss, cache))
+    assert np.isfinite(loss) and np.isfinite(dlogits).all()
+    t = torch.tensor(targets.reshape(-1))
+    fn = lambda x: F.cross_entropy(x.reshape(-1, V), t)  # noqa: E731
+    check_layer(f"cross-entropy {regime}", dtype, fn, {"logits": logits}, loss, (dlogits,), dloss)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_confident_rows(dtype):
+    """Every row confidently right (target = argmax, gaps ~10-50): the loss and the gradient are
+    ~e^-gap, computed from O(1) terms, so both backends keep only a few digits of them (see
+    cross_entropy_rounding_bound). Bounded per element instead of relatively."""
+    rng = np.random.default_rng(11)
+    B, T, V = 2, 4, 5
+    logits = randn(rng, (B, T, V), dtype, scale=10.0)
+    targets = logits.argmax(-1)
+    loss, cache = L.cross_entropy_forward(*frozen(logits, targets))
+    dloss = 1.3
+    (dlogits,) = L.cross_entropy_backward(*frozen(dloss, cache))
+    t = torch.tensor(targets.reshape(-1))
+    fn = lambda x: F.cross_entropy(x.reshape(-1, V), t)  # noqa: E731
+    check_layer("cross-entropy confident rows", dtype, fn, {"logits": logits}, loss, (dlogits,), dloss,
+                atol={"out": cross_entropy_loss_rounding_bound(logits, targets, dtype),
+                      "dlogits": cross_entropy_rounding_bound(logits, targets, dloss, dtype)})
+
+
+# --------------------------------------------------------------------------------------------
+# Causal self-attention (fused qkv)
+# --------------------------------------------------------------------------------------------
+
+def torch_attention(qkv: torch.Tensor, n_head: int, mask: torch.Tensor | None = None,
+                    path: str = "explicit") -> torch.Tensor:
+    """(B, T, 3C) -> (B, T, C), written with torch ops (explicit) or F.scaled_dot_product_attention."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = (z.reshape(B, T, n_head, C // n_head).transpose(1, 2) for z in qkv.split(C, dim=2))
+    if path == "sdpa":
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(C // n_head)  # (B, nh, T, T)
+        future = torch.ones(T, T, dtype=torch.bool).triu(1)
+        att = F.softmax(att.masked_fill(future, float("-inf")), dim=-1)
+        if mask is not None:
+            att = att * mask
+        y = att @ v  # (B, nh, T, hs)
+    return y.transpose(1, 2).reshape(B, T, C)
+
+
+@pytest.mark.parametrize("n_head,T,dropout,path", [
+    (1, 6, False, "explicit"),
+    (2, 6, False, "explicit"),
+    (4, 6, False, "explicit"),
+    (2, 1, False, "explicit"),  # T = 1: the query sees only itself
+    (2, 6, False, "sdpa"),
+    (1, 1, False, "sdpa"),
+    (2, 6, True, "explicit"),  # dropout on the attention probabilities, mask shared
+    (1, 5, True, "explicit"),
+])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention(dtype, n_head, T, dropout, path):
+    rng = np.random.default_rng([12, n_head, T])
+    B, C = 2, 8
+    qkv = randn(rng, (B, T, 3 * C), dtype)
+    mask = L.dropout_mask((B, n_head, T, T), 0.3, rng, dtype) if dropout else None
+    out, cache = L.attention_forward(*frozen(qkv), n_head, 0.3 if dropout else 0.0, mask=frozen(mask)[0])
+    dout = randn(rng, out.shape, dtype)
+    grads = L.attention_backward(*frozen(dout, cache))
+    mask_t = None if mask is None else torch.tensor(mask)
+    check_layer(f"attention nh={n_head} T={T} {path}{' dropout' if dropout else ''}", dtype,
+                lambda z: torch_attention(z, n_head, mask_t, path), {"qkv": qkv}, out, grads, dout)
+
+
+def test_attention_causal():
+    """A later token never changes an earlier output, in npgpt's attention."""
+    rng = np.random.default_rng(13)
+    qkv = rng.standard_normal((1, 5, 24))
+    y, _ = L.attention_forward(*frozen(qkv, 2))
+    qkv2 = qkv.copy()
+    qkv2[:, 3:] += 1.0
+    y2, _ = L.attention_forward(*frozen(qkv2, 2))
+    assert np.array_equal(y[:, :3], y2[:, :3]) and not np.allclose(y[:, 3:], y2[:, 3:])
+
+
+# --------------------------------------------------------------------------------------------
+# The transformer block: npgpt's block_forward/backward against torchgpt's Block
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["nodrop", "dropmasks"])
+@pytest.mark.parametrize("activation", list(L.ACTIVATION_FUNCTIONS))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block(dtype, bias, activation, dropout):
+    cfg = small_config(bias=bias, activation=activation, dropout=0.2 if dropout else 0.0)
+    rng = np.random.default_rng(14)
+    B, T, C = 2, 6, cfg.n_embd
+    block = Block(cfg, attention="explicit").to(torch.float64 if dtype == np.float64 else torch.float32)
+    params = {name: randn(rng, tuple(p.shape), dtype, scale=0.3, offset=1.0 if ".ln_" in f".{name}" else 0.0)
+              for name, p in block.named_parameters()}
+    load_params(block, params)
+    x = randn(rng, (B, T, C), dtype)
+    masks = None
+    if dropout:
+        shapes = [(B, cfg.n_head, T, T), (B, T, C), (B, T, C)]
+        masks = [L.dropout_mask(s, cfg.dropout, rng, dtype) for s in shapes]
+    out, cache = L.block_forward(*frozen(x, params), cfg.n_head, activation, cfg.dropout,
+                                   masks=frozen(masks)[0])
+    assert dropout == (L.block_dropout_masks(cache)[0] is not None)
+    dout = randn(rng, out.shape, dtype)
+    dx, grads = L.block_backward(*frozen(dout, cache))
+
+    x_t = torch.tensor(x, requires_grad=True)
+    plan = DropoutPlan(cfg.dropout, masks=[torch.tensor(m) for m in masks]) if dropout else NO_DROPOUT
+    out_t = block(x_t, plan)
+    leaves = [x_t] + list(block.parameters())
+    t_grads = torch.autograd.grad(out_t, leaves, torch.tensor(dout))
+    theirs = {"dx": t_grads[0], **{n: g for n, g in zip(dict(block.named_parameters()), t_grads[1:])}}
+    compare_outputs_and_grads({"out": out}, {"out": out_t}, {"dx": dx, **grads}, theirs, dtype,
+                              f"block bias={bias} {activation} dropout={dropout}")

@@ -1,0 +1,140 @@
+"""The whole model, npgpt against torchgpt: logits, loss and every parameter's gradient.
+
+npgpt's GPT is built with random parameters; torchgpt's twin loads them (convert.load_params, after
+casting the twin to the dtype, since load_params casts to the model's dtype). One forward and
+backward on the same batch; with dropout on, npgpt draws the masks and torch replays them
+(model.last_dropout_masks -> forward(..., dropout_masks=...)). torch's gradients are read from
+dict(model.named_parameters()) and matched to npgpt's by name; with tied weights both sides have
+one transformer.wte.weight whose gradient includes the output head's contribution.
+
+`check_model_parity` is reused by test_cuda.py with device="cuda".
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import npgpt
+import torchgpt
+from parity_tests.compare import bounds, compare_all, compare_outputs_and_grads
+from parity_tests.twins import TORCH_DTYPE, describe, make_npgpt, model_pair_results, small_config, torch_twin
+from torchgpt.convert import load_params, params_to_state_dict, state_dict_to_params
+
+DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")]
+ATTENTIONS = ["explicit", "sdpa"]
+
+
+def check_model_parity(config: npgpt.GPTConfig, dtype, attention: str, device: str = "cpu",
+                       B: int = 3, T: int | None = None, seed: int = 0, header: str = ""):
+    """Forward + backward of the same GPT in both backends, compared.
+
+    Returns (table rows, npgpt's gradients)."""
+    ours_fwd, theirs_fwd, ours_grads, theirs_grads = model_pair_results(
+        config, dtype, attention, device, B=B, T=T, seed=seed)
+    assert list(ours_grads) == list(theirs_grads)  # the same names in named_parameters() order
+    rows = compare_outputs_and_grads(ours_fwd, theirs_fwd, ours_grads, theirs_grads, dtype,
+                                     header or f"GPT {describe(config)} {attention} {device}")
+    return rows, ours_grads
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["nodrop", "dropout"])
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpt_logits_loss_grads(dtype, activation, bias, tie, dropout, attention):
+    cfg = small_config(activation=activation, bias=bias, tie_weights=tie, dropout=dropout)
+    rows, _ = check_model_parity(cfg, dtype, attention)
+    names = [r.name for r in rows]
+    assert ("lm_head.weight" in names) != tie and ("transformer.ln_f.bias" in names) == bias
+
+
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpt_short_sequences(dtype, attention, T):
+    """T < block_size: positions >= T of wpe get exactly zero gradient on both sides."""
+    cfg = small_config(dropout=0.1)
+    rows, ours_grads = check_model_parity(cfg, dtype, attention, B=2, T=T)
+    assert np.all(ours_grads["transformer.wpe.weight"][T:] == 0)
+    assert rows[0].shape == (2, T, cfg.vocab_size)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpt_eval_mode_ignores_dropout(dtype, attention):
+    """dropout > 0 but eval mode: no dropout on either side (SDPA's fast path in torch)."""
+    cfg = small_config(dropout=0.5)
+    model = make_npgpt(cfg, dtype).eval()
+    idx = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, cfg.block_size))
+    logits, _ = model.forward(idx)
+    assert model.last_dropout_masks == []
+    twin = torch_twin(model, attention).eval()
+    with torch.no_grad():
+        logits_t, _ = twin(torch.from_numpy(idx))
+    compare_outputs_and_grads({"logits": logits}, {"logits": logits_t}, {}, {}, dtype, f"eval {attention}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bigram(dtype):
+    V = 13
+    ours = npgpt.BigramLanguageModel(V, seed=3, dtype=dtype)
+    rng = np.random.default_rng(4)
+    idx = rng.integers(0, V, (4, 9))
+    idx[0] = 7  # a long run of one id: its row collects 9+ gradient rows
+    targets = rng.integers(0, V, (4, 9))
+    logits, loss = ours.forward(idx, targets)
+    grads = ours.backward()
+    theirs = torchgpt.BigramLanguageModel(V).to(TORCH_DTYPE[np.dtype(dtype)])  # cast, then load
+    load_params(theirs, ours.params)
+    logits_t, loss_t = theirs(torch.from_numpy(idx), torch.from_numpy(targets))
+    loss_t.backward()
+    compare_outputs_and_grads({"logits": logits, "loss": loss}, {"logits": logits_t, "loss": loss_t},
+                              grads, {n: p.grad for n, p in theirs.named_parameters()}, dtype, "bigram")
+
+
+@pytest.mark.parametrize("bias,tie", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weights_round_trip_bit_exact(dtype, bias, tie):
+    """npgpt -> torch -> npgpt gives back the very same bits, dtype and names."""
+    cfg = small_config(bias=bias, tie_weights=tie)
+    model = make_npgpt(cfg, dtype)
+    twin = torch_twin(model)
+    back = state_dict_to_params(twin)
+    assert list(back) == list(model.params)
+    for name, value in model.params.items():
+        assert back[name].dtype == value.dtype and np.array_equal(back[name], value), name
+    via_sd = state_dict_to_params(params_to_state_dict(model.params))
+    assert all(np.array_equal(via_sd[n], v) and via_sd[n].dtype == v.dtype for n, v in model.params.items())
+    compare_all(back, model.params, rtol=0.0, header=f"round trip {np.dtype(dtype).name}")
+
+
+def test_report_parity_table(capsys):
+    """`python -m parity_tests.report` runs, and its numbers are within the suite's bounds."""
+    from parity_tests import report
+
+    for dtype in (np.float64, np.float32):
+        table = report.parity_table(dtype)
+        b = bounds(dtype)
+        assert [t[0] for t in table[:2]] == ["logits", "loss"] and len(table) > 10
+        assert all(rel <= (b["forward"] if name in report.FORWARD_NAMES else b["grad"])
+                   for name, _, _, rel in table), table
+    report.main([])
+    out = capsys.readouterr().out
+    assert "float64: worst relative error" in out and "float32: worst relative error" in out
+
+
+def test_key_bias_gradient_is_rounding_noise():
+    """The key part of c_attn.bias has an exactly zero gradient: it adds q.b_k to every score of a
+    query's row, and the softmax ignores a constant shift. Both backends return rounding noise
+    there (which is why test_training compares the trained key bias by absolute error)."""
+    cfg = small_config(bias=True, dropout=0.2)
+    _, _, ours, theirs = model_pair_results(cfg, np.float64, "explicit")
+    C = cfg.n_embd
+    for i in range(cfg.n_layer):
+        for side, grads in (("npgpt", ours), ("torch", theirs)):
+            g = np.asarray(grads[f"transformer.h.{i}.attn.c_attn.bias"].tolist())  # (3C,)
+            key, rest = g[C:2 * C], np.concatenate([g[:C], g[2 * C:]])
+            assert np.abs(key).max() <= 1e-13 * np.abs(rest).max(), (side, i, key)

@@ -1,0 +1,124 @@
+"""A training run in both backends: 20 steps from the same init on the same batches.
+
+npgpt: GPT + npgpt.optim.AdamW + clip_grad_norm + cosine_lr. torchgpt: GPT + torch.optim.AdamW
+from configure_optimizers (nanoGPT's two groups) + torch.nn.utils.clip_grad_norm_, each group's
+lr set from the same schedule. The batches come from npgpt.data.get_batch on a synthetic text and
+on Tiny Shakespeare (when it is on disk). The loss at every step and the final parameters agree to
+1e-12 in float64; in the dropout variant npgpt draws each step's masks and torch replays them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import npgpt
+from npgpt.data import CharTokenizer, DataError, get_batch, read_text_file, resolve_data_path
+from npgpt.optim import AdamW, clip_grad_norm, cosine_lr
+from parity_tests.compare import compare_all, to_numpy64
+from parity_tests.twins import torch_twin
+
+RTOL = 1e-12
+STEPS, B, T = 20, 4, 16
+LR, MIN_LR, WARMUP, WD, BETAS, GRAD_CLIP = 1e-2, 1e-3, 4, 0.1, (0.9, 0.99), 1.0
+# The key part of each c_attn.bias has an exactly zero gradient: adding a constant vector to every
+# key adds the same q.b_k to every score in a row, which the softmax ignores. Both backends compute
+# that zero as rounding noise (~1e-18), and AdamW turns noise g into steps lr/(1-b1^t) * g/eps
+# (eps = 1e-8 >> |g|), ~1e-12 per step: after 20 steps the true value 0 is held as +-1e-13 of
+# unrelated noise on each side. It is compared by absolute error, the q and v parts relatively.
+KEY_BIAS_ATOL = 1e-10
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def synthetic_text(n: int = 5000, seed: int = 0) -> str:
+    """Words from a small vocabulary with a repeating structure, so a model can learn something."""
+    rng = np.random.default_rng(seed)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
+    out = []
+    while sum(map(len, out)) < n:
+        out.append(" ".join(rng.choice(words, size=rng.integers(3, 8))) + ".\n")
+    return "".join(out)
+
+
+def training_text(source: str) -> str:
+    if source == "synthetic":
+        return synthetic_text()
+    try:  # --data / NPGPT_DATA / the cache; never a download in a test
+        path = resolve_data_path(download=False)
+    except DataError:
+        path = SHARED_DATA
+    if not path.is_file():
+        pytest.skip(f"Tiny Shakespeare not found (set NPGPT_DATA or place it at {SHARED_DATA})")
+    return read_text_file(path)[:50_000]
+
+
+def train_both(text: str, dropout: float, seed: int = 0):
+    """Run both backends side by side; returns (losses ours, losses torch, params ours, torch model)."""
+    tok = CharTokenizer.from_text(text)
+    data = tok.encode(text)
+    cfg = npgpt.GPTConfig(vocab_size=tok.vocab_size, block_size=T, n_layer=2, n_head=2, n_embd=16,
+                          dropout=dropout, bias=True, activation="gelu", tie_weights=True)
+    model = npgpt.GPT(cfg, seed=seed, dtype=np.float64).train()  # nanoGPT's init, as train_np.py
+    twin = torch_twin(model).train()
+    opt = AdamW(model.params, lr=LR, betas=BETAS, weight_decay=WD)
+    opt_t = twin.configure_optimizers(WD, LR, BETAS, "cpu")
+    batch_rng = np.random.default_rng([seed, 11])
+    losses, losses_t, clipped = [], [], []
+    for it in range(STEPS):
+        lr = cosine_lr(it, LR, WARMUP, STEPS, MIN_LR)
+        x, y = get_batch(data, B, T, batch_rng)
+
+        _, loss = model.forward(x, y)
+        grads = model.backward()
+        norm = clip_grad_norm(grads, GRAD_CLIP)
+        opt.step(grads, lr=lr)
+        losses.append(loss)
+        clipped.append(norm > GRAD_CLIP)
+
+        masks = [torch.from_numpy(m) for m in model.last_dropout_masks] if dropout else None
+        for group in opt_t.param_groups:
+            group["lr"] = lr
+        opt_t.zero_grad(set_to_none=True)
+        _, loss_t = twin(torch.from_numpy(x), torch.from_numpy(y), dropout_masks=masks)
+        loss_t.backward()
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), GRAD_CLIP)
+        opt_t.step()
+        losses_t.append(loss_t.item())
+    return np.array(losses), np.array(losses_t), model.params, twin, clipped
+
+
+def split_key_bias(params: dict, n_embd: int) -> dict:
+    """c_attn.bias (3C,) -> "...c_attn.bias[q,v]" (2C,) and "...c_attn.bias[k]" (C,), as float64."""
+    out = {}
+    for name, value in params.items():
+        value = to_numpy64(value)
+        if name.endswith("attn.c_attn.bias"):
+            out[name + "[q,v]"] = np.concatenate([value[:n_embd], value[2 * n_embd:]])
+            out[name + "[k]"] = value[n_embd:2 * n_embd]
+        else:
+            out[name] = value
+    return out
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["nodrop", "dropout"])
+@pytest.mark.parametrize("source", ["synthetic", "tinyshakespeare"])
+def test_training_trajectory(source, dropout):
+    losses, losses_t, params, twin, clipped = train_both(training_text(source), dropout)
+    ours = {f"loss step {i}": v for i, v in enumerate(losses)}
+    theirs = {f"loss step {i}": v for i, v in enumerate(losses_t)}
+    compare_all(ours, theirs, rtol=RTOL, header=f"{source} dropout={dropout}: loss at every step")
+    C = twin.config.n_embd
+    ours, theirs = split_key_bias(params, C), split_key_bias(dict(twin.named_parameters()), C)
+    key_bias = [n for n in theirs if n.endswith("[k]")]
+    assert len(key_bias) == twin.config.n_layer
+    compare_all(ours, theirs, rtol={n: RTOL for n in theirs if n not in key_bias},
+                atol={n: KEY_BIAS_ATOL for n in key_bias},
+                header=f"{source} dropout={dropout}: parameters after {STEPS} steps")
+    assert all(np.abs(ours[n]).max() <= KEY_BIAS_ATOL for n in key_bias)  # ours stays ~0 too
+    # the run must be a real one: the loss falls and the weights moved far from their init
+    assert losses[-5:].mean() < losses[:5].mean() - 0.3, losses
+    init = npgpt.GPT(twin.config, seed=0, dtype=np.float64).params["transformer.wte.weight"]
+    assert np.linalg.norm(params["transformer.wte.weight"] - init) > 0.1 * np.linalg.norm(init)
+    print(f"clipped at steps {[i for i, c in enumerate(clipped) if c]}")

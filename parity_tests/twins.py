@@ -1,0 +1,103 @@
+"""The same model built twice: an npgpt model with random parameters and its torchgpt twin.
+
+Used by test_model, test_cuda, test_properties, test_training, test_generate and report, so that
+every model-level comparison builds its pair the same way.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import npgpt
+import torchgpt
+from torchgpt.convert import load_params
+
+TORCH_DTYPE = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32}
+
+
+def small_config(**overrides) -> npgpt.GPTConfig:
+    """The default parity config: small enough that one forward + backward takes milliseconds,
+    big enough that every part (2 layers, 2 heads, full block) takes part."""
+    kw = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+    kw.update(overrides)
+    return npgpt.GPTConfig(**kw)
+
+
+def describe(config: npgpt.GPTConfig) -> str:
+    """A short name for a config in table headers: 'L2 nh2 C16 V11 bs8 gelu bias tied p=0.2'."""
+    c = config
+    return (f"L{c.n_layer} nh{c.n_head} C{c.n_embd} V{c.vocab_size} bs{c.block_size} {c.activation} "
+            f"{'bias' if c.bias else 'nobias'} {'tied' if c.tie_weights else 'untied'} p={c.dropout}")
+
+
+def randomize(params: dict, seed: int, scale: float = 0.2) -> None:
+    """Add N(0, scale^2) noise to every parameter, in place.
+
+    nanoGPT's init has zero biases, unit gains and std 0.02 weights: the biases would then play no
+    part in the forward, and the attention would be nearly uniform. Noise makes every parameter
+    matter, so a wrong gradient anywhere changes the result.
+    """
+    rng = np.random.default_rng([seed, 7])
+    for p in params.values():
+        p += rng.normal(0.0, scale, p.shape).astype(p.dtype)
+
+
+def make_npgpt(config: npgpt.GPTConfig, dtype=np.float64, seed: int = 0, scale: float = 0.2) -> npgpt.GPT:
+    model = npgpt.GPT(config, seed=seed, dtype=dtype)
+    randomize(model.params, seed, scale)
+    return model
+
+
+def torch_twin(model: npgpt.GPT, attention: str = "explicit", device: str = "cpu") -> torchgpt.GPT:
+    """A torchgpt.GPT holding exactly npgpt's weights, in npgpt's dtype, on `device`."""
+    twin = torchgpt.GPT(model.config, attention=attention).to(TORCH_DTYPE[model.dtype])  # cast first:
+    load_params(twin, model.params)  # load_params casts to the model's dtype
+    return twin.to(device)
+
+
+def batch(config: npgpt.GPTConfig, B: int, T: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([seed, 3])
+    return (rng.integers(0, config.vocab_size, (B, T)), rng.integers(0, config.vocab_size, (B, T)))
+
+
+def torch_forward_backward(twin: torch.nn.Module, idx, targets, masks=None, device: str = "cpu"):
+    """One training step's forward and backward in torch: ({"logits", "loss"}, {name: grad})."""
+    twin.zero_grad(set_to_none=True)
+    idx_t = torch.as_tensor(idx, dtype=torch.long, device=device)
+    tgt_t = torch.as_tensor(targets, dtype=torch.long, device=device)
+    masks_t = None if masks is None else [torch.from_numpy(np.asarray(m)).to(device) for m in masks]
+    logits, loss = twin(idx_t, tgt_t, dropout_masks=masks_t)
+    loss.backward()
+    grads = {}
+    for name, p in twin.named_parameters():
+        if p.grad is None:
+            raise AssertionError(f"torch gave no gradient for {name}")
+        grads[name] = p.grad
+    return {"logits": logits, "loss": loss}, grads
+
+
+def pair_results(model: npgpt.GPT, idx, targets, attention: str = "explicit", device: str = "cpu",
+                 masks: list | None = None):
+    """Forward + backward of `model` (training mode) and of its torch twin on the same batch.
+
+    With dropout on, npgpt uses `masks` if given, else draws them; torch replays npgpt's masks.
+    Returns (ours_fwd, theirs_fwd, ours_grads, theirs_grads), the forward dicts keyed "logits", "loss".
+    """
+    model.train()
+    logits, loss = model.forward(idx, targets, dropout_masks=masks)
+    grads = model.backward()
+    masks = model.last_dropout_masks if model.config.dropout > 0 else None
+    if model.config.dropout > 0:
+        assert len(masks) == 1 + 3 * model.config.n_layer
+    twin = torch_twin(model, attention, device).train()
+    theirs_fwd, theirs_grads = torch_forward_backward(twin, idx, targets, masks, device)
+    return {"logits": logits, "loss": loss}, theirs_fwd, grads, theirs_grads
+
+
+def model_pair_results(config: npgpt.GPTConfig, dtype=np.float64, attention: str = "explicit",
+                       device: str = "cpu", B: int = 3, T: int | None = None, seed: int = 0):
+    """pair_results for a random GPT of `config` on a random (B, T) batch (T = block_size)."""
+    T = config.block_size if T is None else T
+    model = make_npgpt(config, dtype, seed)
+    idx, targets = batch(config, B, T, seed)
+    return pair_results(model, idx, targets, attention, device)
