@@ -191,6 +191,9 @@ class GPT:
                 raise ValueError(f"dropout_masks has {len(dropout_masks)} masks, expected {expected}")
         masks = [np.asarray(m, dtype=self.dtype) for m in dropout_masks] if dropout_masks else None
         p = cfg.dropout if use_dropout else 0.0
+        # Drop the previous step's activations now rather than when the new cache replaces them
+        # at the end: otherwise both sets are alive at once and the forward's memory peak doubles.
+        self._cache = None
 
         x, c_emb = embedding_forward(idx, P["transformer.wte.weight"], P["transformer.wpe.weight"])
         c_drop = None

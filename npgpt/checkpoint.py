@@ -1,0 +1,284 @@
+"""Checkpoints: what a training run saves, written atomically and read back without pickle.
+
+One in-memory form, `Checkpoint`, for every file either script can read:
+
+    ckpt_*.npz   written by train_np.py; read with np.load(allow_pickle=False)
+    ckpt_*.pt    written by train_torch.py; read with torch.load(weights_only=True) in torchgpt.train_utils
+    ckpt.pt      nanoGPT's (`model` state dict + `model_args`); read by torchgpt.train_utils, for sampling
+                 and --init_from
+
+Parameters always come back as {name: float32 ndarray} under npgpt's names, so either model can take
+them. The optimiser and RNG state stay in their backend's own form: only that backend resumes from them.
+
+Layout of an .npz checkpoint (every entry a plain array, so no pickle is ever needed):
+    meta            0-d unicode array holding JSON: format, version, backend, model, gpt_config,
+                    train_config, vocab, iter_num, best_val_loss, rng (numpy bit_generator states)
+    param/<name>    one array per parameter
+    optim/<key>     npgpt.optim.AdamW.state_dict() entries (step, exp_avg.<group>, exp_avg_sq.<group>)
+
+Writes go to a temporary file in the same directory, are fsynced, then os.replace'd over the target:
+a crash or kill mid-write leaves the previous checkpoint whole. npgpt never imports torch; reading a
+.pt needs a loader passed in (train_np.py imports torchgpt lazily for that).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+import numpy as np
+
+from .config import GPTConfig
+
+FORMAT = "npgpt-checkpoint"
+VERSION = 1
+NUMPY_EXT, TORCH_EXT = ".npz", ".pt"
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable, refused or does not fit; the message is one line."""
+
+
+# --------------------------------------------------------------------------- the in-memory form
+
+@dataclass
+class Checkpoint:
+    """Everything a run saves. `backend` is "numpy", "torch" or "nanogpt" (where it came from)."""
+
+    backend: str
+    model: str                              # "gpt" or "bigram"
+    gpt_config: GPTConfig | None            # None for the bigram model
+    vocab: str | None                       # the tokenizer's characters; None for nanoGPT files
+    params: dict[str, np.ndarray]           # npgpt names -> float32 arrays
+    train_config: dict | None = None        # TrainConfig.to_dict() of the run; None for nanoGPT
+    iter_num: int = 0                       # optimisation steps done
+    best_val_loss: float = math.inf
+    optimizer: dict | None = None           # the backend's own optimiser state
+    rng: dict | None = None                 # the backend's own RNG state
+    path: Path | None = field(default=None, compare=False)
+
+    @property
+    def vocab_size(self) -> int:
+        if self.gpt_config is not None:
+            return self.gpt_config.vocab_size
+        return self.params["token_embedding_table.weight"].shape[0]
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        if self.model == "bigram":
+            V = self.params.get("token_embedding_table.weight", np.zeros((0, 0))).shape[0]
+            return {"token_embedding_table.weight": (V, V)}
+        from .model import param_shapes
+        return param_shapes(self.gpt_config)
+
+    def check(self) -> "Checkpoint":
+        """CheckpointError unless the parameters are exactly what the config describes."""
+        where = self.path or "the checkpoint"
+        if self.model not in ("gpt", "bigram"):
+            raise CheckpointError(f"{where}: unknown model kind {self.model!r}; it was not written by "
+                                  "train_np.py or train_torch.py")
+        if self.model == "gpt" and self.gpt_config is None:
+            raise CheckpointError(f"{where}: a gpt checkpoint without its model config; it is incomplete")
+        want = self.expected_shapes()
+        missing = [k for k in want if k not in self.params]
+        unexpected = [k for k in self.params if k not in want]
+        wrong = [f"{k} has shape {tuple(self.params[k].shape)} but the model needs {want[k]}"
+                 for k in want if k in self.params and tuple(self.params[k].shape) != want[k]]
+        problems = []
+        if wrong:
+            problems.append("; ".join(wrong[:3]) + (f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""))
+        if missing:
+            problems.append(f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+        if unexpected:
+            problems.append(f"unexpected {', '.join(unexpected[:3])}" + (" ..." if len(unexpected) > 3 else ""))
+        if problems:
+            cfg = self.gpt_config.to_dict() if self.gpt_config else {"vocab_size": self.vocab_size}
+            shape = ", ".join(f"{k}={cfg[k]}" for k in ("vocab_size", "block_size", "n_layer", "n_head",
+                                                         "n_embd") if k in cfg)
+            raise CheckpointError(f"{where}: the parameters do not fit the model ({shape}): "
+                                  f"{'; '.join(problems)}; the file was edited or mixes two models, "
+                                  "use a checkpoint written by train_np.py, train_torch.py or nanoGPT")
+        for k, v in self.params.items():
+            if not np.issubdtype(v.dtype, np.floating):
+                raise CheckpointError(f"{where}: parameter {k} has dtype {v.dtype}, not floating point")
+        if self.vocab is not None and len(self.vocab) != self.vocab_size:
+            raise CheckpointError(f"{where}: the vocabulary has {len(self.vocab)} characters but the model "
+                                  f"has vocab_size={self.vocab_size}; the file is inconsistent")
+        return self
+
+
+def checkpoint_paths(out_dir: str | os.PathLike, ext: str) -> dict[str, Path]:
+    """{"best": out_dir/ckpt_best<ext>, "last": out_dir/ckpt_last<ext>}."""
+    out_dir = Path(out_dir)
+    return {"best": out_dir / f"ckpt_best{ext}", "last": out_dir / f"ckpt_last{ext}"}
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Call write(f) on a temporary file beside `path`, fsync it, then os.replace it over `path`.
+
+    If anything fails (or the process dies) before the rename, `path` keeps its old content; the
+    temporary file is removed on any exception that reaches here.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); harmless to skip where directories can't be opened."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def ensure_writable_dir(out_dir: str | os.PathLike) -> Path:
+    """Create `out_dir` if needed and prove a file can be written there; CheckpointError if not."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise CheckpointError(f"--out_dir {out_dir} is not writable ({reason}); choose a writable "
+                              "directory with --out_dir") from exc
+    return out_dir
+
+
+# --------------------------------------------------------------------------- .npz (NumPy backend)
+
+def save_npz(path: str | os.PathLike, ckpt: Checkpoint) -> None:
+    """Write `ckpt` as an .npz archive of plain arrays (see the module docstring), atomically."""
+    meta = {
+        "format": FORMAT, "version": VERSION, "backend": ckpt.backend, "model": ckpt.model,
+        "gpt_config": ckpt.gpt_config.to_dict() if ckpt.gpt_config else None,
+        "train_config": ckpt.train_config, "vocab": ckpt.vocab, "iter_num": int(ckpt.iter_num),
+        "best_val_loss": float(ckpt.best_val_loss), "rng": ckpt.rng,
+    }
+    arrays = {"meta": np.array(json.dumps(meta))}
+    arrays.update({f"param/{k}": np.asarray(v) for k, v in ckpt.params.items()})
+    arrays.update({f"optim/{k}": np.asarray(v) for k, v in (ckpt.optimizer or {}).items()})
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def load_npz(path: str | os.PathLike) -> Checkpoint:
+    """Read an .npz checkpoint with allow_pickle=False; CheckpointError for anything wrong with it."""
+    path = Path(path)
+    _check_exists(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            files = set(f.files)
+            if "meta" not in files:
+                raise CheckpointError(f"{path} is an .npz archive but not an npgpt checkpoint (no 'meta' "
+                                      "entry); pass a ckpt_*.npz written by train_np.py")
+            meta = json.loads(str(f["meta"][()]))
+            params = {k[len("param/"):]: f[k] for k in sorted(files) if k.startswith("param/")}
+            optim = {k[len("optim/"):]: f[k] for k in sorted(files) if k.startswith("optim/")}
+    except CheckpointError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise CheckpointError(f"refused to load {path}: it holds pickled Python objects, which could run "
+                                  "code when loaded (np.load allow_pickle=False); use a checkpoint written by "
+                                  "train_np.py") from exc
+        raise _corrupt(path, exc) from exc
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _corrupt(path, exc) from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an npgpt checkpoint (its meta entry has no format "
+                              f"{FORMAT!r}); pass a ckpt_*.npz written by train_np.py")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {meta.get('version')!r}; this code reads "
+                              f"version {VERSION}")
+    try:
+        gpt_config = GPTConfig.from_dict(meta["gpt_config"]) if meta.get("gpt_config") else None
+        ckpt = Checkpoint(backend=meta["backend"], model=meta["model"], gpt_config=gpt_config,
+                          vocab=meta["vocab"], params=params, train_config=meta.get("train_config"),
+                          iter_num=int(meta["iter_num"]), best_val_loss=float(meta["best_val_loss"]),
+                          optimizer=optim, rng=meta.get("rng"), path=path)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: the checkpoint's metadata is incomplete or invalid "
+                              f"({_reason(exc)}); it was edited or written by another program") from exc
+    return ckpt.check()
+
+
+# --------------------------------------------------------------------------- any checkpoint
+
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """"npz" or "torch", from the file's content (both are zip archives), else from its suffix."""
+    path = Path(path)
+    _check_exists(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path} ({_reason(exc)}); check its permissions") from exc
+    if magic == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (OSError, zipfile.BadZipFile):
+            names = []  # truncated: the suffix decides, and that loader reports the damage
+        if any(n.endswith("data.pkl") for n in names):
+            return "torch"
+        if any(n.endswith(".npy") for n in names):
+            return "npz"
+    return "torch" if path.suffix in TORCH_SUFFIXES else "npz"
+
+
+def load_checkpoint(path: str | os.PathLike, torch_loader: Callable[[Path], Checkpoint] | None = None
+                    ) -> Checkpoint:
+    """Read any checkpoint: .npz here, .pt / nanoGPT through `torch_loader` (needs torch)."""
+    path = Path(path)
+    if checkpoint_kind(path) == "npz":
+        return load_npz(path)
+    if torch_loader is None:
+        raise CheckpointError(f"{path} is a PyTorch checkpoint and reading it needs torch; install torch")
+    return torch_loader(path)
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}; train first (it writes ckpt_last/ckpt_best in "
+                              "--out_dir) or pass the path of an existing checkpoint")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint path is not a file: {path}; pass the path of a ckpt_*.npz or .pt file")
+
+
+def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(f"cannot read checkpoint {path}: it is truncated or corrupt ({_reason(exc)}); "
+                           "use another checkpoint (ckpt_best / ckpt_last) or train again")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]

@@ -1,0 +1,139 @@
+"""Either script reads either backend's checkpoint: the same text for the same checkpoint and seed
+(sampled and greedy), --init_from across backends, and a nanoGPT ckpt.pt (compiled-model key
+prefixes, causal-mask buffers) giving the same logits in npgpt and torchgpt."""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+import torch
+from test_train_helpers import DATA, check, load_script, needs_data, run_main, tiny_args
+
+from npgpt.config import GPTConfig
+from npgpt.data import CharTokenizer
+from torchgpt.model import GPT
+from torchgpt.train_utils import load_torch_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One short `tiny` run of each script: {"np": path to ckpt_last.npz, "torch": path to ckpt_last.pt}."""
+    if not DATA.is_file():
+        pytest.skip(f"Tiny Shakespeare not found at {DATA}")
+    paths = {}
+    for backend, ext in (("np", "npz"), ("torch", "pt")):
+        out = tmp_path_factory.mktemp(f"run_{backend}")
+        extra = ["--device", "cpu"] if backend == "torch" else []
+        with contextlib.redirect_stdout(io.StringIO()):
+            rc = load_script(backend).main([str(a) for a in tiny_args(out, "--max_iters", 20, *extra)])
+        assert rc == 0
+        paths[backend] = out / f"ckpt_last.{ext}"
+    return paths
+
+
+@pytest.mark.parametrize("source", ["np", "torch"])
+@pytest.mark.parametrize("decoding", [["--temperature", 0.8, "--top_k", 40], ["--temperature", 0]],
+                         ids=["sampled", "greedy"])
+def test_both_scripts_sample_the_same_text(checkpoints, source, decoding, capsys):
+    argv = ["sample", "--ckpt", checkpoints[source], "--prompt", "ROMEO:", "--max_new_tokens", 120,
+            "--seed", 1, *decoding]
+    np_res = run_main("np", argv, capsys)
+    torch_res = run_main("torch", argv + ["--device", "cpu"], capsys)
+    assert np_res.rc == torch_res.rc == 0, np_res.err + torch_res.err
+    assert np_res.out.startswith("ROMEO:") and len(np_res.out) == len("ROMEO:") + 120 + 1
+    assert np_res.out == torch_res.out, f"train_np:\n{np_res.out}\ntrain_torch:\n{torch_res.out}"
+
+
+@pytest.mark.parametrize("target,source", [("np", "torch"), ("torch", "np")])
+def test_init_from_the_other_backend(checkpoints, target, source, tmp_path, capsys):
+    """Training starts from the other backend's weights: its first evaluation sees a trained model."""
+    extra = ["--device", "cpu"] if target == "torch" else []
+    res = run_main(target, tiny_args(tmp_path / "out", "--init_from", checkpoints[source], "--max_iters", 5,
+                                     "--eval_interval", 5, *extra), capsys)
+    assert res.rc == 0, res.err
+    assert f"initialised from {checkpoints[source]}" in res.out
+    first_val = float(res.out.split("step 0: train loss ")[1].split("val loss ")[1].split()[0])
+    assert first_val < 3.95, f"val loss at step 0 is {first_val}: the weights were not loaded"  # untrained: ~4.17
+
+
+# --------------------------------------------------------------------------- nanoGPT checkpoints
+
+NANO_ARGS = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=True, vocab_size=65, dropout=0.1)
+
+
+def write_nanogpt_checkpoint(path, compiled: bool = True) -> GPT:
+    """What nanoGPT's train.py saves: the (compiled) model's state dict with lm_head.weight tied to
+    wte and the attn.bias causal-mask buffers, model_args, iter_num, best_val_loss (a tensor),
+    config and optimizer. Returns the model that made it."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(activation="gelu", tie_weights=True, **NANO_ARGS))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    prefix = "_orig_mod." if compiled else ""
+    sd = {}
+    bs = NANO_ARGS["block_size"]
+    for name, t in model.state_dict().items():
+        sd[prefix + name] = t
+        if name.endswith("ln_1.bias"):
+            i = name.split(".")[2]
+            sd[f"{prefix}transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(bs, bs)).view(1, 1, bs, bs)
+    sd[prefix + "lm_head.weight"] = sd[prefix + "transformer.wte.weight"]  # tied: the same tensor
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    torch.save({"model": sd, "model_args": dict(NANO_ARGS), "iter_num": 250,
+                "best_val_loss": torch.tensor(1.4697), "config": {"dataset": "shakespeare_char", "n_layer": 2},
+                "optimizer": optimizer.state_dict()}, path)
+    return model.eval()
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_nanogpt_checkpoint_logits_match(tmp_path, compiled):
+    path = tmp_path / "ckpt.pt"
+    original = write_nanogpt_checkpoint(path, compiled)
+    ckpt = load_torch_checkpoint(path)
+    assert ckpt.backend == "nanogpt" and ckpt.iter_num == 250 and ckpt.vocab is None
+    assert ckpt.gpt_config.tie_weights and ckpt.gpt_config.activation == "gelu"
+    assert "lm_head.weight" not in ckpt.params and not any(k.endswith(".attn.bias") for k in ckpt.params)
+
+    np_model = load_script("np").model_from_checkpoint(ckpt)
+    torch_model = load_script("torch").model_from_checkpoint(ckpt, torch.device("cpu"))
+    idx = np.random.default_rng(0).integers(0, 65, size=(3, 32))
+    np_logits, _ = np_model.forward(idx)
+    with torch.no_grad():
+        torch_logits, _ = torch_model(torch.from_numpy(idx))
+        original_logits, _ = original(torch.from_numpy(idx))
+    check("npgpt vs torchgpt logits", np_logits, torch_logits, 1e-5)
+    check("torchgpt vs the model that saved it", torch_logits, original_logits, 1e-6)
+
+
+@needs_data
+def test_nanogpt_checkpoint_samples_in_both_scripts(tmp_path, capsys, monkeypatch):
+    """Vocabulary from --vocab, or by default Tiny Shakespeare's from the data loader (NPGPT_DATA)."""
+    path = tmp_path / "ckpt.pt"
+    write_nanogpt_checkpoint(path)
+    base = ["sample", "--ckpt", path, "--prompt", "ROMEO:", "--max_new_tokens", 60, "--seed", 7, "--top_k", 40]
+    texts = [run_main("np", base + ["--vocab", DATA], capsys),
+             run_main("torch", base + ["--vocab", DATA, "--device", "cpu"], capsys)]
+    monkeypatch.setenv("NPGPT_DATA", str(DATA))
+    texts += [run_main("np", base, capsys), run_main("torch", base + ["--device", "cpu"], capsys)]
+    assert all(r.rc == 0 for r in texts), [r.err for r in texts]
+    assert len({r.out for r in texts}) == 1, [r.out for r in texts]
+    assert texts[0].out.startswith("ROMEO:")
+    vocab = set(CharTokenizer.from_text(DATA.read_text(encoding="utf-8")).chars)
+    assert set(texts[0].out.rstrip("\n")) <= vocab
+
+
+@needs_data
+def test_init_from_nanogpt_checkpoint(tmp_path, capsys):
+    """Fine-tuning a nanoGPT model: its shape and (by default) the training text's vocabulary."""
+    path = tmp_path / "ckpt.pt"
+    write_nanogpt_checkpoint(path)
+    res = run_main("np", ["--init_from", path, "--data", DATA, "--out_dir", tmp_path / "out", "--max_iters", 2,
+                          "--eval_interval", 2, "--eval_iters", 1, "--batch_size", 2, "--max_new_tokens", 5], capsys)
+    assert res.rc == 0, res.err
+    assert "(nanogpt)" in res.out
+    ckpt = load_script("np").load_any_checkpoint(tmp_path / "out" / "ckpt_last.npz")
+    assert ckpt.gpt_config.n_embd == 32 and ckpt.gpt_config.block_size == 32 and ckpt.gpt_config.bias

@@ -1,0 +1,138 @@
+"""Helpers for the tests of train_np.py and train_torch.py: run a script in-process or as a
+subprocess, and check that a failure is one clear line on stderr. Imported by tests/test_train_*.py,
+tests/test_checkpoint.py and tests/test_cli_errors.py; its own tests check the helpers' premises.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = {"np": "train_np", "torch": "train_torch"}
+
+
+def data_path() -> Path:
+    env = os.environ.get("NPGPT_DATA", "")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
+
+
+DATA = data_path()
+needs_data = pytest.mark.skipif(not DATA.is_file(), reason=f"Tiny Shakespeare not found at {DATA}; set NPGPT_DATA")
+
+# One thread per process: the tests run two workers on two cores, and OpenMP threads that
+# outnumber the cores spin against each other (a tiny torch step goes from ~5 ms to ~1 s).
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@dataclass
+class Result:
+    rc: int
+    out: str
+    err: str
+
+    @property
+    def err_lines(self) -> list[str]:
+        return [line for line in self.err.splitlines() if line.strip()]
+
+
+def load_script(backend: str):
+    """train_np.py / train_torch.py as a module (they are scripts at the repository root)."""
+    name = SCRIPTS[backend]
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    if backend == "torch":
+        import torch
+        torch.set_num_threads(1)
+    return sys.modules[name]
+
+
+def run_main(backend: str, argv: list, capsys) -> Result:
+    """main(argv) in this process; a SystemExit (argparse) counts as its exit status."""
+    argv = [str(a) for a in argv]
+    assert "--out_dir" in argv or argv[:1] == ["sample"], "a test run must not write into the repository's out/"
+    capsys.readouterr()
+    try:
+        rc = load_script(backend).main(argv)
+    except SystemExit as exc:
+        rc = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return Result(rc, captured.out, captured.err)
+
+
+def run_subprocess(backend: str, argv: list, cwd: Path, timeout: float = 120) -> Result:
+    cmd = [sys.executable, str(ROOT / f"{SCRIPTS[backend]}.py"), *map(str, argv)]
+    p = subprocess.run(cmd, cwd=cwd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=timeout)
+    return Result(p.returncode, p.stdout, p.stderr)
+
+
+def tiny_args(out_dir: Path, *extra) -> list:
+    """A `tiny` run (seconds) with its output in out_dir."""
+    return ["--preset", "tiny", "--data", DATA, "--out_dir", out_dir, "--max_new_tokens", 20, *extra]
+
+
+def assert_one_error_line(res: Result, *words: str, rc: int | None = None) -> str:
+    """Non-zero exit, exactly one line on stderr starting "error:" and holding every word, no traceback."""
+    assert "Traceback" not in res.out + res.err, f"a traceback was printed:\n{res.err}"
+    assert res.rc != 0, f"exit status 0; stderr: {res.err!r}"
+    if rc is not None:
+        assert res.rc == rc, f"exit status {res.rc}, expected {rc}; stderr: {res.err!r}"
+    assert len(res.err_lines) == 1, f"expected one line on stderr, got:\n{res.err}"
+    line = res.err_lines[0]
+    assert line.startswith("error: "), line
+    for w in words:
+        assert w.lower() in line.lower(), f"{w!r} not in the error line: {line}"
+    print(line)
+    return line
+
+
+EVAL_LINE = re.compile(r"^step (\d+): train loss \d+\.\d{4}, val loss \d+\.\d{4}$", re.M)
+ITER_LINE = re.compile(r"^iter (\d+): loss \d+\.\d{4}, lr \d\.\d\de[-+]\d\d, time [\d.]+ms, tok/s [\d,]+$", re.M)
+
+
+def check_run_dir(out_dir, ext: str, max_iters: int) -> None:
+    """The files a finished run leaves: both checkpoints, metrics.jsonl with every eval, a PNG."""
+    for name in (f"ckpt_best{ext}", f"ckpt_last{ext}", "metrics.jsonl", "loss.png"):
+        assert (out_dir / name).is_file(), f"{name} missing in {sorted(p.name for p in out_dir.iterdir())}"
+    assert (out_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    iters = [r for r in records if r["kind"] == "iter"]
+    assert [r["iter"] for r in evals][-1] == max_iters
+    assert all(r["val_loss"] > 0 and r["train_loss"] > 0 for r in evals)
+    assert iters and all(r["tokens_per_s"] > 0 for r in iters)
+    assert not list(out_dir.glob(".*.tmp")), "a temporary checkpoint file was left behind"
+
+
+def check(name, got, want, rtol):
+    """Print the max abs and normwise relative error of one tensor, then assert."""
+    import torch
+    got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    abs_err = (got - want).abs().max().item()
+    rel_err = ((got - want).norm() / want.norm().clamp_min(1e-300)).item()
+    print(f"{name}: max abs {abs_err:.3e}, rel {rel_err:.3e}")
+    assert rel_err <= rtol, f"{name}: relative error {rel_err:.3e} > {rtol:.0e}"
+
+
+# --------------------------------------------------------------------------- the premises
+
+def test_data_file_is_found():
+    """The other tests need Tiny Shakespeare (NPGPT_DATA, set by `make test`, or ../shared/data)."""
+    if not DATA.is_file():
+        pytest.skip(f"Tiny Shakespeare not found at {DATA}")
+    assert DATA.stat().st_size > 1_000_000
+
+
+def test_scripts_have_main():
+    assert callable(load_script("np").main)
