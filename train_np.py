@@ -1,6 +1,6 @@
 """Train the NumPy GPT (npgpt) on Tiny Shakespeare, save checkpoints, autocomplete prompts.
 
-    python train_np.py                                   # nanoGPT's CPU recipe (preset "cpu"), then a sample
+    python train_np.py                                   # nanoGPT's CPU recipe, untied head (preset "cpu"), then a sample
     python train_np.py --preset tiny --data input.txt    # seconds
     python train_np.py --resume                          # continue the run in --out_dir (ckpt_last.npz)
     python train_np.py --init_from out/ckpt_best.pt      # start from train_torch.py's or nanoGPT's weights
