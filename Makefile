@@ -7,7 +7,7 @@ PY         := $(VENV)/bin/python
 DATA       ?= ../shared/data/tinyshakespeare/input.txt
 STAMP      := $(VENV)/.installed
 
-.PHONY: setup train train-torch sample test test-slow parity-report bench figures clean
+.PHONY: setup train train-torch test test-slow parity-report bench figures clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,12 @@ figures: $(STAMP)
 
 parity-report: $(STAMP)
 	$(PY) -m parity_tests.report
+
+# CPU benchmarks, npgpt beside torchgpt in one run each (bench/RESULTS.md has the latest figures).
+bench: $(STAMP)
+	$(PY) bench/step_time.py
+	$(PY) bench/memory.py
+	$(PY) bench/generate.py
 
 clean:
 	rm -rf $(VENV) out* .pytest_cache .hypothesis

@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from npgpt import GPT, BigramLanguageModel
+from npgpt.model import keep_freed_memory
 from npgpt.checkpoint import (
     NUMPY_EXT,
     Checkpoint,
@@ -139,6 +140,7 @@ def save_checkpoint(path, ckpt: Checkpoint) -> None:
 
 def train_command(argv: list[str]) -> int:
     args = train_parser(PROG, __doc__, DEFAULT_PRESET).parse_args(argv)
+    keep_freed_memory()  # each step reuses the last one's freed activations instead of page-faulting
     if args.resume and args.init_from:
         raise UsageError("--resume and --init_from exclude each other: --resume continues the run in "
                          "--out_dir, --init_from starts a new one from a checkpoint's weights; pick one")

@@ -130,7 +130,8 @@ def configs() -> dict:
 
 def describe(cfg) -> str:
     return (f"{cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} channels, block {cfg.block_size}, "
-            f"batch {cfg.batch_size}, {cfg.activation}, bias {cfg.bias}, dropout {cfg.dropout}")
+            f"batch {cfg.batch_size}, {cfg.activation}, bias {cfg.bias}, dropout {cfg.dropout}, "
+            f"{'tied' if cfg.tie_weights else 'untied'} head")
 
 
 def median(xs):

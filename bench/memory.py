@@ -62,7 +62,7 @@ def worker(backend: str, config: str) -> dict:
     from npgpt.model import keep_freed_memory
     from step_time import VOCAB, make_backends
     _common.torch_threads(THREADS)
-    keep_freed_memory()  # npgpt's GPT() sets it; torch gets the same allocator settings
+    keep_freed_memory()  # train_np.py sets it; torch gets the same allocator settings
     cfg = _common.configs()[config]
     _trim()
     rss_imports = _status_kb("VmRSS")

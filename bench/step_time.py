@@ -15,7 +15,7 @@ sleeps 0.3 s (idle OpenBLAS and OpenMP threads busy-wait for a while after their
 would steal a core from the other worker) and its first step is not counted. Reported: the median step time
 with its quartiles, the median forward / backward / optimizer parts, and the ratio npgpt / torch.
 
-Allocator: npgpt's GPT() sets glibc's malloc to keep freed memory (npgpt.model.keep_freed_memory);
+Allocator: train_np.py (and the npgpt worker here) sets glibc's malloc to keep freed memory (npgpt.model.keep_freed_memory);
 the torch worker gets the same setting (--torch_malloc default leaves glibc's defaults for torch).
 """
 from __future__ import annotations
@@ -115,9 +115,9 @@ def worker(backend: str, config: str, warmup: int, torch_malloc: str) -> None:
     """Reads "run K" lines, answers each with a JSON list of K (fwd, bwd, optim) times."""
     if backend == "torch":
         _common.torch_threads(THREADS)
-        if torch_malloc == "same":
-            from npgpt.model import keep_freed_memory
-            keep_freed_memory()
+    if backend == "npgpt" or torch_malloc == "same":
+        from npgpt.model import keep_freed_memory
+        keep_freed_memory()
     cfg = _common.configs()[config]
     step = make_backends(cfg, only=backend)[0 if backend == "npgpt" else 1]
     data = [(step.as_input(x), step.as_input(y)) for x, y in batches(cfg)]

@@ -2,6 +2,8 @@
 
 Parameters live in one dict keyed by nanoGPT's names (the keys torchgpt's named_parameters()
 gives), in nn.Linear layout (out, in). Gradients come back in a dict with the same keys.
+GPT's parameter arrays are views into one contiguous buffer (see pack_params): ordinary arrays of
+their own shapes to every reader and writer, but AdamW can update them as two flat vectors.
 """
 from __future__ import annotations
 
@@ -120,7 +122,8 @@ def keep_freed_memory(trim_threshold: int = 256 << 20, mmap_threshold: int = 32 
     step. By default glibc gives large freed blocks back to the OS, and every page of the next
     step's arrays is then a page fault (~2 us a page measured on a 2-core VM: ~25 ms of a ~65 ms
     step of the `cpu` preset). With this the process keeps its peak memory mapped and reuses it.
-    GPT() calls it once; it affects the whole process (torch, if loaded, shares the allocator).
+    It changes the allocator of the whole process (torch, if loaded, shares it), so the library
+    never calls it on its own: train_np.py and the benchmarks do.
     Returns False where the C library has no mallopt (macOS); nothing changes there.
     """
     global _kept_freed_memory
@@ -166,7 +169,6 @@ class GPT:
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
         self.params = pack_params(init_params(config, seed, self.dtype))  # views of one buffer
-        keep_freed_memory()  # reuse freed activations instead of page-faulting them in each step
         self.training = True
         self.rng = np.random.default_rng([seed, 1])  # dropout masks; independent of the init stream
         self.last_dropout_masks: list[np.ndarray] = []
