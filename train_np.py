@@ -12,7 +12,6 @@ Reading a .pt checkpoint imports torch; nothing else here does.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 
@@ -29,13 +28,10 @@ from npgpt.checkpoint import (
     load_checkpoint,
     save_npz,
 )
-from npgpt.data import CharTokenizer, DataError, check_text_length, get_batch, load_text
+from npgpt.data import CharTokenizer, check_text_length, get_batch, load_text
 from npgpt.optim import AdamW, clip_grad_norm, cosine_lr
 from npgpt.run_log import RunLog, StopRequest
 from npgpt.train_config import (
-    EXIT_FAULT,
-    EXIT_INTERRUPTED,
-    EXIT_USAGE,
     TrainConfig,
     TrainingError,
     UsageError,
@@ -44,8 +40,8 @@ from npgpt.train_config import (
     init_from_train_config,
     one_line,
     resumed_train_config,
+    run_cli,
     sample_parser,
-    split_command,
     train_config_from_args,
     train_parser,
     training_splits,
@@ -288,21 +284,7 @@ def sample_command(argv: list[str]) -> int:
 # --------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
-    command, rest = split_command(sys.argv[1:] if argv is None else list(argv))
-    try:
-        return sample_command(rest) if command == "sample" else train_command(rest)
-    except (UsageError, DataError, CheckpointError) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return EXIT_USAGE
-    except TrainingError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return EXIT_FAULT
-    except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C)", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:  # the reader went away (`... | head`): no traceback, and none at exit either
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_FAULT
+    return run_cli(argv, train_command, sample_command)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
+from .checkpoint import CheckpointError
 from .config import ACTIVATIONS, GPTConfig
 from .data import CharTokenizer, DataError, train_val_split
 
@@ -407,3 +409,26 @@ def autocomplete(generate, tokenizer: CharTokenizer, prompt: str, block_size: in
     out = np.asarray(generate(ids, max_new_tokens, temperature=temperature, top_k=top_k or None,
                               rng=np.random.default_rng(seed)))
     return prompt + tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def run_cli(argv, train_command, sample_command) -> int:
+    """Both scripts' entry point: `[train] FLAGS` or `sample FLAGS`, every failure one line on stderr.
+
+    Exit status: 2 for bad input (flags, data, checkpoints), 1 for a fault during training,
+    130 for Ctrl-C; never a traceback.
+    """
+    command, rest = split_command(sys.argv[1:] if argv is None else list(argv))
+    try:
+        return sample_command(rest) if command == "sample" else train_command(rest)
+    except (UsageError, DataError, CheckpointError) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return EXIT_FAULT
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`... | head`): no traceback, and none at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAULT
