@@ -27,7 +27,7 @@ train-torch: $(STAMP)
 
 # The whole default test suite: unit tests and the NumPy/PyTorch parity suite.
 # Two pytest workers, one BLAS/OpenMP thread each: more threads than cores only spin.
-TEST_ENV := NPGPT_DATA=$(abspath $(DATA)) OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
+TEST_ENV := $(if $(wildcard $(DATA)),NPGPT_DATA=$(abspath $(DATA))) OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q -n 2
 
@@ -36,7 +36,7 @@ test-slow: $(STAMP)
 
 # The README's pictures (loss curves, attention maps, parity errors) into docs/figures/.
 figures: $(STAMP)
-	NPGPT_DATA=$(abspath $(DATA)) MPLBACKEND=Agg $(PY) docs/figures.py --out docs/figures
+	$(if $(wildcard $(DATA)),NPGPT_DATA=$(abspath $(DATA))) MPLBACKEND=Agg $(PY) docs/figures.py --out docs/figures
 
 parity-report: $(STAMP)
 	$(PY) -m parity_tests.report
