@@ -184,8 +184,11 @@ def train_command(argv: list[str]) -> int:
 
     info = init_distributed(info, device)
     try:
-        return train_loop(args, cfg, ckpt, tokenizer, train_data, val_data, device, dtype, use_compile,
-                          info, out_dir, paths)
+        status = train_loop(args, cfg, ckpt, tokenizer, train_data, val_data, device, dtype, use_compile,
+                            info, out_dir, paths)
+        if info.enabled:  # rank 0 may still be sampling: leave together, or gloo aborts the early rank
+            torch.distributed.barrier()
+        return status
     finally:
         shutdown_distributed(info)
 
