@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from test_train_helpers import check  # the one print-then-assert comparison of tests/
+
 from npgpt.sampling import sample_next
 from torchgpt import (
     GPT,
@@ -42,16 +44,6 @@ def twin(model: GPT, attention: str) -> GPT:
     other = GPT(model.config, attention=attention).to(model.transformer.wte.weight.dtype)
     other.load_state_dict(model.state_dict())
     return other
-
-
-def check(name, got, want, rtol):
-    """Print the max abs and normwise relative error of one tensor, then assert."""
-    got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    abs_err = (got - want).abs().max().item()
-    rel_err = ((got - want).norm() / want.norm().clamp_min(1e-300)).item()
-    print(f"{name}: max abs {abs_err:.3e}, rel {rel_err:.3e}")
-    assert rel_err <= rtol, f"{name}: relative error {rel_err:.3e} > {rtol:.0e}"
 
 
 # --------------------------------------------------------------------------------------------
