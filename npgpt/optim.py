@@ -18,8 +18,9 @@ class AdamW:
         p <- p * (1 - lr * wd)                      decoupled weight decay (decay group only)
         m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2
         p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
-    The parameters are updated in place (params[name][...] = ...), so the model sees the new
-    values. npgpt.fast.AdamW does the same arithmetic over flat buffers. See docs/gradients.md#adamw.
+    Each parameter array is updated in place (p -= ...), so the model, which holds the same
+    arrays, sees the new values; m and v are dicts keyed like params. npgpt.fast.AdamW does the
+    same arithmetic over flat buffers. See docs/gradients.md#adamw.
     """
 
     def __init__(self, params: dict[str, np.ndarray], lr: float = 1e-3, betas=(0.9, 0.999),
