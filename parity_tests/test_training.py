@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import npgpt
-from npgpt.data import CharTokenizer, DataError, get_batch, read_text_file, resolve_data_path
+from gptapp.data import read_text_file, resolve_data_path
+from npgpt.data import CharTokenizer, DataError, get_batch
 from npgpt.optim import AdamW, clip_grad_norm, cosine_lr
 from parity_tests.compare import compare_all, to_numpy64
 from parity_tests.twins import torch_twin

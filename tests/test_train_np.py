@@ -18,7 +18,7 @@ from test_train_helpers import (
     tiny_args,
 )
 
-from npgpt.checkpoint import load_npz
+from gptapp.checkpoint import load_npz
 
 
 @needs_data
