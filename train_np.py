@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 from gptapp.backends.numpy import NumpyBackend, read_any_checkpoint, sample_model
-from gptapp.cli import run_cli, sample_parser, train_config_from_args, train_parser  # noqa: F401 (tests use it)
+from gptapp.cli import run_cli, sample_parser, train_parser
 from gptapp.loop import run_sample, run_training
 
 PROG = "train_np.py"
