@@ -5,24 +5,34 @@ TORCH_SPEC ?= torch>=2.2
 VENV       := .venv
 PY         := $(VENV)/bin/python
 DATA       ?= ../shared/data/tinyshakespeare/input.txt
-STAMP      := $(VENV)/.installed
+# One stamp per set of extras: torch first from TORCH_SPEC, then the extras a target needs.
+BASE_STAMP  := $(VENV)/.installed-torch
+TRAIN_STAMP := $(VENV)/.installed-train
+STAMP       := $(VENV)/.installed-test
 
 .PHONY: setup train train-torch test test-slow parity-report bench figures clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(BASE_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
+$(TRAIN_STAMP): $(BASE_STAMP)
+	$(PY) -m pip install --quiet -e ".[torch,train]"
+	touch $@
+
+$(STAMP): $(BASE_STAMP)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@ $(TRAIN_STAMP)
+
 # Train the NumPy GPT with the default (nanoGPT CPU) recipe, then print a sample.
-train: $(STAMP)
+train: $(TRAIN_STAMP)
 	$(PY) train_np.py $(if $(wildcard $(DATA)),--data $(DATA))
 
-train-torch: $(STAMP)
+train-torch: $(TRAIN_STAMP)
 	$(PY) train_torch.py $(if $(wildcard $(DATA)),--data $(DATA))
 
 # The whole default test suite: unit tests and the NumPy/PyTorch parity suite.

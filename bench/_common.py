@@ -123,7 +123,7 @@ def print_info(title: str, info: dict) -> None:
 
 def configs() -> dict:
     """The two benchmark shapes: the `cpu` preset and a larger one (6 layers, 256 channels, block 128)."""
-    from npgpt.train_config import PRESETS
+    from gptapp.settings import PRESETS
     cpu = PRESETS["cpu"]
     return {"cpu": cpu, "large": replace(cpu, n_layer=6, n_embd=256, block_size=128)}
 

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 import npgpt  # noqa: E402
 import torchgpt  # noqa: E402
-from npgpt.train_config import PRESETS  # noqa: E402
+from gptapp.settings import PRESETS  # noqa: E402
 from torchgpt.model import _sample  # noqa: E402
 
 VOCAB = 65
