@@ -26,7 +26,8 @@ Steps, in order, each a subprocess with its output in <out>/logs/<step>.log:
 The whole check keeps to --budget_s (default 480 s = 8 minutes): each step gets at most its own
 cap and never more than the budget leaves (the bench's share is kept for it); a step cut short is
 a failure. A failing step makes the check exit 1, with the step named; later steps still run.
-Every figure goes to <out>/gpu_check.json and a readable <out>/gpu_check.md.
+Every figure goes to <out>/gpu_check.json and a readable <out>/gpu_check.md (a new run first
+removes the previous run's files there: runs/, logs/ and the reports).
 
 Without a GPU it says so and exits 0, unless --require-gpu or GPU_CHECK_REQUIRE=1 (exit 2). An
 NVIDIA GPU that torch cannot use (a CPU-only torch build, a driver mismatch) is always a failure.
@@ -292,7 +293,10 @@ def step_figures(lines: list) -> dict:
 
 def markdown(report: dict) -> str:
     env = report["environment"]
+    m = report["machine"]
     md = ["# gpu-check", "", f"- verdict: **{report['verdict']}**", f"- {report['gpu']}",
+          f"- CPU {m['cpu']}, {m['cores']} cores, load average {m['load average (1 min) at start']:.1f} at start, "
+          f"{m.get('load average (1 min) at end', float('nan')):.1f} at end",
           f"- python {env.get('python')} ({env.get('executable')}), modules: "
           + ", ".join(f"{k} {v}" for k, v in env.get("modules", {}).items()),
           f"- budget {report['budget_s']:.0f} s, used {report['seconds']:.0f} s", "",
@@ -350,9 +354,19 @@ def main(argv=None) -> int:
               f"Tiny Shakespeare into the checkout (e.g. data/input.txt, ignored by git) and pass DATA=data/input.txt",
               flush=True)
         return 1
+    import shutil
+    for old in ("runs", "logs", "gpu.json", "gpu_check.json", "gpu_check.md"):  # this check's own earlier output
+        path = os.path.join(out, old)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-    report = {"gpu": message, "environment": info, "data": os.path.abspath(data), "budget_s": args.budget_s,
-              "steps": {}, "failed": []}
+    machine = {"cpu": common.lscpu().get("Model name", "unknown").strip(), "cores": os.cpu_count(),
+               "load average (1 min) at start": os.getloadavg()[0]}
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
+    report = {"gpu": message, "machine": machine, "environment": info, "data": os.path.abspath(data),
+              "budget_s": args.budget_s, "steps": {}, "failed": []}
     for step in plan(python, os.path.abspath(data), out, info["device_count"], args.budget_s, args.ablation_iters):
         left = args.budget_s - (time.perf_counter() - t_start)
         if step.skip:
@@ -373,6 +387,7 @@ def main(argv=None) -> int:
             bench = json.load(f)
         report["gpu_bench"] = bench  # bench/gpu.py's own JSON, with its summary table
     report["seconds"] = time.perf_counter() - t_start
+    machine["load average (1 min) at end"] = os.getloadavg()[0]
     report["verdict"] = "FAILED: " + ", ".join(report["failed"]) if report["failed"] else "passed"
     common.write_json(os.path.join(out, "gpu_check.json"), report)
     with open(os.path.join(out, "gpu_check.md"), "w") as f:

@@ -313,3 +313,20 @@ def test_bench_scripts_import_only_common_and_public_names():
                 top = mod.split(".")[0]
                 assert top not in scripts - {"common"}, f"{path.name} imports the script {mod}"
                 assert name != "keep_freed_memory" or top != "npgpt", f"{path.name} tunes npgpt's allocator"
+
+
+def test_step_figures_and_the_summary():
+    figs = gpu_check.step_figures(canned_log([4.2, 2.0, 1.6]) + ["done: 500 steps in 12.0s, best val loss 1.6000"])
+    assert figs["last_val"] == 1.6 and figs["median_step_ms"] == 20.0 and figs["setup"].startswith("device cuda")
+    assert gpu_check.step_figures(["....", "97 passed, 1 failed in 30.2s"])["pytest"] == "97 passed, 1 failed in 30.2s"
+    report = {"verdict": "FAILED: gpu-bench", "gpu": "CUDA: torch 2.11.0, CUDA 13.0, 1 device(s): NVIDIA H200",
+              "machine": {"cpu": "Xeon", "cores": 16, "load average (1 min) at start": 0.5},
+              "environment": {"python": "3.12.3", "modules": {"torch": "2.11.0"}}, "budget_s": 480, "seconds": 470,
+              "steps": {"parity-cuda": {"status": "pass", "seconds": 31.0, "pytest": "98 passed in 30s"},
+                        "torchrun-nccl": {"status": "skipped", "skipped": "1 GPU here"},
+                        "gpu-bench": {"status": "FAIL", "seconds": 300.0, "why": "exit code 1"}},
+              "failed": ["gpu-bench"],
+              "gpu_bench": {"table": ["variant ...", "default 1.50 yes"], "problems": ["variant no_sdpa crashed"]}}
+    md = gpu_check.markdown(report)
+    assert "**FAILED: gpu-bench**" in md and "NVIDIA H200" in md and "| torchrun-nccl | skipped |" in md
+    assert "default 1.50 yes" in md and "- FAILED: variant no_sdpa crashed" in md
