@@ -59,3 +59,12 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out* .pytest_cache .hypothesis
+
+# On a CUDA machine, one command: the CUDA parity tests, tiny runs (compile on/off, bf16/float32),
+# save and resume on CUDA and on the CPU, torchrun with 2 GPUs, and bench/gpu.py; figures in
+# out/gpu-check/. Runs the source tree with $(PYTHON) (PYTHONPATH=.), installing nothing. Without a
+# GPU it says so and exits 0 (GPU_CHECK_ARGS=--require-gpu or GPU_CHECK_REQUIRE=1: exit 2);
+# GPU_CHECK_ARGS=--dry-run prints the steps. docs/training.md, "First run on a GPU".
+.PHONY: gpu-check
+gpu-check:
+	PYTHONPATH=. $(PYTHON) bench/gpu_check.py --data "$(DATA)" $(GPU_CHECK_ARGS)
