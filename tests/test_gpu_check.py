@@ -275,7 +275,7 @@ def test_tf32_settings_readable_and_restored_after_set_tf32():
     interpreter: the TF32 state is process-wide."""
     code = """
 import torch
-from torchgpt.train_utils import set_tf32
+from torchgpt.runtime import set_tf32
 from parity_tests.test_cuda import full_precision_settings, set_tf32_settings, tf32_is_off, tf32_settings
 set_tf32(True)
 saved = tf32_settings()
