@@ -37,7 +37,6 @@ except ImportError:
     from npgpt.checkpoint import Checkpoint, load_npz, save_npz
 
 FACTOR = max(1, int(os.environ.get("NPGPT_CLI_EXAMPLES", "1")))
-FIXED = "issue 10: fixed in stage 2"
 
 
 def budget(n: int):
@@ -260,10 +259,6 @@ def check_command(world: Path, backend: str, template: list[str]) -> None:
             assert moved, f"{path.relative_to(work)} changed or went missing\n{shown}"
 
 
-XFAIL = pytest.mark.xfail(strict=True, reason=FIXED)
-
-
-@XFAIL
 @budget(10)
 @given(template=train_argv(torch_flags=False))
 @example(template=["--preset", "tiny", "--max_iters", "1", "--data", "@data", "--out_dir", "@used_np"])
@@ -272,7 +267,6 @@ def test_train_np(world, template):
     check_command(world, "np", template)
 
 
-@XFAIL
 @budget(10)
 @given(template=sample_argv(torch_flags=False))
 @example(template=["sample", "--ckpt", "@dup_vocab_npz", "--max_new_tokens", "5"])
@@ -280,7 +274,6 @@ def test_sample_np(world, template):
     check_command(world, "np", template)
 
 
-@XFAIL
 @budget(4)
 @given(template=train_argv(torch_flags=True))
 @example(template=["--preset", "tiny", "--max_iters", "1", "--data", "@data", "--out_dir", "@used_torch",
@@ -289,7 +282,6 @@ def test_train_torch(world, template):
     check_command(world, "torch", template)
 
 
-@XFAIL
 @budget(4)
 @given(template=sample_argv(torch_flags=True))
 @example(template=["sample", "--ckpt", "@good_pt", "--seed", "-1", "--max_new_tokens", "5", "--device", "cpu"])

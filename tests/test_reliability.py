@@ -54,7 +54,7 @@ from npgpt.sampling import sample_next
 
 BACKENDS = ["np", "torch"]
 EXT = {"np": ".npz", "torch": ".pt"}
-FIXED = "issue 10: fixed in stage 2"  # the reason of the xfail marks until then
+SCRIPT = {"np": "train_np.py", "torch": "train_torch.py"}
 
 
 def cpu(backend: str) -> list:
@@ -119,7 +119,6 @@ def runs(tmp_path_factory):
 # --------------------------------------------------------------------------- 1. work destroyed
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason=FIXED)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_fresh_run_in_a_used_out_dir_is_refused_and_keeps_the_earlier_run(backend, runs, tmp_path):
     """The README's next command after Ctrl-C (the same command again) must not replace the checkpoint."""
@@ -132,7 +131,6 @@ def test_a_fresh_run_in_a_used_out_dir_is_refused_and_keeps_the_earlier_run(back
 
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason=FIXED)
 def test_overwrite_starts_a_new_run_in_a_used_out_dir(runs, tmp_path):
     out = copy_run(runs["np"], tmp_path / "out")
     res = run("np", tiny_args(out, "--max_iters", 4, "--eval_interval", 2, "--overwrite"), cwd=tmp_path)
@@ -143,7 +141,6 @@ def test_overwrite_starts_a_new_run_in_a_used_out_dir(runs, tmp_path):
 
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason=FIXED)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_advice_after_a_nan_stop_resumes_the_run_that_stopped(backend, runs, tmp_path):
     """out_dir holds run A (seed 1337, 20 steps); run B (seed 7) replaces it and blows up at step 0,
@@ -172,8 +169,8 @@ def make_env() -> dict:
 
 
 def make(*args, timeout: float = 300) -> Result:
-    """`make ARGS` in the repository with this interpreter, never reinstalling the virtual environment."""
-    cmd = ["make", "--no-print-directory", "-o", ".venv/.installed", f"PY={sys.executable}", *args]
+    """`make ARGS` in the repository with this interpreter, never (re)installing the virtual environment."""
+    cmd = ["make", "--no-print-directory", f"PY={sys.executable}", "BASE_STAMP=", "TRAIN_STAMP=", "STAMP=", *args]
     p = subprocess.run(cmd, cwd=ROOT, env=make_env(), capture_output=True, text=True, timeout=timeout)
     return Result(p.returncode, p.stdout, p.stderr)
 
@@ -183,7 +180,6 @@ needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is no
 
 @needs_data
 @needs_make
-@pytest.mark.xfail(strict=True, reason=FIXED)
 def test_make_train_twice_in_a_row_just_works_and_keeps_the_first_run(tmp_path):
     out = tmp_path / "out"
     args = f"ARGS=--out_dir {out} --preset tiny --max_iters 2 --eval_interval 2 --max_new_tokens 5"
@@ -200,7 +196,6 @@ def test_make_train_twice_in_a_row_just_works_and_keeps_the_first_run(tmp_path):
 
 
 @needs_make
-@pytest.mark.xfail(strict=True, reason=FIXED)
 @pytest.mark.parametrize("target", ["train", "train-torch"])
 def test_make_train_passes_args_through(target):
     dry = make("-n", target, "ARGS=--resume --max_iters 3000")
@@ -212,7 +207,6 @@ def test_make_train_passes_args_through(target):
 # --------------------------------------------------------------------------- 2. work thrown away
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason=FIXED)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_prompt_outside_the_vocabulary_fails_before_training(backend, tmp_path):
     out = tmp_path / "out"
@@ -222,7 +216,6 @@ def test_a_prompt_outside_the_vocabulary_fails_before_training(backend, tmp_path
 
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason=FIXED)
 def test_the_default_prompt_and_a_text_without_newlines_fail_before_training(tmp_path):
     text = tmp_path / "one_line.txt"
     text.write_text(DATA.read_text(encoding="utf-8")[:20000].replace("\n", " "), encoding="utf-8")
@@ -238,7 +231,6 @@ BIG = "100000000000000000000000"  # 1e23 written out: an integer, but not a seed
 
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason=FIXED)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("seed", ["-1", BIG])
 def test_a_seed_out_of_range_is_one_line_before_training(backend, seed, tmp_path):
@@ -249,7 +241,6 @@ def test_a_seed_out_of_range_is_one_line_before_training(backend, seed, tmp_path
 
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason=FIXED)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("seed", ["-1", BIG])
 def test_a_seed_out_of_range_in_sample_is_one_line(backend, seed, runs, tmp_path):
@@ -278,7 +269,6 @@ def pt_with(path, **changes):
     return path
 
 
-@pytest.mark.xfail(strict=True, reason=FIXED)
 @pytest.mark.parametrize("vocab,words", [("abcda", ["vocabulary", "duplicate"]), (12345, ["vocabulary", "string"])],
                          ids=["duplicates", "not_a_string"])
 @pytest.mark.parametrize("kind", [".npz", ".pt"])
@@ -291,7 +281,6 @@ def test_a_checkpoint_with_a_bad_vocabulary_is_one_line(kind, vocab, words, tmp_
 
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason=FIXED)
 def test_ctrl_c_under_torchrun_every_rank_saves_once_and_exits_130(tmp_path):
     """The two ranks as torchrun starts them, in one process group. Ctrl-C in a terminal reaches every
     process of the group, and torchrun forwards it to each rank once more a moment later: that second
@@ -331,7 +320,6 @@ def test_ctrl_c_under_torchrun_every_rank_saves_once_and_exits_130(tmp_path):
 
 # --------------------------------------------------------------------------- 4. wrong or missing words
 
-@pytest.mark.xfail(strict=True, reason=FIXED)
 def test_a_text_file_named_npz_is_called_what_it_is(tmp_path):
     path = tmp_path / "x.npz"
     path.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n")
@@ -340,7 +328,6 @@ def test_a_text_file_named_npz_is_called_what_it_is(tmp_path):
     assert "pickle" not in line.lower(), line
 
 
-@pytest.mark.xfail(strict=True, reason=FIXED)
 def test_the_truncated_pt_message_is_never_cut_mid_sentence(runs, tmp_path):
     import torch
     whole = (runs["torch"] / "ckpt_last.pt").read_bytes()
@@ -359,7 +346,6 @@ def test_the_truncated_pt_message_is_never_cut_mid_sentence(runs, tmp_path):
 
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason=FIXED)
 @pytest.mark.parametrize("kind", [".npz", ".pt"])
 def test_a_checkpoint_with_nan_parameters_is_refused(kind, tmp_path):
     cfg = GPTConfig(vocab_size=65, block_size=8, n_layer=1, n_head=2, n_embd=8)
@@ -382,7 +368,6 @@ def test_a_checkpoint_with_nan_parameters_is_refused(kind, tmp_path):
 
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason=FIXED)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_max_iters_0_says_what_it_saved(backend, tmp_path):
     out = tmp_path / "out"
@@ -395,7 +380,6 @@ def test_max_iters_0_says_what_it_saved(backend, tmp_path):
 
 
 @needs_make
-@pytest.mark.xfail(strict=True, reason=FIXED)
 def test_make_train_refuses_a_data_path_that_does_not_exist(tmp_path):
     typo = tmp_path / "typo" / "input.txt"
     dry = make("-n", "train", f"DATA={typo}")
@@ -407,7 +391,6 @@ def test_make_train_refuses_a_data_path_that_does_not_exist(tmp_path):
 
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason=FIXED)
 def test_vocab_without_init_from_is_refused(tmp_path):
     out = tmp_path / "out"
     res = run("np", tiny_args(out, "--vocab", DATA), cwd=tmp_path)
@@ -416,7 +399,6 @@ def test_vocab_without_init_from_is_refused(tmp_path):
 
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason=FIXED)
 def test_a_shape_flag_with_a_bigram_init_from_is_refused(tmp_path):
     bigram = tmp_path / "bigram"
     res = run("np", ["--preset", "bigram", "--data", DATA, "--out_dir", bigram, "--max_iters", 2, "--eval_iters", 1,
@@ -429,17 +411,95 @@ def test_a_shape_flag_with_a_bigram_init_from_is_refused(tmp_path):
 
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason=FIXED)
 def test_an_empty_out_dir_is_refused(tmp_path):
     res = run("np", tiny_args("", "--max_iters", 2), cwd=tmp_path)
     assert_one_error_line(res, "--out_dir", rc=2)
     assert not list(tmp_path.iterdir()), "files were written into the working directory"
 
 
+@needs_data
+def test_move_aside_keeps_the_earlier_run_in_a_subfolder_and_says_where(runs, tmp_path):
+    out = copy_run(runs["np"], tmp_path / "out")
+    before = files_of_a_run(out)
+    res = run("np", tiny_args(out, "--max_iters", 2, "--eval_interval", 2, "--move_aside"), cwd=tmp_path)
+    assert res.rc == 0, res.err
+    aside = [p for p in out.iterdir() if p.is_dir() and p.name.startswith("run-")]
+    assert len(aside) == 1 and files_of_a_run(aside[0]) == before
+    assert f"moved the earlier run in {out} to {aside[0]}" in res.out
+    assert load_npz(out / "ckpt_last.npz").iter_num == 2
+
+
+def help_entries(text: str) -> dict:
+    """{"--flag": its help text} from argparse's --help output."""
+    entries, name = {}, None
+    for line in text.split("options:", 1)[1].splitlines():
+        m = re.match(r"^  (-{1,2}[\w-]+)(?:,\s+(--[\w-]+))?", line)
+        if m:
+            name = m.group(2) or m.group(1)
+            entries[name] = line[m.end():]
+        elif name and line.startswith("    "):
+            entries[name] += " " + line.strip()
+    return {k: " ".join(v.split()) for k, v in entries.items() if k not in ("-h", "--help")}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_train_flag_says_what_it_does_and_its_default(backend, tmp_path):
+    res = run(backend, ["--help"], cwd=tmp_path)
+    assert res.rc == 0, res.err
+    assert f"{SCRIPT[backend]} sample --ckpt PATH" in res.out.split("options:")[0], "the usage hides `sample`"
+    entries = help_entries(res.out)
+    assert {"--data", "--out_dir", "--resume", "--overwrite", "--move_aside", "--init_from", "--seed",
+            "--learning_rate", "--preset"} <= set(entries)
+    for name, text in entries.items():
+        assert "default" in text, f"{name}: no default in its help: {text!r}"
+        assert len(text.split("default")[0].split()) >= 2, f"{name}: its help does not say what it does: {text!r}"
+    for name in ("--learning_rate", "--n_layer", "--max_iters", "--seed"):
+        assert "the preset's" in entries[name] and "tiny" in entries[name] and "cpu" in entries[name], entries[name]
+    assert re.search(r"lecture: .*2-core CPU", entries["--preset"]), "the lecture preset's CPU cost is not stated"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_sample_flag_says_what_it_does_and_its_default(backend, tmp_path):
+    res = run(backend, ["sample", "--help"], cwd=tmp_path)
+    assert res.rc == 0, res.err
+    entries = help_entries(res.out)
+    assert {"--ckpt", "--prompt", "--prompt_file", "--num_samples", "--max_new_tokens", "--temperature",
+            "--top_k", "--seed"} <= set(entries)
+    for name, text in entries.items():
+        assert "default" in text or "required" in text, f"{name}: no default in its help: {text!r}"
+
+
+@needs_data
+def test_the_resolved_settings_are_printed_once_at_the_start(tmp_path):
+    res = run("np", tiny_args(tmp_path / "out", "--max_iters", 0, "--learning_rate", 0.002), cwd=tmp_path)
+    assert res.rc == 0, res.err
+    lines = res.out.splitlines()
+    settings = [i for i, x in enumerate(lines) if x.startswith("settings: ")]
+    assert len(settings) == 1 and settings[0] < 3, res.out
+    shown = lines[settings[0]]
+    assert "learning_rate=0.002" in shown and "n_layer=2" in shown and "lr_decay_iters=0" in shown, shown
+
+
+@needs_data
+def test_sample_takes_num_samples_and_a_prompt_file(runs, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("ROMEO:\nWhat say", encoding="utf-8")
+    ckpt = runs["np"] / "ckpt_last.npz"
+    base = ["sample", "--ckpt", ckpt, "--max_new_tokens", 12]
+    three = run("np", [*base, "--prompt_file", prompt, "--num_samples", 3, "--seed", 5], cwd=tmp_path)
+    assert three.rc == 0 and three.err == "", three.err
+    samples = three.out.split("---------------\n")
+    assert len(samples) == 3 and all(x.startswith("ROMEO:\nWhat say") for x in samples), three.out
+    assert len(set(samples)) == 3, "the samples are all the same"
+    one = run("np", [*base, "--prompt", "ROMEO:\nWhat say", "--seed", 6], cwd=tmp_path)
+    assert one.out == samples[1], "the second sample is not the one of seed + 1"
+    both = run("np", [*base, "--prompt", "x", "--prompt_file", prompt], cwd=tmp_path)
+    assert_one_error_line(both, "--prompt", "--prompt_file", rc=2)
+
+
 # --------------------------------------------------------------------------- 5. litter
 
 @needs_data
-@pytest.mark.xfail(strict=True, reason=FIXED)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_leftovers_of_an_interrupted_save_are_removed(backend, runs, tmp_path):
     out = copy_run(runs[backend], tmp_path / "out")
