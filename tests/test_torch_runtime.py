@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 
-from npgpt.train_config import UsageError
-from torchgpt.train_utils import (
+from torchgpt.runtime import (
     CUDA_GENERATOR_STATE_BYTES,
+    DeviceError,
     gpu_peak_flops,
     has_native_bf16,
     peak_flops,
@@ -204,7 +204,7 @@ def test_one_process_uses_the_gpu_asked_for_and_makes_it_current(monkeypatch):
     assert pick_device("cuda") == torch.device("cuda", 0) and gpus.current == [1, 0]
     assert pick_device("auto") == torch.device("cuda", 0)
     assert pick_device("cpu") == torch.device("cpu") and gpus.current == [1, 0, 0]
-    with pytest.raises(UsageError, match=r"has 2 CUDA device\(s\); pick one of cuda:0..cuda:1"):
+    with pytest.raises(DeviceError, match=r"has 2 CUDA device\(s\); pick one of cuda:0..cuda:1"):
         pick_device("cuda:2")
 
 
@@ -214,16 +214,16 @@ def test_under_torchrun_each_rank_takes_cuda_local_rank(monkeypatch):
     assert pick_device("auto", local_rank=1, world_size=2) == torch.device("cuda", 1)
     assert gpus.current == [1, 1]
     for explicit in ("cuda:0", "cuda:1"):
-        with pytest.raises(UsageError, match="under torchrun .*cuda:LOCAL_RANK; pass --device cuda"):
+        with pytest.raises(DeviceError, match="under torchrun .*cuda:LOCAL_RANK; pass --device cuda"):
             pick_device(explicit, local_rank=1, world_size=2)
-    with pytest.raises(UsageError, match="local rank 2 .* --nproc_per_node 2"):
+    with pytest.raises(DeviceError, match="local rank 2 .* --nproc_per_node 2"):
         pick_device("cuda", local_rank=2, world_size=3)
     # torchrun's environment, as train_torch.py passes only the local rank
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert pick_device("cuda") == torch.device("cuda", 1)
-    with pytest.raises(UsageError, match="under torchrun"):
+    with pytest.raises(DeviceError, match="under torchrun"):
         pick_device("cuda:0", 1)
 
 
@@ -240,7 +240,7 @@ def test_bf16_is_judged_on_the_chosen_gpu_not_the_current_one(monkeypatch):
     assert pick_dtype("auto", v100) == torch.float32
     assert pick_dtype("bfloat16", h100) == torch.bfloat16
     assert pick_dtype("float32", h100) == torch.float32
-    with pytest.raises(UsageError, match=r"Tesla V100-SXM2-16GB \(cuda:1, compute capability 7.0\) has no native "
+    with pytest.raises(DeviceError, match=r"Tesla V100-SXM2-16GB \(cuda:1, compute capability 7.0\) has no native "
                                          r"bfloat16 .*; use --dtype float32"):
         pick_dtype("bfloat16", v100)
     monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm: bf16 on every GPU it supports, as torch says
