@@ -1,17 +1,38 @@
 """torchgpt's runtime helpers on a CPU: TF32 flags readable through both torch APIs, a generator
 state saved on another device type, and the device/dtype/peak-FLOPS rules, with torch.cuda's
-queries monkeypatched to stand in for GPUs that are not here."""
+queries monkeypatched to stand in for GPUs that are not here; and the CUDA-path rules of the loop
+and the torch backend that a CPU can reach: one kernel a step for the non-finite watch, one
+checkpoint write per evaluation, the compile warm-up and MFU from step 5, a GPU run resumed on a CPU."""
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import re
+import shutil
 import struct
 import warnings
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
+from test_checkpoint import CFG, torch_payload
+from test_train_helpers import DATA, needs_data, run_main, tiny_args
+
+import gptapp.backends.numpy
+import gptapp.backends.torch
+from gptapp.backends.torch import TorchBackend
+from gptapp.checkpoint import CheckpointError, atomic_write, link_or_copy, load_checkpoint
+from gptapp.settings import PRESETS
+from gptapp.torch_checkpoint import load_torch_checkpoint, save_torch_checkpoint
+from npgpt.data import CharTokenizer, train_val_split
+from npgpt.model import init_params
 
 from torchgpt.runtime import (
     CUDA_GENERATOR_STATE_BYTES,
     DeviceError,
+    LossWatch,
     gpu_peak_flops,
     has_native_bf16,
     peak_flops,
@@ -274,3 +295,177 @@ def test_peak_flops_asks_the_chosen_gpu(monkeypatch):
     assert peak_flops(torch.device("cuda", 1)) == 756e12
     assert peak_flops(torch.device("cuda", 0)) == 121e12
     assert peak_flops(torch.device("cpu")) is None
+
+
+# --------------------------------------------------------------------------- the non-finite-loss watch
+
+VIEW_OPS = {"aten::select", "aten::as_strided", "aten::slice", "aten::view", "aten::alias"}
+
+
+def ops_of(fn) -> list[str]:
+    """The aten operators `fn` runs, views (no kernel, no memory traffic) left out."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name.startswith("aten::") and e.name not in VIEW_OPS]
+
+
+def test_the_loss_watch_costs_one_kernel_a_step():
+    watch = LossWatch(torch.device("cpu"), capacity=4)
+    loss = torch.tensor(2.5)
+    watch.add(0, loss)
+    assert ops_of(lambda: watch.add(1, loss)) == ["aten::copy_"]
+
+
+def test_the_loss_watch_names_the_first_non_finite_step_however_many_steps_passed():
+    watch = LossWatch(torch.device("cpu"), capacity=2)  # grows past its capacity
+    for it, value in zip(range(10, 16), [1.0, 2.0, float("nan"), float("inf"), 3.0, float("nan")]):
+        watch.add(it, torch.tensor(value))
+    first = watch.first_bad_step()
+    assert first.dtype == torch.long and first.shape == () and int(first) == 12
+    assert int(watch.first_bad_step()) == -1, "a check starts the next window afresh"
+    for it in (16, 17):
+        watch.add(it, torch.tensor(1.0))
+    assert int(watch.first_bad_step()) == -1
+    watch.add(18, torch.tensor(float("-inf")))
+    assert int(watch.first_bad_step()) == 18
+
+
+# --------------------------------------------------------------------------- the loop with the torch backend
+
+def torch_backend(**settings):
+    """A TorchBackend set up on the CPU on a synthetic text, as the loop sets it up."""
+    text = "".join(np.random.default_rng(0).choice(list("abcdefgh \n"), size=4000))
+    tokenizer = CharTokenizer.from_text(text)
+    train_data, val_data = train_val_split(tokenizer.encode(text))
+    args = argparse.Namespace(device="cpu", dtype="float32", compile=False, attention="sdpa")
+    backend = TorchBackend()
+    backend.start(args)
+    backend.setup(args, replace(PRESETS["tiny"], **settings), tokenizer, train_data, val_data, None)
+    return backend
+
+
+def test_warm_up_leaves_the_run_as_it_was():
+    """The compile warm-up runs the step's forward and backward and an evaluation forward, then puts
+    back the data stream, the dropout RNG and the gradients: the run goes on bit for bit as without it."""
+    plain = torch_backend(dropout=0.2, gradient_accumulation_steps=2)
+    warmed = torch_backend(dropout=0.2, gradient_accumulation_steps=2)
+    assert warmed.warm_up() is None, "nothing to compile: no warm-up"
+    warmed.use_compile = True  # the eager model stands in for the compiled one
+    rng, data = torch.get_rng_state(), warmed.batches["train"].generator.get_state()
+    seconds = warmed.warm_up()
+    assert seconds is not None and seconds >= 0
+    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(warmed.batches["train"].generator.get_state(), data)
+    assert all(p.grad is None for p in warmed.raw.parameters()) and warmed.raw.training
+    torch.set_rng_state(rng)
+    a = [plain.step(it, 1e-3) for it in range(3)]
+    torch.set_rng_state(rng)
+    b = [warmed.step(it, 1e-3) for it in range(3)]
+    assert [float(x) for x in a] == [float(x) for x in b]
+    for (name, p), q in zip(plain.raw.named_parameters(), warmed.raw.parameters()):
+        assert torch.equal(p, q), name
+
+
+@needs_data
+@pytest.mark.parametrize("backend", ["np", "torch"])
+def test_one_checkpoint_write_per_evaluation_best_is_a_link(tmp_path, capsys, monkeypatch, backend):
+    """An improving evaluation writes ckpt_last once and makes ckpt_best a second name for it; the
+    next write of ckpt_last leaves ckpt_best as it was."""
+    module, name = ((gptapp.backends.numpy, "save_npz") if backend == "np"
+                    else (gptapp.backends.torch, "save_torch_checkpoint"))
+    writes, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda path, *a: writes.append(os.path.basename(path)) or real(path, *a))
+    out = tmp_path / "out"
+    extra = ["--device", "cpu"] if backend == "torch" else []
+    res = run_main(backend, tiny_args(out, "--max_iters", 60, "--max_new_tokens", 0, *extra), capsys)
+    assert res.rc == 0, res.err
+    ext = ".npz" if backend == "np" else ".pt"
+    assert writes == [f"ckpt_last{ext}"] * 3, "one write per evaluation after step 0"
+    evals = [(int(m[0]), float(m[1])) for m in
+             re.findall(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", res.out)]
+    assert [it for it, _ in evals] == [0, 20, 40, 60]
+    read = load_checkpoint if backend == "np" else load_torch_checkpoint
+    best, last = read(out / f"ckpt_best{ext}"), read(out / f"ckpt_last{ext}")
+    assert last.iter_num == 60
+    best_step = min(evals[1:], key=lambda e: e[1])[0]
+    assert best.iter_num == best_step and best.best_val_loss == last.best_val_loss
+    assert os.path.samefile(out / f"ckpt_best{ext}", out / f"ckpt_last{ext}") == (best_step == 60)
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+
+def test_link_or_copy_survives_the_next_write_and_copies_without_hard_links(tmp_path, monkeypatch):
+    src, dst = tmp_path / "ckpt_last.pt", tmp_path / "ckpt_best.pt"
+    atomic_write(src, lambda f: f.write(b"step 20"))
+    dst.write_bytes(b"older best")
+    link_or_copy(src, dst)
+    assert dst.read_bytes() == b"step 20" and os.path.samefile(src, dst)
+    atomic_write(src, lambda f: f.write(b"step 40"))
+    assert dst.read_bytes() == b"step 20" and src.read_bytes() == b"step 40"
+
+    def no_links(*a):
+        raise OSError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "link", no_links)
+    link_or_copy(src, dst)
+    assert dst.read_bytes() == b"step 40" and not os.path.samefile(src, dst)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_best.pt", "ckpt_last.pt"]
+
+
+@needs_data
+def test_compile_time_is_its_own_line_and_mfu_starts_at_step_5(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(TorchBackend, "warm_up", lambda self: 12.5)
+    monkeypatch.setattr(TorchBackend, "mfu", lambda self, dt: 0.25)
+    out = tmp_path / "out"
+    res = run_main("torch", tiny_args(out, "--max_iters", 8, "--log_interval", 1, "--eval_interval", 8,
+                                      "--max_new_tokens", 0, "--device", "cpu"), capsys)
+    assert res.rc == 0, res.err
+    assert "compile: 12.5s before step 0 (training and evaluation graphs; not in the step times" in res.out
+    iters = [line for line in res.out.splitlines() if line.startswith("iter ")]
+    assert len(iters) == 8
+    assert all("mfu" not in line for line in iters[:5]) and all(line.endswith("mfu 25.0%") for line in iters[5:])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"kind": "compile", "iter": 0, "seconds": 12.5} == {k: records[0][k] for k in ("kind", "iter", "seconds")}
+
+
+@needs_data
+def test_a_gpu_run_resumes_on_cpu_with_a_note_and_reproducibly(tmp_path, capsys):
+    """A checkpoint whose data generator state is a CUDA one (16 bytes) resumes on a CPU: one note
+    line, a reseed from that state, and the same result every time it is resumed."""
+    first = tmp_path / "gpu"
+    assert run_main("torch", tiny_args(first, "--max_iters", 20, "--lr_decay_iters", 40, "--max_new_tokens", 0,
+                                       "--device", "cpu"), capsys).rc == 0
+    raw = torch.load(first / "ckpt_last.pt", weights_only=True)
+    raw["rng"]["data"] = cuda_generator_state(seed=1337, offset=20 * 8 * 4)
+    raw["rng"]["per_rank"][0]["cuda"] = cuda_generator_state(seed=1338, offset=96)
+    torch.save(raw, first / "ckpt_last.pt")
+    again = tmp_path / "again"
+    shutil.copytree(first, again)
+    results = []
+    for out in (first, again):
+        res = run_main("torch", ["--resume", "--data", DATA, "--out_dir", out, "--max_iters", 40,
+                                 "--device", "cpu"], capsys)
+        assert res.rc == 0, res.err
+        notes = [line for line in res.err.splitlines() if line.startswith("note:")]
+        assert len(notes) == 1 and "was saved on cuda, this run draws on cpu: reseeded it with" in notes[0], res.err
+        results.append(torch.load(out / "ckpt_last.pt", weights_only=True))
+    a, b = results
+    assert a["iter_num"] == b["iter_num"] == 40
+    for k in a["model_state"]:
+        assert torch.equal(a["model_state"][k], b["model_state"][k]), f"{k}: resuming twice gave two runs"
+
+
+# --------------------------------------------------------------------------- .pt weights: widen, never narrow
+
+def test_a_float64_state_dict_is_refused_and_bf16_widened_exactly(tmp_path):
+    params = init_params(CFG, seed=0)
+    payload = torch_payload(params)
+    payload["model_state"] = {k: v.to(torch.bfloat16) for k, v in payload["model_state"].items()}
+    save_torch_checkpoint(tmp_path / "bf16.pt", payload)
+    widened = load_torch_checkpoint(tmp_path / "bf16.pt").params
+    for k, v in payload["model_state"].items():
+        assert widened[k].dtype == np.float32 and np.array_equal(widened[k], v.float().numpy()), k
+
+    payload["model_state"] = {k: v.double() for k, v in payload["model_state"].items()}
+    save_torch_checkpoint(tmp_path / "f64.pt", payload)
+    with pytest.raises(CheckpointError, match=r"f64.pt: entry '.+' is float64; .* narrowing would change them "
+                                              r"silently; save the state dict as float32"):
+        load_torch_checkpoint(tmp_path / "f64.pt")

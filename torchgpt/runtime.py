@@ -246,6 +246,13 @@ def all_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def all_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The sum of `t` over the ranks (in place); an all_reduce, like all_mean."""
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def sync_flags(stop: bool, bad_step: torch.Tensor, info: DistInfo) -> tuple[bool, int]:
     """(any rank asked to stop, the first step any rank saw a non-finite loss or -1).
 
@@ -264,6 +271,39 @@ def sync_flags(stop: bool, bad_step: torch.Tensor, info: DistInfo) -> tuple[bool
     return stop_any, (-1 if first == big else first)
 
 
+class LossWatch:
+    """The training losses since the last check, kept on the device, for the non-finite-loss check.
+
+    add() costs one kernel a step (a copy into a slot of a device buffer) and never waits for the
+    host; first_bad_step() is read at the loop's checks (sync_flags, a host sync anyway) and names
+    the first step whose loss was not finite, or -1, exactly, however many steps passed since the
+    last check. The steps between two checks are consecutive.
+    """
+
+    def __init__(self, device: torch.device, capacity: int = 64):
+        self.device = device
+        self.losses = torch.empty(capacity, dtype=torch.float32, device=device)  # (capacity,)
+        self.first_it, self.count = 0, 0
+
+    def add(self, it: int, loss: torch.Tensor) -> None:
+        if self.count == 0:
+            self.first_it = it
+        if self.count == self.losses.numel():  # more steps between checks than ever before: grow (rare)
+            self.losses = torch.cat([self.losses, torch.empty_like(self.losses)])
+        self.losses[self.count].copy_(loss)
+        self.count += 1
+
+    def first_bad_step(self) -> torch.Tensor:
+        """A () long tensor on the device: the first step since the last call with a non-finite loss, or -1."""
+        if self.count == 0:
+            return torch.full((), -1, dtype=torch.long, device=self.device)
+        bad = (~torch.isfinite(self.losses[:self.count])).to(torch.int32)  # (count,)
+        first = torch.where(bad.any(), bad.argmax() + self.first_it,
+                            torch.full((), -1, dtype=torch.long, device=self.device))
+        self.count = 0
+        return first.to(torch.long)
+
+
 # --------------------------------------------------------------------------- batches on the device
 
 class DeviceBatches:
@@ -272,6 +312,7 @@ class DeviceBatches:
     Every rank keeps the same generator state and draws world_size * B window starts per batch,
     then takes its own B: the ranks see different windows, the global batch is the same as one
     process drawing world_size * B, and rank 0's generator state is everyone's (rank 0 saves it).
+    The tokens are copied to the device once, here; drawing a batch never waits for the host.
     """
 
     def __init__(self, data: np.ndarray, batch_size: int, block_size: int, device: torch.device,
@@ -295,6 +336,17 @@ class DeviceBatches:
         mine = starts[self.rank * self.B:(self.rank + 1) * self.B]  # (B,)
         windows = self.data[mine[:, None] + self.offsets]  # (B, T+1)
         return windows[:, :-1], windows[:, 1:]  # x (B, T), y (B, T)
+
+    def rank_share(self, generator: torch.Generator, n_batches: int):
+        """This rank's share of `n_batches` batches of B windows (for evaluation): batches rank,
+        rank + world_size, ... of one draw of n_batches * B starts, so the ranks split the batches
+        between them, and together see exactly the batches one process would (whatever the world
+        size, as the draw does not depend on it). Yields (x, y), each (B, T)."""
+        starts = torch.randint(len(self.data) - self.T, (n_batches, self.B), device=self.device,
+                               generator=generator)  # (n_batches, B)
+        for mine in starts[self.rank::self.world_size]:  # (B,)
+            windows = self.data[mine[:, None] + self.offsets]  # (B, T+1)
+            yield windows[:, :-1], windows[:, 1:]
 
 
 # --------------------------------------------------------------------------- RNG state
