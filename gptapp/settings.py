@@ -26,7 +26,8 @@ class TrainConfig:
     activation: str = "gelu"
     tie_weights: bool = True
     # optimisation
-    batch_size: int = 12
+    batch_size: int = 12  # per micro-batch and process
+    gradient_accumulation_steps: int = 1  # micro-batches of a step, over all processes (nanoGPT's rule)
     max_iters: int = 2000
     learning_rate: float = 1e-3
     decay_lr: bool = True
@@ -54,8 +55,8 @@ class TrainConfig:
 
         if self.model not in ("gpt", "bigram"):
             bad("model", "use gpt or bigram")
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval",
-                     "eval_iters", "log_interval"):
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
+                     "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, name) <= 0:
                 bad(name, "must be a positive integer")
         for name in ("max_iters", "warmup_iters", "lr_decay_iters", "max_new_tokens", "top_k"):
