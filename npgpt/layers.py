@@ -526,3 +526,143 @@ def block_backward(dout: np.ndarray, cache):
     dh, dw, db = layernorm_backward(dh, c_ln1); put("ln_1", dw, db)
     dh += dx_mid  # residual fan-in
     return dh, grads
+
+
+# --------------------------------------------------------------------------------------------
+# The modern block: RMSNorm, rotary position embeddings (RoPE), ReLU², SwiGLU
+# --------------------------------------------------------------------------------------------
+# Plain formulas, one expression per line, each cache a NamedTuple. QK-norm is rmsnorm_forward
+# applied over hs to q and to k of every head, so it has no pair of its own.
+
+from typing import NamedTuple  # noqa: E402  (this section is appended; it moves up with the others)
+
+RMSNORM_EPS = 1e-5  # GPTConfig.norm_eps's default
+
+
+class RMSNormCache(NamedTuple):
+    xhat: np.ndarray  # (..., C) x * rstd
+    rstd: np.ndarray  # (..., 1) 1 / sqrt(mean(x^2) + eps)
+    w: np.ndarray  # (C,) the gain
+
+
+def rmsnorm_forward(x: np.ndarray, w: np.ndarray, eps: float = RMSNORM_EPS):
+    """out = x / sqrt(mean(x^2) + eps) * w over the last axis. x (..., C), w (C,). No bias."""
+    mean_square = np.mean(x * x, axis=-1, keepdims=True)  # (..., 1)
+    rstd = 1.0 / np.sqrt(mean_square + eps)  # (..., 1)
+    xhat = x * rstd  # (..., C)
+    out = xhat * w  # (..., C)
+    return out, RMSNormCache(xhat, rstd, w)
+
+
+def rmsnorm_backward(dout: np.ndarray, cache: RMSNormCache):
+    """dx = rstd * (g - xhat * mean(g * xhat)) with g = dout * w;  dw = sum over rows of dout * xhat.
+
+    One mean term where layernorm has two: there is no mean subtracted, only the scale path.
+    Returns (dx, dw). See docs/gradients.md#rmsnorm.
+    """
+    g = dout * cache.w  # (..., C) gradient w.r.t. xhat
+    mean_gx = np.mean(g * cache.xhat, axis=-1, keepdims=True)  # (..., 1)
+    dx = cache.rstd * (g - cache.xhat * mean_gx)
+    dw = _sum_to_last_axis(dout * cache.xhat)
+    return dx, dw
+
+
+class RopeAngles(NamedTuple):
+    cos: np.ndarray  # (T, hs) cos(angle[t]), angle duplicated to both halves
+    sin: np.ndarray  # (T, hs)
+
+
+def rope_angles(T: int, head_size: int, theta: float = 10000.0, offset: int = 0,
+                dtype=np.float64) -> RopeAngles:
+    """cos and sin (T, hs) of the rotation angles of positions offset .. offset + T - 1.
+
+    inv_freq[i] = theta ** (-2i / hs) for i < hs/2;  angle[t] = t * inv_freq, duplicated to hs
+    (cat(angle, angle), HF Llama's rotate-half layout). Computed in float64, then cast to dtype.
+    """
+    inv_freq = theta ** (-np.arange(0, head_size, 2, dtype=np.float64) / head_size)  # (hs/2,)
+    positions = np.arange(offset, offset + T, dtype=np.float64)  # (T,)
+    angle = np.outer(positions, inv_freq)  # (T, hs/2)
+    angle = np.concatenate([angle, angle], axis=-1)  # (T, hs)
+    return RopeAngles(np.cos(angle).astype(dtype), np.sin(angle).astype(dtype))
+
+
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    """cat(-x[..., hs/2:], x[..., :hs/2]): turns each pair (x_i, x_{i+hs/2}) by +90 degrees."""
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+class RopeCache(NamedTuple):
+    cos: np.ndarray  # (T, hs)
+    sin: np.ndarray  # (T, hs)
+
+
+def rope_forward(x: np.ndarray, cos: np.ndarray, sin: np.ndarray):
+    """out = x * cos + rotate_half(x) * sin.  x (B, nh, T, hs), cos and sin (T, hs) from rope_angles.
+
+    Each pair (x_i, x_{i+hs/2}) at position t is rotated by angle[t, i].
+    """
+    out = x * cos + rotate_half(x) * sin  # (B, nh, T, hs)
+    return out, RopeCache(cos, sin)
+
+
+def rope_backward(dout: np.ndarray, cache: RopeCache):
+    """dx = dout * cos - rotate_half(dout) * sin: the rotation by -angle (a rotation's transpose
+    is its inverse). Returns (dx,); cos and sin are constants. See docs/gradients.md#rope.
+    """
+    dx = dout * cache.cos - rotate_half(dout) * cache.sin
+    return (dx,)
+
+
+class Relu2Cache(NamedTuple):
+    relu_x: np.ndarray  # max(x, 0)
+
+
+def relu2_forward(x: np.ndarray):
+    """out = relu(x)^2 (the "squared ReLU" of Primer and the nanoGPT speedruns)."""
+    relu_x = np.maximum(x, 0)
+    out = relu_x * relu_x
+    return out, Relu2Cache(relu_x)
+
+
+def relu2_backward(dout: np.ndarray, cache: Relu2Cache):
+    """dx = dout * 2 relu(x): continuous at 0, so no kink convention is needed.
+
+    Returns (dx,). See docs/gradients.md#squared-relu.
+    """
+    dx = dout * 2.0 * cache.relu_x
+    return (dx,)
+
+
+class SwigluCache(NamedTuple):
+    gate: np.ndarray  # (..., H) the first half of the input
+    up: np.ndarray  # (..., H) the second half
+    sig: np.ndarray  # (..., H) sigmoid(gate)
+
+
+def swiglu_forward(x: np.ndarray):
+    """out = silu(gate) * up with gate, up = x[..., :H], x[..., H:].  x (..., 2H) -> (..., H).
+
+    silu(g) = g * sigmoid(g). sigmoid(g) = (1 + tanh(g / 2)) / 2 is the same function as
+    1 / (1 + exp(-g)) but cannot overflow.
+    """
+    H = x.shape[-1] // 2
+    gate = x[..., :H]  # (..., H)
+    up = x[..., H:]  # (..., H)
+    sig = 0.5 * (1.0 + np.tanh(0.5 * gate))  # (..., H)
+    out = gate * sig * up  # (..., H)
+    return out, SwigluCache(gate, up, sig)
+
+
+def swiglu_backward(dout: np.ndarray, cache: SwigluCache):
+    """dgate = dout * up * silu'(gate), silu'(g) = sig * (1 + g * (1 - sig));  dup = dout * silu(gate).
+
+    The product rule on silu(gate) * up; dx = cat(dgate, dup) (..., 2H). Returns (dx,).
+    See docs/gradients.md#swiglu.
+    """
+    gate, up, sig = cache
+    dsilu = sig * (1.0 + gate * (1.0 - sig))  # (..., H) d silu / d gate
+    dgate = dout * up * dsilu
+    dup = dout * gate * sig
+    dx = np.concatenate([dgate, dup], axis=-1)  # (..., 2H)
+    return (dx,)
