@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from npgpt import GPT, BigramLanguageModel
-from npgpt.model import keep_freed_memory
+from npgpt.fast import keep_freed_memory
 from npgpt.checkpoint import (
     NUMPY_EXT,
     Checkpoint,

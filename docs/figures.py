@@ -45,7 +45,7 @@ if str(REPO_ROOT) not in sys.path:  # run as `python docs/figures.py` from anywh
 
 from npgpt import GPT, GPTConfig  # noqa: E402
 from npgpt.data import CharTokenizer, DataError, get_batch, load_text, train_val_split  # noqa: E402
-from npgpt.gradcheck import rel_error  # noqa: E402
+from npgpt.compare import rel_error  # noqa: E402
 from npgpt.layers import (  # noqa: E402
     attention_probs,
     block_forward,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from npgpt import layers as L
 from npgpt.config import GPTConfig
 from npgpt.muon import Muon, adjusted_lr
-from parity_tests.compare import compare_all, compare_outputs_and_grads
+from npgpt.compare import compare_all, compare_outputs_and_grads
 from torchgpt import model as tm
 from torchgpt.convert import load_params, state_dict_to_params
 

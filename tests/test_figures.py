@@ -101,7 +101,7 @@ def test_attention_maps_are_the_models_attention():
     x, _ = embedding_forward(idx, model.params["transformer.wte.weight"], model.params["transformer.wpe.weight"])
     for i in range(config.n_layer):
         x, cache = block_forward(x, model.block_params(i), config.n_head, config.activation)
-        att = cache[3][3][0]  # block cache -> attention cache -> att (nh, T, T), batch row 0
+        att = cache.attention.att[0]  # (nh, T, T), batch row 0
         np.testing.assert_allclose(maps[i], att, rtol=0, atol=1e-14)
 
 

@@ -1,6 +1,6 @@
 """Unit tests of the modern block's pairs in npgpt.layers (issue 11): RMSNorm, RoPE, ReLU², SwiGLU.
 
-Every backward against centred finite differences in float64 (npgpt.gradcheck.check_layer, random
+Every backward against centred finite differences in float64 (npgpt.gradcheck.gradcheck_layer, random
 upstream gradient), to a normwise relative error of 1e-6; every backward leaves dout and its cache
 alone; RoPE's properties (a rotation: norms kept; q.k after RoPE depends only on the positions'
 difference; its backward is the rotation by -angle); the forwards against their formulas written
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from npgpt import layers as L
-from npgpt.gradcheck import check_layer, rel_error
+from npgpt.gradcheck import gradcheck_layer, rel_error
 from npgpt.muon import Muon, adjusted_lr, zeropower_via_newton_schulz
 from npgpt.optim import Muon as OptimMuon
 
@@ -76,7 +76,7 @@ CASES = [
 @pytest.mark.parametrize("make", CASES)
 def test_backward_matches_finite_differences(make, request, errors_below):
     forward, backward, inputs, kwargs = make(np.random.default_rng(0))
-    errors = check_layer(forward, backward, inputs, **kwargs)
+    errors = gradcheck_layer(forward, backward, inputs, **kwargs)
     assert sorted(errors) == sorted(inputs)  # every input was checked
     errors_below(errors, TOL, request.node.callspec.id)
 
