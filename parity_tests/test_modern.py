@@ -7,9 +7,13 @@
    and against torch.optim.Muon itself in float32, whose Newton-Schulz runs in bfloat16.
 3. torchgpt's switches: parameter names and shapes, values against a forward composed of
    npgpt.layers' pairs, both attention paths, the KV cache with RoPE, F.rms_norm's fallback.
+4. Whole models, npgpt.GPT against torchgpt.GPT, over the switch combinations: logits, loss and
+   every gradient (float64 1e-12, float32 at the suite's bounds); generation with RoPE.
+5. A 20-step training run with Muon (block matrices) + AdamW (the rest), both backends, float64.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -17,10 +21,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from npgpt import GPT
 from npgpt import layers as L
+from npgpt.compare import compare_all, compare_outputs_and_grads
 from npgpt.config import GPTConfig
 from npgpt.muon import Muon, adjusted_lr
-from npgpt.compare import compare_all, compare_outputs_and_grads
+from npgpt.optim import AdamW, clip_grad_norm, cosine_lr
+from parity_tests.twins import describe, make_npgpt, model_pair_results, torch_twin
 from torchgpt import model as tm
 from torchgpt.convert import load_params, state_dict_to_params
 
@@ -444,3 +451,145 @@ def test_torchgpt_training_forward_and_backward_with_every_switch():
     loss.backward()
     for n, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().max() > 0, n
+
+
+@pytest.mark.parametrize("switch", [k for k in SWITCHES if k != "default"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_against_torchgpt_block(dtype, switch):
+    """npgpt's block_forward/backward with the switches against torchgpt's Block (autograd):
+    output, input gradient and every parameter's gradient, q_norm and k_norm included."""
+    config = modern_config(**SWITCHES[switch])
+    rng = np.random.default_rng(13)
+    B, T, C = 2, 6, config.n_embd
+    block = tm.Block(config, attention="explicit").to(TORCH_DTYPE[np.dtype(dtype)])
+    params = {n: randn(rng, tuple(p.shape), dtype, 0.3, 1.0 if n.endswith("weight") and p.dim() == 1 else 0.0)
+              for n, p in block.named_parameters()}
+    load_params(block, params)
+    x, dout = randn(rng, (B, T, C), dtype), randn(rng, (B, T, C), dtype)
+    angles = (L.rope_angles(T, config.head_size, config.rope_theta, 0, dtype)
+              if config.pos_emb == "rope" else None)
+    out, cache = L.block_forward(x, params, config.n_head, config.activation, norm=config.norm,
+                                 norm_eps=config.norm_eps, rope=angles)
+    dx, grads = L.block_backward(dout, cache)
+    x_t = torch.tensor(x, requires_grad=True)
+    rope_t = None if angles is None else (torch.tensor(angles.cos), torch.tensor(angles.sin))
+    out_t = block(x_t, tm.NO_DROPOUT, rope=rope_t)
+    leaves = [x_t] + list(block.parameters())
+    t_grads = torch.autograd.grad(out_t, leaves, torch.tensor(dout))
+    theirs = {"dx": t_grads[0], **dict(zip(dict(block.named_parameters()), t_grads[1:]))}
+    compare_outputs_and_grads({"out": out}, {"out": out_t}, {"dx": dx, **grads}, theirs, dtype,
+                              f"block {switch}")
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Whole models, npgpt against torchgpt, over the switch combinations
+# --------------------------------------------------------------------------------------------
+
+COMBOS = [
+    pytest.param(dict(norm=norm, pos_emb=pos, qk_norm=qk, activation=act, bias=(i % 2 == 0),
+                      tie_weights=(i % 3 != 0), mlp_hidden=(None if i % 4 else 24)),
+                 id=f"{norm}-{pos}-{'qk' if qk else 'noqk'}-{act}")
+    for i, (norm, pos, qk, act) in enumerate(itertools.product(
+        ("layernorm", "rmsnorm"), ("learned", "rope"), (False, True), ("gelu", "relu2", "swiglu")))
+]
+
+
+@pytest.mark.parametrize("combo", COMBOS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_whole_model_parity_over_switches(dtype, combo):
+    """Logits, loss and every parameter's gradient (names in named_parameters() order): float64 to
+    1e-12 normwise, float32 at the suite's bounds. Both torch attention paths take turns."""
+    config = modern_config(**combo)
+    attention = "sdpa" if config.qk_norm else "explicit"
+    ours_fwd, theirs_fwd, ours_grads, theirs_grads = model_pair_results(config, dtype, attention, seed=4)
+    assert list(ours_grads) == list(theirs_grads)
+    compare_outputs_and_grads(ours_fwd, theirs_fwd, ours_grads, theirs_grads, dtype,
+                              f"{describe(config)} {combo} {attention}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_whole_model_parity_with_dropout_masks(dtype):
+    """Every switch at once, in training with dropout: torch replays npgpt's masks."""
+    config = modern_config(**SWITCHES["modern"], dropout=0.3)
+    ours_fwd, theirs_fwd, ours_grads, theirs_grads = model_pair_results(config, dtype, "explicit", seed=5)
+    compare_outputs_and_grads(ours_fwd, theirs_fwd, ours_grads, theirs_grads, dtype,
+                              f"{describe(config)} modern, dropout masks")
+
+
+def test_npgpt_and_torchgpt_generate_the_same_tokens_with_rope():
+    """KV-cache generation past block_size, both backends, the same greedy tokens as npgpt's
+    uncached forward (tests/test_modern_model.py checks npgpt's cache alone)."""
+    config = modern_config(**SWITCHES["modern"])
+    model = make_npgpt(config, np.float64, seed=24, scale=0.5).eval()
+    twin = torch_twin(model).eval()
+    idx = np.array([[1, 2], [3, 4]])
+    ours = model.generate(idx, 14, temperature=0.0)
+    theirs = twin.generate(torch.from_numpy(idx), 14, temperature=0.0).numpy()
+    assert np.array_equal(ours, theirs)
+    assert np.array_equal(ours, model.generate(idx, 14, temperature=0.0, use_cache=False))
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Training with Muon + AdamW, 20 steps, npgpt against torchgpt in float64
+# --------------------------------------------------------------------------------------------
+
+def uses_muon(name: str, shape) -> bool:
+    """The speedrun split: Muon for the 2-D matrices inside the blocks; AdamW for the rest."""
+    return name.startswith("transformer.h.") and len(shape) == 2
+
+
+def test_training_trajectory_with_muon_and_adamw():
+    """20 steps from the same init on the same batches with the modern block: npgpt (Muon on the
+    block matrices, npgpt.optim.AdamW on embeddings, head and gains, clip_grad_norm, cosine_lr)
+    against torchgpt (the float64 restatement of torch.optim.Muon's step above, since torch's own
+    rounds to bfloat16, and torch.optim.AdamW with nanoGPT's two groups). Every step's loss and
+    the final parameters to 1e-12 normwise."""
+    steps, B, T, clip = 20, 4, 8, 1.0
+    config = modern_config(**SWITCHES["modern"])  # untied head: AdamW for wte and lm_head
+    model = GPT(config, seed=0, dtype=np.float64).train()
+    twin = torch_twin(model).train()
+    muon_names = [n for n, p in model.params.items() if uses_muon(n, p.shape)]
+    adam_names = [n for n in model.params if n not in muon_names]
+    assert "transformer.wte.weight" in adam_names and "lm_head.weight" in adam_names
+    assert "transformer.h.0.attn.q_norm.weight" in adam_names and len(muon_names) == 4 * config.n_layer
+    muon = Muon({n: model.params[n] for n in muon_names}, lr=0.02, weight_decay=0.01)
+    adamw = AdamW({n: model.params[n] for n in adam_names}, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    named = dict(twin.named_parameters())
+    t_adamw = torch.optim.AdamW(
+        [{"params": [named[n] for n in adam_names if named[n].dim() >= 2], "weight_decay": 0.1},
+         {"params": [named[n] for n in adam_names if named[n].dim() < 2], "weight_decay": 0.0}],
+        lr=3e-3, betas=(0.9, 0.95))
+    t_bufs = {n: torch.zeros_like(named[n]) for n in muon_names}
+    rng = np.random.default_rng(12)
+    data = (3 * np.arange(500) + np.arange(500) // 7) % config.vocab_size  # a learnable sequence
+    losses, t_losses = [], []
+    for it in range(steps):
+        scale = cosine_lr(it, 1.0, 2, steps, 0.1)  # one schedule for both optimizers' rates
+        starts = rng.integers(0, data.size - T - 1, B)
+        idx = np.stack([data[s:s + T] for s in starts])  # (B, T)
+        targets = np.stack([data[s + 1:s + T + 1] for s in starts])  # the next tokens
+        _, loss = model.forward(idx, targets)
+        grads = model.backward()
+        clip_grad_norm(grads, clip)
+        muon.step({n: grads[n] for n in muon_names}, lr=0.02 * scale)
+        adamw.step({n: grads[n] for n in adam_names}, lr=3e-3 * scale)
+        losses.append(loss)
+
+        twin.zero_grad(set_to_none=True)
+        _, t_loss = twin(torch.from_numpy(idx), torch.from_numpy(targets))
+        t_loss.backward()
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), clip)
+        for group in t_adamw.param_groups:
+            group["lr"] = 3e-3 * scale
+        t_adamw.step()
+        with torch.no_grad():
+            torch_muon_step_float64({n: named[n] for n in muon_names}, {n: named[n].grad for n in muon_names},
+                                    t_bufs, lr=0.02 * scale, weight_decay=0.01, momentum=0.95,
+                                    nesterov=True, ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7,
+                                    ns_steps=5, adjust_lr_fn=None)
+        t_losses.append(t_loss.item())
+    print("losses", " ".join(f"{v:.4f}" for v in losses))
+    compare_all({"losses": np.array(losses), **model.params},
+                {"losses": np.array(t_losses), **{n: named[n] for n in model.params}}, rtol=1e-12,
+                header="20 steps, Muon + AdamW, modern block [float64]")
+    assert losses[-1] < losses[0] - 0.5  # it learned: Muon + AdamW really trained the model

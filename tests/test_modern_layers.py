@@ -1,4 +1,5 @@
-"""Unit tests of the modern block's pairs in npgpt.layers (issue 11): RMSNorm, RoPE, ReLU², SwiGLU.
+"""Unit tests of the modern block's pairs in npgpt.layers (issue 11): RMSNorm, RoPE, ReLU², SwiGLU,
+and attention and the block with QK-norm, RoPE and the new norms and activations composed in.
 
 Every backward against centred finite differences in float64 (npgpt.gradcheck.gradcheck_layer, random
 upstream gradient), to a normwise relative error of 1e-6; every backward leaves dout and its cache
@@ -57,6 +58,53 @@ def swiglu_case(shape, scale=2.0):
     return make
 
 
+def attention_case(B, T, C, n_head, qk_norm=True, rope=True, theta=50.0):
+    """QK-norm and RoPE inside attention: gradients of qkv and of both gains."""
+    def make(rng):
+        hs = C // n_head
+        inputs = {"qkv": normal(rng, (B, T, 3 * C))}
+        if qk_norm:
+            inputs["q_norm"] = 1.0 + normal(rng, (hs,), 0.3)
+            inputs["k_norm"] = 1.0 + normal(rng, (hs,), 0.3)
+        def forward(qkv, q_norm=None, k_norm=None):
+            angles = L.rope_angles(T, hs, theta, dtype=qkv.dtype) if rope else None
+            return L.attention_forward(qkv, n_head, q_norm=q_norm, k_norm=k_norm, norm_eps=1e-5, rope=angles)
+
+        return forward, L.attention_backward, inputs, {}
+    return make
+
+
+def block_case(B, T, C, n_head, activation, bias, norm="rmsnorm", qk_norm=True, rope=True, hidden=None):
+    """The modern block: every parameter's gradient and the input's."""
+    def make(rng):
+        hs, H = C // n_head, hidden or 4 * C
+        n_fc = 2 * H if activation == "swiglu" else H
+        shapes = {"ln_1.weight": (C,), "attn.c_attn.weight": (3 * C, C), "attn.c_proj.weight": (C, C),
+                  "ln_2.weight": (C,), "mlp.c_fc.weight": (n_fc, C), "mlp.c_proj.weight": (C, H)}
+        if qk_norm:
+            shapes.update({"attn.q_norm.weight": (hs,), "attn.k_norm.weight": (hs,)})
+        if bias:
+            shapes.update({"attn.c_attn.bias": (3 * C,), "attn.c_proj.bias": (C,), "mlp.c_fc.bias": (n_fc,),
+                           "mlp.c_proj.bias": (C,)})
+            if norm == "layernorm":
+                shapes.update({"ln_1.bias": (C,), "ln_2.bias": (C,)})
+        names = list(shapes)
+        params = {n: (1.0 if n.endswith("norm.weight") or ".ln_" in f".{n}" else 0.0)
+                  + normal(rng, shape, 0.4) for n, shape in shapes.items()}
+        def forward(x, *arrays):
+            angles = L.rope_angles(T, hs, 100.0, dtype=x.dtype) if rope else None
+            return L.block_forward(x, dict(zip(names, arrays)), n_head, activation, norm=norm,
+                                   norm_eps=1e-5, rope=angles)
+
+        def backward(dout, cache):
+            dx, grads = L.block_backward(dout, cache)
+            assert sorted(grads) == sorted(names), f"block grads {sorted(grads)} != params {sorted(names)}"
+            return (dx, *(grads[n] for n in names))
+
+        return forward, backward, {"x": normal(rng, (B, T, C)), **params}, {}
+    return make
+
+
 CASES = [
     pytest.param(rmsnorm_case((2, 3, 4)), id="rmsnorm-C4"),
     pytest.param(rmsnorm_case((6, 5), offset=1.5), id="rmsnorm-2d-C5-offset"),
@@ -70,6 +118,14 @@ CASES = [
     pytest.param(swiglu_case((2, 3, 8)), id="swiglu-H4"),
     pytest.param(swiglu_case((5, 2)), id="swiglu-H1"),
     pytest.param(swiglu_case((2, 3, 6), scale=12.0), id="swiglu-saturated"),
+    pytest.param(attention_case(2, 4, 8, 2), id="attention-qknorm-rope"),
+    pytest.param(attention_case(2, 4, 8, 2, qk_norm=False), id="attention-rope"),
+    pytest.param(attention_case(1, 5, 6, 3, rope=False), id="attention-qknorm-hs2"),
+    pytest.param(block_case(2, 4, 8, 2, "swiglu", False, hidden=12), id="block-modern-swiglu"),
+    pytest.param(block_case(2, 4, 8, 2, "relu2", True), id="block-modern-relu2-bias"),
+    pytest.param(block_case(2, 3, 8, 2, "gelu", True, norm="layernorm", qk_norm=True, rope=False),
+                 id="block-layernorm-qknorm"),
+    pytest.param(block_case(2, 3, 8, 1, "gelu_tanh", False, qk_norm=False), id="block-rmsnorm-rope-nh1"),
 ]
 
 
@@ -88,9 +144,15 @@ def test_backward_writes_nothing(make):
     forward, backward, inputs, kwargs = make(rng)
     out, cache = forward(*inputs.values(), **kwargs)
     dout = rng.standard_normal(out.shape)
-    frozen = [dout, *inputs.values(), *cache]
-    for a in frozen:
-        a.flags.writeable = False  # a write raises
+
+    def freeze(obj):  # every array in the (nested) caches: a write raises
+        if isinstance(obj, np.ndarray):
+            obj.flags.writeable = False
+        elif isinstance(obj, (tuple, list)):
+            for item in obj:
+                freeze(item)
+
+    freeze([dout, *inputs.values(), cache])
     grads = backward(dout, cache)
     assert isinstance(cache, tuple) and type(cache) is not tuple  # a NamedTuple, read by name
     for g, x in zip(grads, inputs.values()):
