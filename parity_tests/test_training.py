@@ -17,7 +17,8 @@ import torch
 
 import npgpt
 import npgpt.fast
-from npgpt.data import CharTokenizer, DataError, get_batch, read_text_file, resolve_data_path
+from gptapp.data import read_text_file, resolve_data_path
+from npgpt.data import CharTokenizer, DataError, get_batch
 from npgpt import optim
 from npgpt.optim import cosine_lr
 from npgpt.compare import compare_all, to_numpy64
