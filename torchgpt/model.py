@@ -527,6 +527,68 @@ def _sample(logits, temperature, top_k, rng, device) -> torch.Tensor:
     return torch.from_numpy(nxt).to(device).view(-1, 1)
 
 
+def uses_muon(name: str, p: torch.Tensor) -> bool:
+    """A matrix inside a block (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj): Muon's."""
+    return name.startswith("transformer.h.") and p.dim() == 2
+
+
+class MuonAdamW:
+    """torch.optim.Muon for the 2-D matrices inside the blocks and torch.optim.AdamW (nanoGPT's two
+    groups) for the embeddings, the head and the 1-D gains and biases, behind one optimizer's
+    interface (param_groups, state, step, zero_grad, state_dict, load_state_dict).
+
+    Muon's group carries lr_scale = muon_lr / learning_rate: a caller that sets every group's lr from
+    one schedule as lr * group.get("lr_scale", 1) moves both rates together.
+    """
+
+    def __init__(self, adamw: torch.optim.Optimizer, muon: torch.optim.Optimizer):
+        self.optimizers = {"adamw": adamw, "muon": muon}
+
+    @property
+    def param_groups(self) -> list:
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for opt in self.optimizers.values() for p, s in opt.state.items()}
+
+    def step(self):
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = sorted(set(self.optimizers) - set(state))
+        if missing:
+            raise ValueError(f"optimizer state lacks {missing}: it was not saved with --optimizer muon")
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+
+def configure_muon_adamw(model: nn.Module, weight_decay, learning_rate, muon_lr, betas, device_type) -> MuonAdamW:
+    """The speedrun split: Muon (lr muon_lr, torch's defaults otherwise, weight decay as AdamW's) for
+    the matrices inside the blocks; AdamW for the rest, weight decay on its matrices (wte, lm_head)."""
+    if not hasattr(torch.optim, "Muon"):
+        raise RuntimeError(f"--optimizer muon needs torch.optim.Muon, which torch {torch.__version__} lacks; "
+                           "install torch >= 2.9 or use --optimizer adamw")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    matrices = [p for n, p in named if uses_muon(n, p)]
+    rest = [p for n, p in named if not uses_muon(n, p)]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))
+    muon = torch.optim.Muon([{"params": matrices, "lr_scale": muon_lr / learning_rate}], lr=muon_lr,
+                            weight_decay=weight_decay)
+    return MuonAdamW(adamw, muon)
+
+
 def configure_adamw(model: nn.Module, weight_decay, learning_rate, betas, device_type):
     """AdamW as nanoGPT: weight decay on matrices and embeddings (dim >= 2), none on biases/norms."""
     params = [p for p in model.parameters() if p.requires_grad]
