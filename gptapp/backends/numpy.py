@@ -13,6 +13,7 @@ from npgpt.data import get_batch
 
 from ..checkpoint import NUMPY_EXT, TORCH_EXT, Checkpoint, CheckpointError, load_checkpoint, save_npz
 from ..loop import NonFiniteLoss, eval_seed, write_checkpoint
+from ..optimizers import MuonAdamW
 
 
 def model_classes(reference: bool):
@@ -106,8 +107,12 @@ class NumpyBackend:
                       else GPT(cfg.gpt_config(tokenizer.vocab_size), seed=cfg.seed))
         if ckpt is not None:
             load_params_into(self.model, ckpt.params)
-        self.optimizer = AdamW(self.model.params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                               weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "muon":  # Muon for the block matrices, AdamW for the rest
+            self.optimizer = MuonAdamW(self.model.params, AdamW, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                       weight_decay=cfg.weight_decay, muon_lr=cfg.muon_lr)
+        else:
+            self.optimizer = AdamW(self.model.params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                   weight_decay=cfg.weight_decay)
         self.data_rng = np.random.default_rng(cfg.seed)
         self.splits = {"train": train_data, "val": val_data}
 

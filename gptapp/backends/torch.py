@@ -15,7 +15,7 @@ import time
 import torch
 
 from torchgpt.convert import load_params
-from torchgpt.model import GPT, BigramLanguageModel
+from torchgpt.model import GPT, BigramLanguageModel, configure_muon_adamw
 from torchgpt.runtime import (
     DeviceBatches,
     DeviceError,
@@ -145,8 +145,15 @@ class TorchBackend:
         raw.to(device)
         self.raw = raw
         self.attention = args.attention if isinstance(raw, GPT) else "-"
-        self.optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                                  device.type)
+        if cfg.optimizer == "muon":  # torch.optim.Muon for the block matrices, AdamW for the rest
+            try:
+                self.optimizer = configure_muon_adamw(raw, cfg.weight_decay, cfg.learning_rate, cfg.muon_lr,
+                                                      (cfg.beta1, cfg.beta2), device.type)
+            except RuntimeError as err:  # a torch without torch.optim.Muon
+                raise UsageError(str(err)) from None
+        else:
+            self.optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                                      device.type)
         torch.manual_seed(cfg.seed + 1 + info.rank)  # dropout: a different stream on every rank
         self.batches = {"train": DeviceBatches(train_data, cfg.batch_size, cfg.block_size, device, cfg.seed,
                                                info.rank, info.world_size),
@@ -235,7 +242,7 @@ class TorchBackend:
 
     def step(self, it: int, lr: float) -> torch.Tensor:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group: muon_lr / learning_rate
         loss = accumulate_gradients(self.train_model, self.batches["train"], self.micro_steps, self.amp,
                                     self.info.enabled)
         if self.cfg.grad_clip > 0:
