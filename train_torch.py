@@ -4,7 +4,7 @@
     python train_torch.py --preset tiny --device cpu       # seconds
     python train_torch.py --resume                         # continue the run in --out_dir (ckpt_last.pt)
     python train_torch.py --init_from out/ckpt_best.npz    # start from train_np.py's or nanoGPT's weights
-    torchrun --standalone --nproc_per_node 8 train_torch.py          # DDP on 8 GPUs (gloo on CPUs)
+    torchrun --standalone --nproc_per_node 8 train_torch.py --gradient_accumulation_steps 8   # DDP, 8 GPUs
     python train_torch.py sample --ckpt out/ckpt_best.pt --prompt "ROMEO:" --seed 1
 
 Same flags, presets and log lines as train_np.py, plus --device, --dtype, --compile, --attention.

@@ -195,6 +195,7 @@ def plan(python: str, data: str, out: str, device_count: int | None, budget_s: f
     ]
     torchrun = Step("torchrun-nccl", [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                                       "train_torch.py"] + tiny + ["--device", "cuda", "--compile", "false",
+                                                                  "--gradient_accumulation_steps", "2",
                                                                   "--out_dir", os.path.join(runs, "torchrun")],
                     120, expect=("world size 2", "done:"))
     if device_count is not None and device_count < 2:

@@ -173,6 +173,39 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Make `dst` hold what `src` holds, atomically, without writing the bytes again where it can.
+
+    A hard link to `src` under a temporary name, renamed over `dst`: the checkpoint is written and
+    fsynced once (ckpt_last), and ckpt_best becomes a second name for it. Safe because checkpoints
+    are only ever replaced (atomic_write renames a new file over the old name), never rewritten in
+    place: when ckpt_last is next written, ckpt_best keeps the file it names now. Where the file
+    system has no hard links, a copy through atomic_write.
+    """
+    src, dst = Path(src), Path(dst)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    os.unlink(tmp)  # only its unique name was wanted: os.link makes the file
+    try:
+        os.link(src, tmp)
+    except OSError:  # no hard links here (some network and FUSE file systems, FAT)
+        with open(src, "rb") as f:
+            atomic_write(dst, lambda out: _copy(f, out))
+        return
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(dst.parent)
+
+
+def _copy(src: BinaryIO, dst: BinaryIO, chunk: int = 16 << 20) -> None:
+    while block := src.read(chunk):
+        dst.write(block)
+
+
 def ensure_writable_dir(out_dir: str | os.PathLike) -> Path:
     """Create `out_dir` if needed and prove a file can be written there; CheckpointError if not."""
     out_dir = Path(out_dir)

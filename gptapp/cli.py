@@ -281,7 +281,9 @@ def init_from_train_config(args: argparse.Namespace, model: str, gpt_config: GPT
         shape = {"model": "bigram"}
     else:
         shape = {k: getattr(gpt_config, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "bias",
-                                                      "activation", "tie_weights")}
+                                                      "activation", "tie_weights", "norm", "pos_emb",
+                                                      "rope_theta", "qk_norm")}
+        shape["mlp_hidden"] = gpt_config.mlp_hidden or 0  # the app writes 4C as 0
         shape["model"] = "gpt"
     _refuse_shape_change(TrainConfig(**{**cfg.to_dict(), **shape}), explicit_flags(args),
                          "--init_from takes the model shape from the checkpoint: drop the flag")

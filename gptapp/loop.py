@@ -17,7 +17,7 @@ from npgpt.data import CharTokenizer, check_text_length
 from npgpt.optim import cosine_lr
 
 from .autocomplete import autocomplete, check_prompt, read_prompt
-from .checkpoint import Checkpoint, CheckpointError, checkpoint_paths, ensure_writable_dir
+from .checkpoint import Checkpoint, CheckpointError, checkpoint_paths, ensure_writable_dir, link_or_copy
 from .cli import init_from_train_config, resumed_train_config, train_config_from_args
 from .data import checkpoint_tokenizer, load_text, training_splits
 from .errors import TrainingError, UsageError, one_line
@@ -48,8 +48,10 @@ class Backend(Protocol):
     def banner(self) -> list[str]: ...  # log lines after the first
     def session(self): ...  # context manager around the loop (torch: the DDP process group)
     def errstate(self): ...  # context manager around the steps
+    def warm_up(self) -> float | None: ...  # compile before step 0: seconds, or None (nothing to compile)
     def estimate_loss(self, it: int) -> dict: ...
-    def step(self, it: int, lr: float): ...  # one update; returns the loss (maybe still on the device)
+    def step(self, it: int, lr: float): ...  # one update (its gradient_accumulation_steps micro-batches);
+    # returns their mean loss (maybe still on the device)
     def poll(self, stop_requested: bool, force: bool) -> tuple[bool, int]: ...
     def loss_value(self, loss) -> float: ...
     def mfu(self, dt: float) -> float | None: ...
@@ -91,6 +93,24 @@ def non_finite_message(it: int, last_saved, what: str = "loss", value: float | N
                 "--learning_rate and start again with --overwrite")
     return (f"the {what} is not finite ({shown}) at step {it}; stopped without saving, {last_saved[0]} (step "
             f"{last_saved[1]}) is the last good checkpoint; lower --learning_rate, then --resume")
+
+
+# nanoGPT reports MFU from the 5th step of a process on: the first steps hold warm-up (allocator,
+# cuDNN/cuBLAS heuristics, any compilation left), and would show a figure near 0.
+MFU_FROM_STEP = 5
+
+
+def local_accumulation_steps(global_steps: int, world_size: int) -> int:
+    """This process's micro-batches per step: --gradient_accumulation_steps counts those of the global
+    batch, shared among the processes of torchrun (nanoGPT's rule), so the tokens of a step and the
+    learning rate's meaning stay those of the recipe however many GPUs run it. UsageError if they
+    do not share evenly."""
+    if global_steps % world_size:
+        raise UsageError(f"--gradient_accumulation_steps {global_steps} does not divide among the {world_size} "
+                         "processes of torchrun: it counts the micro-batches of the whole step, shared among "
+                         f"them (nanoGPT's rule); pass a multiple of {world_size}, e.g. "
+                         f"--gradient_accumulation_steps {world_size * max(1, -(-global_steps // world_size))}")
+    return global_steps // world_size
 
 
 def write_checkpoint(path, write: Callable[[], None]) -> None:
@@ -158,6 +178,7 @@ def run_training(args, backend: Backend) -> int:
     cfg, ckpt = run_settings(args, backend, paths)
     if args.vocab and ckpt.vocab is not None:
         raise UsageError(f"--vocab: {ckpt.path} carries its own vocabulary; drop --vocab")
+    local_accumulation_steps(cfg.gradient_accumulation_steps, backend.world_size)  # UsageError before any work
     # before any work that a failed save would waste
     out_dir = ensure_writable_dir(args.out_dir) if backend.is_main else Path(args.out_dir)
 
@@ -194,7 +215,12 @@ def train_loop(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend
 
     log = RunLog(out_dir, cfg.max_iters, start, enabled=backend.is_main, progress=args.progress,
                  resume_from=start if args.resume else None)
-    tokens_per_iter = cfg.batch_size * cfg.block_size * backend.world_size
+    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps  # all processes
+    compile_s = backend.warm_up()
+    if compile_s is not None:
+        log.info(f"compile: {compile_s:.1f}s before step {start} (training and evaluation graphs; not in the "
+                 "step times, nor in the done line's seconds)")
+        log.record(kind="compile", iter=start, seconds=compile_s)
     t_run = t_last = time.perf_counter()
     steps_since_log, just_logged = 0, False
     plot = True
@@ -214,11 +240,12 @@ def train_loop(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend
                     if not math.isfinite(losses["val"]):
                         raise TrainingError(non_finite_message(it, last_saved, "val loss", losses["val"]))
                     if it > 0:
-                        if losses["val"] < best_val:
-                            best_val = losses["val"]
-                            backend.save(paths["best"], it, best_val)
-                        backend.save(paths["last"], it, best_val)
+                        improved = losses["val"] < best_val
+                        best_val = min(best_val, losses["val"])
+                        backend.save(paths["last"], it, best_val)  # written once per evaluation
                         last_saved = (paths["last"], it)
+                        if improved and backend.is_main:  # the same bytes: a hard link, not a second write
+                            write_checkpoint(paths["best"], lambda: link_or_copy(paths["last"], paths["best"]))
                     t_last, steps_since_log = time.perf_counter(), 0  # evaluation time is not step time
                 if it == cfg.max_iters:
                     break
@@ -241,7 +268,8 @@ def train_loop(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend
                     loss_value = backend.loss_value(loss)  # the one sync of a log step
                     now = time.perf_counter()
                     dt = (now - t_last) / steps_since_log
-                    log.log_iter(it, loss_value, lr, dt * 1000, tokens_per_iter / dt, backend.mfu(dt))
+                    mfu = backend.mfu(dt) if it - start >= MFU_FROM_STEP else None
+                    log.log_iter(it, loss_value, lr, dt * 1000, tokens_per_iter / dt, mfu)
                     t_last, steps_since_log, just_logged = now, 0, True
     except TrainingError:
         plot = False

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-from npgpt.config import ACTIVATIONS, GPTConfig
+from npgpt.config import ACTIVATIONS, MODERN_ACTIVATIONS, NORMS, POS_EMBS, GPTConfig
 
-# The settings that fix the model's parameters: a resumed run or --init_from keeps them.
-SHAPE_FIELDS = ("model", "n_layer", "n_head", "n_embd", "block_size", "bias", "activation", "tie_weights")
+# The settings that fix the model (its parameters, and what they compute): a resumed run or
+# --init_from keeps them. A resumed run keeps its optimizer too (--init_from starts a fresh one).
+SHAPE_FIELDS = ("model", "n_layer", "n_head", "n_embd", "block_size", "bias", "activation", "tie_weights",
+                "norm", "pos_emb", "rope_theta", "qk_norm", "mlp_hidden", "optimizer")
+OPTIMIZERS = ("adamw", "muon")
 # Those of them that only the GPT has: a bigram model is its embedding table alone.
-GPT_ONLY_FIELDS = ("n_layer", "n_head", "n_embd", "bias", "activation", "tie_weights", "dropout")
+GPT_ONLY_FIELDS = ("n_layer", "n_head", "n_embd", "bias", "activation", "tie_weights", "dropout", "norm", "pos_emb",
+                   "rope_theta", "qk_norm", "mlp_hidden")
 # Seeds both backends take everywhere they use one (torch generators, NumPy's default_rng).
 MAX_SEED = 2 ** 32 - 1
 
@@ -29,8 +33,15 @@ class TrainConfig:
     bias: bool = False
     activation: str = "gelu"
     tie_weights: bool = True
+    # the modern block (issue 11; GPTConfig's fields of the same names)
+    norm: str = "layernorm"
+    pos_emb: str = "learned"
+    rope_theta: float = 10000.0
+    qk_norm: bool = False
+    mlp_hidden: int = 0  # the MLP's hidden width H; 0: 4 * n_embd (GPTConfig.mlp_hidden None)
     # optimisation
-    batch_size: int = 12
+    batch_size: int = 12  # per micro-batch and process
+    gradient_accumulation_steps: int = 1  # micro-batches of a step, over all processes (nanoGPT's rule)
     max_iters: int = 2000
     learning_rate: float = 1e-3
     decay_lr: bool = True
@@ -41,6 +52,10 @@ class TrainConfig:
     beta2: float = 0.99
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 disables clipping
+    # "muon": Muon for the 2-D matrices inside the blocks at muon_lr (following the same schedule,
+    # scaled), AdamW at learning_rate for the embeddings, the head and every 1-D gain and bias
+    optimizer: str = "adamw"
+    muon_lr: float = 0.02
     # evaluation, logging, sampling
     eval_interval: int = 250
     eval_iters: int = 20
@@ -58,20 +73,33 @@ class TrainConfig:
 
         if self.model not in ("gpt", "bigram"):
             bad("model", "use gpt or bigram")
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval",
-                     "eval_iters", "log_interval"):
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
+                     "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, name) <= 0:
                 bad(name, "must be a positive integer")
-        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "max_new_tokens", "top_k"):
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "max_new_tokens", "top_k", "mlp_hidden"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
         if self.n_embd % self.n_head:
             bad("n_embd", f"must be divisible by --n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             bad("dropout", "must lie in [0, 1)")
-        if self.activation not in ACTIVATIONS:
-            bad("activation", f"use one of {', '.join(ACTIVATIONS)}")
-        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "temperature"):
+        if self.activation not in ACTIVATIONS + MODERN_ACTIVATIONS:
+            bad("activation", f"use one of {', '.join(ACTIVATIONS + MODERN_ACTIVATIONS)}")
+        for name, allowed in (("norm", NORMS), ("pos_emb", POS_EMBS), ("optimizer", OPTIMIZERS)):
+            if getattr(self, name) not in allowed:
+                bad(name, f"use one of {', '.join(allowed)}")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            bad("pos_emb", f"rope needs an even head size, and n_embd / n_head = {self.n_embd // self.n_head}; "
+                           "choose --n_embd and --n_head so that it is even")
+        if not self.rope_theta > 0.0 or self.rope_theta == float("inf"):
+            bad("rope_theta", "must be a finite number > 0")
+        if self.optimizer == "muon" and self.model != "gpt":
+            bad("optimizer", "muon trains the matrices inside the blocks; the bigram model has none, use adamw")
+        if self.optimizer == "muon" and not self.learning_rate > 0.0:
+            bad("learning_rate", "must be > 0 with --optimizer muon: Muon's rate follows the schedule, "
+                                 "scaled by --muon_lr / --learning_rate")
+        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "temperature", "muon_lr"):
             value = getattr(self, name)
             if not value >= 0.0 or value != value or value == float("inf"):
                 bad(name, "must be a finite number >= 0")
@@ -84,7 +112,9 @@ class TrainConfig:
     def gpt_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
                          n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias,
-                         activation=self.activation, tie_weights=self.tie_weights)
+                         activation=self.activation, tie_weights=self.tie_weights,
+                         norm=self.norm, pos_emb=self.pos_emb, rope_theta=self.rope_theta,
+                         qk_norm=self.qk_norm, mlp_hidden=self.mlp_hidden or None)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,9 +145,17 @@ FIELD_HELP = {
     "block_size": "context length in characters",
     "dropout": "dropout probability in training, in [0, 1)",
     "bias": "linears and layer norms carry a bias",
-    "activation": "the MLP's nonlinearity: relu, gelu (exact) or gelu_tanh",
+    "activation": "the MLP's nonlinearity: relu, gelu (exact), gelu_tanh, relu2 or swiglu",
     "tie_weights": "the output head reuses the token embedding",
-    "batch_size": "sequences per step (per process under torchrun)",
+    "norm": "the blocks' normalisation: layernorm or rmsnorm",
+    "pos_emb": "positions: learned (a position embedding table) or rope (rotary, in attention)",
+    "rope_theta": "RoPE's base frequency (with --pos_emb rope)",
+    "qk_norm": "normalise queries and keys before attention",
+    "mlp_hidden": "the MLP's hidden width (0: 4 * n_embd)",
+    "gradient_accumulation_steps": "micro-batches of one step, over all processes under torchrun",
+    "optimizer": "adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)",
+    "muon_lr": "Muon's peak learning rate (with --optimizer muon; follows the same schedule)",
+    "batch_size": "sequences per micro-batch and process",
     "max_iters": "optimisation steps of the run (with --resume: the step to reach)",
     "learning_rate": "peak learning rate",
     "decay_lr": "warm up, then decay the learning rate along a cosine",
@@ -153,6 +191,8 @@ PRESET_HELP = {
     "lecture": ("the lecture's gpt.py, 10.8M parameters, 5000 steps: meant for a GPU; on a 2-core CPU a step "
                 "takes 20-30 s in either script, so the run takes over a day (shorten it with --max_iters)"),
     "bigram": "the lecture's bigram baseline, 3000 steps (seconds)",
+    "modern-cpu": "the cpu recipe with the modern block (RMSNorm, RoPE, QK-norm, SwiGLU) and Muon",
+    "modern-gpu": "shakespeare-char's size with the modern block and Muon: for a GPU",
     "tiny": "2 layers of 32 channels, 40 steps: seconds, for tests and smoke runs",
 }
 
@@ -174,6 +214,18 @@ PRESETS: dict[str, TrainConfig] = {
         CPU, model="bigram", block_size=8, batch_size=32, max_iters=3000, learning_rate=1e-2,
         decay_lr=False, warmup_iters=0, beta2=0.999, weight_decay=0.0, grad_clip=0.0,
         eval_interval=300, eval_iters=200),
+    # The modern block (issue 11) at the cpu preset's size, batch and steps: RMSNorm, RoPE, QK-norm,
+    # SwiGLU with H = 344 ~ 8C/3 (the MLP's parameters and FLOPs of 4C's GELU MLP), Muon for the
+    # block matrices. Learning rates: first values, to be tuned by the sweep (bench/RESULTS.md).
+    "modern-cpu": replace(
+        CPU, norm="rmsnorm", pos_emb="rope", qk_norm=True, activation="swiglu", mlp_hidden=344,
+        optimizer="muon", muon_lr=0.02),
+    # The same switches at shakespeare-char's size (H = 1024 = 8C/3).
+    "modern-gpu": replace(
+        NANOGPT_CPU, n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
+        max_iters=5000, lr_decay_iters=5000, eval_iters=200, tie_weights=False, norm="rmsnorm",
+        pos_emb="rope", qk_norm=True, activation="swiglu", mlp_hidden=1024, optimizer="muon",
+        muon_lr=0.02),
     # Seconds, for tests and smoke runs.
     "tiny": replace(
         CPU, n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8, max_iters=40,

@@ -94,11 +94,21 @@ def _nanogpt(obj: dict, path: Path) -> Checkpoint:
 
 
 def _to_numpy(sd: dict, path: Path) -> dict[str, np.ndarray]:
-    """Tensors -> float32 ndarrays (bf16/fp16 widened); CheckpointError for anything else."""
+    """Tensors -> float32 ndarrays: float32 as it is, bfloat16/float16 widened (exactly).
+
+    float64 is refused (CheckpointError), not narrowed: both backends hold float32 weights, and
+    rounding a float64 state dict to float32 here would change the weights without a word. Neither
+    train_torch.py nor nanoGPT writes float64; anything else that is not a floating-point tensor:
+    CheckpointError too.
+    """
     out = {}
     for name, t in sd.items():
         if not torch.is_tensor(t) or not t.is_floating_point():
             raise CheckpointError(f"{path}: entry {name!r} of the state dict is not a floating-point tensor")
+        if t.dtype == torch.float64:
+            raise CheckpointError(f"{path}: entry {name!r} is float64; the models here hold float32 weights and "
+                                  "narrowing would change them silently; save the state dict as float32 "
+                                  "({k: v.float() ...}) and load that")
         out.update(state_dict_to_params({name: t.float() if t.dtype != torch.float32 else t}))
     return out
 

@@ -1,9 +1,15 @@
 """One model configuration, shared by npgpt (NumPy) and torchgpt (PyTorch)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
+# The lecture's activations: what npgpt's model and the training scripts take today.
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
+# The modern block's (issue 11): relu(x)**2, and the gated silu(gate) * up.
+MODERN_ACTIVATIONS = ("relu2", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+POS_EMBS = ("learned", "rope")
 
 
 @dataclass
@@ -18,6 +24,17 @@ class GPTConfig:
     activation: "relu" (the lecture's FeedForward), "gelu" (exact erf form, nn.GELU()) or
         "gelu_tanh" (GPT-2's tanh approximation).
     tie_weights: the output head reuses `transformer.wte.weight` instead of its own `lm_head.weight`.
+
+    The modern block (each a switch; the defaults are the lecture's model exactly):
+    activation also takes "relu2" (relu(x)**2) and "swiglu" (silu(gate) * up: c_fc is (2H, C),
+        rows [0, H) the gate, rows [H, 2H) the up projection).
+    mlp_hidden: the MLP's hidden width H; None means 4 * n_embd.
+    norm: "layernorm" or "rmsnorm" (x / sqrt(mean(x**2) + eps) * w, no bias whatever `bias` says).
+    norm_eps: the eps of every norm (ln_1, ln_2, ln_f, and q_norm/k_norm).
+    pos_emb: "learned" (`transformer.wpe.weight`) or "rope" (rotary embeddings of q and k in the
+        rotate-half convention, no wpe; needs an even head size).
+    rope_theta: RoPE's base: inv_freq[i] = rope_theta ** (-2i / hs).
+    qk_norm: RMSNorm over hs of q and of k of every head, after the split and before RoPE.
     """
 
     vocab_size: int
@@ -29,6 +46,12 @@ class GPTConfig:
     bias: bool = True
     activation: str = "gelu"
     tie_weights: bool = True
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    pos_emb: str = "learned"
+    rope_theta: float = 10000.0
+    qk_norm: bool = False
+    mlp_hidden: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -42,24 +65,48 @@ class GPTConfig:
             )
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must lie in [0, 1), got {self.dropout!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"GPTConfig.activation={self.activation!r} is unknown; use one of {', '.join(ACTIVATIONS)}"
-            )
-        for name in ("bias", "tie_weights"):
+        for name, allowed in (("activation", ACTIVATIONS + MODERN_ACTIVATIONS), ("norm", NORMS),
+                              ("pos_emb", POS_EMBS)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"GPTConfig.{name}={value!r} is unknown; use one of {', '.join(allowed)}")
+        for name in ("bias", "tie_weights", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"GPTConfig.{name} must be a positive number, got {value!r}")
+        hidden = self.mlp_hidden
+        if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden <= 0):
+            raise ValueError(f"GPTConfig.mlp_hidden must be a positive integer or None (4 * n_embd), "
+                             f"got {hidden!r}")
+        if self.pos_emb == "rope" and self.head_size % 2 != 0:
+            raise ValueError(
+                f"GPTConfig.pos_emb='rope' needs an even head size, got n_embd // n_head = "
+                f"{self.n_embd} // {self.n_head} = {self.head_size}; choose n_embd / n_head even"
+            )
 
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        """H, the MLP's hidden width: mlp_hidden, or 4 * n_embd when it is None."""
+        return 4 * self.n_embd if self.mlp_hidden is None else self.mlp_hidden
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
-        """Build from a plain dict (e.g. a checkpoint); unknown keys are an error, not ignored."""
+        """Build from a plain dict (e.g. a checkpoint); unknown keys are an error, not ignored.
+
+        Missing keys take their defaults, so a checkpoint saved before a field existed (the
+        modern-block fields) loads as the model it was: layernorm, learned positions, 4C MLP.
+        """
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(d) - known)
         if unknown:

@@ -323,26 +323,41 @@ class KVSlot(NamedTuple):
 
 
 class AttentionCache(NamedTuple):
-    q: np.ndarray  # (B, nh, T, hs)
+    q: np.ndarray  # (B, nh, T, hs) as the scores see it (after QK-norm and RoPE, if any)
     k: np.ndarray  # (B, nh, T, hs)
     v: np.ndarray  # (B, nh, T, hs)
     att: np.ndarray  # (B, nh, T, T) the attention probabilities
     att_mask: np.ndarray | None  # their dropout mask, None without dropout
     scale: float  # 1 / sqrt(hs)
+    q_norm: RMSNormCache | None = None  # QK-norm of q and of k; None without qk_norm
+    k_norm: RMSNormCache | None = None
+    q_rope: RopeCache | None = None  # RoPE of q and of k; None with learned positions
+    k_rope: RopeCache | None = None
 
 
 def attention_forward(qkv: np.ndarray, n_head: int, dropout_p: float = 0.0,
                       rng: np.random.Generator | None = None, mask: np.ndarray | None = None,
-                      kv: KVSlot | None = None):
+                      kv: KVSlot | None = None, q_norm: np.ndarray | None = None,
+                      k_norm: np.ndarray | None = None, norm_eps: float = 1e-5, rope=None):
     """Causal self-attention on the fused qkv (B, T, 3C) -> y (B, T, C).
 
     att = softmax(q k^T / sqrt(hs) with the future masked to -inf); y = dropout(att) v, per head.
     Dropout (applied to att when dropout_p > 0) takes `mask` if given, else draws from `rng`.
     With `kv` (decoding) the T new keys and values are stored after the kv.length cached ones and
     the queries attend over all of them; the cache then serves no backward.
+    The modern block (issue 11), between the head split and the scores: q_norm, k_norm (hs,)
+    gains: QK-norm, rmsnorm_forward over hs with norm_eps; then rope (RopeAngles of the T new
+    positions, from rope_angles): q and k rotated. Keys enter the KV cache normed and rotated.
     """
     C = qkv.shape[-1] // 3
     q, k, v = (split_heads(part, n_head) for part in np.split(qkv, 3, axis=-1))  # (B, nh, T, hs)
+    c_qnorm = c_knorm = c_qrope = c_krope = None
+    if q_norm is not None:  # QK-norm, before RoPE (Qwen3's order)
+        q, c_qnorm = rmsnorm_forward(q, q_norm, norm_eps)
+        k, c_knorm = rmsnorm_forward(k, k_norm, norm_eps)
+    if rope is not None:
+        q, c_qrope = rope_forward(q, rope.cos, rope.sin)
+        k, c_krope = rope_forward(k, rope.cos, rope.sin)
     if kv is not None:
         end = kv.length + q.shape[2]
         kv.k[:, :, kv.length:end] = k
@@ -356,7 +371,7 @@ def attention_forward(qkv: np.ndarray, n_head: int, dropout_p: float = 0.0,
         att_used, drop_cache = dropout_forward(att, dropout_p, rng, mask)
         att_mask = drop_cache.mask
     y = merge_heads(att_used @ v)  # (B, nh, T, Tk) @ (B, nh, Tk, hs) -> (B, nh, T, hs) -> (B, T, C)
-    return y, AttentionCache(q, k, v, att, att_mask, scale)
+    return y, AttentionCache(q, k, v, att, att_mask, scale, c_qnorm, c_knorm, c_qrope, c_krope)
 
 
 def attention_backward(dout: np.ndarray, cache: AttentionCache):
@@ -364,7 +379,9 @@ def attention_backward(dout: np.ndarray, cache: AttentionCache):
 
     dV = A^T dY;  dA = dY V^T (through dropout);  dS = softmax_backward(dA);
     dQ = dS K * scale;  dK = dS^T Q * scale. Masked entries have A = 0, so they pass nothing back.
-    See docs/gradients.md#attention.
+    With RoPE, dQ and dK are rotated back (rope_backward); with QK-norm they then go through
+    rmsnorm_backward, and the result is (dqkv, dq_norm, dk_norm), the gains' gradients included.
+    See docs/gradients.md#attention and docs/gradients.md#qk-norm.
     """
     q, k, v, att, att_mask, scale = cache.q, cache.k, cache.v, cache.att, cache.att_mask, cache.scale
     n_head = q.shape[1]
@@ -377,6 +394,14 @@ def attention_backward(dout: np.ndarray, cache: AttentionCache):
     (dscores,) = softmax_backward(datt, SoftmaxCache(att))  # (B, nh, T, T)
     dq = (dscores @ k) * scale  # (B, nh, T, hs)
     dk = (dscores.transpose(0, 1, 3, 2) @ q) * scale  # (B, nh, T, hs)
+    if cache.q_rope is not None:  # RoPE: the rotation by -angle
+        (dq,) = rope_backward(dq, cache.q_rope)
+        (dk,) = rope_backward(dk, cache.k_rope)
+    if cache.q_norm is not None:  # QK-norm: rmsnorm_backward, and the gains' gradients
+        dq, dq_norm = rmsnorm_backward(dq, cache.q_norm)
+        dk, dk_norm = rmsnorm_backward(dk, cache.k_norm)
+        dqkv = np.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)  # (B, T, 3C)
+        return dqkv, dq_norm, dk_norm
     return (np.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1),)
 
 
@@ -422,36 +447,40 @@ def cross_entropy_backward(dloss, cache: CrossEntropyCache):
 
 class BlockCache(NamedTuple):
     activation: str  # which of ACTIVATION_FUNCTIONS the MLP used
-    ln_1: LayerNormCache
+    ln_1: LayerNormCache | RMSNormCache
     c_attn: LinearCache  # h -> qkv (B, T, 3C)
     attention: AttentionCache
     attn_c_proj: LinearCache
     attn_dropout: DropoutCache | None  # on the attention branch, None without dropout
-    ln_2: LayerNormCache
-    c_fc: LinearCache  # h -> (B, T, 4C)
-    act: ReluCache | GeluCache | GeluTanhCache
+    ln_2: LayerNormCache | RMSNormCache
+    c_fc: LinearCache  # h -> (B, T, H), (B, T, 2H) for swiglu
+    act: ReluCache | GeluCache | GeluTanhCache | Relu2Cache | SwigluCache
     mlp_c_proj: LinearCache
     mlp_dropout: DropoutCache | None  # on the MLP branch
 
 
 def block_forward(x: np.ndarray, p: dict, n_head: int, activation: str = "gelu",
                   dropout_p: float = 0.0, rng: np.random.Generator | None = None,
-                  masks: list | None = None, kv: KVSlot | None = None):
+                  masks: list | None = None, kv: KVSlot | None = None, norm: str = "layernorm",
+                  norm_eps: float = LAYERNORM_EPS, rope=None):
     """x = x + drop(c_proj(attn(ln_1(x)))); x = x + drop(mlp_c_proj(act(c_fc(ln_2(x))))).
 
     `p` holds this block's parameters under nanoGPT's local names ("ln_1.weight", "attn.c_attn.weight",
     ...; ".bias" entries optional). Dropout runs when dropout_p > 0 or masks are given; `masks` is
     [attention probabilities, attention residual, mlp residual]. `kv` (decoding, no dropout) is
     passed to attention_forward. Returns (out, BlockCache).
+    The modern block: norm "layernorm" or "rmsnorm" (ln_1, ln_2, eps norm_eps); QK-norm when p has
+    "attn.q_norm.weight"; rope (RopeAngles) for RoPE; activation "relu2" or "swiglu".
     """
     act_forward, _ = ACTIVATION_FUNCTIONS[activation]
     m_att, m_res1, m_res2 = masks if masks is not None else (None, None, None)
     use_dropout = dropout_p > 0.0 or masks is not None
 
     # attention branch
-    h, c_ln1 = layernorm_forward(x, p["ln_1.weight"], p.get("ln_1.bias"))
+    h, c_ln1 = _norm_forward(x, p, "ln_1", norm, norm_eps)
     qkv, c_attn = linear_forward(h, p["attn.c_attn.weight"], p.get("attn.c_attn.bias"))  # (B, T, 3C)
-    a, c_att = attention_forward(qkv, n_head, dropout_p, rng, m_att, kv)  # (B, T, C)
+    a, c_att = attention_forward(qkv, n_head, dropout_p, rng, m_att, kv, p.get("attn.q_norm.weight"),
+                                 p.get("attn.k_norm.weight"), norm_eps, rope)  # (B, T, C)
     a, c_aproj = linear_forward(a, p["attn.c_proj.weight"], p.get("attn.c_proj.bias"))
     c_drop1 = None
     if use_dropout:
@@ -459,9 +488,9 @@ def block_forward(x: np.ndarray, p: dict, n_head: int, activation: str = "gelu",
     x_mid = x + a  # residual
 
     # MLP branch
-    h, c_ln2 = layernorm_forward(x_mid, p["ln_2.weight"], p.get("ln_2.bias"))
-    h, c_fc = linear_forward(h, p["mlp.c_fc.weight"], p.get("mlp.c_fc.bias"))  # (B, T, 4C)
-    h, c_act = act_forward(h)
+    h, c_ln2 = _norm_forward(x_mid, p, "ln_2", norm, norm_eps)
+    h, c_fc = linear_forward(h, p["mlp.c_fc.weight"], p.get("mlp.c_fc.bias"))  # (B, T, H) or (B, T, 2H)
+    h, c_act = act_forward(h)  # (B, T, H)
     h, c_mproj = linear_forward(h, p["mlp.c_proj.weight"], p.get("mlp.c_proj.bias"))  # (B, T, C)
     c_drop2 = None
     if use_dropout:
@@ -501,7 +530,7 @@ def block_backward(dout: np.ndarray, cache: BlockCache):
     dh, dw, db = linear_backward(dh, cache.mlp_c_proj); put("mlp.c_proj", dw, db)
     (dh,) = act_backward(dh, cache.act)
     dh, dw, db = linear_backward(dh, cache.c_fc); put("mlp.c_fc", dw, db)
-    dh, dw, db = layernorm_backward(dh, cache.ln_2); put("ln_2", dw, db)
+    dh, dw, db = _norm_backward(dh, cache.ln_2); put("ln_2", dw, db)
     dx_mid = dout + dh  # residual fan-in: straight path + MLP branch
 
     # attention branch: x_mid = x + a
@@ -509,8 +538,168 @@ def block_backward(dout: np.ndarray, cache: BlockCache):
     if cache.attn_dropout is not None:
         (da,) = dropout_backward(da, cache.attn_dropout)
     da, dw, db = linear_backward(da, cache.attn_c_proj); put("attn.c_proj", dw, db)
-    (dqkv,) = attention_backward(da, cache.attention)
+    dqkv, *dqk_norm = attention_backward(da, cache.attention)
+    if dqk_norm:  # QK-norm's gains
+        grads["attn.q_norm.weight"], grads["attn.k_norm.weight"] = dqk_norm
     dh, dw, db = linear_backward(dqkv, cache.c_attn); put("attn.c_attn", dw, db)
-    dh, dw, db = layernorm_backward(dh, cache.ln_1); put("ln_1", dw, db)
+    dh, dw, db = _norm_backward(dh, cache.ln_1); put("ln_1", dw, db)
     dx = dx_mid + dh  # residual fan-in
     return dx, grads
+
+
+# --------------------------------------------------------------------------------------------
+# The modern block: RMSNorm, rotary position embeddings (RoPE), ReLU², SwiGLU
+# --------------------------------------------------------------------------------------------
+# Plain formulas, one expression per line, each cache a NamedTuple. QK-norm is rmsnorm_forward
+# applied over hs to q and to k of every head, so it has no pair of its own.
+
+
+RMSNORM_EPS = 1e-5  # GPTConfig.norm_eps's default
+
+
+class RMSNormCache(NamedTuple):
+    xhat: np.ndarray  # (..., C) x * rstd
+    rstd: np.ndarray  # (..., 1) 1 / sqrt(mean(x^2) + eps)
+    w: np.ndarray  # (C,) the gain
+
+
+def rmsnorm_forward(x: np.ndarray, w: np.ndarray, eps: float = RMSNORM_EPS):
+    """out = x / sqrt(mean(x^2) + eps) * w over the last axis. x (..., C), w (C,). No bias."""
+    mean_square = np.mean(x * x, axis=-1, keepdims=True)  # (..., 1)
+    rstd = 1.0 / np.sqrt(mean_square + eps)  # (..., 1)
+    xhat = x * rstd  # (..., C)
+    out = xhat * w  # (..., C)
+    return out, RMSNormCache(xhat, rstd, w)
+
+
+def rmsnorm_backward(dout: np.ndarray, cache: RMSNormCache):
+    """dx = rstd * (g - xhat * mean(g * xhat)) with g = dout * w;  dw = sum over rows of dout * xhat.
+
+    One mean term where layernorm has two: there is no mean subtracted, only the scale path.
+    Returns (dx, dw). See docs/gradients.md#rmsnorm.
+    """
+    g = dout * cache.w  # (..., C) gradient w.r.t. xhat
+    mean_gx = np.mean(g * cache.xhat, axis=-1, keepdims=True)  # (..., 1)
+    dx = cache.rstd * (g - cache.xhat * mean_gx)
+    dw = _sum_to_last_axis(dout * cache.xhat)
+    return dx, dw
+
+
+class RopeAngles(NamedTuple):
+    cos: np.ndarray  # (T, hs) cos(angle[t]), angle duplicated to both halves
+    sin: np.ndarray  # (T, hs)
+
+
+def rope_angles(T: int, head_size: int, theta: float = 10000.0, offset: int = 0,
+                dtype=np.float64) -> RopeAngles:
+    """cos and sin (T, hs) of the rotation angles of positions offset .. offset + T - 1.
+
+    inv_freq[i] = theta ** (-2i / hs) for i < hs/2;  angle[t] = t * inv_freq, duplicated to hs
+    (cat(angle, angle), HF Llama's rotate-half layout). Computed in float64, then cast to dtype.
+    """
+    inv_freq = theta ** (-np.arange(0, head_size, 2, dtype=np.float64) / head_size)  # (hs/2,)
+    positions = np.arange(offset, offset + T, dtype=np.float64)  # (T,)
+    angle = np.outer(positions, inv_freq)  # (T, hs/2)
+    angle = np.concatenate([angle, angle], axis=-1)  # (T, hs)
+    return RopeAngles(np.cos(angle).astype(dtype), np.sin(angle).astype(dtype))
+
+
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    """cat(-x[..., hs/2:], x[..., :hs/2]): turns each pair (x_i, x_{i+hs/2}) by +90 degrees."""
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+class RopeCache(NamedTuple):
+    cos: np.ndarray  # (T, hs)
+    sin: np.ndarray  # (T, hs)
+
+
+def rope_forward(x: np.ndarray, cos: np.ndarray, sin: np.ndarray):
+    """out = x * cos + rotate_half(x) * sin.  x (B, nh, T, hs), cos and sin (T, hs) from rope_angles.
+
+    Each pair (x_i, x_{i+hs/2}) at position t is rotated by angle[t, i].
+    """
+    out = x * cos + rotate_half(x) * sin  # (B, nh, T, hs)
+    return out, RopeCache(cos, sin)
+
+
+def rope_backward(dout: np.ndarray, cache: RopeCache):
+    """dx = dout * cos - rotate_half(dout) * sin: the rotation by -angle (a rotation's transpose
+    is its inverse). Returns (dx,); cos and sin are constants. See docs/gradients.md#rope.
+    """
+    dx = dout * cache.cos - rotate_half(dout) * cache.sin
+    return (dx,)
+
+
+class Relu2Cache(NamedTuple):
+    relu_x: np.ndarray  # max(x, 0)
+
+
+def relu2_forward(x: np.ndarray):
+    """out = relu(x)^2 (the "squared ReLU" of Primer and the nanoGPT speedruns)."""
+    relu_x = np.maximum(x, 0)
+    out = relu_x * relu_x
+    return out, Relu2Cache(relu_x)
+
+
+def relu2_backward(dout: np.ndarray, cache: Relu2Cache):
+    """dx = dout * 2 relu(x): continuous at 0, so no kink convention is needed.
+
+    Returns (dx,). See docs/gradients.md#squared-relu.
+    """
+    dx = dout * 2.0 * cache.relu_x
+    return (dx,)
+
+
+class SwigluCache(NamedTuple):
+    gate: np.ndarray  # (..., H) the first half of the input
+    up: np.ndarray  # (..., H) the second half
+    sig: np.ndarray  # (..., H) sigmoid(gate)
+
+
+def swiglu_forward(x: np.ndarray):
+    """out = silu(gate) * up with gate, up = x[..., :H], x[..., H:].  x (..., 2H) -> (..., H).
+
+    silu(g) = g * sigmoid(g). sigmoid(g) = (1 + tanh(g / 2)) / 2 is the same function as
+    1 / (1 + exp(-g)) but cannot overflow.
+    """
+    H = x.shape[-1] // 2
+    gate = x[..., :H]  # (..., H)
+    up = x[..., H:]  # (..., H)
+    sig = 0.5 * (1.0 + np.tanh(0.5 * gate))  # (..., H)
+    out = gate * sig * up  # (..., H)
+    return out, SwigluCache(gate, up, sig)
+
+
+def swiglu_backward(dout: np.ndarray, cache: SwigluCache):
+    """dgate = dout * up * silu'(gate), silu'(g) = sig * (1 + g * (1 - sig));  dup = dout * silu(gate).
+
+    The product rule on silu(gate) * up; dx = cat(dgate, dup) (..., 2H). Returns (dx,).
+    See docs/gradients.md#swiglu.
+    """
+    gate, up, sig = cache
+    dsilu = sig * (1.0 + gate * (1.0 - sig))  # (..., H) d silu / d gate
+    dgate = dout * up * dsilu
+    dup = dout * gate * sig
+    dx = np.concatenate([dgate, dup], axis=-1)  # (..., 2H)
+    return (dx,)
+
+
+ACTIVATION_FUNCTIONS["relu2"] = (relu2_forward, relu2_backward)
+ACTIVATION_FUNCTIONS["swiglu"] = (swiglu_forward, swiglu_backward)
+
+
+def _norm_forward(x: np.ndarray, p: dict, prefix: str, norm: str, eps: float):
+    """The block's ln_1 / ln_2: layernorm_forward (bias if p has one) or rmsnorm_forward."""
+    if norm == "rmsnorm":
+        return rmsnorm_forward(x, p[prefix + ".weight"], eps)
+    return layernorm_forward(x, p[prefix + ".weight"], p.get(prefix + ".bias"), eps)
+
+
+def _norm_backward(dout: np.ndarray, cache):
+    """(dx, dw, db) of either norm, chosen by its cache; db is None for RMSNorm (no bias)."""
+    if isinstance(cache, RMSNormCache):
+        dx, dw = rmsnorm_backward(dout, cache)
+        return dx, dw, None
+    return layernorm_backward(dout, cache)

@@ -20,6 +20,7 @@ BLOCK_PARAM_NAMES = (  # one block's parameters, local names, in nanoGPT order
     "ln_1.weight", "ln_1.bias",
     "attn.c_attn.weight", "attn.c_attn.bias",
     "attn.c_proj.weight", "attn.c_proj.bias",
+    "attn.q_norm.weight", "attn.k_norm.weight",  # QK-norm only (issue 11)
     "ln_2.weight", "ln_2.bias",
     "mlp.c_fc.weight", "mlp.c_fc.bias",
     "mlp.c_proj.weight", "mlp.c_proj.bias",
@@ -27,23 +28,39 @@ BLOCK_PARAM_NAMES = (  # one block's parameters, local names, in nanoGPT order
 
 
 def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter's name and shape, in nanoGPT's named_parameters() order."""
-    V, C, L = config.vocab_size, config.n_embd, config.n_layer
+    """Every parameter's name and shape, in nanoGPT's named_parameters() order.
+
+    The modern switches: no wpe with RoPE; no norm biases with RMSNorm; q_norm and k_norm (hs,)
+    with QK-norm; the MLP's hidden width H = config.mlp_hidden_size, c_fc (2H, C) for swiglu.
+    """
+    V, C, L, H = config.vocab_size, config.n_embd, config.n_layer, config.mlp_hidden_size
+    n_fc = 2 * H if config.activation == "swiglu" else H  # swiglu: gate rows, then up rows
     local = {
         "ln_1.weight": (C,), "ln_1.bias": (C,),
         "attn.c_attn.weight": (3 * C, C), "attn.c_attn.bias": (3 * C,),
         "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+        "attn.q_norm.weight": (config.head_size,), "attn.k_norm.weight": (config.head_size,),
         "ln_2.weight": (C,), "ln_2.bias": (C,),
-        "mlp.c_fc.weight": (4 * C, C), "mlp.c_fc.bias": (4 * C,),
-        "mlp.c_proj.weight": (C, 4 * C), "mlp.c_proj.bias": (C,),
+        "mlp.c_fc.weight": (n_fc, C), "mlp.c_fc.bias": (n_fc,),
+        "mlp.c_proj.weight": (C, H), "mlp.c_proj.bias": (C,),
     }
-    shapes = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (config.block_size, C)}
+    norm_bias = config.bias and config.norm == "layernorm"  # RMSNorm has no bias
+    absent = set()
+    if not config.bias:
+        absent |= {name for name in BLOCK_PARAM_NAMES if name.endswith(".bias")}
+    if not norm_bias:
+        absent |= {"ln_1.bias", "ln_2.bias"}
+    if not config.qk_norm:
+        absent |= {"attn.q_norm.weight", "attn.k_norm.weight"}
+    shapes = {"transformer.wte.weight": (V, C)}
+    if config.pos_emb == "learned":  # with RoPE, positions are rotations of q and k instead
+        shapes["transformer.wpe.weight"] = (config.block_size, C)
     for i in range(L):
         for name in BLOCK_PARAM_NAMES:
-            if config.bias or not name.endswith(".bias"):
+            if name not in absent:
                 shapes[f"transformer.h.{i}.{name}"] = local[name]
     shapes["transformer.ln_f.weight"] = (C,)
-    if config.bias:
+    if norm_bias:
         shapes["transformer.ln_f.bias"] = (C,)
     if not config.tie_weights:
         shapes["lm_head.weight"] = (V, C)
@@ -52,13 +69,14 @@ def param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
 
 def init_params(config: GPTConfig, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
     """nanoGPT's initialisation: N(0, 0.02) weights and embeddings, N(0, 0.02/sqrt(2L)) for the
-    c_proj weights that write into the residual stream, zero biases, unit layernorm gains."""
+    c_proj weights that write into the residual stream, zero biases, unit norm gains (ln_*, and
+    QK-norm's q_norm, k_norm)."""
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in param_shapes(config).items():
         if name.endswith(".bias"):
             value = np.zeros(shape)
-        elif ".ln_" in name:
+        elif ".ln_" in name or name.endswith("_norm.weight"):
             value = np.ones(shape)
         elif name.endswith("c_proj.weight"):
             value = rng.normal(0.0, 0.02 / math.sqrt(2 * config.n_layer), shape)
@@ -95,7 +113,7 @@ class GPTCache(NamedTuple):
     embedding: reference_layers.EmbeddingCache
     embedding_dropout: reference_layers.DropoutCache | None
     blocks: list  # one BlockCache per block
-    ln_f: reference_layers.LayerNormCache
+    ln_f: reference_layers.LayerNormCache | reference_layers.RMSNormCache
     lm_head: reference_layers.LinearCache
     loss: reference_layers.CrossEntropyCache | None  # None when forward had no targets
 
@@ -135,6 +153,26 @@ class GPT:
         prefix = f"transformer.h.{i}."
         return {k[len(prefix):]: v for k, v in self.params.items() if k.startswith(prefix)}
 
+    def block_options(self, rope) -> dict:
+        """The keyword arguments of block_forward that the config's switches set."""
+        cfg = self.config
+        return dict(norm=cfg.norm, norm_eps=cfg.norm_eps, rope=rope)
+
+    def rope(self, T: int, start: int = 0):
+        """RoPE's cos and sin (T, hs) for positions start .. start + T - 1, or None (learned wpe)."""
+        cfg = self.config
+        if cfg.pos_emb != "rope":
+            return None
+        return reference_layers.rope_angles(T, cfg.head_size, cfg.rope_theta, start, self.dtype)
+
+    def ln_f_forward(self, x: np.ndarray):
+        """The final norm: layernorm (bias optional) or RMSNorm, as the config says."""
+        cfg, P, L = self.config, self.params, self.layers
+        if cfg.norm == "rmsnorm":
+            return L.rmsnorm_forward(x, P["transformer.ln_f.weight"], cfg.norm_eps)
+        return L.layernorm_forward(x, P["transformer.ln_f.weight"], P.get("transformer.ln_f.bias"),
+                                   cfg.norm_eps)
+
     @property
     def head_weight(self) -> np.ndarray:
         """The output projection (V, C): wte itself when the weights are tied."""
@@ -169,7 +207,8 @@ class GPT:
         # at the end: otherwise both sets are alive at once and the forward's memory peak doubles.
         self._cache = None
 
-        x, c_emb = L.embedding_forward(idx, P["transformer.wte.weight"], P["transformer.wpe.weight"])
+        x, c_emb = L.embedding_forward(idx, P["transformer.wte.weight"], P.get("transformer.wpe.weight"))
+        rope = self.rope(idx.shape[1])  # None with learned positions
         c_drop = None
         if use_dropout:
             x, c_drop = L.dropout_forward(x, p, self.rng, masks[0] if masks else None)
@@ -177,9 +216,9 @@ class GPT:
         for i in range(cfg.n_layer):
             block_masks = masks[1 + 3 * i: 4 + 3 * i] if masks else None
             x, c = L.block_forward(x, self.block_params(i), cfg.n_head, cfg.activation, p, self.rng,
-                                   block_masks)
+                                   block_masks, **self.block_options(rope))
             c_blocks.append(c)
-        x, c_lnf = L.layernorm_forward(x, P["transformer.ln_f.weight"], P.get("transformer.ln_f.bias"))
+        x, c_lnf = self.ln_f_forward(x)
         logits, c_head = L.linear_forward(x, self.head_weight)  # (B, T, V)
 
         self.last_dropout_masks = ([c_drop.mask] + [m for c in c_blocks for m in L.block_dropout_masks(c)]
@@ -209,16 +248,21 @@ class GPT:
 
         (dlogits,) = L.cross_entropy_backward(1.0, cache.loss)  # (B, T, V)
         dx, dhead, _ = L.linear_backward(dlogits, cache.lm_head)  # dhead (V, C)
-        dx, grads["transformer.ln_f.weight"], db = L.layernorm_backward(dx, cache.ln_f)
-        if db is not None:
-            grads["transformer.ln_f.bias"] = db
+        if cfg.norm == "rmsnorm":
+            dx, grads["transformer.ln_f.weight"] = L.rmsnorm_backward(dx, cache.ln_f)
+        else:
+            dx, grads["transformer.ln_f.weight"], db = L.layernorm_backward(dx, cache.ln_f)
+            if db is not None:
+                grads["transformer.ln_f.bias"] = db
         for i in reversed(range(cfg.n_layer)):
             dx, block_grads = L.block_backward(dx, cache.blocks[i])
             for name, g in block_grads.items():
                 grads[f"transformer.h.{i}.{name}"] = g
         if cache.embedding_dropout is not None:
             (dx,) = L.dropout_backward(dx, cache.embedding_dropout)
-        dwte, grads["transformer.wpe.weight"] = L.embedding_backward(dx, cache.embedding)
+        dwte, dwpe = L.embedding_backward(dx, cache.embedding)
+        if dwpe is not None:  # None with RoPE: no wpe
+            grads["transformer.wpe.weight"] = dwpe
         if cfg.tie_weights:
             grads["transformer.wte.weight"] = dwte + dhead  # one matrix used twice: the two gradients add
         else:
@@ -247,13 +291,17 @@ class GPT:
         if start + Tn > cfg.block_size:
             raise ValueError(f"KV cache holds {start} positions; {Tn} more exceed block_size {cfg.block_size}")
         L = self.layers
-        # wpe[start:] puts the new tokens at positions start, start + 1, ...
-        x, _ = L.embedding_forward(idx_new, P["transformer.wte.weight"], P["transformer.wpe.weight"][start:])
+        # wpe[start:] puts the new tokens at positions start, start + 1, ...; RoPE's angles
+        # are those of the same positions (the cached keys were rotated at theirs)
+        wpe = P["transformer.wpe.weight"][start:] if "transformer.wpe.weight" in P else None
+        x, _ = L.embedding_forward(idx_new, P["transformer.wte.weight"], wpe)
+        rope = self.rope(Tn, start)
         for i in range(cfg.n_layer):  # each block stores its new keys and values in its slot
             slot = KVSlot(kv.k[i], kv.v[i], start)
-            x, _ = L.block_forward(x, self.block_params(i), cfg.n_head, cfg.activation, kv=slot)
+            x, _ = L.block_forward(x, self.block_params(i), cfg.n_head, cfg.activation, kv=slot,
+                                   **self.block_options(rope))
         kv.length = start + Tn
-        x, _ = L.layernorm_forward(x, P["transformer.ln_f.weight"], P.get("transformer.ln_f.bias"))
+        x, _ = self.ln_f_forward(x)
         logits, _ = L.linear_forward(x, self.head_weight)  # (B, Tn, V)
         return logits
 

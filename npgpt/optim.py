@@ -161,3 +161,6 @@ def cosine_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: 
     ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
     return min_lr + coeff * (learning_rate - min_lr)
+
+
+from .muon import Muon  # noqa: E402,F401  (issue 11: npgpt.optim.Muon)

@@ -21,6 +21,7 @@ import torch
 
 from parity_tests.test_model import ATTENTIONS, DTYPES, check_model_parity
 from parity_tests.twins import small_config
+from torchgpt.runtime import set_tf32
 
 REQUIRE_ENV = "NPGPT_REQUIRE_CUDA"
 CUDA_REQUIRED = os.environ.get(REQUIRE_ENV, "") not in ("", "0")
@@ -48,13 +49,10 @@ def tf32_settings():
 
 
 def set_tf32_settings(settings) -> None:
-    api, matmul, conv = settings
-    if api == "new":
-        torch.backends.cuda.matmul.fp32_precision = matmul
-        torch.backends.cudnn.conv.fp32_precision = conv
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = matmul
-        torch.backends.cudnn.allow_tf32 = conv
+    """Back to `settings`, through torchgpt.runtime.set_tf32: setting the new API alone would leave
+    the legacy flags unreadable for the rest of the process (inductor reads them)."""
+    _, matmul, conv = settings
+    set_tf32(matmul in (True, "tf32") or conv in (True, "tf32"))
 
 
 def full_precision_settings():
@@ -62,7 +60,10 @@ def full_precision_settings():
 
 
 def tf32_is_off() -> bool:
-    return tf32_settings() == full_precision_settings()
+    """No TF32 anywhere. A cuDNN "none" (new API) inherits the cudnn-wide setting, which the legacy
+    setter turned off with the rest."""
+    _, matmul, conv = tf32_settings()
+    return matmul in (False, "ieee") and conv in (False, "ieee", "none")
 
 
 @pytest.fixture(autouse=True)

@@ -66,9 +66,9 @@ def _code_lines(text: str) -> list[str]:
 
 def test_as_coded_snippets_are_the_code_itself():
     """Every line of every python snippet in docs/gradients.md (but `...`) is a line of the
-    reference (npgpt/layers.py, model.py, optim.py): when the code changes, the docs must too."""
+    reference (npgpt/layers.py, model.py, optim.py, muon.py): when the code changes, the docs must too."""
     source = set()
-    for name in ("layers.py", "model.py", "optim.py"):
+    for name in ("layers.py", "model.py", "optim.py", "muon.py"):
         source.update(_code_lines((ROOT / "npgpt" / name).read_text()))
     snippets = re.findall(r"```python\n(.*?)```", GRADIENTS, flags=re.S)
     assert len(snippets) >= 12

@@ -270,8 +270,9 @@ def test_cuda_parity_without_cuda_fails_when_required():
 
 
 def test_tf32_settings_readable_and_restored_after_set_tf32():
-    """After torchgpt's set_tf32 (the new API where torch has it), the parity fixture's helpers read,
-    switch off and restore TF32 without touching the legacy flags (which would raise). In a fresh
+    """After torchgpt's set_tf32, the parity fixture's helpers read TF32 through the API this torch
+    has, switch it off and restore it through set_tf32 (so the legacy flags stay readable: the new
+    setters alone would make them raise), and the legacy flags read the same. In a fresh
     interpreter: the TF32 state is process-wide."""
     code = """
 import torch
@@ -283,8 +284,10 @@ assert saved[0] == ("new" if hasattr(torch.backends.cuda.matmul, "fp32_precision
 assert not tf32_is_off()
 set_tf32_settings(full_precision_settings())
 assert tf32_is_off(), tf32_settings()
+assert torch.backends.cuda.matmul.allow_tf32 is False and torch.get_float32_matmul_precision() == "highest"
 set_tf32_settings(saved)
 assert tf32_settings() == saved
+assert torch.backends.cuda.matmul.allow_tf32 is True
 print("ok", saved)
 """
     res = run(["-c", code])

@@ -24,7 +24,8 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare
 GRADCHECK_LINE = re.compile(r"^gradcheck (?P<title>[^:]+): (?P<errors>.+)$", re.MULTILINE)
 # every layer the notebook introduces must be gradchecked in it
 EXPECTED_CHECKS = {"embedding (wte, wpe)", "cross_entropy", "linear", "softmax", "attention, 1 head",
-                   "attention, 4 heads", "layernorm", "relu", "gelu", "gelu_tanh", "block", "GPT"}
+                   "attention, 4 heads", "layernorm", "relu", "gelu", "gelu_tanh", "block", "GPT",
+                   "rmsnorm", "rope", "swiglu", "relu2", "modern GPT"}  # section 9, the modern block
 
 
 def read_notebook():

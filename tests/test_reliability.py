@@ -288,7 +288,8 @@ def test_ctrl_c_under_torchrun_every_rank_saves_once_and_exits_130(tmp_path):
     from test_train_ddp import ddp_env, free_port
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "train_torch.py"),
-           *map(str, tiny_args(out, "--max_iters", 100000, "--eval_interval", 100000, "--device", "cpu"))]
+           *map(str, tiny_args(out, "--max_iters", 100000, "--eval_interval", 100000, "--device", "cpu",
+                               "--gradient_accumulation_steps", 2))]  # one micro-batch per rank
     port = free_port()
     env = {r: ddp_env(port, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", TORCHELASTIC_RUN_ID="test")
            for r in (0, 1)}

@@ -1,8 +1,11 @@
 """DistributedDataParallel on the CPU (gloo, 127.0.0.1): two processes, each on its own half of a
-batch, end a backward with the gradients of one process on the whole batch (float64, 1e-12); and
-train_torch.py itself under torchrun with two processes."""
+batch, end a backward with the gradients of one process on the whole batch (float64, 1e-12), also
+through gradient accumulation (the global batch kept, nanoGPT's rule); the evaluation split
+between the ranks gives one process's mean; train_torch.py itself under torchrun with two
+processes. And gradient accumulation on one process, in both backends."""
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -10,12 +13,20 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 import torch
-from test_train_helpers import ROOT, SUBPROCESS_ENV, check, needs_data, tiny_args
+from test_train_helpers import ROOT, SUBPROCESS_ENV, assert_one_error_line, check, needs_data, run_main, tiny_args
 
-from npgpt.config import GPTConfig
-from torchgpt.model import GPT
+import npgpt
+import npgpt.fast
+from gptapp.backends.numpy import accumulate_gradients as numpy_accumulate
+from gptapp.backends.torch import accumulate_gradients as torch_accumulate
+from gptapp.errors import UsageError
+from gptapp.loop import local_accumulation_steps
 from gptapp.torch_checkpoint import load_torch_checkpoint
+from npgpt.config import GPTConfig
+from torchgpt.convert import load_params
+from torchgpt.model import GPT
 from torchgpt.runtime import DeviceBatches
 
 CFG = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
@@ -86,13 +97,169 @@ def test_two_process_gradients_equal_one_process_on_the_whole_batch(tmp_path):
             check(f"rank {r} {name}", ranks[r]["grads"][name], p.grad, 1e-12)
 
 
+# One rank of a step with gradient accumulation, through the torch backend's own accumulate_gradients;
+# and that backend's estimate_loss with the ranks splitting the evaluation batches.
+ACCUM_WORKER = textwrap.dedent(f"""
+    import argparse, contextlib, sys
+    import numpy as np, torch
+    torch.set_num_threads(1)
+    from dataclasses import replace
+    from gptapp.backends.torch import TorchBackend, accumulate_gradients
+    from gptapp.settings import PRESETS
+    from npgpt.config import GPTConfig
+    from npgpt.data import CharTokenizer, train_val_split
+    from torchgpt.model import GPT
+    from torchgpt.runtime import DeviceBatches, dist_env, init_distributed, shutdown_distributed, wrap_ddp
+    cpu = torch.device("cpu")
+    info = init_distributed(dist_env(), cpu)
+    world = info.world_size
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{CFG!r})).double()
+    data = np.random.default_rng(0).integers(0, {CFG['vocab_size']}, size=500)
+    batches = DeviceBatches(data, {B_PER_RANK}, {CFG['block_size']}, cpu, seed=5, rank=info.rank, world_size=world)
+    drawn, get = [], batches.get
+    batches.get = lambda *a: drawn.append(get(*a)) or drawn[-1]
+    micro = int(sys.argv[2]) // world  # --gradient_accumulation_steps, shared among the ranks
+    loss = accumulate_gradients(wrap_ddp(model, cpu, info), batches, micro, contextlib.nullcontext(), info.enabled)
+
+    # estimate_loss of the backend itself, in float64, eval_iters=5 shared by the ranks
+    text = "".join(np.random.default_rng(1).choice(list("abcdefgh \\n"), size=3000))
+    tok = CharTokenizer.from_text(text)
+    train, val = train_val_split(tok.encode(text))
+    args = argparse.Namespace(device="cpu", dtype="float32", compile=False, attention="sdpa")
+    backend = TorchBackend()
+    backend.start(args)
+    backend.info = info
+    backend.setup(args, replace(PRESETS["tiny"], eval_iters=5, gradient_accumulation_steps=2), tok, train, val, None)
+    backend.raw.double()
+    forwards = []
+    backend.raw.register_forward_hook(lambda *a: forwards.append(1))
+    losses = backend.estimate_loss(20)
+    torch.save({{"x": [x for x, _ in drawn], "y": [y for _, y in drawn], "loss": loss, "losses": losses,
+                "forwards": len(forwards), "grads": {{n: p.grad for n, p in model.named_parameters()}}}}, sys.argv[1])
+    shutdown_distributed(info)
+""")
+
+
+def run_ranks(tmp_path, script: str, world: int, *args) -> list[dict]:
+    worker = tmp_path / "worker.py"
+    worker.write_text(script)
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(worker), str(tmp_path / f"rank{r}.pt"), *map(str, args)],
+                              cwd=ROOT, env=ddp_env(port, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def test_two_ranks_with_accumulation_equal_one_process_on_the_combined_batch(tmp_path):
+    """--gradient_accumulation_steps 4 on 2 ranks: 2 micro-batches each, one all-reduce; the gradient
+    is that of one process on all 4 micro-batches at once (float64, 1e-12). The ranks also split the
+    5 evaluation batches (3 and 2) and report the mean one process gets over the same 5."""
+    ranks = run_ranks(tmp_path, ACCUM_WORKER, 2, 4)
+    assert [len(r["x"]) for r in ranks] == [2, 2], "each rank must run 4 / 2 micro-batches"
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**CFG)).double()
+    x = torch.cat([r["x"][k] for r in ranks for k in range(2)])  # (4 * B, T): the global batch
+    y = torch.cat([r["y"][k] for r in ranks for k in range(2)])
+    assert len(torch.unique(x, dim=0)) == 4 * B_PER_RANK, "micro-batches were drawn twice"
+    _, loss = model(x, y)
+    loss.backward()
+    for name, p in model.named_parameters():
+        for r in (0, 1):
+            check(f"rank {r} {name}", ranks[r]["grads"][name], p.grad, 1e-12)
+
+    (tmp_path / "one").mkdir()
+    one = run_ranks(tmp_path / "one", ACCUM_WORKER, 1, 4)[0]
+    assert len(one["x"]) == 4 and one["forwards"] == 2 * 5
+    assert [r["forwards"] for r in ranks] == [2 * 3, 2 * 2], "the ranks must split the evaluation batches"
+    # estimate_loss sums the batch losses in float32 (as on a GPU): the 2 ranks add them in another
+    # order than one process, a few float32 roundings (~1e-7) apart; the batches are the same
+    for split in ("train", "val"):
+        for r in (0, 1):
+            assert ranks[r]["losses"][split] == ranks[0]["losses"][split], "the ranks disagree"
+        assert abs(ranks[0]["losses"][split] - one["losses"][split]) <= 1e-6 * abs(one["losses"][split]), \
+            (split, ranks[0]["losses"][split], one["losses"][split])
+
+
+def test_accumulation_steps_must_divide_among_the_processes():
+    assert local_accumulation_steps(8, 2) == 4 and local_accumulation_steps(3, 1) == 3
+    with pytest.raises(UsageError, match=r"--gradient_accumulation_steps 1 does not divide among the 2 processes"
+                                         r".*pass a multiple of 2, e.g. --gradient_accumulation_steps 2"):
+        local_accumulation_steps(1, 2)
+    with pytest.raises(UsageError, match="e.g. --gradient_accumulation_steps 12"):
+        local_accumulation_steps(10, 4)
+
+
+@needs_data
+def test_torchrun_with_an_accumulation_that_does_not_divide_is_one_line_before_any_work(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """The check that every rank makes before the process group or the out_dir exist."""
+    for var, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(var, value)
+    out = tmp_path / "out"
+    res = run_main("torch", tiny_args(out, "--device", "cpu", "--gradient_accumulation_steps", 3), capsys)
+    line = assert_one_error_line(res, "--gradient_accumulation_steps 3", "2 processes", "multiple of 2", rc=2)
+    assert line.startswith("error:") and not out.exists()
+
+
+def micro_batches(n: int, seed: int = 0) -> list:
+    rng = np.random.default_rng(seed)
+    return [tuple(rng.integers(0, CFG["vocab_size"], size=(B_PER_RANK, CFG["block_size"])) for _ in "xy")
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("model_class", [npgpt.GPT, npgpt.fast.GPT], ids=["reference", "fast"])
+def test_numpy_accumulation_is_the_gradient_of_the_combined_batch_and_equals_torch(model_class):
+    """3 micro-batches: sum of the micro-batch gradients / 3 == the gradient on all of them at once,
+    and == the torch backend's accumulate_gradients (float64, 1e-12)."""
+    batches = micro_batches(3)
+    model = model_class(GPTConfig(**CFG), seed=3, dtype=np.float64)
+    feed = iter(batches)
+    grads, losses = numpy_accumulate(model, lambda: next(feed), 3)
+    assert len(losses) == 3
+
+    whole = model_class(GPTConfig(**CFG), seed=3, dtype=np.float64)
+    _, loss = whole.forward(np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches]))
+    assert abs(loss - sum(losses) / 3) < 1e-12
+    expected = whole.backward()
+    for name in expected:
+        check(f"numpy {name}", grads[name], expected[name], 1e-12)
+
+    class Fed:
+        """DeviceBatches' get(), feeding the same micro-batches."""
+        def __init__(self):
+            self.left = iter(batches)
+
+        def get(self):
+            x, y = next(self.left)
+            return torch.from_numpy(x), torch.from_numpy(y)
+
+    twin = GPT(GPTConfig(**CFG)).double()
+    load_params(twin, {k: v.copy() for k, v in whole.params.items()})
+    mean_loss = torch_accumulate(twin, Fed(), 3, contextlib.nullcontext(), ddp=False)
+    assert abs(mean_loss.item() - sum(losses) / 3) < 1e-12
+    for name, p in twin.named_parameters():
+        check(f"torch {name}", p.grad, grads[name], 1e-12)
+
+
+def test_numpy_accumulation_stops_at_a_non_finite_loss():
+    model = npgpt.GPT(GPTConfig(**CFG), seed=3, dtype=np.float64)
+    model.params["transformer.wte.weight"][...] = np.nan
+    grads, losses = numpy_accumulate(model, iter(micro_batches(3)).__next__, 3)
+    assert grads is None and len(losses) == 1 and not np.isfinite(losses[0])
+
+
 @needs_data
 def test_train_torch_under_torchrun(tmp_path):
     """Two CPU processes: only rank 0 logs and saves; the checkpoint carries both ranks' RNG state."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(ROOT / "train_torch.py"),
-           *map(str, tiny_args(out, "--max_iters", 10, "--eval_interval", 10, "--device", "cpu"))]
+           *map(str, tiny_args(out, "--max_iters", 10, "--eval_interval", 10, "--device", "cpu",
+                               "--gradient_accumulation_steps", 2))]
     p = subprocess.run(cmd, cwd=tmp_path, env=ddp_env(0), capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("torchgpt: 0.03M parameters") == 1, "a rank other than 0 logged"

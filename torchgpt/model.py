@@ -6,6 +6,9 @@ hs head size (C // nh), V vocabulary.
 Two attention paths live side by side: "sdpa" (F.scaled_dot_product_attention, the fast one) and
 "explicit" (masked softmax written out, the one npgpt mirrors). Dropout can take its masks from the
 caller, so that a training step can be replayed exactly in npgpt.
+
+The modern block's switches (GPTConfig.norm, pos_emb, qk_norm, activation "relu2"/"swiglu",
+mlp_hidden) are built from torch's own pieces: F.rms_norm, F.silu, and RoPE's rotate-half formula.
 """
 from __future__ import annotations
 
@@ -99,13 +102,65 @@ class KVCache:
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (nn.LayerNorm can't drop just the bias)."""
 
-    def __init__(self, ndim: int, bias: bool):
+    def __init__(self, ndim: int, bias: bool, eps: float = 1e-5):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.eps = eps
 
     def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis: F.rms_norm, or its formula on a torch
+    that predates it (2.4)."""
+    if hasattr(F, "rms_norm"):
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * weight
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a gain and no bias: y = x / sqrt(mean(x^2) + eps) * weight."""
+
+    def __init__(self, ndim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+def make_norm(config: GPTConfig, ndim: int) -> nn.Module:
+    """ln_1, ln_2, ln_f: LayerNorm (bias as config.bias) or RMSNorm (never a bias)."""
+    if config.norm == "rmsnorm":
+        return RMSNorm(ndim, config.norm_eps)
+    return LayerNorm(ndim, bias=config.bias, eps=config.norm_eps)
+
+
+def rope_cos_sin(T: int, head_size: int, theta: float, offset: int, dtype, device):
+    """cos, sin (T, hs) of RoPE's angles for positions offset .. offset + T - 1.
+
+    inv_freq[i] = theta ** (-2i / hs), angle[t] = t * inv_freq duplicated to hs (HF Llama's
+    rotate-half layout). Computed in float64, then cast, as npgpt.layers.rope_angles does.
+    """
+    inv_freq = theta ** (-torch.arange(0, head_size, 2, dtype=torch.float64, device=device) / head_size)
+    positions = torch.arange(offset, offset + T, dtype=torch.float64, device=device)  # (T,)
+    angle = torch.outer(positions, inv_freq)  # (T, hs/2)
+    angle = torch.cat((angle, angle), dim=-1)  # (T, hs)
+    return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """cat(-x[..., hs/2:], x[..., :hs/2])."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, nh, T, hs) rotated pairwise by the angles whose cos and sin (T, hs) are given."""
+    return x * cos + rotate_half(x) * sin
 
 
 def causal_keep(T_query: int, T_key: int, device) -> torch.Tensor:
@@ -122,14 +177,26 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.attention = attention
+        if config.qk_norm:  # RMSNorm over hs, the same gain for every head (Qwen3)
+            self.q_norm = RMSNorm(config.head_size, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_size, config.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
-    def forward(self, x, drop: DropoutPlan, kv: LayerKV | None = None):
-        """x (B, T, C) -> (B, T, C); with `kv`, x holds the newest positions after those cached."""
+    def forward(self, x, drop: DropoutPlan, kv: LayerKV | None = None, rope=None):
+        """x (B, T, C) -> (B, T, C); with `kv`, x holds the newest positions after those cached.
+
+        rope: None (learned positions) or (cos, sin), each (T, hs), for x's positions.
+        """
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.q_norm is not None:  # after the head split, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # cached keys were rotated when they were new
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv is not None:
             k, v = kv.append(k, v)  # (B, nh, Tk, hs), Tk = T_past + T
         Tk = k.size(2)
@@ -149,21 +216,32 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """c_fc -> activation -> c_proj, hidden width H = config.mlp_hidden_size (4C by default).
+
+    With swiglu, c_fc is (2H, C): rows [0, H) the gate, rows [H, 2H) the up projection.
+    """
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        H = config.mlp_hidden_size
+        n_fc = 2 * H if config.activation == "swiglu" else H
+        self.c_fc = nn.Linear(config.n_embd, n_fc, bias=config.bias)
+        self.c_proj = nn.Linear(H, config.n_embd, bias=config.bias)
         self.activation = config.activation
 
     def forward(self, x, drop: DropoutPlan):
-        x = self.c_fc(x)  # (B, T, 4C)
+        x = self.c_fc(x)  # (B, T, H), (B, T, 2H) for swiglu
         if self.activation == "relu":
             x = F.relu(x)
         elif self.activation == "gelu":
             x = F.gelu(x)
-        else:
+        elif self.activation == "gelu_tanh":
             x = F.gelu(x, approximate="tanh")
+        elif self.activation == "relu2":
+            x = F.relu(x).square()
+        else:  # swiglu
+            gate, up = x.chunk(2, dim=-1)  # 2 x (B, T, H)
+            x = F.silu(gate) * up
         return drop(self.c_proj(x))  # (B, T, C)
 
 
@@ -171,13 +249,13 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig, attention: str = "sdpa"):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config, attention)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, drop: DropoutPlan, kv: LayerKV | None = None):
-        x = x + self.attn(self.ln_1(x), drop, kv)
+    def forward(self, x, drop: DropoutPlan, kv: LayerKV | None = None, rope=None):
+        x = x + self.attn(self.ln_1(x), drop, kv, rope)
         x = x + self.mlp(self.ln_2(x), drop)
         return x
 
@@ -200,12 +278,12 @@ class GPT(nn.Module):
         self.config = config
         self.record_dropout_masks = record_dropout_masks
         self.last_dropout_masks: list | None = None
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList([Block(config, attention) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.pos_emb == "learned":  # with rope, positions live in the rotation of q and k
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules["h"] = nn.ModuleList([Block(config, attention) for _ in range(config.n_layer)])
+        modules["ln_f"] = make_norm(config, config.n_embd)
+        self.transformer = nn.ModuleDict(modules)
         # Tied: the head is transformer.wte.weight itself, so no lm_head module is registered.
         self.lm_head = None if config.tie_weights else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self._init_weights()
@@ -243,7 +321,8 @@ class GPT(nn.Module):
         """Parameter count; non_embedding leaves out the lookups (wpe, and wte unless it is the head)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
             if self.lm_head is not None:
                 n -= self.transformer.wte.weight.numel()
         return n
@@ -296,6 +375,18 @@ class GPT(nn.Module):
     def _logits(self, x):
         return F.linear(self.transformer.ln_f(x), self.head_weight())  # (B, T, V)
 
+    def _embed(self, idx, start_pos: int):
+        """(tok_emb + pos_emb (B, T, C), rope): learned positions are added here; with RoPE
+        nothing is added and rope = (cos, sin) (T, hs) of positions start_pos.. for the blocks."""
+        T = idx.size(1)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.pos_emb == "rope":
+            rope = rope_cos_sin(T, self.config.head_size, self.config.rope_theta, start_pos,
+                                tok_emb.dtype, idx.device)
+            return tok_emb, rope
+        pos = torch.arange(start_pos, start_pos + T, dtype=torch.long, device=idx.device)  # (T,)
+        return tok_emb + self.transformer.wpe(pos), None  # wpe (T, C) broadcast over B
+
     def forward(self, idx, targets=None, dropout_masks=None):
         """idx (B, T) -> logits (B, T, V), loss (mean cross-entropy, or None without targets).
 
@@ -304,13 +395,11 @@ class GPT(nn.Module):
         """
         self._check_idx(idx)
         B, T = idx.size()
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
-        tok_emb = self.transformer.wte(idx)  # (B, T, C)
-        pos_emb = self.transformer.wpe(pos)  # (T, C)
-        drop = self._dropout_plan(B, T, dropout_masks, tok_emb)
-        x = drop(tok_emb + pos_emb)
+        x, rope = self._embed(idx, 0)  # (B, T, C)
+        drop = self._dropout_plan(B, T, dropout_masks, x)
+        x = drop(x)
         for block in self.transformer.h:
-            x = block(x, drop)
+            x = block(x, drop, rope=rope)
         logits = self._logits(x)
         self.last_dropout_masks = drop.used
         loss = None
@@ -326,11 +415,9 @@ class GPT(nn.Module):
         self._check_idx(idx_new, start_pos)
         if start_pos != len(kv_cache):
             raise ValueError(f"start_pos={start_pos} but the cache holds {len(kv_cache)} positions")
-        T = idx_new.size(1)
-        pos = torch.arange(start_pos, start_pos + T, dtype=torch.long, device=idx_new.device)  # (T,)
-        x = self.transformer.wte(idx_new) + self.transformer.wpe(pos)  # (B, T, C)
+        x, rope = self._embed(idx_new, start_pos)  # (B, T, C); rope angles offset by the cache
         for block, kv in zip(self.transformer.h, kv_cache.layers):
-            x = block(x, NO_DROPOUT, kv)
+            x = block(x, NO_DROPOUT, kv, rope)
         return self._logits(x)
 
     def prefill(self, idx):
@@ -438,6 +525,68 @@ def _sample(logits, temperature, top_k, rng, device) -> torch.Tensor:
     last = logits[:, -1, :].double().cpu().numpy()  # (B, V) float64
     nxt = sample_next(last, temperature, top_k, rng)  # (B,)
     return torch.from_numpy(nxt).to(device).view(-1, 1)
+
+
+def uses_muon(name: str, p: torch.Tensor) -> bool:
+    """A matrix inside a block (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj): Muon's."""
+    return name.startswith("transformer.h.") and p.dim() == 2
+
+
+class MuonAdamW:
+    """torch.optim.Muon for the 2-D matrices inside the blocks and torch.optim.AdamW (nanoGPT's two
+    groups) for the embeddings, the head and the 1-D gains and biases, behind one optimizer's
+    interface (param_groups, state, step, zero_grad, state_dict, load_state_dict).
+
+    Muon's group carries lr_scale = muon_lr / learning_rate: a caller that sets every group's lr from
+    one schedule as lr * group.get("lr_scale", 1) moves both rates together.
+    """
+
+    def __init__(self, adamw: torch.optim.Optimizer, muon: torch.optim.Optimizer):
+        self.optimizers = {"adamw": adamw, "muon": muon}
+
+    @property
+    def param_groups(self) -> list:
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for opt in self.optimizers.values() for p, s in opt.state.items()}
+
+    def step(self):
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = sorted(set(self.optimizers) - set(state))
+        if missing:
+            raise ValueError(f"optimizer state lacks {missing}: it was not saved with --optimizer muon")
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+
+def configure_muon_adamw(model: nn.Module, weight_decay, learning_rate, muon_lr, betas, device_type) -> MuonAdamW:
+    """The speedrun split: Muon (lr muon_lr, torch's defaults otherwise, weight decay as AdamW's) for
+    the matrices inside the blocks; AdamW for the rest, weight decay on its matrices (wte, lm_head)."""
+    if not hasattr(torch.optim, "Muon"):
+        raise RuntimeError(f"--optimizer muon needs torch.optim.Muon, which torch {torch.__version__} lacks; "
+                           "install torch >= 2.9 or use --optimizer adamw")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    matrices = [p for n, p in named if uses_muon(n, p)]
+    rest = [p for n, p in named if not uses_muon(n, p)]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))
+    muon = torch.optim.Muon([{"params": matrices, "lr_scale": muon_lr / learning_rate}], lr=muon_lr,
+                            weight_decay=weight_decay)
+    return MuonAdamW(adamw, muon)
 
 
 def configure_adamw(model: nn.Module, weight_decay, learning_rate, betas, device_type):

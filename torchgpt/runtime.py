@@ -4,13 +4,22 @@ or files.
 
 The fast path on a GPU: bf16 autocast, TF32 matmuls, SDPA (flash) attention, fused AdamW,
 torch.compile, and batches indexed on the device from a torch.Generator so a step never waits for
-the host. Nothing here calls .item() except where a caller asks for a number.
+the host. Where the host waits for the GPU (each function's docstring says so too):
+  sync_flags        one .item() (single process) or one all_reduce + .item() (DDP); the loop calls it
+                    on eval steps, on the last step and on the step after each log step
+  all_mean          an all_reduce; its caller's .item() is the sync (eval steps only)
+  gather_rng_states reads the CUDA RNG state and all-gathers it (only when a checkpoint is written)
+  DeviceBatches     one host-to-device copy of the tokens, at construction
+Everything else queries device properties or sets flags and never waits on a kernel.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import os
+import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,15 +32,42 @@ class DeviceError(ValueError):
     """A --device or --dtype this machine cannot give; the message is one line naming the fix."""
 
 
-# Dense bf16 tensor-core peak FLOP/s by GPU name, for model FLOPs utilisation (MFU).
-PEAK_BF16_FLOPS = (("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("A100", 312e12),
-                   ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("4090", 165e12))
+# Dense bf16 tensor-core peak FLOP/s (no sparsity), for model FLOPs utilisation (MFU). Each pattern
+# must match the whole name torch.cuda.get_device_name gives, less a leading "NVIDIA ": a variant
+# with another peak ("H100 PCIe", "L40" beside "L40S" and "L4") never borrows its sibling's figure,
+# and a GPU not listed gets None (no MFU) rather than a guess.
+PEAK_BF16_FLOPS = (
+    (r"H100( SXM\d?)?( \d+GB)?( HBM3e?)?", 989e12),  # SXM5: "H100 80GB HBM3"
+    (r"H100 PCIe", 756e12),
+    (r"H100 NVL", 835e12),
+    (r"H200( SXM\d?)?( \d+GB)?( HBM3e)?", 989e12),
+    (r"H200 NVL", 835e12),
+    (r"GH200( \d+GB?)?( HBM3e?)?", 989e12),
+    (r"A100([- ](SXM\d?|PCIE|PCIe))?([- ]\d+GB)?( PCIe)?", 312e12),  # "A100-SXM4-80GB", "A100 80GB PCIe"
+    (r"L40S", 362e12),
+    (r"L40", 181e12),
+    (r"L4", 121e12),
+    (r"A10", 125e12),
+    (r"(GeForce )?RTX 4090", 165e12),
+)
 
 
 # --------------------------------------------------------------------------- device and precision
 
-def pick_device(request: str = "auto", local_rank: int | None = None) -> torch.device:
-    """"auto" -> cuda (cuda:LOCAL_RANK under torchrun), else mps, else cpu. DeviceError if unavailable."""
+def pick_device(request: str = "auto", local_rank: int | None = None, world_size: int | None = None) -> torch.device:
+    """"auto" -> cuda, else mps, else cpu; DeviceError (one line) if the request can't be met.
+
+    One process: "cuda" is cuda:0 and "cuda:N" is GPU N; the chosen GPU becomes the current CUDA
+    device (torch.cuda.set_device), so kernels launched without a device, allocator caches and
+    NCCL use it rather than GPU 0. Under torchrun (world_size > 1) every rank's GPU is
+    cuda:LOCAL_RANK: "cuda" and "auto" map there, and an explicit "cuda:N" is refused, since every
+    rank gets the same flags and would pile onto GPU N. local_rank and world_size default to
+    torchrun's environment (dist_env()).
+    """
+    if local_rank is None or world_size is None:
+        env = dist_env()
+        local_rank = env.local_rank if local_rank is None else local_rank
+        world_size = env.world_size if world_size is None else world_size
     if request == "auto":
         if torch.cuda.is_available():
             request = "cuda"
@@ -46,11 +82,21 @@ def pick_device(request: str = "auto", local_rank: int | None = None) -> torch.d
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(f"--device {request}: CUDA is not available here; use --device cpu (or auto)")
-        if device.index is None:
-            device = torch.device("cuda", local_rank or 0)
-        if device.index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                             "pick one of them")
+        count = torch.cuda.device_count()
+        if world_size > 1:
+            if device.index is not None:
+                raise DeviceError(f"--device {request} under torchrun ({world_size} processes): each rank uses "
+                                 "its own GPU, cuda:LOCAL_RANK; pass --device cuda (or auto)")
+            if local_rank >= count:
+                raise DeviceError(f"torchrun started local rank {local_rank} but this machine has {count} CUDA "
+                                 f"device(s); use --nproc_per_node {count} or fewer (one process per GPU)")
+            device = torch.device("cuda", local_rank)
+        elif device.index is None:
+            device = torch.device("cuda", 0)
+        if device.index >= count:
+            raise DeviceError(f"--device {device}: this machine has {count} CUDA device(s); "
+                             f"pick one of cuda:0..cuda:{count - 1}")
+        torch.cuda.set_device(device)
     elif device.type == "mps":
         if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
             raise DeviceError(f"--device {request}: MPS is not available here; use --device cpu (or auto)")
@@ -59,15 +105,30 @@ def pick_device(request: str = "auto", local_rank: int | None = None) -> torch.d
     return device
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """True on a CUDA GPU with bf16 tensor cores (compute capability 8.0 on: Ampere, Hopper, ...), or ROCm.
+
+    This is torch.cuda.is_bf16_supported(including_emulation=False), asked of `device` itself:
+    torch's function reads the *current* device, and by default also counts the bf16 that older
+    GPUs emulate, which runs slower than float32.
+    """
+    if device.type != "cuda":
+        return False
+    if torch.version.hip:
+        return True
+    return tuple(torch.cuda.get_device_capability(device)) >= (8, 0)
+
+
 def pick_dtype(request: str, device: torch.device) -> torch.dtype:
-    """"auto": bfloat16 autocast on a CUDA GPU that supports it, else float32."""
+    """"auto": bfloat16 autocast on a CUDA GPU with native bf16 (has_native_bf16), else float32.
+    "bfloat16" on a CUDA GPU without it: DeviceError. On CPU and MPS, bf16 autocast is taken as asked."""
     if request == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
+        return torch.bfloat16 if has_native_bf16(device) else torch.float32
     if request == "bfloat16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise DeviceError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16; "
-                             "use --dtype float32")
+        if device.type == "cuda" and not has_native_bf16(device):
+            major, minor = torch.cuda.get_device_capability(device)
+            raise DeviceError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} ({device}, compute capability "
+                             f"{major}.{minor}) has no native bfloat16 (it needs 8.0 or later); use --dtype float32")
         return torch.bfloat16
     return torch.float32
 
@@ -80,27 +141,46 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def set_tf32(enabled: bool) -> None:
-    """TF32 tensor-core matmuls for float32 on CUDA (off for sampling, so it matches NumPy)."""
-    if not torch.cuda.is_available():
-        return
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
-        matmul.fp32_precision = "tf32" if enabled else "ieee"
-        torch.backends.cudnn.conv.fp32_precision = "tf32" if enabled else "ieee"
-    else:
-        matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
+    """TF32 tensor-core matmuls and cuDNN convolutions for float32 on CUDA, on or off (off for
+    sampling, so it matches NumPy). Process-wide flags: harmless, and testable, without CUDA.
+
+    Set through the legacy flags (matmul.allow_tf32, cudnn.allow_tf32): on every torch that also
+    has the new per-backend fp32_precision API (2.9 on), their setters write both, so afterwards
+    allow_tf32, torch.get_float32_matmul_precision() and fp32_precision all read the same. The new
+    setters alone leave the legacy state behind, and then reading the legacy flags raises ("mix of
+    the legacy and new APIs"), which breaks inductor versions and tests that read them. If a torch
+    ever drops the legacy flags, the new API is set instead.
+    """
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    with warnings.catch_warnings():
+        # some torches warn that the legacy setters "will be deprecated"; they still set both APIs
+        warnings.filterwarnings("ignore", message=".*TF32.*", category=UserWarning)
+        try:
+            matmul.allow_tf32 = enabled
+            cudnn.allow_tf32 = enabled
+            return
+        except AttributeError:
+            pass
+    precision = "tf32" if enabled else "ieee"
+    matmul.fp32_precision = precision
+    cudnn.conv.fp32_precision = precision
+    cudnn.rnn.fp32_precision = precision
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of the GPU called `name` (torch.cuda.get_device_name), None if not listed."""
+    short = name.strip().removeprefix("NVIDIA ").strip()
+    for pattern, flops in PEAK_BF16_FLOPS:
+        if re.fullmatch(pattern, short, flags=re.IGNORECASE):
+            return flops
+    return None
 
 
 def peak_flops(device: torch.device) -> float | None:
     """The GPU's dense bf16 peak, or None where unknown (CPU, MPS, unlisted GPUs): no MFU then."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS:
-        if key in name:
-            return flops
-    return None
+    return gpu_peak_flops(torch.cuda.get_device_name(device))
 
 
 # --------------------------------------------------------------------------- distributed data parallel
@@ -158,15 +238,29 @@ def wrap_ddp(model: torch.nn.Module, device: torch.device, info: DistInfo) -> to
 
 
 def all_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """The mean of `t` over the ranks (in place)."""
+    """The mean of `t` over the ranks (in place). An all_reduce, queued like a kernel on NCCL; the
+    host waits only where the caller reads the result (.item() on eval steps)."""
     if info.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t /= info.world_size
     return t
 
 
+def all_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The sum of `t` over the ranks (in place); an all_reduce, like all_mean."""
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def sync_flags(stop: bool, bad_step: torch.Tensor, info: DistInfo) -> tuple[bool, int]:
-    """(any rank asked to stop, the first step any rank saw a non-finite loss or -1); one sync."""
+    """(any rank asked to stop, the first step any rank saw a non-finite loss or -1).
+
+    A host sync: it waits for every queued kernel (one .item(); under DDP one all_reduce first).
+    The loop calls it on eval steps, on the last step, and on the step after each log step (the
+    log step's own .item() has just drained the queue, so that wait is short), and on a CPU
+    every step, where reading a flag costs nothing.
+    """
     if not info.enabled:
         return stop, int(bad_step.item())
     big = 2 ** 62
@@ -177,6 +271,39 @@ def sync_flags(stop: bool, bad_step: torch.Tensor, info: DistInfo) -> tuple[bool
     return stop_any, (-1 if first == big else first)
 
 
+class LossWatch:
+    """The training losses since the last check, kept on the device, for the non-finite-loss check.
+
+    add() costs one kernel a step (a copy into a slot of a device buffer) and never waits for the
+    host; first_bad_step() is read at the loop's checks (sync_flags, a host sync anyway) and names
+    the first step whose loss was not finite, or -1, exactly, however many steps passed since the
+    last check. The steps between two checks are consecutive.
+    """
+
+    def __init__(self, device: torch.device, capacity: int = 64):
+        self.device = device
+        self.losses = torch.empty(capacity, dtype=torch.float32, device=device)  # (capacity,)
+        self.first_it, self.count = 0, 0
+
+    def add(self, it: int, loss: torch.Tensor) -> None:
+        if self.count == 0:
+            self.first_it = it
+        if self.count == self.losses.numel():  # more steps between checks than ever before: grow (rare)
+            self.losses = torch.cat([self.losses, torch.empty_like(self.losses)])
+        self.losses[self.count].copy_(loss)
+        self.count += 1
+
+    def first_bad_step(self) -> torch.Tensor:
+        """A () long tensor on the device: the first step since the last call with a non-finite loss, or -1."""
+        if self.count == 0:
+            return torch.full((), -1, dtype=torch.long, device=self.device)
+        bad = (~torch.isfinite(self.losses[:self.count])).to(torch.int32)  # (count,)
+        first = torch.where(bad.any(), bad.argmax() + self.first_it,
+                            torch.full((), -1, dtype=torch.long, device=self.device))
+        self.count = 0
+        return first.to(torch.long)
+
+
 # --------------------------------------------------------------------------- batches on the device
 
 class DeviceBatches:
@@ -185,6 +312,7 @@ class DeviceBatches:
     Every rank keeps the same generator state and draws world_size * B window starts per batch,
     then takes its own B: the ranks see different windows, the global batch is the same as one
     process drawing world_size * B, and rank 0's generator state is everyone's (rank 0 saves it).
+    The tokens are copied to the device once, here; drawing a batch never waits for the host.
     """
 
     def __init__(self, data: np.ndarray, batch_size: int, block_size: int, device: torch.device,
@@ -209,6 +337,17 @@ class DeviceBatches:
         windows = self.data[mine[:, None] + self.offsets]  # (B, T+1)
         return windows[:, :-1], windows[:, 1:]  # x (B, T), y (B, T)
 
+    def rank_share(self, generator: torch.Generator, n_batches: int):
+        """This rank's share of `n_batches` batches of B windows (for evaluation): batches rank,
+        rank + world_size, ... of one draw of n_batches * B starts, so the ranks split the batches
+        between them, and together see exactly the batches one process would (whatever the world
+        size, as the draw does not depend on it). Yields (x, y), each (B, T)."""
+        starts = torch.randint(len(self.data) - self.T, (n_batches, self.B), device=self.device,
+                               generator=generator)  # (n_batches, B)
+        for mine in starts[self.rank::self.world_size]:  # (B,)
+            windows = self.data[mine[:, None] + self.offsets]  # (B, T+1)
+            yield windows[:, :-1], windows[:, 1:]
+
 
 # --------------------------------------------------------------------------- RNG state
 
@@ -219,7 +358,10 @@ def rng_state(device: torch.device) -> dict:
 
 
 def gather_rng_states(device: torch.device, info: DistInfo) -> list[dict]:
-    """Every rank's rng_state(), in rank order (a collective: all ranks must call it)."""
+    """Every rank's rng_state(), in rank order (a collective: all ranks must call it).
+
+    A host sync (the CUDA RNG state is read back, and under NCCL copied to the GPU and back);
+    called only when a checkpoint is written."""
     mine = rng_state(device)
     if not info.enabled:
         return [mine]
@@ -235,6 +377,48 @@ def gather_rng_states(device: torch.device, info: DistInfo) -> list[dict]:
         for d, b in zip(out, bufs):
             d[key] = b.cpu()
     return out
+
+
+# A torch.Generator's state depends on its device type: a CPU generator (Mersenne Twister) saves
+# 5056 bytes, a CUDA one (Philox) 16, its seed and offset as two 64-bit integers, MPS another
+# size again. None loads into another.
+CUDA_GENERATOR_STATE_BYTES = 16
+
+
+def generator_state_origin(state: torch.Tensor) -> str:
+    """Which device type saves a generator state of this size: "cpu", "cuda", or "another device type"."""
+    sizes = {torch.Generator().get_state().numel(): "cpu", CUDA_GENERATOR_STATE_BYTES: "cuda"}
+    return sizes.get(state.numel(), "another device type")
+
+
+def seed_from_state(state: torch.Tensor) -> int:
+    """A 63-bit seed derived from a saved generator state: the same state always gives the same seed,
+    and states saved at different steps (a CUDA state's offset moves with every draw) give different ones."""
+    digest = hashlib.sha256(state.detach().cpu().contiguous().numpy().tobytes()).digest()
+    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+
+
+def restore_generator_state(generator: torch.Generator, state: torch.Tensor) -> str | None:
+    """Load a saved generator state into `generator`; None when it loaded as it was.
+
+    A state saved by a generator of another device type (a GPU run resumed on a CPU, or back) has
+    another size and cannot be loaded: the generator is reseeded from seed_from_state(state)
+    instead, so the resumed run is reproducible (the same checkpoint resumes to the same draws),
+    though its batches differ from those the saving run would have drawn. The one-line note
+    returned says so, for the log. Not a 1-D uint8 tensor, or empty: ValueError; a damaged state
+    of the right size: torch's RuntimeError.
+    """
+    if not torch.is_tensor(state) or state.dtype != torch.uint8 or state.dim() != 1 or state.numel() == 0:
+        what = f"{state.dtype} tensor of shape {tuple(state.shape)}" if torch.is_tensor(state) else type(state).__name__
+        raise ValueError(f"a generator state is a non-empty 1-D uint8 tensor, not a {what}")
+    if state.numel() == generator.get_state().numel():
+        generator.set_state(state)
+        return None
+    seed = seed_from_state(state)
+    generator.manual_seed(seed)
+    return (f"the data generator state ({state.numel()} bytes) was saved on {generator_state_origin(state)}, "
+            f"this run draws on {generator.device.type}: reseeded it with {seed}, derived from that state, so "
+            "resuming this checkpoint again draws the same batches")
 
 
 def set_rng_state(states: list, device: torch.device, info: DistInfo) -> bool:

@@ -13,6 +13,7 @@ from npgpt.data import get_batch
 
 from ..checkpoint import NUMPY_EXT, TORCH_EXT, Checkpoint, CheckpointError, load_checkpoint, save_npz
 from ..loop import NonFiniteLoss, eval_seed, write_checkpoint
+from ..optimizers import MuonAdamW
 
 
 def model_classes(reference: bool):
@@ -59,6 +60,30 @@ def sample_model(ckpt: Checkpoint, reference: bool = False):
     return model.generate, (ckpt.gpt_config.block_size if ckpt.model == "gpt" else None)
 
 
+def accumulate_gradients(model, next_batch, micro_steps: int) -> tuple[dict, list[float]]:
+    """(gradient of the mean loss over `micro_steps` micro-batches, their losses), as the torch
+    backend's accumulate_gradients: the micro-batch gradients summed, then divided by micro_steps.
+    `next_batch()` gives each (x, y). Stops at the first non-finite loss (its backward is never run)."""
+    total, losses = None, []
+    for _ in range(micro_steps):
+        _, loss = model.forward(*next_batch())
+        losses.append(loss)
+        if not math.isfinite(loss):
+            break
+        grads = model.backward()
+        if micro_steps == 1:
+            total = grads
+        elif total is None:
+            total = {name: g.copy() for name, g in grads.items()}  # the next backward may reuse its arrays
+        else:
+            for name, g in grads.items():
+                total[name] += g
+    if micro_steps > 1 and total is not None:
+        for g in total.values():
+            g /= micro_steps
+    return total, losses
+
+
 class NumpyBackend:
     """One process, float32 NumPy; the data stream and dropout draw from NumPy generators."""
 
@@ -82,8 +107,12 @@ class NumpyBackend:
                       else GPT(cfg.gpt_config(tokenizer.vocab_size), seed=cfg.seed))
         if ckpt is not None:
             load_params_into(self.model, ckpt.params)
-        self.optimizer = AdamW(self.model.params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                               weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "muon":  # Muon for the block matrices, AdamW for the rest
+            self.optimizer = MuonAdamW(self.model.params, AdamW, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                       weight_decay=cfg.weight_decay, muon_lr=cfg.muon_lr)
+        else:
+            self.optimizer = AdamW(self.model.params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                   weight_decay=cfg.weight_decay)
         self.data_rng = np.random.default_rng(cfg.seed)
         self.splits = {"train": train_data, "val": val_data}
 
@@ -106,6 +135,9 @@ class NumpyBackend:
         # overflow warnings are not errors here: a loss that stops being finite is (NonFiniteLoss)
         return np.errstate(over="ignore", invalid="ignore", divide="ignore")
 
+    def warm_up(self) -> None:
+        return None  # nothing to compile
+
     def estimate_loss(self, it: int) -> dict:
         """Mean loss over eval_iters batches of each split (see loop.eval_seed), in eval mode (no dropout)."""
         cfg = self.cfg
@@ -121,15 +153,14 @@ class NumpyBackend:
 
     def step(self, it: int, lr: float) -> float:
         cfg = self.cfg
-        x, y = get_batch(self.splits["train"], cfg.batch_size, cfg.block_size, self.data_rng)  # (B, T) each
-        _, loss = self.model.forward(x, y)
-        if not math.isfinite(loss):
-            raise NonFiniteLoss(it, loss)  # before the update: the weights stay those of the last good step
-        grads = self.model.backward()
+        next_batch = lambda: get_batch(self.splits["train"], cfg.batch_size, cfg.block_size, self.data_rng)  # noqa: E731
+        grads, losses = accumulate_gradients(self.model, next_batch, cfg.gradient_accumulation_steps)
+        if not math.isfinite(losses[-1]):
+            raise NonFiniteLoss(it, losses[-1])  # before the update: the weights stay those of the last good step
         if cfg.grad_clip > 0:
             self.clip_grad_norm(grads, cfg.grad_clip)
         self.optimizer.step(grads, lr=lr)
-        return loss
+        return losses[0] if len(losses) == 1 else sum(losses) / len(losses)
 
     def poll(self, stop_requested: bool, force: bool) -> tuple[bool, int]:
         return stop_requested, -1  # step() has checked the loss already

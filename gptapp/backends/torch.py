@@ -1,23 +1,26 @@
 """The PyTorch backend: torchgpt on cpu, cuda or mps, one process or DDP under torchrun.
 
 On a GPU: bf16 autocast, TF32, SDPA (flash) attention, fused AdamW, torch.compile, batches drawn
-on the device. The host reads a number back only when the loop asks for one (log and eval steps,
-and `poll` when a stop or a non-finite loss must be known); on a CPU that costs nothing, so it
-checks every step.
+on the device. The host reads a number back only when the loop asks for one: the loss on log
+steps, the eval losses, and `poll` (a stop or a non-finite loss) on eval steps, the last step and
+the step after each log step; on a CPU that costs nothing, so `poll` checks every step
+(docs/training.md, "Where the host waits").
 """
 from __future__ import annotations
 
 import contextlib
 import sys
+import time
 
 import torch
 
 from torchgpt.convert import load_params
-from torchgpt.model import GPT, BigramLanguageModel
+from torchgpt.model import GPT, BigramLanguageModel, configure_muon_adamw
 from torchgpt.runtime import (
     DeviceBatches,
     DeviceError,
-    all_mean,
+    LossWatch,
+    all_sum,
     autocast,
     dist_env,
     gather_rng_states,
@@ -26,6 +29,7 @@ from torchgpt.runtime import (
     peak_flops,
     pick_device,
     pick_dtype,
+    restore_generator_state,
     set_rng_state,
     set_tf32,
     shutdown_distributed,
@@ -35,13 +39,13 @@ from torchgpt.runtime import (
 
 from ..checkpoint import FORMAT, NUMPY_EXT, TORCH_EXT, VERSION, Checkpoint, CheckpointError, load_checkpoint
 from ..errors import UsageError, one_line
-from ..loop import eval_seed, write_checkpoint
+from ..loop import eval_seed, local_accumulation_steps, write_checkpoint
 from ..torch_checkpoint import load_torch_checkpoint, save_torch_checkpoint
 
 
-def device_from_flag(request: str, local_rank: int | None = None) -> torch.device:
+def device_from_flag(request: str, local_rank: int | None = None, world_size: int | None = None) -> torch.device:
     try:
-        return pick_device(request, local_rank)
+        return pick_device(request, local_rank, world_size)
     except DeviceError as err:
         raise UsageError(str(err)) from None
 
@@ -65,6 +69,28 @@ def sample_model(ckpt: Checkpoint, device: torch.device):
     return generate, (ckpt.gpt_config.block_size if ckpt.model == "gpt" else None)
 
 
+def accumulate_gradients(train_model: torch.nn.Module, batches: DeviceBatches, micro_steps: int, amp,
+                         ddp: bool) -> torch.Tensor:
+    """Forward and backward over `micro_steps` micro-batches, leaving in .grad the gradient of their
+    mean loss; returns that mean loss, detached (still on the device).
+
+    Each micro-batch's loss is divided by micro_steps before its backward, so the gradients add up
+    to the mean (nanoGPT's rule); one micro-step is the plain loss.backward(). Under DDP the
+    gradients are all-reduced (averaged over the ranks) only in the last micro-step's backward.
+    """
+    total = None
+    for k in range(micro_steps):
+        x, y = batches.get()  # (B, T) each, on the device
+        last = k == micro_steps - 1
+        with contextlib.nullcontext() if last or not ddp else train_model.no_sync():
+            with amp:
+                _, loss = train_model(x, y)
+            (loss if micro_steps == 1 else loss / micro_steps).backward()
+        loss = loss.detach()
+        total = loss if total is None else total + loss
+    return total if micro_steps == 1 else total / micro_steps
+
+
 class TorchBackend:
     """torchgpt under the loop; every rank of a DDP run runs the same calls."""
 
@@ -73,7 +99,7 @@ class TorchBackend:
 
     def start(self, args) -> None:
         self.info = dist_env()
-        self.device = device_from_flag(args.device, self.info.local_rank)
+        self.device = device_from_flag(args.device, self.info.local_rank, self.info.world_size)
         self.default_preset = "shakespeare-char" if self.device.type == "cuda" else "cpu"
         try:
             self.dtype = pick_dtype(args.dtype, self.device)
@@ -119,8 +145,15 @@ class TorchBackend:
         raw.to(device)
         self.raw = raw
         self.attention = args.attention if isinstance(raw, GPT) else "-"
-        self.optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                                  device.type)
+        if cfg.optimizer == "muon":  # torch.optim.Muon for the block matrices, AdamW for the rest
+            try:
+                self.optimizer = configure_muon_adamw(raw, cfg.weight_decay, cfg.learning_rate, cfg.muon_lr,
+                                                      (cfg.beta1, cfg.beta2), device.type)
+            except RuntimeError as err:  # a torch without torch.optim.Muon
+                raise UsageError(str(err)) from None
+        else:
+            self.optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                                      device.type)
         torch.manual_seed(cfg.seed + 1 + info.rank)  # dropout: a different stream on every rank
         self.batches = {"train": DeviceBatches(train_data, cfg.batch_size, cfg.block_size, device, cfg.seed,
                                                info.rank, info.world_size),
@@ -130,12 +163,17 @@ class TorchBackend:
         self.train_model = wrap_ddp(self.model, device, info)
         self.amp = autocast(device, self.dtype)
         self.peak = peak_flops(device) if isinstance(raw, GPT) else None
-        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
+        # nanoGPT's rule: --gradient_accumulation_steps counts the micro-batches of the global batch,
+        # shared among the ranks, so the tokens of a step do not grow with the number of processes
+        self.micro_steps = local_accumulation_steps(cfg.gradient_accumulation_steps, info.world_size)
+        self.loss_watch = LossWatch(device, capacity=cfg.log_interval + 2)  # non-finite losses, read by poll()
         self.check_every_step = device.type == "cpu"  # reading a flag costs nothing there; on a GPU it is a sync
 
     def restore(self, ckpt: Checkpoint) -> None:
         load_optimizer_state(self.optimizer, ckpt.optimizer)
-        self.batches["train"].generator.set_state(ckpt.rng["data"])
+        note = restore_generator_state(self.batches["train"].generator, ckpt.rng["data"])
+        if note and self.info.is_main:  # saved on another device type (a GPU run resumed on a CPU, or back)
+            print(f"note: {ckpt.path}: {note}", file=sys.stderr)
         same_world = set_rng_state(ckpt.rng["per_rank"], self.device, self.info)
         if not same_world and self.info.is_main:
             print(f"note: {ckpt.path} was saved by {len(ckpt.rng['per_rank'])} process(es), this run has "
@@ -153,49 +191,78 @@ class TorchBackend:
 
     @torch.no_grad()
     def estimate_loss(self, it: int) -> dict:
-        """Mean loss over eval_iters batches of each split (over all ranks; see loop.eval_seed), in eval mode."""
+        """Mean loss over eval_iters batches of each split (see loop.eval_seed), in eval mode.
+
+        Under DDP the ranks split the batches (DeviceBatches.rank_share: each evaluates about
+        eval_iters / world_size of them) and the sum is all-reduced, so evaluating takes 1/world_size
+        of the time and gives the mean of the same eval_iters batches one process would see.
+        One host sync per split (the .item()).
+        """
         cfg = self.cfg
         self.model.eval()
         out = {}
         for k, (name, batches) in enumerate(self.batches.items()):
             gen = batches.new_generator(eval_seed(cfg.seed, it, k))
-            losses = torch.zeros(cfg.eval_iters, device=batches.device)
-            for i in range(cfg.eval_iters):
-                x, y = batches.get(gen)
+            total = torch.zeros((), dtype=torch.float32, device=batches.device)
+            for x, y in batches.rank_share(gen, cfg.eval_iters):
                 with self.amp:
                     _, loss = self.model(x, y)
-                losses[i] = loss.float()
-            out[name] = all_mean(losses.mean(), self.info).item()
+                total += loss.float()
+            out[name] = all_sum(total, self.info).item() / cfg.eval_iters
         self.model.train()
         return out
 
+    def warm_up(self) -> float | None:
+        """Compile the training and evaluation graphs before step 0, and return the seconds it took
+        (None without --compile): compilation then lands in neither a step's time nor "train s".
+
+        One forward and backward of a training step's micro-batches and one evaluation forward; then
+        the gradients are dropped and the data stream and dropout RNG states put back, so the run
+        goes on as it would without this (the optimiser never stepped).
+        """
+        if not self.use_compile:
+            return None
+        t0 = time.perf_counter()
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+        batches = self.batches["train"]
+        data_state = batches.generator.get_state()
+        accumulate_gradients(self.train_model, batches, self.micro_steps, self.amp, self.info.enabled)
+        self.optimizer.zero_grad(set_to_none=True)
+        batches.generator.set_state(data_state)
+        self.model.eval()
+        with torch.no_grad(), self.amp:
+            self.model(*batches.get(batches.new_generator(0)))
+        self.model.train()
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state(rng[1], self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
     def step(self, it: int, lr: float) -> torch.Tensor:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        x, y = self.batches["train"].get()  # (B, T) each, on the device
-        with self.amp:
-            _, loss = self.train_model(x, y)
-        loss.backward()
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group: muon_lr / learning_rate
+        loss = accumulate_gradients(self.train_model, self.batches["train"], self.micro_steps, self.amp,
+                                    self.info.enabled)
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = loss.detach()
-        # remembered on the device, read by poll(): no sync here
-        self.bad_step = torch.where(torch.isfinite(loss) | (self.bad_step >= 0), self.bad_step,
-                                    torch.full_like(self.bad_step, it))
+        self.loss_watch.add(it, loss)  # one copy kernel, no sync: poll() reads it
         return loss
 
     def poll(self, stop_requested: bool, force: bool) -> tuple[bool, int]:
-        if self.check_every_step or force:
-            return sync_flags(stop_requested, self.bad_step, self.info)  # the same on every rank
+        if self.check_every_step or force:  # a host sync (sync_flags): the same answer on every rank
+            return sync_flags(stop_requested, self.loss_watch.first_bad_step(), self.info)
         return False, -1
 
     def loss_value(self, loss: torch.Tensor) -> float:
         return loss.float().item()
 
     def mfu(self, dt: float) -> float | None:
-        return self.raw.estimate_mfu(self.cfg.batch_size, dt, self.peak) if self.peak else None
+        """Of this process's GPU: its micro-batches of a step (batch_size each) in dt seconds."""
+        return self.raw.estimate_mfu(self.cfg.batch_size * self.micro_steps, dt, self.peak) if self.peak else None
 
     def save(self, path, it: int, best_val: float) -> None:
         """Every rank calls this (the RNG states are gathered); rank 0 writes."""

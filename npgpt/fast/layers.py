@@ -56,7 +56,7 @@ from ..layers import (  # the layers with nothing to speed up, and every cache t
 )
 
 __all__ = [
-    "LAYERNORM_EPS", "ACTIVATION_FUNCTIONS", "ACTIVATION_OUTPUT_FROM_CACHE", "erf",
+    "covers_config", "LAYERNORM_EPS", "ACTIVATION_FUNCTIONS", "ACTIVATION_OUTPUT_FROM_CACHE", "erf",
     "embedding_forward", "embedding_backward", "linear_forward", "linear_backward",
     "layernorm_forward", "layernorm_backward", "relu_forward", "relu_backward",
     "gelu_forward", "gelu_backward", "gelu_tanh_forward", "gelu_tanh_backward",
@@ -65,6 +65,15 @@ __all__ = [
     "attention_backward", "cross_entropy_forward", "cross_entropy_backward",
     "block_forward", "block_backward", "block_dropout_masks", "KVSlot",
 ]
+
+def covers_config(config) -> bool:
+    """Whether these layers implement the config's block: the lecture's (layernorm with eps 1e-5,
+    learned positions, no QK-norm, relu/gelu/gelu_tanh, any MLP width). The modern switches of
+    issue 11 fall back to the reference layers."""
+    return (config.norm == "layernorm" and config.norm_eps == LAYERNORM_EPS
+            and config.pos_emb == "learned" and not config.qk_norm
+            and config.activation in ACTIVATION_FUNCTIONS)
+
 
 # --------------------------------------------------------------------------------------------
 # The error function for float32: the rational approximation of Eigen and XLA (their float32 erf),
@@ -340,9 +349,17 @@ def cross_entropy_backward(dloss, cache: CrossEntropyCache):
 
 def block_forward(x: np.ndarray, p: dict, n_head: int, activation: str = "gelu",
                   dropout_p: float = 0.0, rng: np.random.Generator | None = None,
-                  masks: list | None = None, kv: KVSlot | None = None):
+                  masks: list | None = None, kv: KVSlot | None = None, norm: str = "layernorm",
+                  norm_eps: float = LAYERNORM_EPS, rope=None):
     """npgpt.layers.block_forward on the fast layers. The cache's mlp_c_proj.x is None where the
-    activation's cache determines it (ACTIVATION_OUTPUT_FROM_CACHE)."""
+    activation's cache determines it (ACTIVATION_OUTPUT_FROM_CACHE).
+
+    The lecture's block only: the modern switches (norm, norm_eps, rope, QK-norm, relu2, swiglu)
+    have no fast version yet, and fast.GPT runs them on npgpt.layers (see covers_config).
+    """
+    if norm != "layernorm" or norm_eps != LAYERNORM_EPS or rope is not None or "attn.q_norm.weight" in p:
+        raise ValueError("npgpt.fast.layers covers the lecture's block only; the modern switches run "
+                         "on npgpt.layers (npgpt.fast.GPT chooses them by itself)")
     act_forward, _ = ACTIVATION_FUNCTIONS[activation]
     m_att, m_res1, m_res2 = masks if masks is not None else (None, None, None)
     use_dropout = dropout_p > 0.0 or masks is not None
