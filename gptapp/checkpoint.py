@@ -114,8 +114,8 @@ class Checkpoint:
                 raise CheckpointError(f"{where}: parameter {k} holds values that are not finite (nan or inf): "
                                       "the run that wrote it diverged; use an earlier checkpoint")
         if self.vocab is not None and not isinstance(self.vocab, str):
-            raise CheckpointError(f"{where}: the vocabulary is a {type(self.vocab).__name__}, not a string of "
-                                  "characters; the file was edited or written by another program")
+            raise CheckpointError(f"{where}: the vocabulary is of type {type(self.vocab).__name__}, not a string "
+                                  "of characters; the file was edited or written by another program")
         dupes = sorted({c for c in self.vocab if self.vocab.count(c) > 1}) if self.vocab else []
         if dupes:
             raise CheckpointError(f"{where}: the vocabulary has duplicate characters "

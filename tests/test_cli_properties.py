@@ -169,7 +169,10 @@ TRAIN_FLAGS = {  # name: (valid values, invalid values); SWITCH for --resume and
     "beta1": (["0.9", "0"], ["1.0"]), "beta2": (["0.99"], ["-0.1"]), "weight_decay": (["0", "0.1"], ["-1"]),
     "grad_clip": (["0", "1.0"], ["-1"]), "eval_interval": (["1", "2"], ["0"]), "eval_iters": (["1", "2"], ["0"]),
     "log_interval": (["1", "5"], ["0"]), "seed": SEEDS, "temperature": (["0", "0.8"], ["-1", "inf", "nan"]),
-    "top_k": (["0", "1", "5"], ["-1"]),
+    "top_k": (["0", "1", "5"], ["-1"]), "norm": (["layernorm", "rmsnorm"], ["batchnorm"]),
+    "pos_emb": (["learned", "rope"], ["alibi"]), "qk_norm": (["true", "false"], ["x"]),
+    "mlp_hidden": (["0", "24"], ["-1"]), "optimizer": (["adamw", "muon"], ["sgd"]),
+    "gradient_accumulation_steps": (["1", "2"], ["0"]),
 }
 TORCH_TRAIN_FLAGS = {"dtype": (["auto", "float32"], ["float16"]), "compile": (["false"], ["maybe"]),
                      "attention": (["sdpa", "explicit"], ["flash"])}
