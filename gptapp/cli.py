@@ -105,7 +105,8 @@ def add_train_flags(parser: argparse.ArgumentParser, default_preset: str = "cpu"
         kind, metavar = {"bool": (_bool, "{true,false}"), "int": (int, "N"), "float": (float, "X")
                          }.get(f.type, (str, "TEXT"))
         parser.add_argument(f"--{f.name}", type=kind, default=None, metavar=metavar,
-                            help=_escape(f"{FIELD_HELP[f.name]} (default: the preset's; {preset_values(f.name)})"))
+                            help=_escape(f"{FIELD_HELP.get(f.name, f.name)} (default: the preset's; "
+                                         f"{preset_values(f.name)})"))
 
 
 def _escape(text: str) -> str:

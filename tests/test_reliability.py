@@ -459,6 +459,15 @@ def test_every_train_flag_says_what_it_does_and_its_default(backend, tmp_path):
     assert re.search(r"lecture: .*2-core CPU", entries["--preset"]), "the lecture preset's CPU cost is not stated"
 
 
+def test_every_setting_and_preset_has_a_help_text():
+    """A new TrainConfig field or preset needs its line in FIELD_HELP / PRESET_HELP (gptapp.settings)."""
+    from dataclasses import fields
+
+    from gptapp.settings import FIELD_HELP, PRESET_HELP, PRESETS, TrainConfig
+    assert {f.name for f in fields(TrainConfig)} == set(FIELD_HELP)
+    assert set(PRESETS) == set(PRESET_HELP)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_sample_flag_says_what_it_does_and_its_default(backend, tmp_path):
     res = run(backend, ["sample", "--help"], cwd=tmp_path)
