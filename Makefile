@@ -10,7 +10,7 @@ BASE_STAMP  := $(VENV)/.installed-torch
 TRAIN_STAMP := $(VENV)/.installed-train
 STAMP       := $(VENV)/.installed-test
 
-.PHONY: setup train train-torch test test-slow parity-report bench figures clean
+.PHONY: setup train train-torch check-data test test-slow parity-report bench figures clean
 
 setup: $(STAMP)
 
@@ -28,12 +28,21 @@ $(STAMP): $(BASE_STAMP)
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@ $(TRAIN_STAMP)
 
-# Train the NumPy GPT with the default (nanoGPT CPU) recipe, then print a sample.
-train: $(TRAIN_STAMP)
-	$(PY) train_np.py $(if $(wildcard $(DATA)),--data $(DATA))
+# Train the NumPy GPT with the default (nanoGPT CPU) recipe, then print a sample. ARGS="..." adds
+# flags (ARGS=--resume continues the run in out/). A fresh run moves an earlier one in out/ aside into
+# out/run-<date>-<time>/ (--move_aside) rather than replacing it, so `make train` twice just works.
+# DATA=path given here must exist; the default is used only where it exists (else: NPGPT_DATA, the
+# cache, or a download).
+ARGS ?=
+DATA_FLAG = $(if $(wildcard $(DATA)),--data $(DATA),$(if $(filter file,$(origin DATA)),,$(error DATA=$(DATA): no such file; pass the path of the training text, e.g. make train DATA=path/to/input.txt)))
+train: check-data $(TRAIN_STAMP)
+	$(PY) train_np.py $(DATA_FLAG) --move_aside $(ARGS)
 
-train-torch: $(TRAIN_STAMP)
-	$(PY) train_torch.py $(if $(wildcard $(DATA)),--data $(DATA))
+train-torch: check-data $(TRAIN_STAMP)
+	$(PY) train_torch.py $(DATA_FLAG) --move_aside $(ARGS)
+
+check-data:  # first, so that a wrong DATA= stops make before any install
+	@: $(DATA_FLAG)
 
 # The whole default test suite: unit tests and the NumPy/PyTorch parity suite.
 # Two pytest workers, one BLAS/OpenMP thread each: more threads than cores only spin.

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 
-from npgpt.data import CharTokenizer
+from npgpt.data import CharTokenizer, DataError
 
+from .data import read_text_file
 from .errors import UsageError
 
 
@@ -26,6 +28,33 @@ def encode_prompt(tokenizer: CharTokenizer, prompt: str, block_size: int | None)
         print(f"note: the prompt has {len(ids)} characters but block_size is {block_size}; the model sees "
               f"only its last {block_size}", file=sys.stderr)
     return ids[None, :]
+
+
+def check_prompt(tokenizer: CharTokenizer, prompt: str) -> None:
+    """UsageError unless every character of the prompt is in the vocabulary (before any work)."""
+    try:
+        tokenizer.encode(prompt)
+    except ValueError as err:
+        raise UsageError(f"--prompt {_shown(prompt)} has {err}; change the prompt") from None
+
+
+def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    """The sample command's prompt: --prompt, the text of --prompt_file, or a newline."""
+    if prompt is not None and prompt_file is not None:
+        raise UsageError("--prompt and --prompt_file exclude each other; pick one")
+    if prompt_file is None:
+        return "\n" if prompt is None else prompt
+    path = Path(prompt_file).expanduser()
+    if not path.is_file():
+        raise UsageError(f"--prompt_file {path} is not a file; pass the path of a UTF-8 text file")
+    try:
+        return read_text_file(path)
+    except DataError as err:
+        raise UsageError(f"--prompt_file: {err}") from None
+
+
+def _shown(prompt: str, limit: int = 40) -> str:
+    return repr(prompt) if len(prompt) <= limit else repr(prompt[:limit]) + f"... ({len(prompt)} characters)"
 
 
 def autocomplete(generate, tokenizer: CharTokenizer, prompt: str, block_size: int | None,

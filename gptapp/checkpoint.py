@@ -36,6 +36,8 @@ import numpy as np
 
 from npgpt.config import GPTConfig
 
+from .errors import first_sentence
+
 FORMAT = "npgpt-checkpoint"
 VERSION = 1
 NUMPY_EXT, TORCH_EXT = ".npz", ".pt"
@@ -107,6 +109,18 @@ class Checkpoint:
         for k, v in self.params.items():
             if not np.issubdtype(v.dtype, np.floating):
                 raise CheckpointError(f"{where}: parameter {k} has dtype {v.dtype}, not floating point")
+        for k, v in self.params.items():
+            if not np.isfinite(v).all():
+                raise CheckpointError(f"{where}: parameter {k} holds values that are not finite (nan or inf): "
+                                      "the run that wrote it diverged; use an earlier checkpoint")
+        if self.vocab is not None and not isinstance(self.vocab, str):
+            raise CheckpointError(f"{where}: the vocabulary is of type {type(self.vocab).__name__}, not a string "
+                                  "of characters; the file was edited or written by another program")
+        dupes = sorted({c for c in self.vocab if self.vocab.count(c) > 1}) if self.vocab else []
+        if dupes:
+            raise CheckpointError(f"{where}: the vocabulary has duplicate characters "
+                                  f"({', '.join(map(repr, dupes[:5]))}), so it cannot map ids to characters; the "
+                                  "file was edited or written by another program")
         if self.vocab is not None and len(self.vocab) != self.vocab_size:
             raise CheckpointError(f"{where}: the vocabulary has {len(self.vocab)} characters but the model "
                                   f"has vocab_size={self.vocab_size}; the file is inconsistent")
@@ -227,6 +241,7 @@ def load_npz(path: str | os.PathLike) -> Checkpoint:
     """Read an .npz checkpoint with allow_pickle=False; CheckpointError for anything wrong with it."""
     path = Path(path)
     _check_exists(path)
+    refuse_what_is_no_checkpoint(path, _head(path))
     try:
         with np.load(path, allow_pickle=False) as f:
             files = set(f.files)
@@ -270,12 +285,9 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
     """"npz" or "torch", from the file's content (both are zip archives), else from its suffix."""
     path = Path(path)
     _check_exists(path)
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path} ({_reason(exc)}); check its permissions") from exc
-    if magic == b"PK\x03\x04":
+    head = _head(path)
+    refuse_what_is_no_checkpoint(path, head)
+    if head[:4] == ZIP_MAGIC:
         try:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
@@ -299,6 +311,42 @@ def load_checkpoint(path: str | os.PathLike, torch_loader: Callable[[Path], Chec
     return torch_loader(path)
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # .npz and torch.save's format are zip archives
+PICKLE_MAGIC = b"\x80"      # a pickle (protocol >= 2): torch's legacy format, or an .npz's object array
+
+
+def _head(path: Path, n: int = 512) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path} ({_reason(exc)}); check its permissions") from exc
+
+
+def refuse_what_is_no_checkpoint(path: Path, head: bytes) -> None:
+    """CheckpointError saying what the file is, when its first bytes show it is no checkpoint at all
+    (whatever its name claims): empty, a text file, a lone .npy array, or other bytes."""
+    if head[:4] == ZIP_MAGIC or head[:1] == PICKLE_MAGIC:
+        return  # the loaders tell a damaged or refused one apart
+    fix = "pass a ckpt_*.npz or ckpt_*.pt written by train_np.py or train_torch.py, or a nanoGPT ckpt.pt"
+    if not head:
+        what = "is empty (0 bytes)"
+    elif head.startswith(b"\x93NUMPY"):
+        what = "is a single NumPy array (.npy), not a checkpoint"
+    elif _looks_like_text(head):
+        start = " ".join(head[:40].decode("utf-8", "ignore").split())
+        what = f"is a text file (it begins {start!r}), not a checkpoint"
+    else:
+        what = (f"is not a checkpoint: neither a zip archive (.npz, .pt) nor a pickle (it begins with the bytes "
+                f"{head[:8].hex(' ')})")
+    raise CheckpointError(f"{path} {what}; {fix}")
+
+
+def _looks_like_text(head: bytes) -> bool:
+    text = head.decode("utf-8", "ignore")  # a character cut at the end of `head` is dropped
+    return len(text) >= len(head) - 3 and all(c.isprintable() or c in "\n\r\t" for c in text)
+
+
 def _check_exists(path: Path) -> None:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}; train first (it writes ckpt_last/ckpt_best in "
@@ -313,5 +361,4 @@ def _corrupt(path: Path, exc: BaseException) -> CheckpointError:
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:200]
+    return first_sentence(exc)

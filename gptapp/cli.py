@@ -20,7 +20,7 @@ from npgpt.data import DataError
 
 from .checkpoint import CheckpointError
 from .errors import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_USAGE, TrainingError, UsageError, one_line
-from .settings import CPU, PRESETS, SHAPE_FIELDS, TrainConfig
+from .settings import FIELD_HELP, GPT_ONLY_FIELDS, MAX_SEED, PRESET_HELP, PRESETS, SHAPE_FIELDS, TrainConfig
 
 DEFAULT_OUT_DIR = "out"
 
@@ -50,6 +50,26 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {MAX_SEED}], got {text!r}")
+    return value
+
+
 def _nonneg_float(text: str) -> float:
     try:
         value = float(text)
@@ -67,35 +87,59 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {message}; see {self.prog} --help\n")
 
 
+def preset_values(name: str) -> str:
+    """Every preset's value of one setting, presets with the same value together: "cpu/tiny 0.001; ..."."""
+    groups: dict[str, list[str]] = {}
+    for preset, cfg in PRESETS.items():
+        groups.setdefault(repr(getattr(cfg, name)), []).append(preset)
+    return "; ".join(f"{'/'.join(names)} {value}" for value, names in groups.items())
+
+
 def add_train_flags(parser: argparse.ArgumentParser, default_preset: str = "cpu") -> None:
     """--preset plus one flag per TrainConfig field (default: take the preset's value)."""
-    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                        help=f"named settings that the other flags override (default {default_preset})")
+    presets = "; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items())
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS), metavar="NAME",
+                        help=_escape(f"named settings that the other flags override (default {default_preset}). "
+                                     f"{presets}"))
     for f in fields(TrainConfig):
-        kind = {bool: _bool, "bool": _bool, int: int, "int": int, float: float, "float": float}.get(f.type, str)
-        parser.add_argument(f"--{f.name}", type=kind, default=None,
-                            help=f"(preset cpu: {getattr(CPU, f.name)!r})")
+        kind, metavar = {"bool": (_bool, "{true,false}"), "int": (int, "N"), "float": (float, "X")
+                         }.get(f.type, (str, "TEXT"))
+        parser.add_argument(f"--{f.name}", type=kind, default=None, metavar=metavar,
+                            help=_escape(f"{FIELD_HELP.get(f.name, f.name)} (default: the preset's; "
+                                         f"{preset_values(f.name)})"))
+
+
+def _escape(text: str) -> str:
+    return text.replace("%", "%%")  # argparse formats help strings with %
 
 
 def train_parser(prog: str, description: str, default_preset: str = "cpu", torch_flags: bool = False,
                  numpy_flags: bool = False) -> OneLineArgumentParser:
     """The `train` command's flags: data, output, resume, and every TrainConfig field."""
-    p = OneLineArgumentParser(prog=prog, description=description,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="path to the training text (default: NPGPT_DATA, "
+    p = OneLineArgumentParser(prog=prog, description=description, usage=usage_lines(prog),
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=f"The sample command's flags: {prog} sample --help")
+    p.add_argument("--data", default=None, metavar="PATH", help="path to the training text (default: NPGPT_DATA, "
                    "the cache, or a download of Tiny Shakespeare)")
-    p.add_argument("--out_dir", default=DEFAULT_OUT_DIR,
-                   help=f"where checkpoints, metrics.jsonl and loss.png go (default {DEFAULT_OUT_DIR})")
+    p.add_argument("--out_dir", default=DEFAULT_OUT_DIR, metavar="DIR",
+                   help=f"where checkpoints, metrics.jsonl and loss.png go (default {DEFAULT_OUT_DIR}); a "
+                        "fresh run refuses a directory that holds a run, unless --overwrite or --move_aside")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in --out_dir (its ckpt_last); its settings come from the "
-                        "checkpoint, flags other than the model shape override them")
+                        "checkpoint, flags other than the model shape override them (default off)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out_dir that holds one, deleting that run's checkpoints, "
+                        "metrics.jsonl and loss.png first (default off: refuse)")
+    p.add_argument("--move_aside", action="store_true",
+                   help="start a new run in an --out_dir that holds one after moving that run into "
+                        "<out_dir>/run-<date>-<time>/ (default off: refuse; `make train` turns it on)")
     p.add_argument("--init_from", default=None, metavar="PATH",
                    help="start from the weights of any checkpoint (.npz, .pt, nanoGPT ckpt.pt) with a "
-                        "fresh optimiser; the model shape comes from the checkpoint")
+                        "fresh optimiser; the model shape comes from the checkpoint (default: random weights)")
     p.add_argument("--vocab", default=None, metavar="PATH",
-                   help="with --init_from a nanoGPT ckpt.pt: the text whose characters are its vocabulary "
-                        "(default: the training text)")
-    p.add_argument("--progress", type=_bool, default=None,
+                   help="with --init_from a nanoGPT ckpt.pt (it carries no vocabulary): the text whose "
+                        "characters are its vocabulary (default: the training text)")
+    p.add_argument("--progress", type=_bool, default=None, metavar="{true,false}",
                    help="show a progress bar (default: only when stderr is a terminal)")
     if torch_flags:
         _add_torch_flags(p, training=True)
@@ -110,16 +154,28 @@ def sample_parser(prog: str, description: str, torch_flags: bool = False, numpy_
     """The `sample` command: autocomplete a prompt from a checkpoint."""
     p = OneLineArgumentParser(prog=f"{prog} sample", description=description)
     p.add_argument("--ckpt", required=True, metavar="PATH",
-                   help="checkpoint to sample from: ckpt_*.npz, ckpt_*.pt or a nanoGPT ckpt.pt")
-    p.add_argument("--prompt", default="\n", help="text to continue (default a newline)")
-    p.add_argument("--max_new_tokens", type=_nonneg_int, default=500)
-    p.add_argument("--temperature", type=_nonneg_float, default=0.8, help="0 means greedy decoding")
-    p.add_argument("--top_k", type=_nonneg_int, default=0, help="keep the k most likely tokens (0: all)")
-    p.add_argument("--seed", type=int, default=1337)
+                   help="checkpoint to sample from: ckpt_*.npz, ckpt_*.pt or a nanoGPT ckpt.pt (required)")
+    p.add_argument("--prompt", default=None, metavar="TEXT", help="text to continue (default a newline)")
+    p.add_argument("--prompt_file", default=None, metavar="PATH",
+                   help="read the text to continue from this UTF-8 file instead (default: use --prompt)")
+    p.add_argument("--num_samples", type=_positive_int, default=1, metavar="N",
+                   help="how many continuations: the i-th (from 0) uses seed + i, a line of dashes between "
+                        "them (default 1)")
+    p.add_argument("--max_new_tokens", type=_nonneg_int, default=500, metavar="N",
+                   help="characters to add to the prompt (default 500)")
+    p.add_argument("--temperature", type=_nonneg_float, default=0.8, metavar="X",
+                   help="divide the logits by this; 0 means greedy decoding (default 0.8)")
+    p.add_argument("--top_k", type=_nonneg_int, default=0, metavar="N",
+                   help="sample from the k most likely tokens only; 0: all of them (default 0)")
+    p.add_argument("--seed", type=_seed, default=1337, metavar="N",
+                   help=f"seed of the sampler, in [0, {MAX_SEED}]: the same seed, the same text in either "
+                        "script (default 1337)")
     p.add_argument("--vocab", default=None, metavar="PATH",
                    help="for a nanoGPT ckpt.pt: the text whose characters are its vocabulary "
                         "(default: Tiny Shakespeare from --data / NPGPT_DATA / the cache)")
-    p.add_argument("--data", default=None, help="where to find Tiny Shakespeare for --vocab's default")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="where to find Tiny Shakespeare for --vocab's default (default: NPGPT_DATA, the cache, "
+                        "or a download)")
     if torch_flags:
         _add_torch_flags(p, training=False)
     if numpy_flags:
@@ -130,19 +186,26 @@ def sample_parser(prog: str, description: str, torch_flags: bool = False, numpy_
 def _add_numpy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference", action="store_true",
                    help="run the plain reference layers (npgpt.GPT, npgpt.optim.AdamW) instead of the fast "
-                        "path npgpt.fast: the same numbers in float64, slower")
+                        "path npgpt.fast: the same numbers in float64, slower (default off)")
 
 
 def _add_torch_flags(p: argparse.ArgumentParser, training: bool) -> None:
     p.add_argument("--device", default="auto",
-                   help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+                   help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default auto)")
     if training:
         p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                       help="auto: bfloat16 autocast on a GPU that supports it, else float32")
-        p.add_argument("--compile", type=_bool, default=None,
-                       help="torch.compile the model (default: on for CUDA)")
+                       help="auto: bfloat16 autocast on a GPU that supports it, else float32 (default auto)")
+        p.add_argument("--compile", type=_bool, default=None, metavar="{true,false}",
+                       help="torch.compile the model (default: on for CUDA, off elsewhere)")
         p.add_argument("--attention", default="sdpa", choices=("sdpa", "explicit"),
-                       help="sdpa: F.scaled_dot_product_attention (flash on GPU); explicit: written out")
+                       help="sdpa: F.scaled_dot_product_attention (flash on GPU); explicit: written out "
+                            "(default sdpa)")
+
+
+def usage_lines(prog: str) -> str:
+    """The usage of both commands (argparse puts "usage: " in front)."""
+    return (f"{prog} [train] [--preset NAME] [--resume | --overwrite | --move_aside] [--FLAG VALUE ...]\n"
+            f"       {prog} sample --ckpt PATH [--prompt TEXT | --prompt_file PATH] [--FLAG VALUE ...]")
 
 
 def split_command(argv: list[str]) -> tuple[str, list[str]]:
@@ -173,7 +236,17 @@ def train_config_from_args(args: argparse.Namespace, default_preset: str = "cpu"
     cfg = replace(PRESETS[getattr(args, "preset", None) or default_preset], **overrides)
     if "max_iters" in overrides and "lr_decay_iters" not in overrides:
         cfg = replace(cfg, lr_decay_iters=cfg.max_iters)  # decay over the run, as nanoGPT's recipes do
+    if cfg.model == "bigram":
+        _refuse_gpt_only_flags(overrides, "the bigram model")
     return _validated(cfg)
+
+
+def _refuse_gpt_only_flags(overrides: dict, what: str) -> None:
+    """A flag of the GPT's shape means nothing to a bigram model: say so rather than ignore it."""
+    given = [name for name in GPT_ONLY_FIELDS if name in overrides]
+    if given:
+        raise UsageError(f"--{given[0]} does not apply to {what} (a token embedding table, no layers); drop "
+                         f"the flag, or train a GPT with --model gpt")
 
 
 def resumed_train_config(saved: dict, args: argparse.Namespace, where) -> TrainConfig:
@@ -202,6 +275,8 @@ def resumed_train_config(saved: dict, args: argparse.Namespace, where) -> TrainC
 def init_from_train_config(args: argparse.Namespace, model: str, gpt_config: GPTConfig | None,
                            default_preset: str = "cpu") -> TrainConfig:
     """Preset + flags, but the model's shape from the checkpoint that --init_from names."""
+    if model == "bigram":
+        _refuse_gpt_only_flags(explicit_flags(args), f"--init_from {args.init_from}, a bigram model")
     cfg = train_config_from_args(args, default_preset)
     if model == "bigram":
         shape = {"model": "bigram"}

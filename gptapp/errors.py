@@ -17,3 +17,13 @@ def one_line(err: BaseException) -> str:
     """An exception as one line: its message with newlines folded."""
     text = " ".join(str(err).split()) or type(err).__name__
     return text
+
+
+def first_sentence(err: BaseException | str, limit: int = 240) -> str:
+    """A library's error message made short without cutting it mid-sentence: the whole message on one
+    line if it fits in `limit` characters, else its first sentence, whole."""
+    text = " ".join(str(err).split()) or (type(err).__name__ if isinstance(err, BaseException) else "")
+    if len(text) <= limit:
+        return text
+    end = text.find(". ")
+    return text if end < 0 else text[:end]

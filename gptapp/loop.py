@@ -16,13 +16,14 @@ from typing import Callable, Protocol
 from npgpt.data import CharTokenizer, check_text_length
 from npgpt.optim import cosine_lr
 
-from .autocomplete import autocomplete
+from .autocomplete import autocomplete, check_prompt, read_prompt
 from .checkpoint import Checkpoint, CheckpointError, checkpoint_paths, ensure_writable_dir, link_or_copy
 from .cli import init_from_train_config, resumed_train_config, train_config_from_args
 from .data import checkpoint_tokenizer, load_text, training_splits
 from .errors import TrainingError, UsageError, one_line
+from .run_dir import check_out_dir_flags, make_room, refuse_used_out_dir
 from .run_log import RunLog, StopRequest
-from .settings import TrainConfig
+from .settings import MAX_SEED, TrainConfig
 
 
 class Backend(Protocol):
@@ -86,11 +87,12 @@ class NonFiniteLoss(Exception):
 
 
 def non_finite_message(it: int, last_saved, what: str = "loss", value: float | None = None) -> str:
-    kept = (f"{last_saved[0]} (step {last_saved[1]}) is the last good checkpoint"
-            if last_saved else "no checkpoint was written")
     shown = "nan or inf" if value is None else value
-    return (f"the {what} is not finite ({shown}) at step {it}; stopped without saving, {kept}; lower "
-            "--learning_rate, then --resume")
+    if not last_saved:  # nothing of this run to resume: --resume would find none, or an older run's
+        return (f"the {what} is not finite ({shown}) at step {it}; stopped, and no checkpoint was written; lower "
+                "--learning_rate and start again with --overwrite")
+    return (f"the {what} is not finite ({shown}) at step {it}; stopped without saving, {last_saved[0]} (step "
+            f"{last_saved[1]}) is the last good checkpoint; lower --learning_rate, then --resume")
 
 
 # nanoGPT reports MFU from the 5th step of a process on: the first steps hold warm-up (allocator,
@@ -166,9 +168,16 @@ def run_training(args, backend: Backend) -> int:
     if args.resume and args.init_from:
         raise UsageError("--resume and --init_from exclude each other: --resume continues the run in "
                          "--out_dir, --init_from starts a new one from a checkpoint's weights; pick one")
+    check_out_dir_flags(args)
+    if args.vocab and not args.init_from:
+        raise UsageError("--vocab applies only with --init_from a nanoGPT ckpt.pt (its file has no vocabulary); "
+                         "drop --vocab")
+    refuse_used_out_dir(args)
     backend.start(args)
     paths = checkpoint_paths(args.out_dir, backend.ext)
     cfg, ckpt = run_settings(args, backend, paths)
+    if args.vocab and ckpt.vocab is not None:
+        raise UsageError(f"--vocab: {ckpt.path} carries its own vocabulary; drop --vocab")
     local_accumulation_steps(cfg.gradient_accumulation_steps, backend.world_size)  # UsageError before any work
     # before any work that a failed save would waste
     out_dir = ensure_writable_dir(args.out_dir) if backend.is_main else Path(args.out_dir)
@@ -178,8 +187,12 @@ def run_training(args, backend: Backend) -> int:
     tokenizer = (checkpoint_tokenizer(ckpt, args.vocab, lambda: text) if ckpt is not None
                  else CharTokenizer.from_text(text))
     train_data, val_data = training_splits(text, tokenizer, cfg.block_size)
+    check_prompt(tokenizer, cfg.prompt)  # the sample at the end must not fail after the whole run
     with backend.session():
         backend.setup(args, cfg, tokenizer, train_data, val_data, ckpt)
+        note = make_room(args) if backend.is_main else None  # every input is good: now the earlier run goes
+        if note:
+            print(note)
         return train_loop(args, cfg, ckpt, backend, tokenizer, out_dir, paths, len(train_data), len(val_data))
 
 
@@ -194,6 +207,7 @@ def train_loop(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend
               f"{n_train:,} train / {n_val:,} val tokens")
         for line in backend.banner():
             print(line)
+        print("settings: " + " ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items()))
         if args.resume:
             print(f"resuming from {ckpt.path} at step {start}")
         elif ckpt is not None:
@@ -211,7 +225,8 @@ def train_loop(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend
     steps_since_log, just_logged = 0, False
     plot = True
     try:
-        with StopRequest() as stop, backend.errstate():
+        # under torchrun a Ctrl-C reaches each rank twice (the terminal's, then torchrun's): one request
+        with StopRequest(forwarded=backend.world_size > 1) as stop, backend.errstate():
             for it in range(start, cfg.max_iters + 1):
                 is_eval = (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not (args.resume and it == start)
                 # the same answer on every rank; where reading the loss is a sync, only when it is due anyway
@@ -263,8 +278,9 @@ def train_loop(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend
         log.close(plot=plot)
 
     if backend.is_main:
-        print(f"done: {cfg.max_iters - start} steps in {time.perf_counter() - t_run:.1f}s, "
-              f"best val loss {best_val:.4f}; checkpoints in {out_dir}")
+        saved = (f"best val loss {best_val:.4f}; checkpoints in {out_dir}" if last_saved else
+                 "nothing was saved: checkpoints are written at evaluations after step 0")
+        print(f"done: {cfg.max_iters - start} steps in {time.perf_counter() - t_run:.1f}s, {saved}")
         print(autocomplete(backend.generate_fn(), tokenizer, cfg.prompt, backend.block_size(), cfg.max_new_tokens,
                            cfg.temperature, cfg.top_k, cfg.seed))
     return 0
@@ -275,10 +291,15 @@ def train_loop(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend
 def run_sample(args, read_checkpoint: Callable, build_generate: Callable) -> int:
     """The `sample` command: `read_checkpoint(path)` -> Checkpoint, `build_generate(ckpt)` ->
     (generate, block_size) for the backend's model holding the checkpoint's weights."""
+    prompt = read_prompt(args.prompt, args.prompt_file)
     ckpt = read_checkpoint(args.ckpt)
     tokenizer = checkpoint_tokenizer(ckpt, args.vocab, lambda: load_text(args.data))
+    check_prompt(tokenizer, prompt)
     generate, block_size = build_generate(ckpt)
-    text = autocomplete(generate, tokenizer, args.prompt, block_size, args.max_new_tokens, args.temperature,
-                        args.top_k, args.seed)
-    sys.stdout.write(text + "\n")
+    for i in range(args.num_samples):  # the i-th with seed + i: the first is the one of a single sample
+        if i:
+            sys.stdout.write("---------------\n")
+        text = autocomplete(generate, tokenizer, prompt, block_size, args.max_new_tokens, args.temperature,
+                            args.top_k, (args.seed + i) % (MAX_SEED + 1))
+        sys.stdout.write(text + "\n")
     return 0

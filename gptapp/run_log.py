@@ -152,12 +152,18 @@ class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM while training: remember it, so the loop can save and stop at the
     next step boundary (never halfway through an update). A second Ctrl-C raises KeyboardInterrupt
     at once. Use as a context manager around the loop; the old handlers come back on exit.
+
+    forwarded=True (a rank under torchrun): the terminal's Ctrl-C reaches every rank, and torchrun
+    passes it on once more, so a repeated signal is the same request, not a second Ctrl-C; and once
+    a stop was requested, the signals stay ignored after the loop (the rank is on its way out), so the
+    forwarded copy cannot interrupt the save, the barrier or the exit.
     """
 
     SIGNALS = ("SIGINT", "SIGTERM")
 
-    def __init__(self):
+    def __init__(self, forwarded: bool = False):
         self.signum: int | None = None
+        self.forwarded = forwarded
         self._old = {}
 
     @property
@@ -175,8 +181,10 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         import signal
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        if self.signum is not None:
+            if signum == signal.SIGINT and not self.forwarded:
+                raise KeyboardInterrupt  # second Ctrl-C: stop now
+            return
         self.signum = signum
 
     def __enter__(self) -> "StopRequest":
@@ -191,5 +199,5 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         import signal
         for sig, old in self._old.items():
-            signal.signal(sig, old)
+            signal.signal(sig, signal.SIG_IGN if self.forwarded and self.requested else old)
         self._old.clear()

@@ -14,6 +14,11 @@ from npgpt.config import ACTIVATIONS, MODERN_ACTIVATIONS, NORMS, POS_EMBS, GPTCo
 SHAPE_FIELDS = ("model", "n_layer", "n_head", "n_embd", "block_size", "bias", "activation", "tie_weights",
                 "norm", "pos_emb", "rope_theta", "qk_norm", "mlp_hidden", "optimizer")
 OPTIMIZERS = ("adamw", "muon")
+# Those of them that only the GPT has: a bigram model is its embedding table alone.
+GPT_ONLY_FIELDS = ("n_layer", "n_head", "n_embd", "bias", "activation", "tie_weights", "dropout", "norm", "pos_emb",
+                   "rope_theta", "qk_norm", "mlp_hidden")
+# Seeds both backends take everywhere they use one (torch generators, NumPy's default_rng).
+MAX_SEED = 2 ** 32 - 1
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,8 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 bad(name, "must lie in [0, 1)")
+        if not 0 <= self.seed <= MAX_SEED:
+            bad("seed", f"must be an integer in [0, {MAX_SEED}]")
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
@@ -114,13 +121,60 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        """From a checkpoint's dict; unknown keys are an error (ValueError), missing ones take defaults."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        """From a checkpoint's dict; unknown keys or values of the wrong type are an error (ValueError),
+        missing ones take defaults."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the training settings are a {type(d).__name__}, not a mapping")
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
         if unknown:
             raise ValueError(f"unknown training settings {unknown}")
+        for name, value in d.items():
+            kind = {"bool": bool, "int": int, "float": (int, float), "str": str}[known[name]]
+            if not isinstance(value, kind) or (isinstance(value, bool) and known[name] != "bool"):
+                raise ValueError(f"the setting {name} is {value!r}, not of type {known[name]}")
         return cls(**d)
 
+
+# What each setting does: the --help text of its flag (gptapp.cli adds every preset's value).
+FIELD_HELP = {
+    "model": "gpt, or bigram (the lecture's baseline: a token embedding table only)",
+    "n_layer": "transformer blocks",
+    "n_head": "attention heads per block (n_embd must be a multiple)",
+    "n_embd": "channels of the residual stream",
+    "block_size": "context length in characters",
+    "dropout": "dropout probability in training, in [0, 1)",
+    "bias": "linears and layer norms carry a bias",
+    "activation": "the MLP's nonlinearity: relu, gelu (exact), gelu_tanh, relu2 or swiglu",
+    "tie_weights": "the output head reuses the token embedding",
+    "norm": "the blocks' normalisation: layernorm or rmsnorm",
+    "pos_emb": "positions: learned (a position embedding table) or rope (rotary, in attention)",
+    "rope_theta": "RoPE's base frequency (with --pos_emb rope)",
+    "qk_norm": "normalise queries and keys before attention",
+    "mlp_hidden": "the MLP's hidden width (0: 4 * n_embd)",
+    "gradient_accumulation_steps": "micro-batches of one step, over all processes under torchrun",
+    "optimizer": "adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)",
+    "muon_lr": "Muon's peak learning rate (with --optimizer muon; follows the same schedule)",
+    "batch_size": "sequences per micro-batch and process",
+    "max_iters": "optimisation steps of the run (with --resume: the step to reach)",
+    "learning_rate": "peak learning rate",
+    "decay_lr": "warm up, then decay the learning rate along a cosine",
+    "warmup_iters": "steps of linear warmup",
+    "lr_decay_iters": "the step where the cosine reaches --min_lr (a fresh run's --max_iters sets it too)",
+    "min_lr": "the learning rate after lr_decay_iters",
+    "beta1": "AdamW's beta1",
+    "beta2": "AdamW's beta2",
+    "weight_decay": "AdamW's decoupled weight decay (matrices only)",
+    "grad_clip": "clip the gradient's global norm to this (0: off)",
+    "eval_interval": "evaluate and save checkpoints every this many steps",
+    "eval_iters": "batches per split in each evaluation",
+    "log_interval": "print a step's loss every this many steps",
+    "seed": f"seed of the initial weights, the batches, dropout and the final sample, in [0, {MAX_SEED}]",
+    "max_new_tokens": "characters of the sample printed after training",
+    "temperature": "the sample's temperature (0: greedy)",
+    "top_k": "sample from the k most likely characters only (0: all)",
+    "prompt": "the text the sample after training continues",
+}
 
 # nanoGPT's CPU recipe (README, "I only have a macbook"), exactly: tied head, no biases, GELU.
 NANOGPT_CPU = TrainConfig()
@@ -128,6 +182,19 @@ NANOGPT_CPU = TrainConfig()
 # parameters, as the lecture's gpt.py). Tied, this recipe ends at val 1.905-1.926 on this data
 # (five runs, both backends); untied it reaches 1.876 in the same 2000 steps (bench/RESULTS.md).
 CPU = replace(NANOGPT_CPU, tie_weights=False)
+
+# What each preset is, for --help (the cost of a run is on this project's 2-core CPU; bench/RESULTS.md).
+PRESET_HELP = {
+    "cpu": "nanoGPT's CPU recipe with an untied head, 0.8M parameters, 2000 steps (~2.5 min, val ~1.88)",
+    "nanogpt-cpu": "nanoGPT's CPU recipe exactly (tied head)",
+    "shakespeare-char": "nanoGPT's baby GPT, 10.7M parameters, 5000 steps: the default on a GPU (minutes there)",
+    "lecture": ("the lecture's gpt.py, 10.8M parameters, 5000 steps: meant for a GPU; on a 2-core CPU a step "
+                "takes 20-30 s in either script, so the run takes over a day (shorten it with --max_iters)"),
+    "bigram": "the lecture's bigram baseline, 3000 steps (seconds)",
+    "modern-cpu": "the cpu recipe with the modern block (RMSNorm, RoPE, QK-norm, SwiGLU) and Muon",
+    "modern-gpu": "shakespeare-char's size with the modern block and Muon: for a GPU",
+    "tiny": "2 layers of 32 channels, 40 steps: seconds, for tests and smoke runs",
+}
 
 PRESETS: dict[str, TrainConfig] = {
     "cpu": CPU,

@@ -14,6 +14,7 @@ from npgpt.config import GPTConfig
 from torchgpt.convert import load_nanogpt_state_dict, state_dict_to_params
 
 from .checkpoint import FORMAT, VERSION, Checkpoint, CheckpointError, atomic_write, checkpoint_kind
+from .errors import first_sentence
 
 NANOGPT_MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 
@@ -34,9 +35,9 @@ def load_torch_checkpoint(path) -> Checkpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported object"
+        first = first_sentence(err) or "unsupported object"
         raise CheckpointError(f"refused to load {path}: it holds pickled Python objects that could run code "
-                              f"when loaded (torch.load weights_only=True: {first[:160]}); use a checkpoint "
+                              f"when loaded (torch.load weights_only=True: {first}); use a checkpoint "
                               "written by train_torch.py or nanoGPT") from None
     except Exception as err:  # torch reports damage as RuntimeError, EOFError, OSError, ...
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or corrupt "
@@ -113,5 +114,4 @@ def _to_numpy(sd: dict, path: Path) -> dict[str, np.ndarray]:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:200]
+    return first_sentence(err)
