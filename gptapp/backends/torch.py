@@ -9,6 +9,7 @@ the step after each log step; on a CPU that costs nothing, so `poll` checks ever
 from __future__ import annotations
 
 import contextlib
+import gc
 import sys
 import time
 
@@ -127,6 +128,13 @@ class TorchBackend:
             if self.info.enabled:  # rank 0 may still be sampling: leave together, or gloo aborts the early rank
                 torch.distributed.barrier()
         finally:
+            if self.info.enabled:
+                # The DDP wrapper sits in a reference cycle: left to the garbage collector, it (and its
+                # reducer's hold on the process group) can outlive destroy_process_group and be freed
+                # during interpreter shutdown, a known cause of "terminate called without an active
+                # exception". Drop it and collect now, while the group still exists.
+                self.train_model = None
+                gc.collect()
             shutdown_distributed(self.info)
 
     def setup(self, args, cfg, tokenizer, train_data, val_data, ckpt) -> None:
