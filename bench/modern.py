@@ -84,7 +84,8 @@ def parse_args(argv):
     p.add_argument("--eval_interval", type=positive_int, default=250)
     p.add_argument("--eval_iters", type=positive_int, default=None, help="batches per evaluation (default: the presets')")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1,
+                   help="BLAS/OpenMP threads of every run (default: all cores)")
     p.add_argument("--data", default=None, help="the training text (default: $NPGPT_DATA, else "
                    "../shared/data/tinyshakespeare/input.txt)")
     p.add_argument("--extra", default="", help='more flags for every run, e.g. "--muon_lr 0.04"')
