@@ -1,0 +1,702 @@
+"""Fused, threaded kernels for npgpt's fast path, compiled by numba (optional).
+
+Each NumPy layer is a chain of whole-array passes, one thread each: a layernorm reads and writes
+its (B, T, C) input five times. A kernel here makes one pass per row (or per head), keeps the
+intermediates in registers or in a scratch row that stays in L1, and spreads the rows over the
+cores with `prange`. The formulas are those of npgpt.layers; tests/test_numba_kernels.py checks
+every kernel against them (float64 within 1e-13 normwise, float32 within 1e-6 of the exact result).
+
+Public functions have the reference's signatures and conventions:
+    name_forward(inputs...) -> (out, cache)      name_backward(dout, cache) -> grads (a tuple)
+with this module's own named caches. Without numba (AVAILABLE False: not installed, or failed to
+load) each of them is npgpt.layers' function, so a caller gets correct results either way and can
+test AVAILABLE to pick a faster NumPy route instead.
+
+Dimension letters as in npgpt.layers: B batch, T time, C channels, nh heads, hs head size,
+N rows (B*T), V vocabulary.
+
+Float32 and float64: every kernel compiles once per dtype, on first use. float32 uses a rational
+erf and a polynomial exp (below), which vectorise; a scalar libm call per element costs 10-40x
+more. float64 calls math.erf and math.exp (libm, within an ulp or two of scipy's), so float64
+results stay within 1e-13 of the reference. Sums of a row (means, softmax denominators, the
+loss) accumulate in float64 for both dtypes. Parameter gradients (layernorm dw, db) sum one
+partial per thread: results are deterministic for a given thread count.
+
+fastmath: the kernels allow contraction into FMAs, reassociation (so sums vectorise), reciprocal
+multiplication and signed-zero freedom; not "no NaN"/"no inf" (a NaN loss must stay NaN so the
+training loop can stop) and not approximate libm functions (float64's erf and exp stay exact).
+
+Compiled code is cached on disk (numba's cache=True) so a second process loads it in well under
+a second; CACHE_DIR says where: NUMBA_CACHE_DIR if set, else the __pycache__ beside this file,
+else numba's per-user cache (~/.cache/numba), else a private folder in the temp dir (a read-only
+install with a read-only home), else no cache (CACHE_DIR None: each process compiles again).
+
+Threads: numba runs NUMBA_NUM_THREADS threads (default: every core). When that is unset but
+OMP_NUM_THREADS is set (as `make test` and the benchmarks do for BLAS), the importing thread
+follows OMP_NUM_THREADS, so the kernels keep to the same budget as the matrix products.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import NamedTuple
+
+import numpy as np
+
+from .. import layers as _reference
+
+try:  # anything wrong with numba (absent, too old for this NumPy, blocked) means: no kernels
+    import numba
+    from llvmlite import ir as _llvm_ir
+    from numba import prange
+    from numba.core import types as _nb_types
+    from numba.extending import intrinsic as _intrinsic
+    from numba.extending import overload as _overload
+    from numba.extending import register_jitable
+except Exception as _exc:  # noqa: BLE001 - an ImportError, or e.g. numba's NumPy version check
+    numba = None
+    AVAILABLE = False
+    UNAVAILABLE_REASON = f"numba could not be imported ({type(_exc).__name__}: {_exc})"
+    prange = range
+else:
+    AVAILABLE = True
+    UNAVAILABLE_REASON = ""
+
+# fastmath flags: see the module docstring for why these and not "fast".
+FASTMATH = {"contract", "reassoc", "arcp", "nsz"}
+
+
+# --------------------------------------------------------------------------------------------
+# The on-disk cache and the thread count
+# --------------------------------------------------------------------------------------------
+
+def _writable_dir(path: str) -> bool:
+    """Whether `path` exists or can be made, and a file can be created in it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+        return True
+    except OSError:
+        return False
+
+
+def _choose_cache_dir() -> str | None:
+    """The folder numba will write this module's compiled kernels to (the order numba's own
+    cache locators try), setting numba's cache folder to a private temp folder when none of
+    numba's choices is writable. None: nowhere to write, compile in every process."""
+    if numba.config.CACHE_DIR:
+        return numba.config.CACHE_DIR if _writable_dir(numba.config.CACHE_DIR) else None
+    in_tree = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
+    if _writable_dir(in_tree):
+        return in_tree
+    from numba.misc.appdirs import AppDirs
+    user_wide = AppDirs(appname="numba", appauthor=False).user_cache_dir
+    if _writable_dir(user_wide):
+        return user_wide
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    private = os.path.join(tempfile.gettempdir(), f"npgpt-numba-cache-{uid}")
+    if _writable_dir(private):
+        numba.config.CACHE_DIR = private  # numba reads it when each kernel below is decorated
+        return private
+    return None
+
+
+def _follow_omp_num_threads() -> None:
+    if "NUMBA_NUM_THREADS" in os.environ:
+        return
+    try:
+        wanted = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return
+    if wanted >= 1:
+        numba.set_num_threads(min(wanted, numba.config.NUMBA_NUM_THREADS))
+
+
+if AVAILABLE:
+    CACHE_DIR = _choose_cache_dir()
+    _follow_omp_num_threads()
+
+    def _kernel(function):
+        return numba.njit(parallel=True, cache=CACHE_DIR is not None, fastmath=FASTMATH)(function)
+else:
+    CACHE_DIR = None
+
+    def _kernel(function):  # never called without numba: the public functions use the reference
+        return function
+
+
+def threads() -> int:
+    """How many threads the kernels run on (1 without numba)."""
+    return numba.get_num_threads() if AVAILABLE else 1
+
+
+def set_threads(n: int) -> None:
+    """Run the kernels on n threads (at most NUMBA_NUM_THREADS), for this calling thread."""
+    if AVAILABLE:
+        numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
+
+# --------------------------------------------------------------------------------------------
+# Scalar math, one version per dtype (numba picks by the argument's type when compiling)
+# --------------------------------------------------------------------------------------------
+# exp_, gelu_, gelu_grad_ are called only inside kernels; their Python bodies say what they mean.
+
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def exp_(x):
+    return math.exp(x)
+
+
+def gelu_(x):
+    """Exact GELU: x * Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2."""
+    return x * (0.5 * (1.0 + math.erf(x * _INV_SQRT2)))
+
+
+def gelu_grad_(x):
+    """d gelu / dx = Phi(x) + x * pdf(x), pdf(x) = exp(-x^2 / 2) / sqrt(2 pi)."""
+    return 0.5 * (1.0 + math.erf(x * _INV_SQRT2)) + x * (math.exp(-0.5 * x * x) * _INV_SQRT_2PI)
+
+
+# float32 constants (typed float32, so the float32 kernels never widen to float64)
+_F32 = np.float32
+_HALF32, _ONE32 = _F32(0.5), _F32(1.0)
+_INV_SQRT2_32, _INV_SQRT_2PI_32 = _F32(_INV_SQRT2), _F32(_INV_SQRT_2PI)
+# erf(x) ~= x P(x^2) / Q(x^2) on x clamped to [-4, 4] (erf(4) is 1 in float32): the rational
+# approximation Eigen and XLA use for float32, error below 5e-7 (tests check it against scipy).
+_ERF32_CLAMP = _F32(4.0)
+_ERF32_P = tuple(_F32(c) for c in (
+    -2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+    -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02))  # x^12 ... x^0
+_ERF32_Q = tuple(_F32(c) for c in (
+    -1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+    -1.42647390514189e-02))  # x^8 ... x^0
+# exp(x) = 2^k exp(r), k = round(x / ln 2), r = x - k ln 2 in [-ln2/2, ln2/2] (ln 2 in two parts,
+# the first exact in float32 times any k, so r is exact), exp(r) by its Taylor series to r^7
+# (truncation 3e-9 relative, below float32's 6e-8), 2^k built from its exponent bits.
+_LOG2E32 = _F32(1.0 / math.log(2.0))
+_LN2_HI32, _LN2_LO32 = _F32(0.693359375), _F32(math.log(2.0) - 0.693359375)
+_EXP32_MIN, _EXP32_MAX = _F32(-87.33), _F32(88.7)  # 2^k stays a normal float32
+_EXP32_TAYLOR = tuple(_F32(1.0 / math.factorial(n)) for n in range(7, -1, -1))  # r^7 ... r^0
+_ZERO32 = _F32(0.0)
+
+if AVAILABLE:
+    @_intrinsic
+    def _float32_from_exponent(typingctx, k):
+        """2.0 ** k for an integer k in [-126, 127]: the float32 whose exponent field is k + 127."""
+        if not isinstance(k, _nb_types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            biased = builder.add(builder.trunc(args[0], _llvm_ir.IntType(32)) if k.bitwidth > 32
+                                 else builder.sext(args[0], _llvm_ir.IntType(32)) if k.bitwidth < 32
+                                 else args[0], _llvm_ir.Constant(_llvm_ir.IntType(32), 127))
+            bits = builder.shl(biased, _llvm_ir.Constant(_llvm_ir.IntType(32), 23))
+            return builder.bitcast(bits, _llvm_ir.FloatType())
+
+        return _nb_types.float32(k), codegen
+
+    _scalar = register_jitable(inline="always")  # a Python function that kernels can call, inlined
+
+    @_scalar
+    def _exp32(x):
+        # NaN passes through (every comparison below is false for it); -inf and very negative
+        # arguments give 0; the upper clamp only guards 2^k (exp(88.7) is float32's largest).
+        xc = _EXP32_MAX if x > _EXP32_MAX else x
+        k = math.floor(xc * _LOG2E32 + _HALF32)
+        r = (xc - k * _LN2_HI32) - k * _LN2_LO32
+        c = _EXP32_TAYLOR
+        p = ((((((c[0] * r + c[1]) * r + c[2]) * r + c[3]) * r + c[4]) * r + c[5]) * r + c[6]) * r + c[7]
+        e = p * _float32_from_exponent(np.int32(k))
+        return _ZERO32 if x < _EXP32_MIN else e
+
+    @_scalar
+    def _erf32(x):
+        x = _ERF32_CLAMP if x > _ERF32_CLAMP else x
+        x = -_ERF32_CLAMP if x < -_ERF32_CLAMP else x
+        x2 = x * x
+        a, b = _ERF32_P, _ERF32_Q
+        p = (((((a[0] * x2 + a[1]) * x2 + a[2]) * x2 + a[3]) * x2 + a[4]) * x2 + a[5]) * x2 + a[6]
+        q = (((b[0] * x2 + b[1]) * x2 + b[2]) * x2 + b[3]) * x2 + b[4]
+        return x * p / q
+
+    def _gelu32(x):
+        return x * (_HALF32 * (_ONE32 + _erf32(x * _INV_SQRT2_32)))
+
+    def _gelu_grad32(x):
+        phi = _HALF32 * (_ONE32 + _erf32(x * _INV_SQRT2_32))
+        return phi + x * (_exp32(-_HALF32 * x * x) * _INV_SQRT_2PI_32)
+
+    def _by_dtype(python_function, float32_version):
+        """Compile `python_function` as written for float64, `float32_version` for float32."""
+        @_overload(python_function, inline="always")
+        def _typed(x):
+            if x == _nb_types.float32:
+                return float32_version
+            if x == _nb_types.float64:
+                return python_function
+            return None
+
+    _by_dtype(exp_, _exp32)
+    _by_dtype(gelu_, _gelu32)
+    _by_dtype(gelu_grad_, _gelu_grad32)
+
+
+# --------------------------------------------------------------------------------------------
+# Layer normalisation over the last axis
+# --------------------------------------------------------------------------------------------
+
+class LayerNormCache(NamedTuple):
+    xhat: np.ndarray  # (N, C) normalised input
+    rstd: np.ndarray  # (N,) 1 / sqrt(var + eps)
+    w: np.ndarray  # (C,)
+    has_bias: bool
+    shape: tuple  # the input's shape (..., C)
+
+
+@_kernel
+def _layernorm_forward_rows(x, w, b, eps, out, xhat, rstd):  # x, out, xhat (N, C)
+    n_rows, C = x.shape
+    for n in prange(n_rows):
+        total = 0.0
+        for c in range(C):
+            total += x[n, c]
+        mean = total / C
+        sq = 0.0
+        for c in range(C):
+            d = x[n, c] - mean
+            sq += d * d
+        r = 1.0 / math.sqrt(sq / C + eps)
+        rstd[n] = r
+        for c in range(C):
+            xh = (x[n, c] - mean) * r
+            xhat[n, c] = xh
+            out[n, c] = xh * w[c] + b[c]
+
+
+@_kernel
+def _layernorm_backward_rows(dout, xhat, rstd, w, dx, dw_parts, db_parts):
+    # Rows split into one span per part; part k sums its rows' dw, db terms into dw_parts[k].
+    n_rows, C = dout.shape
+    n_parts = dw_parts.shape[0]
+    for k in prange(n_parts):
+        for c in range(C):
+            dw_parts[k, c] = 0.0
+            db_parts[k, c] = 0.0
+        for n in range(k * n_rows // n_parts, (k + 1) * n_rows // n_parts):
+            sum_g = 0.0
+            sum_gx = 0.0
+            for c in range(C):
+                g = dout[n, c] * w[c]
+                sum_g += g
+                sum_gx += g * xhat[n, c]
+            mean_g = sum_g / C
+            mean_gx = sum_gx / C
+            r = rstd[n]
+            for c in range(C):
+                # in the forward: xhat = (x - mean) * rstd, out = xhat * w + b; so
+                # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * w
+                dx[n, c] = r * (dout[n, c] * w[c] - mean_g - xhat[n, c] * mean_gx)
+                dw_parts[k, c] += dout[n, c] * xhat[n, c]
+                db_parts[k, c] += dout[n, c]
+
+
+def layernorm_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
+                      eps: float = _reference.LAYERNORM_EPS):
+    """out = (x - mean) / sqrt(var + eps) * w + b over the last axis, one pass per row."""
+    if not AVAILABLE:
+        return _reference.layernorm_forward(x, w, b, eps)
+    C = x.shape[-1]
+    x2 = np.ascontiguousarray(x).reshape(-1, C)  # (N, C)
+    out, xhat = np.empty_like(x2), np.empty_like(x2)
+    rstd = np.empty(x2.shape[0], dtype=x.dtype)
+    bias = b if b is not None else np.zeros(C, dtype=x.dtype)
+    _layernorm_forward_rows(x2, w, bias, float(eps), out, xhat, rstd)
+    return out.reshape(x.shape), LayerNormCache(xhat, rstd, w, b is not None, x.shape)
+
+
+def layernorm_backward(dout: np.ndarray, cache):
+    """(dx, dw, db): dx = rstd (g - mean g - xhat mean(g xhat)), g = dout w; db None without bias."""
+    if not AVAILABLE:
+        return _reference.layernorm_backward(dout, cache)
+    xhat, rstd, w, has_bias, shape = cache
+    C = shape[-1]
+    d2 = np.ascontiguousarray(dout).reshape(-1, C)  # (N, C)
+    dx = np.empty_like(d2)
+    parts = max(1, min(threads(), d2.shape[0]))
+    dw_parts, db_parts = np.empty((parts, C)), np.empty((parts, C))  # float64 partial sums
+    _layernorm_backward_rows(d2, xhat, rstd, w, dx, dw_parts, db_parts)
+    dw = dw_parts.sum(axis=0).astype(dout.dtype)
+    db = db_parts.sum(axis=0).astype(dout.dtype) if has_bias else None
+    return dx.reshape(shape), dw, db
+
+
+# --------------------------------------------------------------------------------------------
+# GELU (exact, erf form): elementwise, fused with its derivative in the backward
+# --------------------------------------------------------------------------------------------
+
+class GeluCache(NamedTuple):
+    x: np.ndarray  # the input; the backward recomputes Phi and pdf from it (cheaper than storing)
+
+
+@_kernel
+def _gelu_forward_flat(x, out):  # (n,)
+    for i in prange(x.shape[0]):
+        out[i] = gelu_(x[i])
+
+
+@_kernel
+def _gelu_backward_flat(dout, x, dx):  # (n,)
+    for i in prange(x.shape[0]):
+        dx[i] = dout[i] * gelu_grad_(x[i])
+
+
+def gelu_forward(x: np.ndarray):
+    """out = x Phi(x) (nn.GELU()), one pass."""
+    if not AVAILABLE:
+        return _reference.gelu_forward(x)
+    x = np.ascontiguousarray(x)
+    out = np.empty_like(x)
+    _gelu_forward_flat(x.reshape(-1), out.reshape(-1))
+    return out, GeluCache(x)
+
+
+def gelu_backward(dout: np.ndarray, cache):
+    """(dx,): dx = dout * (Phi(x) + x pdf(x)), one pass."""
+    if not AVAILABLE:
+        return _reference.gelu_backward(dout, cache)
+    x = cache.x
+    dout = np.ascontiguousarray(dout)
+    dx = np.empty_like(x)
+    _gelu_backward_flat(dout.reshape(-1), x.reshape(-1), dx.reshape(-1))
+    return (dx,)
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax over the last axis (rows of any length)
+# --------------------------------------------------------------------------------------------
+
+class SoftmaxCache(NamedTuple):
+    y: np.ndarray  # (..., K) the output
+
+
+@_kernel
+def _softmax_forward_rows(x, y):  # (N, K)
+    n_rows, K = x.shape
+    for n in prange(n_rows):
+        top = x[n, 0]
+        for j in range(1, K):
+            top = x[n, j] if x[n, j] > top else top
+        total = 0.0
+        for j in range(K):
+            e = exp_(x[n, j] - top)
+            y[n, j] = e
+            total += e
+        inv = 1.0 / total
+        for j in range(K):
+            y[n, j] = y[n, j] * inv
+
+
+@_kernel
+def _softmax_backward_rows(dout, y, dx):  # (N, K)
+    n_rows, K = y.shape
+    for n in prange(n_rows):
+        dot = 0.0
+        for j in range(K):
+            dot += dout[n, j] * y[n, j]
+        for j in range(K):
+            dx[n, j] = y[n, j] * (dout[n, j] - dot)
+
+
+def softmax_forward(x: np.ndarray):
+    """out = exp(x - max x) / sum exp(x - max x) over the last axis."""
+    if not AVAILABLE:
+        return _reference.softmax_forward(x)
+    x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    y = np.empty_like(x2)
+    _softmax_forward_rows(x2, y)
+    y = y.reshape(x.shape)
+    return y, SoftmaxCache(y)
+
+
+def softmax_backward(dout: np.ndarray, cache):
+    """(dx,): dx = y * (dout - sum(dout * y))."""
+    if not AVAILABLE:
+        return _reference.softmax_backward(dout, cache)
+    y = cache.y
+    K = y.shape[-1]
+    dx = np.empty_like(y)
+    _softmax_backward_rows(np.ascontiguousarray(dout).reshape(-1, K), y.reshape(-1, K), dx.reshape(-1, K))
+    return (dx,)
+
+
+# --------------------------------------------------------------------------------------------
+# Causal self-attention, one (batch, head) pair per task, one query row at a time
+# --------------------------------------------------------------------------------------------
+# Head h of qkv (B, T, 3C) owns channels [h hs, (h+1) hs) of each third (q, k, v). One task per
+# (batch, head) pair copies its head's q, k, v into contiguous (T, hs) scratch, multiplies them
+# with BLAS (numba's np.dot: ~2x faster here than hand-written loops over so short a head size),
+# and runs the mask, the scale and the softmax over its (T, T) scores while they sit in L1/L2.
+# Query i sees keys 0..i: the softmax runs over j <= i only and writes exact zeros above.
+
+class AttentionCache(NamedTuple):
+    qkv: np.ndarray  # (B, T, 3C) the input
+    att: np.ndarray  # (B, nh, T, T) softmax probabilities, 0 above the diagonal
+    att_mask: np.ndarray | None  # (B, nh, T, T) dropout mask applied to att, or None
+    n_head: int
+    scale: float  # 1 / sqrt(hs)
+
+
+@_kernel
+def _attention_forward_heads(qkv, n_head, scale, use_mask, mask, att, y):
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    hs = C // n_head
+    for task in prange(B * n_head):
+        b, h = task // n_head, task % n_head
+        q0, k0, v0 = h * hs, C + h * hs, 2 * C + h * hs
+        q = np.ascontiguousarray(qkv[b, :, q0:q0 + hs])  # (T, hs)
+        k = np.ascontiguousarray(qkv[b, :, k0:k0 + hs])  # (T, hs)
+        v = np.ascontiguousarray(qkv[b, :, v0:v0 + hs])  # (T, hs)
+        scores = np.dot(q, k.T)  # (T, T), unscaled: softmax(scale s) = exp(scale (s - max s)) / sum
+        p = att[b, h]  # (T, T)
+        for i in range(T):
+            top = scores[i, 0]
+            for j in range(1, i + 1):
+                top = scores[i, j] if scores[i, j] > top else top
+            total = 0.0
+            for j in range(i + 1):
+                e = exp_((scores[i, j] - top) * scale)
+                p[i, j] = e
+                total += e
+            inv = 1.0 / total
+            for j in range(i + 1):
+                p[i, j] = p[i, j] * inv
+            for j in range(i + 1, T):
+                p[i, j] = 0.0
+        if use_mask:  # dropout on the probabilities: y = (att * mask) v
+            out = np.dot(p * mask[b, h], v)  # (T, hs)
+        else:
+            out = np.dot(p, v)  # (T, T) @ (T, hs)
+        for t in range(T):
+            for d in range(hs):
+                y[b, t, q0 + d] = out[t, d]
+
+
+@_kernel
+def _attention_backward_heads(dout, qkv, att, n_head, scale, use_mask, mask, dqkv):
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    hs = C // n_head
+    for task in prange(B * n_head):
+        b, h = task // n_head, task % n_head
+        q0, k0, v0 = h * hs, C + h * hs, 2 * C + h * hs
+        q = np.ascontiguousarray(qkv[b, :, q0:q0 + hs])  # (T, hs)
+        k = np.ascontiguousarray(qkv[b, :, k0:k0 + hs])
+        v = np.ascontiguousarray(qkv[b, :, v0:v0 + hs])
+        dy = np.ascontiguousarray(dout[b, :, q0:q0 + hs])  # (T, hs)
+        p = att[b, h]  # (T, T)
+        # in the forward: y = att_used v, att_used = att * mask (or att); so
+        # dv = att_used^T dy, datt_used = dy v^T, datt = datt_used * mask
+        if use_mask:
+            dv = np.dot((p * mask[b, h]).T, dy)  # (T, hs)
+        else:
+            dv = np.dot(p.T, dy)
+        ds = np.dot(dy, v.T)  # (T, T) datt_used, becomes d(scale * scores) in place below
+        for i in range(T):
+            if use_mask:
+                for j in range(i + 1):
+                    ds[i, j] = ds[i, j] * mask[b, h, i, j]
+            # softmax backward: dz = att * (datt - sum_j datt * att); scores s = z / scale
+            dot = 0.0
+            for j in range(i + 1):
+                dot += ds[i, j] * p[i, j]
+            for j in range(i + 1):
+                ds[i, j] = p[i, j] * (ds[i, j] - dot) * scale
+            for j in range(i + 1, T):
+                ds[i, j] = 0.0
+        dq = np.dot(ds, k)  # (T, T) @ (T, hs): s = q k^T, so dq = ds k, dk = ds^T q
+        dk = np.dot(ds.T, q)
+        for t in range(T):
+            for d in range(hs):
+                dqkv[b, t, q0 + d] = dq[t, d]
+                dqkv[b, t, k0 + d] = dk[t, d]
+                dqkv[b, t, v0 + d] = dv[t, d]
+
+
+def attention_forward(qkv: np.ndarray, n_head: int, dropout_p: float = 0.0,
+                      rng: np.random.Generator | None = None, mask: np.ndarray | None = None):
+    """Causal self-attention on the fused qkv (B, T, 3C) -> y (B, T, C), as npgpt.layers'.
+
+    att = softmax(q k^T / sqrt(hs), future masked); y = dropout(att) v. Dropout runs when
+    dropout_p > 0 or a mask (B, nh, T, T) is given; the mask is drawn from `rng` otherwise.
+    """
+    if not AVAILABLE:
+        return _reference.attention_forward(qkv, n_head, dropout_p, rng, mask)
+    qkv = np.ascontiguousarray(qkv)
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    scale = 1.0 / math.sqrt(C // n_head)
+    if mask is None and dropout_p > 0.0:
+        if rng is None:
+            raise ValueError("attention_forward needs either rng or mask for dropout")
+        mask = _reference.dropout_mask((B, n_head, T, T), dropout_p, rng, qkv.dtype)
+    use_mask = mask is not None
+    mask_arg = np.ascontiguousarray(mask, dtype=qkv.dtype) if use_mask else np.ones((1, 1, 1, 1), qkv.dtype)
+    att = np.empty((B, n_head, T, T), dtype=qkv.dtype)
+    y = np.empty((B, T, C), dtype=qkv.dtype)
+    _attention_forward_heads(qkv, n_head, qkv.dtype.type(scale), use_mask, mask_arg, att, y)
+    return y, AttentionCache(qkv, att, mask_arg if use_mask else None, n_head, scale)
+
+
+def attention_backward(dout: np.ndarray, cache):
+    """(dqkv,): the gradient of the fused qkv (B, T, 3C), as npgpt.layers' attention_backward."""
+    if not AVAILABLE:
+        return _reference.attention_backward(dout, cache)
+    qkv, att, att_mask, n_head, scale = cache
+    use_mask = att_mask is not None
+    mask_arg = att_mask if use_mask else np.ones((1, 1, 1, 1), qkv.dtype)
+    dqkv = np.empty_like(qkv)
+    _attention_backward_heads(np.ascontiguousarray(dout), qkv, att, n_head, qkv.dtype.type(scale),
+                              use_mask, mask_arg, dqkv)
+    return (dqkv,)
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-entropy fused with softmax, mean over positions
+# --------------------------------------------------------------------------------------------
+
+class CrossEntropyCache(NamedTuple):
+    logits: np.ndarray  # (N, V) the input (not copied: the caller must not change it before backward)
+    targets: np.ndarray  # (N,) int
+    log_z: np.ndarray  # (N,) log sum exp of each row: softmax = exp(logits - log_z)
+    shape: tuple  # the logits' shape (..., V)
+
+
+@_kernel
+def _cross_entropy_rows(logits, targets, log_z, losses):  # (N, V), (N,), (N,), (N,) float64
+    n_rows, V = logits.shape
+    for n in prange(n_rows):
+        top = logits[n, 0]
+        for v in range(1, V):
+            top = logits[n, v] if logits[n, v] > top else top
+        total = 0.0
+        for v in range(V):
+            total += exp_(logits[n, v] - top)
+        lz = top + math.log(total)  # float64
+        log_z[n] = lz
+        losses[n] = lz - logits[n, targets[n]]
+
+
+@_kernel
+def _cross_entropy_backward_rows(logits, targets, log_z, coef, dlogits):
+    n_rows, V = logits.shape
+    for n in prange(n_rows):
+        lz = log_z[n]
+        for v in range(V):
+            dlogits[n, v] = exp_(logits[n, v] - lz) * coef
+        dlogits[n, targets[n]] -= coef
+
+
+def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray):
+    """loss = mean over positions of -log softmax(logits)[target], one pass over the logits."""
+    if not AVAILABLE:
+        return _reference.cross_entropy_forward(logits, targets)
+    V = logits.shape[-1]
+    flat = np.ascontiguousarray(logits).reshape(-1, V)  # (N, V)
+    t = np.ascontiguousarray(targets).reshape(-1).astype(np.int64, copy=False)  # (N,)
+    if t.shape[0] != flat.shape[0]:
+        raise ValueError(f"cross_entropy_forward: {t.shape[0]} targets for {flat.shape[0]} rows of logits")
+    if t.size and (t.min() < 0 or t.max() >= V):
+        raise IndexError(f"cross_entropy_forward: a target lies outside [0, {V}) (min {t.min()}, max {t.max()})")
+    log_z = np.empty(flat.shape[0], dtype=logits.dtype)
+    losses = np.empty(flat.shape[0], dtype=np.float64)
+    _cross_entropy_rows(flat, t, log_z, losses)
+    loss = logits.dtype.type(losses.sum() / max(1, flat.shape[0]))
+    return loss, CrossEntropyCache(flat, t, log_z, logits.shape)
+
+
+def cross_entropy_backward(dloss, cache):
+    """(dlogits,): dlogits = (softmax(logits) - onehot(target)) / N * dloss."""
+    if not AVAILABLE:
+        return _reference.cross_entropy_backward(dloss, cache)
+    logits, t, log_z, shape = cache
+    dlogits = np.empty_like(logits)
+    _cross_entropy_backward_rows(logits, t, log_z, logits.dtype.type(dloss / logits.shape[0]), dlogits)
+    return (dlogits.reshape(shape),)
+
+
+# --------------------------------------------------------------------------------------------
+# AdamW over one flat buffer, and the gradient norm for clipping
+# --------------------------------------------------------------------------------------------
+
+@_kernel
+def _adamw_flat(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size,
+                bias_correction2_sqrt):
+    # decay = 1 - lr wd, step_size = lr / (1 - beta1^t): the formulas of npgpt.optim.AdamW
+    for i in prange(p.shape[0]):
+        gi = g[i]
+        mi = beta1 * m[i] + one_minus_beta1 * gi
+        vi = beta2 * v[i] + one_minus_beta2 * (gi * gi)
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] * decay - step_size * (mi / (math.sqrt(vi) / bias_correction2_sqrt + eps))
+
+
+@_kernel
+def _sum_of_squares(a):  # (n,) -> float64
+    total = 0.0
+    for i in prange(a.shape[0]):
+        ai = np.float64(a[i])  # squares of float32 entries are exact in float64
+        total += ai * ai
+    return total
+
+
+@_kernel
+def _scale_in_place(a, factor):  # (n,)
+    for i in prange(a.shape[0]):
+        a[i] = a[i] * factor
+
+
+def adamw_update(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, *, lr: float,
+                 beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> None:
+    """torch's AdamW step over flat, contiguous, same-dtype 1-D buffers, in place (p, m, v):
+
+        p <- p (1 - lr wd);  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+        p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)        (t = step >= 1)
+    """
+    if not (p.ndim == g.ndim == m.ndim == v.ndim == 1 and p.shape == g.shape == m.shape == v.shape):
+        raise ValueError("adamw_update takes four 1-D buffers of one length")
+    if not all(a.flags.c_contiguous and a.dtype == p.dtype for a in (g, m, v)):
+        raise ValueError("adamw_update: g, m and v must be contiguous and of p's dtype")
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    if not AVAILABLE:
+        if weight_decay:
+            p *= 1.0 - lr * weight_decay
+        m *= beta1
+        m += (1.0 - beta1) * g
+        v *= beta2
+        v += (1.0 - beta2) * (g * g)
+        p -= (lr / bias_correction1) * (m / (np.sqrt(v) / bias_correction2_sqrt + eps))
+        return
+    s = p.dtype.type  # scalars in the buffers' dtype, so float32 stays float32 (as torch)
+    _adamw_flat(p, g, m, v, s(beta1), s(1.0 - beta1), s(beta2), s(1.0 - beta2), s(eps),
+                s(1.0 - lr * weight_decay), s(lr / bias_correction1), s(bias_correction2_sqrt))
+
+
+def sum_of_squares(a: np.ndarray) -> float:
+    """sum(a^2) over a contiguous buffer, accumulated in float64 (for the global gradient norm)."""
+    if not AVAILABLE:
+        return float(np.vdot(a.astype(np.float64, copy=False), a))
+    return float(_sum_of_squares(np.ascontiguousarray(a).reshape(-1)))
+
+
+def scale_in_place(a: np.ndarray, factor: float) -> None:
+    """a *= factor for a contiguous buffer (gradient clipping)."""
+    if not AVAILABLE or not a.flags.c_contiguous:
+        a *= a.dtype.type(factor)
+        return
+    _scale_in_place(a.reshape(-1), a.dtype.type(factor))
