@@ -338,39 +338,45 @@ def layernorm_backward(dout: np.ndarray, cache):
 # --------------------------------------------------------------------------------------------
 
 class GeluCache(NamedTuple):
-    x: np.ndarray  # the input; the backward recomputes Phi and pdf from it (cheaper than storing)
+    local_grad: np.ndarray  # d gelu / dx = Phi(x) + x pdf(x), same shape as x, from the forward's pass
 
 
 @_kernel
-def _gelu_forward_flat(x, out):  # (n,)
+def _gelu_forward_flat(x, out, local_grad):  # (n,)
     for i in prange(x.shape[0]):
         out[i] = gelu_(x[i])
+        local_grad[i] = gelu_grad_(x[i])
 
 
 @_kernel
-def _gelu_backward_flat(dout, x, dx):  # (n,)
-    for i in prange(x.shape[0]):
-        dx[i] = dout[i] * gelu_grad_(x[i])
+def _multiply_flat(a, b, out):  # (n,)
+    for i in prange(a.shape[0]):
+        out[i] = a[i] * b[i]
 
 
 def gelu_forward(x: np.ndarray):
-    """out = x Phi(x) (nn.GELU()), one pass."""
+    """out = x Phi(x) (nn.GELU()), and its derivative for the backward, in one pass over x.
+
+    The cache holds the derivative, not x: the backward is then one multiply, and x (the MLP's
+    (B, T, 4C) hidden pre-activation) can be freed by the caller. Memory is the reference's: it
+    keeps x and Phi; this keeps the derivative, and the caller keeps out (mlp.c_proj's input).
+    """
     if not AVAILABLE:
         return _reference.gelu_forward(x)
     x = np.ascontiguousarray(x)
-    out = np.empty_like(x)
-    _gelu_forward_flat(x.reshape(-1), out.reshape(-1))
-    return out, GeluCache(x)
+    out, local_grad = np.empty_like(x), np.empty_like(x)
+    _gelu_forward_flat(x.reshape(-1), out.reshape(-1), local_grad.reshape(-1))
+    return out, GeluCache(local_grad)
 
 
 def gelu_backward(dout: np.ndarray, cache):
-    """(dx,): dx = dout * (Phi(x) + x pdf(x)), one pass."""
+    """(dx,): dx = dout * (Phi(x) + x pdf(x))."""
     if not AVAILABLE:
         return _reference.gelu_backward(dout, cache)
-    x = cache.x
+    local_grad = cache.local_grad
     dout = np.ascontiguousarray(dout)
-    dx = np.empty_like(x)
-    _gelu_backward_flat(dout.reshape(-1), x.reshape(-1), dx.reshape(-1))
+    dx = np.empty_like(local_grad)
+    _multiply_flat(dout.reshape(-1), local_grad.reshape(-1), dx.reshape(-1))
     return (dx,)
 
 
