@@ -5,24 +5,34 @@ TORCH_SPEC ?= torch>=2.2
 VENV       := .venv
 PY         := $(VENV)/bin/python
 DATA       ?= ../shared/data/tinyshakespeare/input.txt
-STAMP      := $(VENV)/.installed
+# One stamp per set of extras: torch first from TORCH_SPEC, then the extras a target needs.
+BASE_STAMP  := $(VENV)/.installed-torch
+TRAIN_STAMP := $(VENV)/.installed-train
+STAMP       := $(VENV)/.installed-test
 
 .PHONY: setup train train-torch test test-slow parity-report bench figures clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(BASE_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
+$(TRAIN_STAMP): $(BASE_STAMP)
+	$(PY) -m pip install --quiet -e ".[torch,train]"
+	touch $@
+
+$(STAMP): $(BASE_STAMP)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@ $(TRAIN_STAMP)
+
 # Train the NumPy GPT with the default (nanoGPT CPU) recipe, then print a sample.
-train: $(STAMP)
+train: $(TRAIN_STAMP)
 	$(PY) train_np.py $(if $(wildcard $(DATA)),--data $(DATA))
 
-train-torch: $(STAMP)
+train-torch: $(TRAIN_STAMP)
 	$(PY) train_torch.py $(if $(wildcard $(DATA)),--data $(DATA))
 
 # The whole default test suite: unit tests and the NumPy/PyTorch parity suite.
@@ -49,3 +59,12 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) out* .pytest_cache .hypothesis
+
+# On a CUDA machine, one command: the CUDA parity tests, tiny runs (compile on/off, bf16/float32),
+# save and resume on CUDA and on the CPU, torchrun with 2 GPUs, and bench/gpu.py; figures in
+# out/gpu-check/. Runs the source tree with $(PYTHON) (PYTHONPATH=.), installing nothing. Without a
+# GPU it says so and exits 0 (GPU_CHECK_ARGS=--require-gpu or GPU_CHECK_REQUIRE=1: exit 2);
+# GPU_CHECK_ARGS=--dry-run prints the steps. docs/training.md, "First run on a GPU".
+.PHONY: gpu-check
+gpu-check:
+	PYTHONPATH=. $(PYTHON) bench/gpu_check.py --data "$(DATA)" $(GPU_CHECK_ARGS)

@@ -6,7 +6,7 @@
 From a one-token prompt, batch 1, greedy decoding (temperature 0, so cached and uncached runs must
 produce the same tokens, which is checked), `tokens` new tokens (default 255: exactly fills the
 256-position window; beyond it the positions shift and both paths recompute the whole window).
-    npgpt cached     GPT.generate(use_cache=True): each new token runs one position through the
+    npgpt cached     npgpt.fast.GPT.generate(use_cache=True): each new token runs one position through the
                      layers, attending over the cached keys and values;
     npgpt uncached   GPT.generate(use_cache=False): the whole context again for every token;
     torch cached     torchgpt's GPT.generate (KV cache);
@@ -15,14 +15,12 @@ The backends alternate within each repeat; the median time is reported as tokens
 """
 from __future__ import annotations
 
-import _common  # noqa: E402
+import common  # noqa: E402
 
-THREADS = _common.threads_from_argv()
-HOW = _common.limit_threads(THREADS)
+THREADS = common.threads_from_argv()
+HOW = common.limit_threads(THREADS)
 
 import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import replace  # noqa: E402
@@ -30,19 +28,19 @@ from dataclasses import replace  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import npgpt  # noqa: E402
+import npgpt.fast  # noqa: E402
 import torchgpt  # noqa: E402
-from npgpt.train_config import PRESETS  # noqa: E402
-from torchgpt.model import _sample  # noqa: E402
+from npgpt.sampling import sample_next  # noqa: E402
 
-VOCAB = 65
+VOCAB = common.VOCAB
 TARGET = 5.0  # issue 5: npgpt with the cache at least 5x faster than without, at block 256
 
 
 def shapes() -> dict:
+    presets = common.presets()
     return {
-        "cpu preset, block 256": replace(PRESETS["cpu"], block_size=256),
-        "shakespeare-char (6x384), block 256": replace(PRESETS["shakespeare-char"], dropout=0.0),
+        "cpu preset, block 256": replace(presets["cpu"], block_size=256),
+        "shakespeare-char (6x384), block 256": replace(presets["shakespeare-char"], dropout=0.0),
     }
 
 
@@ -51,14 +49,15 @@ def torch_generate_uncached(model, idx: torch.Tensor, n: int) -> torch.Tensor:
     """What torchgpt's generate does, minus the cache: the whole cropped context every token."""
     bs = model.config.block_size
     for _ in range(n):
-        logits, _ = model(idx[:, -bs:])
-        idx = torch.cat((idx, _sample(logits, 0.0, None, None, idx.device)), dim=1)
+        logits, _ = model(idx[:, -bs:])  # (B, T, V)
+        nxt = sample_next(logits[:, -1, :].double().numpy(), 0.0, None, None)  # (B,) greedy, as generate()
+        idx = torch.cat((idx, torch.from_numpy(nxt).view(-1, 1)), dim=1)
     return idx
 
 
 def bench_shape(cfg, tokens: int, repeats: int) -> dict:
     gcfg = cfg.gpt_config(VOCAB)
-    np_model = npgpt.GPT(gcfg, seed=0).eval()
+    np_model = npgpt.fast.GPT(gcfg, seed=0).eval()
     torch.manual_seed(0)
     t_model = torchgpt.GPT(gcfg).eval()
     prompt = np.zeros((1, 1), dtype=np.int64)
@@ -75,7 +74,7 @@ def bench_shape(cfg, tokens: int, repeats: int) -> dict:
             t0 = time.perf_counter()
             runs[k]()
             times[k].append(time.perf_counter() - t0)
-    res = {k: {"tokens_per_s": tokens / _common.median(ts), "seconds": _common.median(ts)} for k, ts in times.items()}
+    res = {k: {"tokens_per_s": tokens / common.median(ts), "seconds": common.median(ts)} for k, ts in times.items()}
     res["npgpt speedup"] = res["npgpt cached"]["tokens_per_s"] / res["npgpt uncached"]["tokens_per_s"]
     res["torch speedup"] = res["torch cached"]["tokens_per_s"] / res["torch uncached"]["tokens_per_s"]
     res["npgpt same tokens"] = bool(np.array_equal(outputs["npgpt cached"], outputs["npgpt uncached"]))
@@ -90,9 +89,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    _common.torch_threads(args.threads)
-    info = _common.machine_info(args.threads, HOW)
-    _common.print_info(f"generate: {args.tokens} new tokens from a 1-token prompt, batch 1, greedy", info)
+    common.torch_threads(args.threads)
+    info = common.machine_info(args.threads, HOW)
+    common.print_info(f"generate: {args.tokens} new tokens from a 1-token prompt, batch 1, greedy", info)
     results = {"machine": info, "command": " ".join(sys.argv)}
     for name, cfg in shapes().items():
         res = bench_shape(cfg, args.tokens, args.repeats)
@@ -101,15 +100,12 @@ def main(argv=None) -> int:
         print(f"   {'':16s} {'tokens/s':>10s}")
         for k in ("npgpt cached", "npgpt uncached", "torch cached", "torch uncached"):
             print(f"   {k:16s} {res[k]['tokens_per_s']:10.1f}")
-        verdict = "met" if res["npgpt speedup"] >= TARGET else "NOT met"
+        verdict = common.verdict(res["npgpt speedup"], TARGET, at_least=True)
         print(f"   cache speedup: npgpt {res['npgpt speedup']:.1f}x (target >= {TARGET:g}x: {verdict}), "
               f"torch {res['torch speedup']:.1f}x")
         print(f"   cached == uncached tokens: npgpt {res['npgpt same tokens']}, torch {res['torch same tokens']}",
               flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return 0
+    return common.finish(results, args.json)
 
 
 if __name__ == "__main__":

@@ -1,36 +1,76 @@
 """Where a training step's time goes: npgpt per layer function, torch per operator.
 
-    python bench/profile_step.py                      # config cpu, all cores
+    python bench/profile_step.py                      # config cpu, all cores, npgpt.fast
+    python bench/profile_step.py --backend reference  # npgpt's plain layers (npgpt.layers)
     python bench/profile_step.py --config large --threads 1
 
-npgpt: every layer function of npgpt.layers is wrapped with a timer (inclusive wall time, so
-attention_forward includes attention_probs, which includes softmax_forward; gelu_forward includes
-erf). torch: torch.profiler's self CPU time per aten operator. Both run the step of
-bench/step_time.py (forward, backward, clip, AdamW) in this one process, npgpt first.
+npgpt: every public layer function (a name ending in _forward or _backward, or one of EXTRA) of
+npgpt.layers (reference) or of npgpt.fast and its submodules (fast) is wrapped with a timer
+wherever npgpt's modules hold it (inclusive wall time, so attention_forward includes the softmax
+it calls). Compiled kernels (numba) are not Python functions: their time lands in their caller.
+torch: torch.profiler's self CPU time per aten operator. Both run common.make_step (forward,
+backward, clip, AdamW) in this one process, npgpt first.
 """
 from __future__ import annotations
 
-import _common  # noqa: E402
+import common  # noqa: E402
 
-THREADS = _common.threads_from_argv()
-HOW = _common.limit_threads(THREADS)
+THREADS = common.threads_from_argv()
+HOW = common.limit_threads(THREADS)
 
 import argparse  # noqa: E402
+import importlib  # noqa: E402
+import inspect  # noqa: E402
+import pkgutil  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-LAYER_FUNCTIONS = ("embedding_forward", "embedding_backward", "linear_forward", "linear_backward",
-                   "layernorm_forward", "layernorm_backward", "gelu_forward", "gelu_backward", "erf",
-                   "softmax_forward", "softmax_backward", "attention_probs", "attention_forward",
-                   "attention_backward", "cross_entropy_forward", "cross_entropy_backward")
+EXTRA = ("erf", "attention_probs", "gelu", "softmax")  # helpers worth a line of their own where they exist
 
 
-def profile_npgpt(cfg, steps: int) -> None:
-    import npgpt.layers as L
-    import npgpt.model as M
-    from step_time import batches, make_backends
+def layer_functions(backend: str) -> dict:
+    """{function: name} of the backend's layer functions."""
+    if backend == "reference":
+        modules = [importlib.import_module("npgpt.layers")]
+    else:
+        pkg = importlib.import_module("npgpt.fast")
+        modules = [pkg] + [importlib.import_module(f"npgpt.fast.{m.name}")
+                           for m in pkgutil.iter_modules(getattr(pkg, "__path__", []))]
+    found = {}
+    for mod in modules:
+        for name, f in vars(mod).items():
+            if (inspect.isfunction(f) and not name.startswith("_")
+                    and (name.endswith(("_forward", "_backward")) or name in EXTRA)):
+                found.setdefault(f, name)
+    return found
+
+
+def patch(found: dict, replacement: dict) -> list:
+    """Puts replacement[f] wherever an npgpt module holds f (as an attribute, or in a dict of functions
+    or of tuples of functions); returns what to undo."""
+    undo = []
+    for mod_name, mod in list(sys.modules.items()):
+        if not (mod_name == "npgpt" or mod_name.startswith("npgpt.")) or mod is None:
+            continue
+        for name, value in list(vars(mod).items()):
+            if inspect.isfunction(value) and value in found:
+                undo.append((vars(mod), name, value))
+                setattr(mod, name, replacement[value])
+            elif isinstance(value, dict):
+                for k, v in list(value.items()):
+                    if isinstance(v, tuple) and any(inspect.isfunction(x) and x in found for x in v):
+                        undo.append((value, k, v))
+                        value[k] = tuple(replacement.get(x, x) if inspect.isfunction(x) else x for x in v)
+                    elif inspect.isfunction(v) and v in found:
+                        undo.append((value, k, v))
+                        value[k] = replacement[v]
+    return undo
+
+
+def profile_npgpt(backend: str, cfg, steps: int) -> None:
     spent, calls = defaultdict(float), defaultdict(int)
 
     def timed(name, f):
@@ -43,17 +83,11 @@ def profile_npgpt(cfg, steps: int) -> None:
                 calls[name] += 1
         return wrapper
 
-    originals = {n: getattr(L, n) for n in LAYER_FUNCTIONS}
-    acts = dict(L.ACTIVATION_FUNCTIONS)
+    found = layer_functions(backend)
+    undo = patch(found, {f: timed(n, f) for f, n in found.items()})
     try:
-        for n, f in originals.items():
-            setattr(L, n, timed(n, f))
-            if hasattr(M, n):
-                setattr(M, n, getattr(L, n))
-        for a, (fwd, bwd) in acts.items():
-            L.ACTIVATION_FUNCTIONS[a] = (getattr(L, fwd.__name__, fwd), getattr(L, bwd.__name__, bwd))
-        step, _ = make_backends(cfg, only="npgpt")
-        data = batches(cfg)
+        step = common.make_step(backend, cfg)
+        data = common.batches(cfg)
         for i in range(5):
             step(*data[i % len(data)])
         spent.clear()
@@ -62,28 +96,26 @@ def profile_npgpt(cfg, steps: int) -> None:
         for i in range(steps):
             parts.append(step(*data[i % len(data)]))
     finally:
-        for n, f in originals.items():
-            setattr(L, n, f)
-            if hasattr(M, n):
-                setattr(M, n, f)
-        L.ACTIVATION_FUNCTIONS.update(acts)
+        for holder, key, original in reversed(undo):
+            holder[key] = original
     total = [sum(p) for p in parts]
-    print(f"\n-- npgpt: {1e3 * np.mean(total):.1f} ms a step (mean of {steps}): forward "
+    print(f"\n-- npgpt {backend}: {1e3 * np.mean(total):.1f} ms a step (mean of {steps}): forward "
           f"{1e3 * np.mean([p[0] for p in parts]):.1f}, backward {1e3 * np.mean([p[1] for p in parts]):.1f}, "
           f"clip + AdamW {1e3 * np.mean([p[2] for p in parts]):.1f}")
+    if not calls:
+        print(f"   no Python layer functions of {backend} were called (all compiled, or none found)")
+        return
     print(f"   {'layer function (inclusive)':28s} {'ms/step':>8s} {'calls/step':>11s}")
-    for n in LAYER_FUNCTIONS:
-        if calls[n]:
-            print(f"   {n:28s} {1e3 * spent[n] / steps:8.2f} {calls[n] // steps:11d}")
+    for n in sorted(calls, key=lambda n: -spent[n]):
+        print(f"   {n:28s} {1e3 * spent[n] / steps:8.2f} {calls[n] // steps:11d}")
 
 
 def profile_torch(cfg, steps: int, rows: int) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from step_time import batches, make_backends
-    _common.torch_threads(THREADS)
-    _, step = make_backends(cfg, only="torch")
-    data = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches(cfg)]
+    common.torch_threads(THREADS)
+    step = common.make_step("torch", cfg)
+    data = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in common.batches(cfg)]
     for i in range(5):
         step(*data[i % len(data)])
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -99,14 +131,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=THREADS)
     p.add_argument("--config", choices=("cpu", "large"), default="cpu")
+    p.add_argument("--backend", choices=("fast", "reference"), default="fast")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rows", type=int, default=14)
     args = p.parse_args(argv)
-    info = _common.machine_info(args.threads, HOW)
-    _common.print_info(f"profile_step: config {args.config}", info)
-    cfg = _common.configs()[args.config]
-    print(f"   {_common.describe(cfg)}")
-    profile_npgpt(cfg, args.steps)
+    info = common.machine_info(args.threads, HOW)
+    common.print_info(f"profile_step: config {args.config}, npgpt {args.backend} and torch", info)
+    cfg = common.configs()[args.config]
+    print(f"   {common.describe(cfg)}")
+    profile_npgpt(args.backend, cfg, args.steps)
     profile_torch(cfg, args.steps, args.rows)
     return 0
 

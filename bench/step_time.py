@@ -1,29 +1,38 @@
-"""Training step time on the CPU: npgpt (NumPy) against torchgpt (PyTorch eager), side by side.
+"""Training step time on the CPU: npgpt's fast path, (with --reference) its plain layers, and torchgpt
+(PyTorch eager), side by side in one run.
 
-    python bench/step_time.py                  # all cores, configs cpu and large
+    python bench/step_time.py                  # all cores, configs cpu and large: fast vs torch
+    python bench/step_time.py --reference      # the plain reference layers as a third column
     python bench/step_time.py --threads 1      # one thread each
     python bench/step_time.py --config cpu --rounds 30
 
 One step is what both training scripts do per iteration: forward, backward, clip_grad_norm(1.0)
 and an AdamW update (nanoGPT's groups and settings), in float32, on the same random batches.
+    fast        npgpt.fast.GPT, npgpt.fast.AdamW, npgpt.fast.clip_grad_norm (train_np.py's default)
+    reference   npgpt.GPT, npgpt.optim.AdamW, npgpt.optim.clip_grad_norm (train_np.py --reference)
+    torch       torchgpt.GPT with SDPA attention, torch's AdamW, clip_grad_norm_
+The reference is a column only with --reference: it is the slow, plain formulas, and the target
+compares the fast path with torch.
 
-Each backend runs in its own worker process (same thread count), so that neither inherits the
-other's allocator state or busy-waiting threads. After a warm-up the measurements are interleaved:
-`rounds` times, `block` steps of one worker and then `block` of the other (which goes first
-alternates), so that drift in the machine's load hits both alike. Before each block a worker
-sleeps 0.3 s (idle OpenBLAS and OpenMP threads busy-wait for a while after their last call, which
-would steal a core from the other worker) and its first step is not counted. Reported: the median step time
-with its quartiles, the median forward / backward / optimizer parts, and the ratio npgpt / torch.
+Each backend runs in its own worker process (same thread count), so that none inherits another's
+allocator state or busy-waiting threads. After a warm-up the measurements are interleaved:
+`rounds` times, `block` steps of each worker in turn (the order rotates every round), so that
+drift in the machine's load hits all alike. Before each block a worker sleeps 0.3 s (idle OpenBLAS
+and OpenMP threads busy-wait for a while after their last call, which would steal a core from the
+next worker) and its first step is not counted. Reported: the median step time with its
+quartiles, the median forward / backward / optimizer parts, and each npgpt backend / torch.
 
-Allocator: train_np.py (and the npgpt worker here) sets glibc's malloc to keep freed memory (npgpt.model.keep_freed_memory);
-the torch worker gets the same setting (--torch_malloc default leaves glibc's defaults for torch).
+Allocator: npgpt.fast tunes glibc's malloc itself (no setup call from here); the reference runs on
+glibc's defaults, as a plain script would. The torch worker gets the same kind of setting from
+bench/ (common.keep_freed_memory, glibc mallopt) by default; --torch_malloc default leaves
+glibc's defaults for torch.
 """
 from __future__ import annotations
 
-import _common  # noqa: E402  (sets sys.path; imports neither numpy nor torch)
+import common  # noqa: E402  (sets sys.path; imports neither numpy nor torch)
 
-THREADS = _common.threads_from_argv()
-HOW = _common.limit_threads(THREADS)
+THREADS = common.threads_from_argv()
+HOW = common.limit_threads(THREADS)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -32,79 +41,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-import numpy as np  # noqa: E402
-
-VOCAB = 65  # Tiny Shakespeare's characters
-TARGETS = {"cpu": 1.0, "large": 1.2}  # issue 5: npgpt / torch step time at most this
-N_BATCHES = 8
+TARGETS = {"cpu": 1.0, "large": 1.0}  # issue 12: npgpt.fast / torch step time at most this
 PAUSE_S = 0.3  # before each block: OpenBLAS threads spin up to ~0.1 s after their last call
-
-
-def batches(cfg, n: int = N_BATCHES):
-    rng = np.random.default_rng(0)
-    return [tuple(rng.integers(0, VOCAB, (2, cfg.batch_size, cfg.block_size))) for _ in range(n)]
-
-
-def make_backends(cfg, seed: int = 0, only: str | None = None):
-    """(npgpt step, torch step): each runs one training step on (x, y) and returns its part times.
-
-    only="npgpt" or "torch" builds just that one (the other is None).
-    """
-    gcfg = cfg.gpt_config(VOCAB)
-    betas = (cfg.beta1, cfg.beta2)
-    np_step = torch_step = None
-    if only != "torch":
-        np_step = _npgpt_step(cfg, gcfg, betas, seed)
-    if only != "npgpt":
-        torch_step = _torch_step(cfg, gcfg, betas, seed)
-    return np_step, torch_step
-
-
-def _npgpt_step(cfg, gcfg, betas, seed):
-    import npgpt
-    from npgpt.optim import AdamW, clip_grad_norm
-    np_model = npgpt.GPT(gcfg, seed=seed, dtype=np.float32)
-    np_opt = AdamW(np_model.params, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.weight_decay)
-
-    def np_step(x, y):
-        t0 = time.perf_counter()
-        np_model.forward(x, y)
-        t1 = time.perf_counter()
-        grads = np_model.backward()
-        t2 = time.perf_counter()
-        clip_grad_norm(grads, cfg.grad_clip)
-        np_opt.step(grads, lr=cfg.learning_rate)
-        t3 = time.perf_counter()
-        return t1 - t0, t2 - t1, t3 - t2
-
-    np_step.model = np_model  # for bench/memory.py
-    np_step.as_input = lambda a: a
-    return np_step
-
-
-def _torch_step(cfg, gcfg, betas, seed):
-    import torch
-    import torchgpt
-    torch.manual_seed(seed)
-    t_model = torchgpt.GPT(gcfg)  # attention="sdpa", float32
-    t_model.train()
-    t_opt = t_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas, "cpu")
-    params = list(t_model.parameters())
-
-    def torch_step(x, y):
-        t0 = time.perf_counter()
-        _, loss = t_model(x, y)
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        t_opt.step()
-        t_opt.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        return t1 - t0, t2 - t1, t3 - t2
-
-    torch_step.as_input = torch.from_numpy
-    return torch_step
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,13 +52,12 @@ def _torch_step(cfg, gcfg, betas, seed):
 def worker(backend: str, config: str, warmup: int, torch_malloc: str) -> None:
     """Reads "run K" lines, answers each with a JSON list of K (fwd, bwd, optim) times."""
     if backend == "torch":
-        _common.torch_threads(THREADS)
-    if backend == "npgpt" or torch_malloc == "same":
-        from npgpt.model import keep_freed_memory
-        keep_freed_memory()
-    cfg = _common.configs()[config]
-    step = make_backends(cfg, only=backend)[0 if backend == "npgpt" else 1]
-    data = [(step.as_input(x), step.as_input(y)) for x, y in batches(cfg)]
+        common.torch_threads(THREADS)
+        if torch_malloc == "same":
+            common.keep_freed_memory()
+    cfg = common.configs()[config]
+    step = common.make_step(backend, cfg)
+    data = [(step.as_input(x), step.as_input(y)) for x, y in common.batches(cfg)]
     i = 0
     for _ in range(warmup):
         step(*data[i % len(data)])
@@ -166,13 +103,15 @@ class Worker:
         self.proc.wait(timeout=60)
 
 
-def bench_config(name: str, threads: int, rounds: int, block: int, warmup: int, torch_malloc: str) -> dict:
-    # one worker at a time while warming up, so that neither warms up under the other's load
-    workers = {b: Worker(b, name, threads, warmup, torch_malloc) for b in ("npgpt", "torch")}
+def bench_config(name: str, backends: list, threads: int, rounds: int, block: int, warmup: int,
+                 torch_malloc: str) -> dict:
+    # one worker at a time while warming up, so that none warms up under another's load
+    workers = {b: Worker(b, name, threads, warmup, torch_malloc) for b in backends}
     times = {b: [] for b in workers}
     try:
         for r in range(rounds):
-            order = list(workers) if r % 2 == 0 else list(workers)[::-1]
+            k = r % len(backends)
+            order = backends[k:] + backends[:k]
             for b in order:
                 times[b] += workers[b].run(block)
     finally:
@@ -181,13 +120,14 @@ def bench_config(name: str, threads: int, rounds: int, block: int, warmup: int, 
     out = {}
     for b, ts in times.items():
         total = [sum(p) for p in ts]
-        q1, q3 = _common.quartiles(total)
-        out[b] = {"step_ms": 1e3 * _common.median(total), "q1_ms": 1e3 * q1, "q3_ms": 1e3 * q3,
-                  "forward_ms": 1e3 * _common.median([p[0] for p in ts]),
-                  "backward_ms": 1e3 * _common.median([p[1] for p in ts]),
-                  "optimizer_ms": 1e3 * _common.median([p[2] for p in ts]),
+        q1, q3 = common.quartiles(total)
+        out[b] = {"step_ms": 1e3 * common.median(total), "q1_ms": 1e3 * q1, "q3_ms": 1e3 * q3,
+                  "forward_ms": 1e3 * common.median([p[0] for p in ts]),
+                  "backward_ms": 1e3 * common.median([p[1] for p in ts]),
+                  "optimizer_ms": 1e3 * common.median([p[2] for p in ts]),
                   "steps": len(ts)}
-    out["ratio"] = out["npgpt"]["step_ms"] / out["torch"]["step_ms"]
+    out["ratio"] = out["fast"]["step_ms"] / out["torch"]["step_ms"]  # the target's ratio
+    out["ratios to torch"] = {b: out[b]["step_ms"] / out["torch"]["step_ms"] for b in backends if b != "torch"}
     return out
 
 
@@ -196,41 +136,41 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=THREADS, help="threads for BLAS, OpenMP and torch "
                    "(default: all cores)")
     p.add_argument("--config", choices=("cpu", "large", "both"), default="both")
+    p.add_argument("--reference", action="store_true", help="also time npgpt's plain reference layers")
     p.add_argument("--rounds", type=int, default=20, help="interleaved rounds")
     p.add_argument("--block", type=int, default=5, help="timed steps per backend per round")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--torch_malloc", choices=("same", "default"), default="same",
-                   help="same: torch's worker gets npgpt's malloc setting too; default: glibc's defaults")
+                   help="same: torch's worker keeps freed memory mapped (glibc mallopt, as npgpt.fast does "
+                        "for itself); default: glibc's defaults")
     p.add_argument("--json", default=None, help="also write the results to this file")
-    p.add_argument("--worker", choices=("npgpt", "torch"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=common.BACKENDS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         worker(args.worker, args.config, args.warmup, args.torch_malloc)
         return 0
-    info = _common.machine_info(args.threads, HOW)
+    backends = ["fast", "reference", "torch"] if args.reference else ["fast", "torch"]
+    info = common.machine_info(args.threads, HOW)
     info["torch malloc"] = args.torch_malloc
-    _common.print_info("step_time: npgpt vs torchgpt training step (fwd + bwd + clip + AdamW), float32", info)
-    results = {"machine": info, "command": " ".join(sys.argv)}
+    common.print_info(f"step_time: {' vs '.join(backends)} training step (fwd + bwd + clip + AdamW), float32", info)
+    results = {"machine": info, "command": " ".join(sys.argv), "backends": backends}
     for name in (["cpu", "large"] if args.config == "both" else [args.config]):
-        cfg = _common.configs()[name]
-        res = bench_config(name, args.threads, args.rounds, args.block, args.warmup, args.torch_malloc)
+        cfg = common.configs()[name]
+        res = bench_config(name, backends, args.threads, args.rounds, args.block, args.warmup, args.torch_malloc)
         results[name] = res
-        print(f"\n-- config {name}: {_common.describe(cfg)}")
-        print(f"   {'backend':8s} {'step ms':>9s} {'(q1 - q3)':>17s} {'fwd':>7s} {'bwd':>7s} {'optim':>7s}")
-        for k in ("npgpt", "torch"):
+        print(f"\n-- config {name}: {common.describe(cfg)}")
+        print(f"   {'backend':9s} {'step ms':>9s} {'(q1 - q3)':>17s} {'fwd':>7s} {'bwd':>7s} {'optim':>7s} "
+              f"{'/ torch':>8s}")
+        for k in backends:
             r = res[k]
             q = f"({r['q1_ms']:.1f} - {r['q3_ms']:.1f})"
-            print(f"   {k:8s} {r['step_ms']:9.1f} {q:>17s} {r['forward_ms']:7.1f} {r['backward_ms']:7.1f} "
-                  f"{r['optimizer_ms']:7.1f}")
+            ratio = res["ratios to torch"].get(k, 1.0)
+            print(f"   {k:9s} {r['step_ms']:9.1f} {q:>17s} {r['forward_ms']:7.1f} {r['backward_ms']:7.1f} "
+                  f"{r['optimizer_ms']:7.1f} {ratio:8.2f}")
         target = TARGETS[name]
-        verdict = "met" if res["ratio"] <= target else "NOT met"
-        print(f"   ratio npgpt / torch = {res['ratio']:.2f}   (target <= {target}: {verdict})", flush=True)
-    results["load average (1 min) at end"] = os.getloadavg()[0]
-    print(f"\nload average (1 min) at end: {results['load average (1 min) at end']:.1f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return 0
+        print(f"   ratio fast / torch = {res['ratio']:.2f}   (target <= {target}: "
+              f"{common.verdict(res['ratio'], target)})", flush=True)
+    return common.finish(results, args.json)
 
 
 if __name__ == "__main__":

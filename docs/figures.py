@@ -44,8 +44,9 @@ if str(REPO_ROOT) not in sys.path:  # run as `python docs/figures.py` from anywh
     sys.path.insert(0, str(REPO_ROOT))
 
 from npgpt import GPT, GPTConfig  # noqa: E402
-from npgpt.data import CharTokenizer, DataError, get_batch, load_text, train_val_split  # noqa: E402
-from npgpt.gradcheck import rel_error  # noqa: E402
+from gptapp.data import load_text  # noqa: E402
+from npgpt.data import CharTokenizer, DataError, get_batch, train_val_split  # noqa: E402
+from npgpt.compare import rel_error  # noqa: E402
 from npgpt.layers import (  # noqa: E402
     attention_probs,
     block_forward,
@@ -106,7 +107,7 @@ PROMPT = "ROMEO:\nWhat light"
 # --------------------------------------------------------------------------------------------
 
 def load_data(path: str | None = None) -> tuple[CharTokenizer, np.ndarray, np.ndarray]:
-    """Tokenizer and the (train, val) token arrays of Tiny Shakespeare (see npgpt.data.load_text)."""
+    """Tokenizer and the (train, val) token arrays of Tiny Shakespeare (see gptapp.data.load_text)."""
     text = load_text(path)
     tok = CharTokenizer.from_text(text)
     train, val = train_val_split(tok.encode(text))
@@ -218,11 +219,11 @@ class FigureError(Exception):
 
 
 def load_checkpoint_model(path: str, tok: CharTokenizer) -> tuple[GPT, CharTokenizer]:
-    """(model, tokenizer) from a checkpoint that npgpt.checkpoint.load_checkpoint reads (.npz, and
-    .pt / nanoGPT files through torchgpt.train_utils). FigureError if it can't be used."""
-    from npgpt.checkpoint import CheckpointError, load_checkpoint
+    """(model, tokenizer) from a checkpoint that gptapp.checkpoint.load_checkpoint reads (.npz, and
+    .pt / nanoGPT files through gptapp.torch_checkpoint). FigureError if it can't be used."""
+    from gptapp.checkpoint import CheckpointError, load_checkpoint
     try:
-        from torchgpt.train_utils import load_torch_checkpoint
+        from gptapp.torch_checkpoint import load_torch_checkpoint
     except ImportError:
         load_torch_checkpoint = None
     try:

@@ -12,15 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-
-def rel_error(a: np.ndarray, b: np.ndarray) -> float:
-    """Normwise relative error ||a - b|| / ||b|| (0 when both are zero)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    denom = np.linalg.norm(b)
-    diff = np.linalg.norm(a - b)
-    if denom == 0.0:
-        return float(diff)
-    return float(diff / denom)
+from .compare import rel_error  # the normwise error every check reports
 
 
 def numerical_gradient(f: Callable[[], float], x: np.ndarray, h: float = 1e-5) -> np.ndarray:
@@ -40,7 +32,7 @@ def numerical_gradient(f: Callable[[], float], x: np.ndarray, h: float = 1e-5) -
     return grad
 
 
-def check_layer(forward: Callable, backward: Callable, inputs: dict[str, np.ndarray],
+def gradcheck_layer(forward: Callable, backward: Callable, inputs: dict[str, np.ndarray],
                 rng: np.random.Generator | None = None, h: float = 1e-5, **kwargs) -> dict[str, float]:
     """Compare backward(dout, cache) with finite differences for every array in `inputs`.
 
@@ -65,7 +57,7 @@ def check_layer(forward: Callable, backward: Callable, inputs: dict[str, np.ndar
     return errors
 
 
-def check_model(model, idx: np.ndarray, targets: np.ndarray, h: float = 1e-5,
+def gradcheck_model(model, idx: np.ndarray, targets: np.ndarray, h: float = 1e-5,
                 dropout_masks: list | None = None) -> dict[str, float]:
     """Compare model.backward() with finite differences of the loss for every parameter.
 

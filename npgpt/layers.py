@@ -11,23 +11,21 @@ Conventions (as in CS231n and llm.c)
                                           in the order of the forward's arguments.
     `dout` is the gradient of the loss with respect to `out`; `dx` the gradient w.r.t. `x`.
     A backward returns fresh arrays and never writes into `dout` or into its cache.
+    Every cache is a NamedTuple whose fields name what the backward needs.
     Every backward's docstring states its result; docs/gradients.md derives it.
+
+This is the reference: each line is the formula of docs/gradients.md. npgpt.fast has the same
+functions, rewritten for speed, and is tested equal to these.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
-from scipy.special import erf as _scipy_erf  # the error function itself; every derivative below is ours
+from scipy.special import erf  # the error function itself; every derivative below is ours
 
 LAYERNORM_EPS = 1e-5
-
-# Speed notes (bench/RESULTS.md has the measurements). The layers below keep the plain formulas
-# but evaluate them with few fresh arrays: a new large array costs page faults on memory the
-# allocator has just taken from the OS (an elementwise op on fresh memory can take ~4x as long as
-# on warm memory), so chains like `a * b + c` are written `out = a * b; out += c` wherever the
-# operands need not survive. Each such rewrite does the same floating-point operations in the same
-# order, so float64 results are bit-for-bit those of the one-line formula.
 
 
 def _sum_to_last_axis(a: np.ndarray) -> np.ndarray:
@@ -35,53 +33,15 @@ def _sum_to_last_axis(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1, a.shape[-1]).sum(axis=0)
 
 
-# The error function for float32: the rational approximation of Eigen and XLA (their float32 erf),
-# erf(x) ~= x P(x^2) / Q(x^2) on x clamped to [-4, 4] (erf(4) rounds to 1 in float32).
-# scipy's erf is a scalar C loop, ~15 ns an element, and was most of a float32 training step's
-# non-matmul time; this is ~20 whole-array operations, ~7x faster. Its error is below 5e-7
-# everywhere (a few float32 ulps; tests/test_fastpath.py checks it against scipy). float64 keeps
-# scipy's erf, so the float64 gradient checks and the parity suite see the exact function.
-_ERF32_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
-            -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
-            -1.60960333262415e-02)  # coefficients of x^12, x^10, ..., x^0 in P
-_ERF32_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
-            -7.37332916720468e-03, -1.42647390514189e-02)  # of x^8, ..., x^0 in Q
-_ERF32_CHUNK = 65536  # elements per pass: a chunk and its three scratch arrays fit a 1 MB L2 cache
-
-
-def _horner(coefficients, x2: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out = (..(c0 x2 + c1) x2 + ..) x2 + c_last, in place (Horner's rule)."""
-    np.multiply(x2, coefficients[0], out=out)
-    for c in coefficients[1:-1]:
-        out += c
-        out *= x2
-    out += coefficients[-1]
-    return out
-
-
-def erf(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """The error function elementwise: scipy's for float64, Eigen's approximation for float32.
-
-    `out`, if given, must be C-contiguous (it may be x itself).
-    """
-    if x.dtype != np.float32:
-        return _scipy_erf(x, out=out)
-    out = np.clip(x, -4.0, 4.0, out=out)  # the clamped x, overwritten chunk by chunk with erf(x)
-    flat = out.reshape(-1)  # a view
-    n = min(_ERF32_CHUNK, flat.size)
-    x2, p, q = np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, np.float32)
-    for start in range(0, flat.size, _ERF32_CHUNK):
-        v = flat[start:start + _ERF32_CHUNK]
-        m = v.size
-        np.multiply(v, v, out=x2[:m])
-        v *= _horner(_ERF32_P, x2[:m], p[:m])  # x P(x^2)
-        v /= _horner(_ERF32_Q, x2[:m], q[:m])  # x P(x^2) / Q(x^2)
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # Token + position embedding
 # --------------------------------------------------------------------------------------------
+
+class EmbeddingCache(NamedTuple):
+    idx: np.ndarray  # (B, T) token ids
+    wte_shape: tuple
+    wpe_shape: tuple | None  # None: no position table (the bigram model)
+
 
 def embedding_forward(idx: np.ndarray, wte: np.ndarray, wpe: np.ndarray | None = None):
     """x[b, t] = wte[idx[b, t]] + wpe[t].   idx (B, T) int, wte (V, C), wpe (block_size, C) or None.
@@ -91,11 +51,11 @@ def embedding_forward(idx: np.ndarray, wte: np.ndarray, wpe: np.ndarray | None =
     B, T = idx.shape
     out = wte[idx]  # (B, T, C) gather
     if wpe is not None:
-        out += wpe[:T]  # broadcast over the batch
-    return out, (idx, wte.shape, None if wpe is None else wpe.shape)
+        out = out + wpe[:T]  # (T, C) broadcast over the batch
+    return out, EmbeddingCache(idx, wte.shape, None if wpe is None else wpe.shape)
 
 
-def embedding_backward(dout: np.ndarray, cache):
+def embedding_backward(dout: np.ndarray, cache: EmbeddingCache):
     """dwte[v] = sum of dout[b, t] over every (b, t) with idx[b, t] == v;  dwpe[t] = sum_b dout[b, t].
 
     Returns (dwte, dwpe), dwpe None without wpe; idx is integer and has no gradient. A token id
@@ -103,15 +63,14 @@ def embedding_backward(dout: np.ndarray, cache):
     matmul with the one-hot matrix, which is exact and avoids the slow np.add.at.
     See docs/gradients.md#embedding.
     """
-    idx, wte_shape, wpe_shape = cache
     B, T, C = dout.shape
-    V = wte_shape[0]
+    V = cache.wte_shape[0]
     one_hot = np.zeros((B * T, V), dtype=dout.dtype)  # (B*T, V)
-    one_hot[np.arange(B * T), idx.reshape(-1)] = 1.0
+    one_hot[np.arange(B * T), cache.idx.reshape(-1)] = 1.0
     dwte = one_hot.T @ dout.reshape(B * T, C)  # (V, B*T) @ (B*T, C) -> (V, C)
-    if wpe_shape is None:
+    if cache.wpe_shape is None:
         return dwte, None
-    dwpe = np.zeros(wpe_shape, dtype=dout.dtype)  # positions >= T got no gradient
+    dwpe = np.zeros(cache.wpe_shape, dtype=dout.dtype)  # positions >= T got no gradient
     dwpe[:T] = dout.sum(axis=0)  # (T, C)
     return dwte, dwpe
 
@@ -120,26 +79,30 @@ def embedding_backward(dout: np.ndarray, cache):
 # Linear (nn.Linear layout: w is (out, in))
 # --------------------------------------------------------------------------------------------
 
+class LinearCache(NamedTuple):
+    x: np.ndarray  # (..., in) the input
+    w: np.ndarray  # (out, in)
+    has_bias: bool
+
+
 def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None):
     """out = x @ w.T + b.   x (..., in), w (out, in), b (out,) or None -> out (..., out)."""
-    # One (N, in) @ (in, out) product: on a 3-D x, matmul would loop over the batch with B
-    # smaller products instead (~20% slower here). The reshapes are views.
-    out = (x.reshape(-1, x.shape[-1]) @ w.T).reshape(x.shape[:-1] + (w.shape[0],))
+    out = x @ w.T  # (..., in) @ (in, out) -> (..., out)
     if b is not None:
-        out += b
-    return out, (x, w, b is not None)
+        out = out + b
+    return out, LinearCache(x, w, b is not None)
 
 
-def linear_backward(dout: np.ndarray, cache):
+def linear_backward(dout: np.ndarray, cache: LinearCache):
     """dx = dout @ w;  dw = dout^T x (summed over positions);  db = dout summed over positions.
 
     Returns (dx, dw, db); db is None when the forward had no bias. See docs/gradients.md#linear.
     """
-    x, w, has_bias = cache
+    x, w = cache.x, cache.w
+    dx = dout @ w  # (..., out) @ (out, in) -> (..., in)
     dout2d = dout.reshape(-1, dout.shape[-1])  # (N, out)
-    dx = (dout2d @ w).reshape(x.shape)  # (N, out) @ (out, in) -> (N, in) -> (..., in)
     dw = dout2d.T @ x.reshape(-1, x.shape[-1])  # (out, N) @ (N, in) -> (out, in)
-    db = dout2d.sum(axis=0) if has_bias else None
+    db = dout2d.sum(axis=0) if cache.has_bias else None
     return dx, dw, db
 
 
@@ -147,38 +110,39 @@ def linear_backward(dout: np.ndarray, cache):
 # Layer normalisation over the last axis
 # --------------------------------------------------------------------------------------------
 
+class LayerNormCache(NamedTuple):
+    xhat: np.ndarray  # (..., C) the normalised input
+    rstd: np.ndarray  # (..., 1) 1 / sqrt(var + eps)
+    w: np.ndarray  # (C,) the gain
+    has_bias: bool
+
+
 def layernorm_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
                       eps: float = LAYERNORM_EPS):
     """out = (x - mean) / sqrt(var + eps) * w + b, statistics over the last axis (biased var)."""
     mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
-    xc = x - mean
-    sq = xc * xc  # (..., C) scratch, reused as the output below
-    var = sq.mean(axis=-1, keepdims=True)  # (..., 1)
+    xc = x - mean  # (..., C)
+    var = (xc * xc).mean(axis=-1, keepdims=True)  # (..., 1)
     rstd = 1.0 / np.sqrt(var + eps)  # (..., 1)
-    xhat = xc
-    xhat *= rstd  # (..., C) xc * rstd, in place: xc is not needed again
-    out = np.multiply(xhat, w, out=sq)
+    xhat = xc * rstd  # (..., C)
+    out = xhat * w
     if b is not None:
-        out += b
-    return out, (xhat, rstd, w, b is not None)
+        out = out + b
+    return out, LayerNormCache(xhat, rstd, w, b is not None)
 
 
-def layernorm_backward(dout: np.ndarray, cache):
+def layernorm_backward(dout: np.ndarray, cache: LayerNormCache):
     """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dout * w;  dw = sum dout*xhat.
 
     The two mean terms are the paths through the mean and the variance, which both depend on
     every x in the row. Returns (dx, dw, db). See docs/gradients.md#layernorm.
     """
-    xhat, rstd, w, has_bias = cache
-    g = dout * w  # (..., C) gradient w.r.t. xhat
-    scratch = g * xhat  # (..., C)
-    mean_gx = scratch.mean(axis=-1, keepdims=True)  # (..., 1)
-    dx = g  # rstd * (g - mean(g) - xhat * mean_gx), built in place in g's memory
-    dx -= g.mean(axis=-1, keepdims=True)
-    dx -= np.multiply(xhat, mean_gx, out=scratch)
-    dx *= rstd
-    dw = _sum_to_last_axis(np.multiply(dout, xhat, out=scratch))
-    db = _sum_to_last_axis(dout) if has_bias else None
+    xhat, rstd = cache.xhat, cache.rstd
+    g = dout * cache.w  # (..., C) gradient w.r.t. xhat
+    dx = rstd * (g - g.mean(axis=-1, keepdims=True)
+                 - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    dw = _sum_to_last_axis(dout * xhat)
+    db = _sum_to_last_axis(dout) if cache.has_bias else None
     return dx, dw, db
 
 
@@ -186,61 +150,64 @@ def layernorm_backward(dout: np.ndarray, cache):
 # Activations
 # --------------------------------------------------------------------------------------------
 
+class ReluCache(NamedTuple):
+    positive: np.ndarray  # bool, x > 0
+
+
 def relu_forward(x: np.ndarray):
     """out = max(x, 0)."""
-    out = np.maximum(x, 0)
-    return out, out > 0
+    return np.maximum(x, 0), ReluCache(x > 0)
 
 
-def relu_backward(dout: np.ndarray, cache):
+def relu_backward(dout: np.ndarray, cache: ReluCache):
     """dx = dout where x > 0, else 0 (torch's convention: the kink at 0 gets gradient 0).
 
     See docs/gradients.md#relu.
     """
-    positive = cache
-    return (np.where(positive, dout, 0),)
+    return (np.where(cache.positive, dout, 0),)
+
+
+class GeluCache(NamedTuple):
+    x: np.ndarray
+    phi: np.ndarray  # Phi(x), the standard normal CDF
 
 
 def gelu_forward(x: np.ndarray):
     """Exact GELU: out = x * Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2 (nn.GELU())."""
-    phi = x * (1.0 / math.sqrt(2.0))
-    erf(phi, out=phi)  # in place: one fresh array for the whole of Phi
-    phi += 1.0
-    phi *= 0.5  # standard normal CDF
-    return x * phi, (x, phi)
+    phi = 0.5 * (1.0 + erf(x / math.sqrt(2.0)))  # standard normal CDF
+    return x * phi, GeluCache(x, phi)
 
 
-def gelu_backward(dout: np.ndarray, cache):
+def gelu_backward(dout: np.ndarray, cache: GeluCache):
     """dx = dout * (Phi(x) + x * pdf(x)), pdf(x) = exp(-x^2 / 2) / sqrt(2 pi).
 
     In the code `phi` is the CDF Phi and `pdf` its derivative. See docs/gradients.md#gelu.
     """
-    x, phi = cache
-    dx = -0.5 * x  # the chain below is dout * (phi + x * pdf), built in one fresh array
-    dx *= x
-    np.exp(dx, out=dx)
-    dx *= 1.0 / math.sqrt(2.0 * math.pi)  # pdf
-    dx *= x
-    dx += phi
-    dx *= dout
-    return (dx,)
+    x, phi = cache.x, cache.phi
+    pdf = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return (dout * (phi + x * pdf),)
 
 
 _GELU_TANH_K = math.sqrt(2.0 / math.pi)
 
 
+class GeluTanhCache(NamedTuple):
+    x: np.ndarray
+    th: np.ndarray  # tanh(u), u = sqrt(2/pi) * (x + 0.044715 x^3)
+
+
 def gelu_tanh_forward(x: np.ndarray):
     """GPT-2's GELU: out = x/2 * (1 + tanh(u)), u = sqrt(2/pi) * (x + 0.044715 x^3)."""
     th = np.tanh(_GELU_TANH_K * (x + 0.044715 * x * x * x))
-    return 0.5 * x * (1.0 + th), (x, th)
+    return 0.5 * x * (1.0 + th), GeluTanhCache(x, th)
 
 
-def gelu_tanh_backward(dout: np.ndarray, cache):
+def gelu_tanh_backward(dout: np.ndarray, cache: GeluTanhCache):
     """dx = dout * (1/2 (1 + tanh u) + x/2 (1 - tanh^2 u) sqrt(2/pi) (1 + 3*0.044715 x^2)).
 
     See docs/gradients.md#tanh-gelu.
     """
-    x, th = cache
+    x, th = cache.x, cache.th
     du_dx = _GELU_TANH_K * (1.0 + 3 * 0.044715 * x * x)
     return (dout * (0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du_dx),)
 
@@ -251,19 +218,14 @@ ACTIVATION_FUNCTIONS = {
     "gelu_tanh": (gelu_tanh_forward, gelu_tanh_backward),
 }
 
-# An activation whose cache determines its output: the output rebuilt from the cache with the
-# forward's own last operation (so bit for bit the same array). block_forward uses this to drop the
-# MLP's hidden activation (B, T, 4C), the largest array of a block, after the forward, and
-# block_backward rebuilds it for mlp.c_proj's weight gradient: one multiply instead of keeping it.
-ACTIVATION_OUTPUT_FROM_CACHE = {
-    "gelu": lambda cache: cache[0] * cache[1],  # x * phi
-    "gelu_tanh": lambda cache: 0.5 * cache[0] * (1.0 + cache[1]),  # x / 2 * (1 + tanh u)
-}
-
 
 # --------------------------------------------------------------------------------------------
 # Dropout (inverted: kept activations are scaled by 1 / (1 - p) during training)
 # --------------------------------------------------------------------------------------------
+
+class DropoutCache(NamedTuple):
+    mask: np.ndarray  # 0 where dropped, 1 / (1 - p) where kept
+
 
 def dropout_mask(shape, p: float, rng: np.random.Generator, dtype=np.float32) -> np.ndarray:
     """A mask of values keep / (1 - p): 0 with probability p, else 1 / (1 - p)."""
@@ -279,41 +241,39 @@ def dropout_forward(x: np.ndarray, p: float, rng: np.random.Generator | None = N
         if rng is None:
             raise ValueError("dropout_forward needs either rng or mask")
         mask = dropout_mask(x.shape, p, rng, x.dtype)
-    return x * mask, mask
+    return x * mask, DropoutCache(mask)
 
 
-def dropout_backward(dout: np.ndarray, cache):
+def dropout_backward(dout: np.ndarray, cache: DropoutCache):
     """dx = dout * mask: dropped units pass no gradient, kept ones are scaled by 1 / (1 - p).
 
     See docs/gradients.md#dropout.
     """
-    mask = cache
-    return (dout * mask,)
+    return (dout * cache.mask,)
 
 
 # --------------------------------------------------------------------------------------------
 # Softmax over the last axis
 # --------------------------------------------------------------------------------------------
 
+class SoftmaxCache(NamedTuple):
+    y: np.ndarray  # the output
+
+
 def softmax_forward(x: np.ndarray):
     """out = exp(x - max x) / sum exp(x - max x): subtracting the row max avoids overflow."""
-    out = x - x.max(axis=-1, keepdims=True)  # the one fresh array; the rest is done in place
-    np.exp(out, out=out)
-    out /= out.sum(axis=-1, keepdims=True)
-    return out, out
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    y = e / e.sum(axis=-1, keepdims=True)
+    return y, SoftmaxCache(y)
 
 
-def softmax_backward(dout: np.ndarray, cache):
+def softmax_backward(dout: np.ndarray, cache: SoftmaxCache):
     """dx = y * (dout - sum(dout * y)): the Jacobian diag(y) - y y^T applied without forming it.
 
     See docs/gradients.md#softmax.
     """
-    y = cache
-    dx = dout * y
-    row_sum = dx.sum(axis=-1, keepdims=True)  # (..., 1)
-    np.subtract(dout, row_sum, out=dx)  # reuse dx's memory for dout - sum(dout * y)
-    dx *= y
-    return (dx,)
+    y = cache.y
+    return (y * (dout - (dout * y).sum(axis=-1, keepdims=True)),)
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,67 +306,89 @@ def attention_probs(q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
 
     The Tq queries are the last Tq of the Tk positions (Tq < Tk when keys come from a KV cache).
     """
-    scores = q @ k.transpose(0, 1, 3, 2)  # (B, nh, Tq, Tk)
-    scores *= scale
-    # exp(-inf) = 0: no weight on the future. copyto broadcasts the (Tq, Tk) mask over (B, nh),
-    # ~4x faster than the equivalent boolean indexing scores[..., mask] = -inf.
-    np.copyto(scores, -np.inf, where=causal_mask(q.shape[2], k.shape[2]))
+    scores = (q @ k.transpose(0, 1, 3, 2)) * scale  # (B, nh, Tq, Tk)
+    scores = np.where(causal_mask(q.shape[2], k.shape[2]), -np.inf, scores)  # exp(-inf) = 0
     att, _ = softmax_forward(scores)
     return att
 
 
+class KVSlot(NamedTuple):
+    """One layer's keys and values for decoding: the first `length` positions of k, v are filled.
+
+    attention_forward writes the new positions' keys and values after them and attends over all.
+    """
+    k: np.ndarray  # (B, nh, block_size, hs)
+    v: np.ndarray  # (B, nh, block_size, hs)
+    length: int
+
+
+class AttentionCache(NamedTuple):
+    q: np.ndarray  # (B, nh, T, hs)
+    k: np.ndarray  # (B, nh, T, hs)
+    v: np.ndarray  # (B, nh, T, hs)
+    att: np.ndarray  # (B, nh, T, T) the attention probabilities
+    att_mask: np.ndarray | None  # their dropout mask, None without dropout
+    scale: float  # 1 / sqrt(hs)
+
+
 def attention_forward(qkv: np.ndarray, n_head: int, dropout_p: float = 0.0,
-                      rng: np.random.Generator | None = None, mask: np.ndarray | None = None):
+                      rng: np.random.Generator | None = None, mask: np.ndarray | None = None,
+                      kv: KVSlot | None = None):
     """Causal self-attention on the fused qkv (B, T, 3C) -> y (B, T, C).
 
     att = softmax(q k^T / sqrt(hs) with the future masked to -inf); y = dropout(att) v, per head.
     Dropout (applied to att when dropout_p > 0) takes `mask` if given, else draws from `rng`.
+    With `kv` (decoding) the T new keys and values are stored after the kv.length cached ones and
+    the queries attend over all of them; the cache then serves no backward.
     """
     C = qkv.shape[-1] // 3
     q, k, v = (split_heads(part, n_head) for part in np.split(qkv, 3, axis=-1))  # (B, nh, T, hs)
+    if kv is not None:
+        end = kv.length + q.shape[2]
+        kv.k[:, :, kv.length:end] = k
+        kv.v[:, :, kv.length:end] = v
+        k, v = kv.k[:, :, :end], kv.v[:, :, :end]  # (B, nh, Tk, hs), every position so far
     scale = 1.0 / math.sqrt(C // n_head)
-    att = attention_probs(q, k, scale)  # (B, nh, T, T)
+    att = attention_probs(q, k, scale)  # (B, nh, T, Tk)
     att_mask = None
     att_used = att
     if dropout_p > 0.0 or mask is not None:
-        att_used, att_mask = dropout_forward(att, dropout_p, rng, mask)
-    # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs), each head written straight into its
-    # channels of y (B, T, C): split_heads(y) is a view, so no merge_heads copy is needed.
-    y = np.empty(qkv.shape[:-1] + (C,), dtype=qkv.dtype)
-    np.matmul(att_used, v, out=split_heads(y, n_head))
-    return y, (q, k, v, att, att_mask, scale)
+        att_used, drop_cache = dropout_forward(att, dropout_p, rng, mask)
+        att_mask = drop_cache.mask
+    y = merge_heads(att_used @ v)  # (B, nh, T, Tk) @ (B, nh, Tk, hs) -> (B, nh, T, hs) -> (B, T, C)
+    return y, AttentionCache(q, k, v, att, att_mask, scale)
 
 
-def attention_backward(dout: np.ndarray, cache):
+def attention_backward(dout: np.ndarray, cache: AttentionCache):
     """Gradient of the fused qkv, (B, T, 3C) = concat(dq, dk, dv) along channels.
 
     dV = A^T dY;  dA = dY V^T (through dropout);  dS = softmax_backward(dA);
     dQ = dS K * scale;  dK = dS^T Q * scale. Masked entries have A = 0, so they pass nothing back.
     See docs/gradients.md#attention.
     """
-    q, k, v, att, att_mask, scale = cache
+    q, k, v, att, att_mask, scale = cache.q, cache.k, cache.v, cache.att, cache.att_mask, cache.scale
     n_head = q.shape[1]
     dy = split_heads(dout, n_head)  # (B, nh, T, hs)
-    # dq, dk, dv are views into one (B, T, 3C) result, as q, k, v are views into qkv: the
-    # matmuls write straight into it (out=), so there is no merge_heads copy and no concatenate.
-    dqkv = np.empty(dout.shape[:-1] + (3 * dout.shape[-1],), dtype=dout.dtype)  # (B, T, 3C)
-    dq, dk, dv = (split_heads(part, n_head) for part in np.split(dqkv, 3, axis=-1))  # (B, nh, T, hs)
     att_used = att if att_mask is None else att * att_mask
-    np.matmul(att_used.transpose(0, 1, 3, 2), dy, out=dv)  # (B, nh, T, T) @ (B, nh, T, hs)
+    dv = att_used.transpose(0, 1, 3, 2) @ dy  # (B, nh, T, hs)
     datt = dy @ v.transpose(0, 1, 3, 2)  # (B, nh, T, T)
     if att_mask is not None:
-        datt *= att_mask
-    (dscores,) = softmax_backward(datt, att)  # (B, nh, T, T)
-    np.matmul(dscores, k, out=dq)
-    dq *= scale
-    np.matmul(dscores.transpose(0, 1, 3, 2), q, out=dk)
-    dk *= scale
-    return (dqkv,)
+        datt = datt * att_mask
+    (dscores,) = softmax_backward(datt, SoftmaxCache(att))  # (B, nh, T, T)
+    dq = (dscores @ k) * scale  # (B, nh, T, hs)
+    dk = (dscores.transpose(0, 1, 3, 2) @ q) * scale  # (B, nh, T, hs)
+    return (np.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1),)
 
 
 # --------------------------------------------------------------------------------------------
 # Cross-entropy fused with softmax, mean over all positions
 # --------------------------------------------------------------------------------------------
+
+class CrossEntropyCache(NamedTuple):
+    probs: np.ndarray  # (N, V) softmax of the logits
+    targets: np.ndarray  # (N,)
+    logits_shape: tuple
+
 
 def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray):
     """loss = mean over the N = B*T positions of -log softmax(logits)[target]."""
@@ -417,37 +399,50 @@ def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray):
     log_z = np.log(np.exp(shifted).sum(axis=-1))  # (N,) log of the partition function
     rows = np.arange(flat.shape[0])
     loss = (log_z - shifted[rows, t]).mean()
-    probs = shifted  # (N, V) softmax, kept for the backward: exp(shifted - log_z), in place
-    probs -= log_z[:, None]
-    np.exp(probs, out=probs)
-    return loss, (probs, t, logits.shape)
+    probs = np.exp(shifted - log_z[:, None])  # (N, V) softmax, kept for the backward
+    return loss, CrossEntropyCache(probs, t, logits.shape)
 
 
-def cross_entropy_backward(dloss, cache):
+def cross_entropy_backward(dloss, cache: CrossEntropyCache):
     """dlogits = (softmax(logits) - onehot(target)) / N * dloss.  Returns (dlogits,).
 
     See docs/gradients.md#cross-entropy.
     """
-    probs, t, shape = cache
+    probs, t = cache.probs, cache.targets
     n = probs.shape[0]
-    dlogits = probs.copy()
-    dlogits[np.arange(n), t] -= 1.0
-    dlogits *= dlogits.dtype.type(dloss / n)
-    return (dlogits.reshape(shape),)
+    one_hot = np.zeros_like(probs)  # (N, V)
+    one_hot[np.arange(n), t] = 1.0
+    dlogits = (probs - one_hot) * probs.dtype.type(dloss / n)
+    return (dlogits.reshape(cache.logits_shape),)
 
 
 # --------------------------------------------------------------------------------------------
-# The transformer block (a composite "sandwich" layer: its cache is the tuple of its parts)
+# The transformer block (a composite "sandwich" layer: its cache names the caches of its parts)
 # --------------------------------------------------------------------------------------------
+
+class BlockCache(NamedTuple):
+    activation: str  # which of ACTIVATION_FUNCTIONS the MLP used
+    ln_1: LayerNormCache
+    c_attn: LinearCache  # h -> qkv (B, T, 3C)
+    attention: AttentionCache
+    attn_c_proj: LinearCache
+    attn_dropout: DropoutCache | None  # on the attention branch, None without dropout
+    ln_2: LayerNormCache
+    c_fc: LinearCache  # h -> (B, T, 4C)
+    act: ReluCache | GeluCache | GeluTanhCache
+    mlp_c_proj: LinearCache
+    mlp_dropout: DropoutCache | None  # on the MLP branch
+
 
 def block_forward(x: np.ndarray, p: dict, n_head: int, activation: str = "gelu",
                   dropout_p: float = 0.0, rng: np.random.Generator | None = None,
-                  masks: list | None = None):
+                  masks: list | None = None, kv: KVSlot | None = None):
     """x = x + drop(c_proj(attn(ln_1(x)))); x = x + drop(mlp_c_proj(act(c_fc(ln_2(x))))).
 
     `p` holds this block's parameters under nanoGPT's local names ("ln_1.weight", "attn.c_attn.weight",
     ...; ".bias" entries optional). Dropout runs when dropout_p > 0 or masks are given; `masks` is
-    [attention probabilities, attention residual, mlp residual]. Returns (out, cache).
+    [attention probabilities, attention residual, mlp residual]. `kv` (decoding, no dropout) is
+    passed to attention_forward. Returns (out, BlockCache).
     """
     act_forward, _ = ACTIVATION_FUNCTIONS[activation]
     m_att, m_res1, m_res2 = masks if masks is not None else (None, None, None)
@@ -455,47 +450,43 @@ def block_forward(x: np.ndarray, p: dict, n_head: int, activation: str = "gelu",
 
     # attention branch
     h, c_ln1 = layernorm_forward(x, p["ln_1.weight"], p.get("ln_1.bias"))
-    qkv, c_qkv = linear_forward(h, p["attn.c_attn.weight"], p.get("attn.c_attn.bias"))  # (B, T, 3C)
-    a, c_att = attention_forward(qkv, n_head, dropout_p, rng, m_att)  # (B, T, C)
+    qkv, c_attn = linear_forward(h, p["attn.c_attn.weight"], p.get("attn.c_attn.bias"))  # (B, T, 3C)
+    a, c_att = attention_forward(qkv, n_head, dropout_p, rng, m_att, kv)  # (B, T, C)
     a, c_aproj = linear_forward(a, p["attn.c_proj.weight"], p.get("attn.c_proj.bias"))
     c_drop1 = None
     if use_dropout:
         a, c_drop1 = dropout_forward(a, dropout_p, rng, m_res1)
-    a += x  # residual x + a, summed into the branch's fresh output rather than a new array
-    x = a
+    x_mid = x + a  # residual
 
     # MLP branch
-    h, c_ln2 = layernorm_forward(x, p["ln_2.weight"], p.get("ln_2.bias"))
+    h, c_ln2 = layernorm_forward(x_mid, p["ln_2.weight"], p.get("ln_2.bias"))
     h, c_fc = linear_forward(h, p["mlp.c_fc.weight"], p.get("mlp.c_fc.bias"))  # (B, T, 4C)
     h, c_act = act_forward(h)
     h, c_mproj = linear_forward(h, p["mlp.c_proj.weight"], p.get("mlp.c_proj.bias"))  # (B, T, C)
-    if activation in ACTIVATION_OUTPUT_FROM_CACHE:  # keep c_act only: saves (B, T, 4C) per block
-        c_mproj = (None,) + c_mproj[1:]
     c_drop2 = None
     if use_dropout:
         h, c_drop2 = dropout_forward(h, dropout_p, rng, m_res2)
-    h += x  # residual x + h, in place as above
-    out = h
+    out = x_mid + h  # residual
 
-    cache = (activation, c_ln1, c_qkv, c_att, c_aproj, c_drop1, c_ln2, c_fc, c_act, c_mproj, c_drop2)
-    return out, cache
+    return out, BlockCache(activation, c_ln1, c_attn, c_att, c_aproj, c_drop1,
+                           c_ln2, c_fc, c_act, c_mproj, c_drop2)
 
 
-def block_dropout_masks(cache) -> list:
+def block_dropout_masks(cache: BlockCache) -> list:
     """The three dropout masks a block_forward used (attention, attn residual, mlp residual)."""
-    _, _, _, c_att, _, c_drop1, _, _, _, _, c_drop2 = cache
-    return [c_att[4], c_drop1, c_drop2]
+    return [cache.attention.att_mask,
+            None if cache.attn_dropout is None else cache.attn_dropout.mask,
+            None if cache.mlp_dropout is None else cache.mlp_dropout.mask]
 
 
-def block_backward(dout: np.ndarray, cache):
+def block_backward(dout: np.ndarray, cache: BlockCache):
     """Returns (dx, grads): grads keyed by the block's local parameter names.
 
     The residual stream x -> x + f(x) splits the gradient: dx = dout + (df/dx)^T dout, so each
     branch's input gradient is added to the gradient flowing straight through.
     See docs/gradients.md#transformer-block and docs/gradients.md#residual-stream.
     """
-    activation, c_ln1, c_qkv, c_att, c_aproj, c_drop1, c_ln2, c_fc, c_act, c_mproj, c_drop2 = cache
-    _, act_backward = ACTIVATION_FUNCTIONS[activation]
+    _, act_backward = ACTIVATION_FUNCTIONS[cache.activation]
     grads = {}
 
     def put(prefix, dw, db):
@@ -505,24 +496,21 @@ def block_backward(dout: np.ndarray, cache):
 
     # MLP branch: out = x_mid + h
     dh = dout
-    if c_drop2 is not None:
-        (dh,) = dropout_backward(dh, c_drop2)
-    if c_mproj[0] is None:  # the forward dropped the activation's output: rebuild it from c_act
-        c_mproj = (ACTIVATION_OUTPUT_FROM_CACHE[activation](c_act),) + c_mproj[1:]
-    dh, dw, db = linear_backward(dh, c_mproj); put("mlp.c_proj", dw, db)
-    (dh,) = act_backward(dh, c_act)
-    dh, dw, db = linear_backward(dh, c_fc); put("mlp.c_fc", dw, db)
-    dh, dw, db = layernorm_backward(dh, c_ln2); put("ln_2", dw, db)
-    dh += dout  # residual fan-in: straight path + MLP branch (dh is fresh, dout is not ours)
-    dx_mid = dh
+    if cache.mlp_dropout is not None:
+        (dh,) = dropout_backward(dh, cache.mlp_dropout)
+    dh, dw, db = linear_backward(dh, cache.mlp_c_proj); put("mlp.c_proj", dw, db)
+    (dh,) = act_backward(dh, cache.act)
+    dh, dw, db = linear_backward(dh, cache.c_fc); put("mlp.c_fc", dw, db)
+    dh, dw, db = layernorm_backward(dh, cache.ln_2); put("ln_2", dw, db)
+    dx_mid = dout + dh  # residual fan-in: straight path + MLP branch
 
     # attention branch: x_mid = x + a
     da = dx_mid
-    if c_drop1 is not None:
-        (da,) = dropout_backward(da, c_drop1)
-    da, dw, db = linear_backward(da, c_aproj); put("attn.c_proj", dw, db)
-    (dqkv,) = attention_backward(da, c_att)
-    dh, dw, db = linear_backward(dqkv, c_qkv); put("attn.c_attn", dw, db)
-    dh, dw, db = layernorm_backward(dh, c_ln1); put("ln_1", dw, db)
-    dh += dx_mid  # residual fan-in
-    return dh, grads
+    if cache.attn_dropout is not None:
+        (da,) = dropout_backward(da, cache.attn_dropout)
+    da, dw, db = linear_backward(da, cache.attn_c_proj); put("attn.c_proj", dw, db)
+    (dqkv,) = attention_backward(da, cache.attention)
+    dh, dw, db = linear_backward(dqkv, cache.c_attn); put("attn.c_attn", dw, db)
+    dh, dw, db = layernorm_backward(dh, cache.ln_1); put("ln_1", dw, db)
+    dx = dx_mid + dh  # residual fan-in
+    return dx, grads

@@ -2,37 +2,18 @@
 
 Parameters live in one dict keyed by nanoGPT's names (the keys torchgpt's named_parameters()
 gives), in nn.Linear layout (out, in). Gradients come back in a dict with the same keys.
-GPT's parameter arrays are views into one contiguous buffer (see pack_params): ordinary arrays of
-their own shapes to every reader and writer, but AdamW can update them as two flat vectors.
+npgpt.fast.GPT is the same model on the fast layers (npgpt/fast/), tested equal to this one.
 """
 from __future__ import annotations
 
-import ctypes
 import math
+from typing import NamedTuple
 
 import numpy as np
 
 from .config import GPTConfig
-from .optim import decays
-from .layers import (
-    attention_probs,
-    block_backward,
-    block_dropout_masks,
-    block_forward,
-    cross_entropy_backward,
-    cross_entropy_forward,
-    dropout_backward,
-    dropout_forward,
-    embedding_backward,
-    embedding_forward,
-    layernorm_backward,
-    layernorm_forward,
-    linear_backward,
-    linear_forward,
-    merge_heads,
-    split_heads,
-    ACTIVATION_FUNCTIONS,
-)
+from . import layers as reference_layers
+from .layers import KVSlot
 from .sampling import sample_next
 
 BLOCK_PARAM_NAMES = (  # one block's parameters, local names, in nanoGPT order
@@ -87,57 +68,6 @@ def init_params(config: GPTConfig, seed: int = 0, dtype=np.float32) -> dict[str,
     return params
 
 
-def pack_params(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The same parameters, as views into one contiguous buffer: first every parameter that
-    AdamW decays (the matrices), then the rest, each group in dict order. Keys keep their order.
-
-    Why: AdamW updates each of its two groups as one flat vector. When the group already lies
-    back to back in memory, that vector is a view, and a step needs no gather (np.concatenate)
-    before the update and no scatter after it. Each value is still an ordinary ndarray of its
-    own shape: reading it, or writing into it (params[k][...] = value, as loading does), works
-    as before. Replacing an entry with a new array is allowed too; AdamW then gathers again.
-    """
-    order = ([n for n, p in params.items() if decays(n, p)]
-             + [n for n, p in params.items() if not decays(n, p)])
-    dtype = np.result_type(*params.values()) if params else np.float32
-    buffer = np.empty(sum(p.size for p in params.values()), dtype=dtype)
-    views, offset = {}, 0
-    for n in order:
-        size = params[n].size
-        views[n] = buffer[offset:offset + size].reshape(params[n].shape)
-        views[n][...] = params[n]
-        offset += size
-    return {n: views[n] for n in params}
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
-_kept_freed_memory = None
-
-
-def keep_freed_memory(trim_threshold: int = 256 << 20, mmap_threshold: int = 32 << 20) -> bool:
-    """Ask glibc's malloc to keep up to `trim_threshold` bytes of freed memory for reuse rather
-    than return it to the OS, and to serve blocks below `mmap_threshold` from that pool.
-
-    Why: a training step frees its activations and allocates the same sizes again in the next
-    step. By default glibc gives large freed blocks back to the OS, and every page of the next
-    step's arrays is then a page fault (~2 us a page measured on a 2-core VM: ~25 ms of a ~65 ms
-    step of the `cpu` preset). With this the process keeps its peak memory mapped and reuses it.
-    It changes the allocator of the whole process (torch, if loaded, shares it), so the library
-    never calls it on its own: train_np.py and the benchmarks do.
-    Returns False where the C library has no mallopt (macOS); nothing changes there.
-    """
-    global _kept_freed_memory
-    if _kept_freed_memory is None:
-        try:
-            mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on
-        except (OSError, AttributeError):
-            _kept_freed_memory = False
-        else:
-            _kept_freed_memory = (bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
-                                  and bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)))
-    return _kept_freed_memory
-
-
 def _check_idx(idx, vocab_size: int, max_len: int | None, what: str = "idx") -> np.ndarray:
     idx = np.asarray(idx)
     if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
@@ -160,19 +90,31 @@ class KVCache:
         self.length = 0  # number of positions filled
 
 
+class GPTCache(NamedTuple):
+    """What GPT.forward keeps for GPT.backward: one cache per layer, in forward order."""
+    embedding: reference_layers.EmbeddingCache
+    embedding_dropout: reference_layers.DropoutCache | None
+    blocks: list  # one BlockCache per block
+    ln_f: reference_layers.LayerNormCache
+    lm_head: reference_layers.LinearCache
+    loss: reference_layers.CrossEntropyCache | None  # None when forward had no targets
+
+
 class GPT:
     """The character-level GPT of the lecture, in nanoGPT's form, with hand-written backprop."""
+
+    layers = reference_layers  # the layer pairs it composes; npgpt.fast.GPT swaps in the fast ones
 
     def __init__(self, config: GPTConfig, seed: int = 0, dtype=np.float32):
         self.config = config
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
-        self.params = pack_params(init_params(config, seed, self.dtype))  # views of one buffer
+        self.params = init_params(config, seed, self.dtype)
         self.training = True
         self.rng = np.random.default_rng([seed, 1])  # dropout masks; independent of the init stream
         self.last_dropout_masks: list[np.ndarray] = []
-        self._cache = None
+        self._cache: GPTCache | None = None
 
     # ---------------------------------------------------------------------------------------
     # Bookkeeping
@@ -222,33 +164,34 @@ class GPT:
                 raise ValueError(f"dropout_masks has {len(dropout_masks)} masks, expected {expected}")
         masks = [np.asarray(m, dtype=self.dtype) for m in dropout_masks] if dropout_masks else None
         p = cfg.dropout if use_dropout else 0.0
+        L = self.layers
         # Drop the previous step's activations now rather than when the new cache replaces them
         # at the end: otherwise both sets are alive at once and the forward's memory peak doubles.
         self._cache = None
 
-        x, c_emb = embedding_forward(idx, P["transformer.wte.weight"], P["transformer.wpe.weight"])
+        x, c_emb = L.embedding_forward(idx, P["transformer.wte.weight"], P["transformer.wpe.weight"])
         c_drop = None
         if use_dropout:
-            x, c_drop = dropout_forward(x, p, self.rng, masks[0] if masks else None)
+            x, c_drop = L.dropout_forward(x, p, self.rng, masks[0] if masks else None)
         c_blocks = []
         for i in range(cfg.n_layer):
             block_masks = masks[1 + 3 * i: 4 + 3 * i] if masks else None
-            x, c = block_forward(x, self.block_params(i), cfg.n_head, cfg.activation, p, self.rng,
-                                 block_masks)
+            x, c = L.block_forward(x, self.block_params(i), cfg.n_head, cfg.activation, p, self.rng,
+                                   block_masks)
             c_blocks.append(c)
-        x, c_lnf = layernorm_forward(x, P["transformer.ln_f.weight"], P.get("transformer.ln_f.bias"))
-        logits, c_head = linear_forward(x, self.head_weight)  # (B, T, V)
+        x, c_lnf = L.layernorm_forward(x, P["transformer.ln_f.weight"], P.get("transformer.ln_f.bias"))
+        logits, c_head = L.linear_forward(x, self.head_weight)  # (B, T, V)
 
-        self.last_dropout_masks = ([c_drop] + [m for c in c_blocks for m in block_dropout_masks(c)]
+        self.last_dropout_masks = ([c_drop.mask] + [m for c in c_blocks for m in L.block_dropout_masks(c)]
                                    if use_dropout else [])
         loss, c_loss = None, None
         if targets is not None:
             targets = _check_idx(targets, cfg.vocab_size, None, "targets")
             if targets.shape != idx.shape:
                 raise ValueError(f"targets shape {targets.shape} differs from idx shape {idx.shape}")
-            loss, c_loss = cross_entropy_forward(logits, targets)
+            loss, c_loss = L.cross_entropy_forward(logits, targets)
             loss = float(loss)
-        self._cache = (c_emb, c_drop, c_blocks, c_lnf, c_head, c_loss)
+        self._cache = GPTCache(c_emb, c_drop, c_blocks, c_lnf, c_head, c_loss)
         return logits, loss
 
     def backward(self) -> dict[str, np.ndarray]:
@@ -258,27 +201,26 @@ class GPT:
         tied wte collects dwte + dhead. See docs/gradients.md#model-backward and
         docs/gradients.md#weight-tying.
         """
-        if self._cache is None or self._cache[-1] is None:
+        cache = self._cache
+        if cache is None or cache.loss is None:
             raise RuntimeError("backward() needs a loss: call forward(idx, targets) with targets first")
-        c_emb, c_drop, c_blocks, c_lnf, c_head, c_loss = self._cache
-        cfg = self.config
+        L, cfg = self.layers, self.config
         grads = {}
 
-        (dlogits,) = cross_entropy_backward(1.0, c_loss)  # (B, T, V)
-        dx, dhead, _ = linear_backward(dlogits, c_head)  # dhead (V, C)
-        dx, grads["transformer.ln_f.weight"], db = layernorm_backward(dx, c_lnf)
+        (dlogits,) = L.cross_entropy_backward(1.0, cache.loss)  # (B, T, V)
+        dx, dhead, _ = L.linear_backward(dlogits, cache.lm_head)  # dhead (V, C)
+        dx, grads["transformer.ln_f.weight"], db = L.layernorm_backward(dx, cache.ln_f)
         if db is not None:
             grads["transformer.ln_f.bias"] = db
         for i in reversed(range(cfg.n_layer)):
-            dx, block_grads = block_backward(dx, c_blocks[i])
+            dx, block_grads = L.block_backward(dx, cache.blocks[i])
             for name, g in block_grads.items():
                 grads[f"transformer.h.{i}.{name}"] = g
-        if c_drop is not None:
-            (dx,) = dropout_backward(dx, c_drop)
-        dwte, grads["transformer.wpe.weight"] = embedding_backward(dx, c_emb)
+        if cache.embedding_dropout is not None:
+            (dx,) = L.dropout_backward(dx, cache.embedding_dropout)
+        dwte, grads["transformer.wpe.weight"] = L.embedding_backward(dx, cache.embedding)
         if cfg.tie_weights:
-            dwte += dhead  # one matrix used twice: the two gradients add
-            grads["transformer.wte.weight"] = dwte
+            grads["transformer.wte.weight"] = dwte + dhead  # one matrix used twice: the two gradients add
         else:
             grads["transformer.wte.weight"] = dwte
             grads["lm_head.weight"] = dhead
@@ -304,28 +246,15 @@ class GPT:
         start, Tn = kv.length, idx_new.shape[1]
         if start + Tn > cfg.block_size:
             raise ValueError(f"KV cache holds {start} positions; {Tn} more exceed block_size {cfg.block_size}")
-        act_forward, _ = ACTIVATION_FUNCTIONS[cfg.activation]
-        scale = 1.0 / math.sqrt(cfg.head_size)
-        x = P["transformer.wte.weight"][idx_new] + P["transformer.wpe.weight"][start:start + Tn]  # (B, Tn, C)
-        for i in range(cfg.n_layer):
-            p = self.block_params(i)
-            h, _ = layernorm_forward(x, p["ln_1.weight"], p.get("ln_1.bias"))
-            qkv, _ = linear_forward(h, p["attn.c_attn.weight"], p.get("attn.c_attn.bias"))
-            q, k, v = (split_heads(part, cfg.n_head) for part in np.split(qkv, 3, axis=-1))  # (B, nh, Tn, hs)
-            kv.k[i, :, :, start:start + Tn] = k
-            kv.v[i, :, :, start:start + Tn] = v
-            keys, values = kv.k[i, :, :, :start + Tn], kv.v[i, :, :, :start + Tn]  # (B, nh, Tk, hs)
-            y = merge_heads(attention_probs(q, keys, scale) @ values)  # (B, Tn, C)
-            y, _ = linear_forward(y, p["attn.c_proj.weight"], p.get("attn.c_proj.bias"))
-            x = x + y
-            h, _ = layernorm_forward(x, p["ln_2.weight"], p.get("ln_2.bias"))
-            h, _ = linear_forward(h, p["mlp.c_fc.weight"], p.get("mlp.c_fc.bias"))
-            h, _ = act_forward(h)
-            h, _ = linear_forward(h, p["mlp.c_proj.weight"], p.get("mlp.c_proj.bias"))
-            x = x + h
+        L = self.layers
+        # wpe[start:] puts the new tokens at positions start, start + 1, ...
+        x, _ = L.embedding_forward(idx_new, P["transformer.wte.weight"], P["transformer.wpe.weight"][start:])
+        for i in range(cfg.n_layer):  # each block stores its new keys and values in its slot
+            slot = KVSlot(kv.k[i], kv.v[i], start)
+            x, _ = L.block_forward(x, self.block_params(i), cfg.n_head, cfg.activation, kv=slot)
         kv.length = start + Tn
-        x, _ = layernorm_forward(x, P["transformer.ln_f.weight"], P.get("transformer.ln_f.bias"))
-        logits, _ = linear_forward(x, self.head_weight)
+        x, _ = L.layernorm_forward(x, P["transformer.ln_f.weight"], P.get("transformer.ln_f.bias"))
+        logits, _ = L.linear_forward(x, self.head_weight)  # (B, Tn, V)
         return logits
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -356,6 +285,11 @@ class GPT:
         return idx
 
 
+class BigramCache(NamedTuple):
+    embedding: reference_layers.EmbeddingCache
+    loss: reference_layers.CrossEntropyCache | None  # None when forward had no targets
+
+
 class BigramLanguageModel:
     """The lecture's baseline: the next token's logits are a row of a (V, V) table."""
 
@@ -383,13 +317,14 @@ class BigramLanguageModel:
     def forward(self, idx, targets=None, dropout_masks=None):
         """logits[b, t] = table[idx[b, t]]: (B, T, V); loss the mean cross-entropy or None."""
         idx = _check_idx(idx, self.vocab_size, None)
-        logits, c_emb = embedding_forward(idx, self.params["token_embedding_table.weight"])
+        L = reference_layers
+        logits, c_emb = L.embedding_forward(idx, self.params["token_embedding_table.weight"])
         loss, c_loss = None, None
         if targets is not None:
             targets = _check_idx(targets, self.vocab_size, None, "targets")
-            loss, c_loss = cross_entropy_forward(logits, targets)
+            loss, c_loss = L.cross_entropy_forward(logits, targets)
             loss = float(loss)
-        self._cache = (c_emb, c_loss)
+        self._cache = BigramCache(c_emb, c_loss)
         return logits, loss
 
     __call__ = forward
@@ -399,11 +334,12 @@ class BigramLanguageModel:
 
         See docs/gradients.md#bigram-model.
         """
-        if self._cache is None or self._cache[1] is None:
+        cache = self._cache
+        if cache is None or cache.loss is None:
             raise RuntimeError("backward() needs a loss: call forward(idx, targets) with targets first")
-        c_emb, c_loss = self._cache
-        (dlogits,) = cross_entropy_backward(1.0, c_loss)
-        dtable, _ = embedding_backward(dlogits, c_emb)
+        L = reference_layers
+        (dlogits,) = L.cross_entropy_backward(1.0, cache.loss)
+        dtable, _ = L.embedding_backward(dlogits, cache.embedding)
         return {"token_embedding_table.weight": dtable}
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

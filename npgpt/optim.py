@@ -12,19 +12,15 @@ def decays(name: str, value: np.ndarray) -> bool:
 
 
 class AdamW:
-    """torch.optim.AdamW's update, over one flat buffer per parameter group.
+    """torch.optim.AdamW's update, one parameter at a time.
 
     For every parameter p with gradient g, at step t (from 1):
-        p <- p * (1 - lr * wd)                      decoupled weight decay (decay groups only)
+        p <- p * (1 - lr * wd)                      decoupled weight decay (decay group only)
         m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2
         p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
-    The parameters of each group are gathered into one flat vector so the update is a handful of
-    array operations, not a Python loop over tensors; the results are written back in place.
-    When a group's parameters already lie back to back in one buffer (npgpt.GPT lays its
-    parameters out so: see model.pack_params), the flat vector is a view of that buffer and the
-    gather and the write-back are skipped. The update runs in preallocated scratch memory, so a
-    step allocates no large arrays (fresh memory costs page faults).
-    See docs/gradients.md#adamw.
+    Each parameter array is updated in place (p -= ...), so the model, which holds the same
+    arrays, sees the new values; m and v are dicts keyed like params. npgpt.fast.AdamW does the
+    same arithmetic over flat buffers. See docs/gradients.md#adamw.
     """
 
     def __init__(self, params: dict[str, np.ndarray], lr: float = 1e-3, betas=(0.9, 0.999),
@@ -34,42 +30,10 @@ class AdamW:
                              f"weight_decay={weight_decay}")
         self.params = params
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
-        names = list(params)
-        self.groups = {  # group name -> parameter names, in params order
-            "decay": [n for n in names if decays(n, params[n])],
-            "no_decay": [n for n in names if not decays(n, params[n])],
-        }
-        dtype = next(iter(params.values())).dtype
-        sizes = {g: sum(params[n].size for n in ns) for g, ns in self.groups.items()}
-        self.exp_avg = {g: np.zeros(s, dtype=dtype) for g, s in sizes.items()}
-        self.exp_avg_sq = {g: np.zeros(s, dtype=dtype) for g, s in sizes.items()}
+        self.groups = parameter_groups(params)
+        self.exp_avg = {n: np.zeros_like(p) for n, p in params.items()}  # m, keyed like params
+        self.exp_avg_sq = {n: np.zeros_like(p) for n, p in params.items()}  # v
         self.step_count = 0
-        # Reused every step: the gathered gradients, and scratch for the update's intermediates.
-        self._grad_flat = {g: np.zeros(s, dtype=dtype) for g, s in sizes.items()}
-        self._scratch = {g: np.zeros(s, dtype=dtype) for g, s in sizes.items()}
-        self._param_views = {g: _flat_view([params[n] for n in ns]) for g, ns in self.groups.items()}
-
-    def _flat(self, arrays: dict[str, np.ndarray], group: str, out: np.ndarray | None = None) -> np.ndarray:
-        names = self.groups[group]
-        return np.concatenate([arrays[n].ravel() for n in names], out=out) if names else np.zeros(0)
-
-    def _params_flat(self, group: str) -> tuple[np.ndarray, bool]:
-        """The group's parameters as one flat vector, and whether it is a copy to scatter back.
-
-        The view found at construction is used only while the dict still holds those very
-        arrays (an entry replaced by a new array, e.g. on loading, falls back to a gather).
-        """
-        view = self._param_views[group]
-        if view is not None and all(self.params[n] is a for n, a in zip(self.groups[group], view[1])):
-            return view[0], False
-        return self._flat(self.params, group), True
-
-    def _scatter(self, flat: np.ndarray, group: str) -> None:
-        offset = 0
-        for n in self.groups[group]:
-            p = self.params[n]
-            p[...] = flat[offset:offset + p.size].reshape(p.shape)
-            offset += p.size
 
     def step(self, grads: dict[str, np.ndarray], lr: float | None = None) -> None:
         """One update of every parameter in place; `lr` overrides the base rate (schedules)."""
@@ -79,88 +43,97 @@ class AdamW:
         t = self.step_count
         bias_correction1 = 1.0 - b1 ** t
         bias_correction2_sqrt = math.sqrt(1.0 - b2 ** t)
-        for group, wd in (("decay", self.weight_decay), ("no_decay", 0.0)):
-            if not self.groups[group]:
-                continue
-            p, gathered = self._params_flat(group)
-            g = self._flat(grads, group, out=self._grad_flat[group])
-            m, v, s = self.exp_avg[group], self.exp_avg_sq[group], self._scratch[group]
-            # The formulas of the docstring, each intermediate written into the scratch `s`:
-            # the same operations in the same order as `m += (1 - b1) * g` and so on.
-            if wd:
-                p *= 1.0 - lr * wd
-            m *= b1
-            m += np.multiply(g, 1.0 - b1, out=s)
-            v *= b2
-            np.multiply(g, g, out=s)
-            s *= 1.0 - b2
-            v += s
-            denom = np.sqrt(v, out=s)  # sqrt(v) / sqrt(1 - b2^t) + eps
-            denom /= bias_correction2_sqrt
-            denom += self.eps
-            update = np.divide(m, denom, out=s)  # m / denom
-            update *= lr / bias_correction1
-            p -= update
-            if gathered:
-                self._scatter(p, group)
+        decayed = set(self.groups["decay"])
+        for name, p in self.params.items():
+            g = grads[name]
+            if name in decayed and self.weight_decay:
+                p *= 1.0 - lr * self.weight_decay
+            m = b1 * self.exp_avg[name] + (1.0 - b1) * g
+            v = b2 * self.exp_avg_sq[name] + (1.0 - b2) * (g * g)
+            denom = np.sqrt(v) / bias_correction2_sqrt + self.eps
+            p -= (lr / bias_correction1) * (m / denom)
+            self.exp_avg[name], self.exp_avg_sq[name] = m, v
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Flat arrays only (no objects), so it saves to .npz and loads with allow_pickle=False."""
-        state = {"step": np.array(self.step_count, dtype=np.int64)}
-        for g in self.groups:
-            state[f"exp_avg.{g}"] = self.exp_avg[g].copy()
-            state[f"exp_avg_sq.{g}"] = self.exp_avg_sq[g].copy()
-        return state
+        """Flat arrays only (no objects), so it saves to .npz and loads with allow_pickle=False:
+        "step", and "exp_avg.<parameter name>", "exp_avg_sq.<parameter name>" for every parameter."""
+        return moments_state(self.step_count, self.moments("exp_avg"), self.moments("exp_avg_sq"))
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """All or nothing: every buffer is checked before any is replaced."""
-        loaded = {}
-        for g in self.groups:
-            for kind, store in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
-                key = f"{kind}.{g}"
-                if key not in state:
-                    raise ValueError(f"optimizer state lacks {key}: it was not saved by npgpt.optim.AdamW")
-                value = np.asarray(state[key])
-                if value.shape != store[g].shape:
-                    raise ValueError(f"optimizer state {key} has shape {value.shape}, "
-                                     f"expected {store[g].shape}: it belongs to another model")
-                loaded[kind, g] = value.astype(store[g].dtype, copy=True)
-        for (kind, g), value in loaded.items():
-            (self.exp_avg if kind == "exp_avg" else self.exp_avg_sq)[g] = value
-        self.step_count = int(state["step"])
+        """All or nothing: every buffer is checked before any is replaced. Takes this state_dict's
+        layout and the older one of two flat vectors per group ("exp_avg.decay", ...)."""
+        step, exp_avg, exp_avg_sq = moments_from_state(state, self.params, self.groups)
+        self.exp_avg, self.exp_avg_sq, self.step_count = exp_avg, exp_avg_sq, step
 
     def moments(self, kind: str = "exp_avg") -> dict[str, np.ndarray]:
-        """A moment buffer as a per-parameter dict (views), to compare with torch's state."""
+        """A moment buffer as a per-parameter dict, to compare with torch's state."""
         store = self.exp_avg if kind == "exp_avg" else self.exp_avg_sq
-        out = {}
-        for g, names in self.groups.items():
-            offset = 0
-            for n in names:
-                size = self.params[n].size
-                out[n] = store[g][offset:offset + size].reshape(self.params[n].shape)
-                offset += size
-        return {n: out[n] for n in self.params}
+        return {n: store[n] for n in self.params}
 
 
-def _flat_view(arrays: list[np.ndarray]):
-    """(one flat view over `arrays`, the arrays) if they lie back to back, in order, in one
-    C-contiguous buffer, as views made by model.pack_params do; None otherwise."""
-    if not arrays:
-        return None
-    owner = arrays[0] if arrays[0].base is None else arrays[0].base
-    if not isinstance(owner, np.ndarray) or not owner.flags.c_contiguous:
-        return None
-    address = arrays[0].__array_interface__["data"][0]
-    start, rem = divmod(address - owner.__array_interface__["data"][0], owner.itemsize)
-    total = sum(a.size for a in arrays)
-    if rem or start < 0 or start + total > owner.size:
-        return None
-    for a in arrays:
-        if (a.dtype != owner.dtype or not a.flags.c_contiguous
-                or a.__array_interface__["data"][0] != address):
-            return None
-        address += a.nbytes
-    return owner.reshape(-1)[start:start + total], list(arrays)
+# --------------------------------------------------------------------------------------------
+# The optimizer state as flat arrays (shared with npgpt.fast.AdamW, so either loads the other's)
+# --------------------------------------------------------------------------------------------
+
+def parameter_groups(params: dict[str, np.ndarray]) -> dict[str, list[str]]:
+    """{"decay": names of the decayed parameters, "no_decay": the rest}, each in params order."""
+    return {"decay": [n for n, p in params.items() if decays(n, p)],
+            "no_decay": [n for n, p in params.items() if not decays(n, p)]}
+
+
+def moments_state(step: int, exp_avg: dict, exp_avg_sq: dict) -> dict[str, np.ndarray]:
+    """The state_dict layout: "step", "exp_avg.<name>" and "exp_avg_sq.<name>", copies."""
+    state = {"step": np.array(step, dtype=np.int64)}
+    for kind, store in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        for name, value in store.items():
+            state[f"{kind}.{name}"] = np.array(value, copy=True)
+    return state
+
+
+def moments_from_state(state: dict, params: dict[str, np.ndarray], groups: dict[str, list[str]]):
+    """(step, exp_avg, exp_avg_sq) from a state_dict, as fresh per-parameter arrays of the
+    parameters' shapes and dtypes. Reads the per-parameter layout, or the older per-group one
+    (one flat vector per group, its parameters back to back in params order). Raises ValueError
+    naming the first missing or misshapen entry; nothing is returned half loaded."""
+    if "step" not in state:
+        raise ValueError("optimizer state lacks step: it was not saved by npgpt.optim.AdamW")
+    per_group = any(f"exp_avg.{g}" in state for g in groups)
+    loaded = {}
+    for kind in ("exp_avg", "exp_avg_sq"):
+        if per_group:
+            loaded[kind] = _split_groups(state, kind, params, groups)
+            continue
+        loaded[kind] = {}
+        for name, p in params.items():
+            key = f"{kind}.{name}"
+            if key not in state:
+                raise ValueError(f"optimizer state lacks {key}: it was not saved by npgpt.optim.AdamW")
+            value = np.asarray(state[key])
+            if value.shape != p.shape:
+                raise ValueError(f"optimizer state {key} has shape {value.shape}, "
+                                 f"expected {p.shape}: it belongs to another model")
+            loaded[kind][name] = value.astype(p.dtype, copy=True)
+    return int(state["step"]), loaded["exp_avg"], loaded["exp_avg_sq"]
+
+
+def _split_groups(state: dict, kind: str, params: dict, groups: dict) -> dict[str, np.ndarray]:
+    """The per-group layout ("exp_avg.decay", "exp_avg.no_decay") cut into per-parameter arrays."""
+    out = {}
+    for group, names in groups.items():
+        key = f"{kind}.{group}"
+        size = sum(params[n].size for n in names)
+        if key not in state:
+            raise ValueError(f"optimizer state lacks {key}: it was not saved by npgpt.optim.AdamW")
+        flat = np.asarray(state[key])
+        if flat.shape != (size,):
+            raise ValueError(f"optimizer state {key} has shape {flat.shape}, "
+                             f"expected {(size,)}: it belongs to another model")
+        offset = 0
+        for n in names:
+            p = params[n]
+            out[n] = flat[offset:offset + p.size].reshape(p.shape).astype(p.dtype, copy=True)
+            offset += p.size
+    return {n: out[n] for n in params}
 
 
 def clip_grad_norm(grads: dict[str, np.ndarray], max_norm: float) -> float:

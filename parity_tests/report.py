@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 
 import npgpt
-from parity_tests.compare import Row, error_rows, format_table
+from npgpt.compare import Row, error_rows, format_table
 from parity_tests.twins import describe, model_pair_results
 
 DEFAULT_CONFIG = npgpt.GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=4, n_embd=32,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from parity_tests.compare import assert_close, compare_all, errors, to_numpy64
+from npgpt.compare import assert_close, compare_all, errors, to_numpy64
 
 
 def test_errors_are_max_abs_and_normwise_relative():

@@ -3,9 +3,17 @@
 The cases of test_model.test_gpt_logits_loss_grads, run through the same check_model_parity with
 device="cuda", in float64 (1e-12) and float32 (1e-5 logits/loss, 1e-4 gradients) with TF32 off:
 TF32 rounds matmul inputs to 10 mantissa bits (~1e-3), which is a different computation, not a
-rounding error of this one. Skipped where torch sees no GPU.
+rounding error of this one.
+
+Where torch sees no GPU they are skipped, unless NPGPT_REQUIRE_CUDA=1 (make gpu-check sets it): then
+every test fails, so that a CPU-only torch build on a GPU machine cannot pass the GPU check.
+TF32 is read and set through whichever API the running torch has: the `fp32_precision` attributes
+where they exist (torch >= 2.9; reading the legacy flags after the new API was used raises), else
+the legacy `allow_tf32` flags.
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -14,20 +22,56 @@ import torch
 from parity_tests.test_model import ATTENTIONS, DTYPES, check_model_parity
 from parity_tests.twins import small_config
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+REQUIRE_ENV = "NPGPT_REQUIRE_CUDA"
+CUDA_REQUIRED = os.environ.get(REQUIRE_ENV, "") not in ("", "0")
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and not CUDA_REQUIRED,
+                                reason=f"CUDA not available (set {REQUIRE_ENV}=1 to make that a failure)")
 
 
 @pytest.fixture(autouse=True)
-def full_precision_float32():
+def cuda_is_there():
+    if not torch.cuda.is_available():  # only reached with NPGPT_REQUIRE_CUDA set
+        pytest.fail(f"{REQUIRE_ENV}=1 but torch {torch.__version__} sees no CUDA device "
+                    f"(torch.version.cuda = {torch.version.cuda})", pytrace=False)
+
+
+def new_tf32_api() -> bool:
+    return hasattr(torch.backends.cuda.matmul, "fp32_precision")
+
+
+def tf32_settings():
+    """The TF32 settings of matmuls and cuDNN convolutions, through the API this torch has."""
+    if new_tf32_api():
+        return ("new", torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    return ("legacy", torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+
+
+def set_tf32_settings(settings) -> None:
+    api, matmul, conv = settings
+    if api == "new":
+        torch.backends.cuda.matmul.fp32_precision = matmul
+        torch.backends.cudnn.conv.fp32_precision = conv
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = conv
+
+
+def full_precision_settings():
+    return ("new", "ieee", "ieee") if new_tf32_api() else ("legacy", False, False)
+
+
+def tf32_is_off() -> bool:
+    return tf32_settings() == full_precision_settings()
+
+
+@pytest.fixture(autouse=True)
+def full_precision_float32(cuda_is_there):
     """TF32 off for matmuls and cuDNN during each test, restored afterwards."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.get_float32_matmul_precision())
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
+    saved = tf32_settings()
+    set_tf32_settings(full_precision_settings())
     yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-    torch.set_float32_matmul_precision(saved[2])
+    set_tf32_settings(saved)
 
 
 @pytest.mark.parametrize("attention", ATTENTIONS)
@@ -45,7 +89,7 @@ def test_gpt_on_cuda(dtype, activation, bias, tie, dropout, attention):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_tf32_is_off(dtype):
     """The fixture's promise: a float32 matmul on the GPU is exact to float32, not TF32."""
-    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert tf32_is_off(), tf32_settings()
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((64, 64)), rng.standard_normal((64, 64))
     got = (torch.from_numpy(a).float().cuda() @ torch.from_numpy(b).float().cuda()).double().cpu().numpy()

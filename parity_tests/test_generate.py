@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from parity_tests.compare import bounds, compare_all
+from npgpt.compare import bounds, compare_all
 from parity_tests.twins import make_npgpt, small_config, torch_twin
 
 DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")]

@@ -3,7 +3,7 @@
 For each layer: run npgpt's forward, draw a RANDOM upstream gradient dout, run npgpt's backward;
 run torch.nn.functional's version of the layer on the same inputs and get its gradients from
 torch.autograd.grad(out, inputs, dout). The output and every gradient are compared by
-parity_tests.compare, in float64 (1e-12) and float32 (1e-5 outputs, 1e-4 gradients).
+npgpt.compare, in float64 (1e-12) and float32 (1e-5 outputs, 1e-4 gradients).
 
 Two regimes are ill-conditioned for ANY implementation, so they get their own bound, explained
 where they are tested: layernorm over fewer than 4 channels, and softmax / cross-entropy rows that
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from npgpt import layers as L
-from parity_tests.compare import bounds, compare_all, compare_outputs_and_grads
+from npgpt.compare import bounds, compare_all, compare_outputs_and_grads
 from parity_tests.twins import small_config
 from torchgpt.convert import load_params
 from torchgpt.model import NO_DROPOUT, Block, DropoutPlan
@@ -58,7 +58,7 @@ def torch_vjp(fn, inputs: dict, dout):
     return out, {"d" + name: g for name, g in zip(leaves, grads)}
 
 
-def check_layer(header, dtype, fn, inputs: dict, out, grads: tuple, dout, atol=None):
+def check_layer_vs_torch(header, dtype, fn, inputs: dict, out, grads: tuple, dout, atol=None):
     """Compare npgpt's (out, grads in the order of `inputs`) with torch's on the same inputs.
 
     Every tensor gets its dtype's relative bound, except those named in `atol` ({name: bound}),
@@ -92,7 +92,7 @@ def test_embedding_repeated_ids(dtype):
     dout = randn(rng, out.shape, dtype)
     grads = L.embedding_backward(*frozen(dout, cache))
     idx_t = torch.tensor(idx)
-    rows = check_layer("embedding", dtype, lambda w, p: F.embedding(idx_t, w) + p[:T],
+    rows = check_layer_vs_torch("embedding", dtype, lambda w, p: F.embedding(idx_t, w) + p[:T],
                        {"wte": wte, "wpe": wpe}, out, grads, dout)
     assert rows[0].shape == (B, T, C)
     assert np.all(grads[1][T:] == 0)  # positions past T were not used
@@ -111,7 +111,7 @@ def test_embedding_bigram_form(dtype):
     dtable, dwpe = L.embedding_backward(*frozen(dout, cache))
     assert dwpe is None
     idx_t = torch.tensor(idx)
-    check_layer("embedding (bigram)", dtype, lambda w: F.embedding(idx_t, w), {"table": table}, out,
+    check_layer_vs_torch("embedding (bigram)", dtype, lambda w: F.embedding(idx_t, w), {"table": table}, out,
                 (dtable,), dout)
 
 
@@ -129,10 +129,10 @@ def test_linear(dtype, bias):
     dout = randn(rng, out.shape, dtype)
     dx, dw, db = L.linear_backward(*frozen(dout, cache))
     if bias:
-        check_layer("linear", dtype, F.linear, {"x": x, "w": w, "b": b}, out, (dx, dw, db), dout)
+        check_layer_vs_torch("linear", dtype, F.linear, {"x": x, "w": w, "b": b}, out, (dx, dw, db), dout)
     else:
         assert db is None
-        check_layer("linear (no bias)", dtype, F.linear, {"x": x, "w": w}, out, (dx, dw), dout)
+        check_layer_vs_torch("linear (no bias)", dtype, F.linear, {"x": x, "w": w}, out, (dx, dw), dout)
 
 
 def layernorm_case(dtype, C, bias, seed):
@@ -154,7 +154,7 @@ def layernorm_case(dtype, C, bias, seed):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_layernorm(dtype, bias, C):
     inputs, out, grads, dout, fn = layernorm_case(dtype, C, bias, seed=3)
-    check_layer(f"layernorm C={C}", dtype, fn, inputs, out, grads, dout)
+    check_layer_vs_torch(f"layernorm C={C}", dtype, fn, inputs, out, grads, dout)
 
 
 @pytest.mark.parametrize("C", [1, 2, 3])
@@ -186,18 +186,18 @@ def test_layernorm_narrow(dtype, C):
     g = dout.astype(np.float64) * w  # (4, 5, C)
     eps_mach, ln_eps = float(np.finfo(dtype).eps), L.LAYERNORM_EPS
     if C == 3:
-        check_layer("layernorm C=3", dtype, fn, inputs, out, grads, dout)
+        check_layer_vs_torch("layernorm C=3", dtype, fn, inputs, out, grads, dout)
         return
     if C == 2:
         rstd = 1.0 / np.sqrt(x.var(axis=-1, keepdims=True) + ln_eps)  # (4, 5, 1)
         per_element = (8 * eps_mach * rstd * np.abs(g).sum(axis=-1, keepdims=True)
                        * (1 + np.abs(x).max(axis=-1, keepdims=True) * rstd))  # (4, 5, 1)
-        check_layer("layernorm C=2", dtype, fn, inputs, out, grads, dout,
+        check_layer_vs_torch("layernorm C=2", dtype, fn, inputs, out, grads, dout,
                     atol={"dx": np.broadcast_to(per_element, x.shape)})
         return
     noise = 16 * eps_mach * float(np.abs(g).max()) / math.sqrt(ln_eps)
     assert np.all(grads[0] == 0) and np.all(grads[1] == 0)  # ours: exactly the true value 0
-    check_layer("layernorm C=1", dtype, fn, inputs, out, grads, dout, atol={"dx": noise, "dw": noise})
+    check_layer_vs_torch("layernorm C=1", dtype, fn, inputs, out, grads, dout, atol={"dx": noise, "dw": noise})
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def test_activation(dtype, name):
     out, cache = forward(*frozen(x))
     dout = randn(rng, out.shape, dtype)
     grads = backward(*frozen(dout, cache))
-    check_layer(name, dtype, TORCH_ACTIVATIONS[name], {"x": x}, out, grads, dout)
+    check_layer_vs_torch(name, dtype, TORCH_ACTIVATIONS[name], {"x": x}, out, grads, dout)
     assert np.shares_memory(grads[0], dout) is False  # a fresh array, dout untouched
 
 
@@ -232,15 +232,16 @@ def test_dropout_shared_mask(dtype, p):
     """npgpt draws the mask; torch applies the same mask as x * mask (as torchgpt does)."""
     rng = np.random.default_rng(6)
     x = randn(rng, (4, 6, 8), dtype)
-    out, mask = L.dropout_forward(*frozen(x), p, rng=np.random.default_rng(7))
+    out, cache = L.dropout_forward(*frozen(x), p, rng=np.random.default_rng(7))
+    mask = cache.mask
     assert mask.dtype == dtype and set(np.unique(mask)) == {0.0, dtype(1.0) / dtype(1.0 - p)}
     assert 0.0 < (mask == 0).mean() < 1.0
-    out2, mask2 = L.dropout_forward(x, p, mask=frozen(mask)[0])  # the same mask given back: the same output
-    assert np.array_equal(out2, out) and mask2 is mask
+    out2, cache2 = L.dropout_forward(x, p, mask=frozen(mask)[0])  # the same mask given back: the same output
+    assert np.array_equal(out2, out) and cache2.mask is mask
     dout = randn(rng, out.shape, dtype)
-    grads = L.dropout_backward(*frozen(dout, mask))
+    grads = L.dropout_backward(*frozen(dout, cache))
     mask_t = torch.tensor(mask)
-    check_layer(f"dropout p={p}", dtype, lambda x: x * mask_t, {"x": x}, out, grads, dout)
+    check_layer_vs_torch(f"dropout p={p}", dtype, lambda x: x * mask_t, {"x": x}, out, grads, dout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,7 +269,7 @@ def test_softmax(dtype, regime):
     dout = randn(rng, out.shape, dtype)
     grads = L.softmax_backward(*frozen(dout, cache))
     assert np.isfinite(out).all() and np.allclose(out.sum(-1), 1.0)
-    check_layer(f"softmax {regime}", dtype, lambda x: F.softmax(x, dim=-1), {"x": x}, out, grads, dout)
+    check_layer_vs_torch(f"softmax {regime}", dtype, lambda x: F.softmax(x, dim=-1), {"x": x}, out, grads, dout)
 
 
 def softmax_backward_rounding_bound(y: np.ndarray, dout: np.ndarray, dtype) -> np.ndarray:
@@ -309,7 +310,7 @@ def test_softmax_peaked_rows(dtype):
     grads = L.softmax_backward(*frozen(dout, cache))
     assert (out.max(-1) > 1 - 1e-4).mean() > 0.5  # mostly peaked rows: the regime under test
     y_t = F.softmax(torch.tensor(x), dim=-1).numpy()
-    check_layer("softmax peaked rows", dtype, lambda x: F.softmax(x, dim=-1), {"x": x}, out, grads, dout,
+    check_layer_vs_torch("softmax peaked rows", dtype, lambda x: F.softmax(x, dim=-1), {"x": x}, out, grads, dout,
                 atol={"dx": softmax_backward_rounding_bound(y_t, dout, dtype)})
 
 
@@ -370,7 +371,7 @@ def test_cross_entropy(dtype, regime):
     assert np.isfinite(loss) and np.isfinite(dlogits).all()
     t = torch.tensor(targets.reshape(-1))
     fn = lambda x: F.cross_entropy(x.reshape(-1, V), t)  # noqa: E731
-    check_layer(f"cross-entropy {regime}", dtype, fn, {"logits": logits}, loss, (dlogits,), dloss)
+    check_layer_vs_torch(f"cross-entropy {regime}", dtype, fn, {"logits": logits}, loss, (dlogits,), dloss)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -387,7 +388,7 @@ def test_cross_entropy_confident_rows(dtype):
     (dlogits,) = L.cross_entropy_backward(*frozen(dloss, cache))
     t = torch.tensor(targets.reshape(-1))
     fn = lambda x: F.cross_entropy(x.reshape(-1, V), t)  # noqa: E731
-    check_layer("cross-entropy confident rows", dtype, fn, {"logits": logits}, loss, (dlogits,), dloss,
+    check_layer_vs_torch("cross-entropy confident rows", dtype, fn, {"logits": logits}, loss, (dlogits,), dloss,
                 atol={"out": cross_entropy_loss_rounding_bound(logits, targets, dtype),
                       "dlogits": cross_entropy_rounding_bound(logits, targets, dloss, dtype)})
 
@@ -434,7 +435,7 @@ def test_attention(dtype, n_head, T, dropout, path):
     dout = randn(rng, out.shape, dtype)
     grads = L.attention_backward(*frozen(dout, cache))
     mask_t = None if mask is None else torch.tensor(mask)
-    check_layer(f"attention nh={n_head} T={T} {path}{' dropout' if dropout else ''}", dtype,
+    check_layer_vs_torch(f"attention nh={n_head} T={T} {path}{' dropout' if dropout else ''}", dtype,
                 lambda z: torch_attention(z, n_head, mask_t, path), {"qkv": qkv}, out, grads, dout)
 
 

@@ -17,24 +17,28 @@ import torch
 
 import npgpt
 import torchgpt
-from parity_tests.compare import bounds, compare_all, compare_outputs_and_grads
-from parity_tests.twins import TORCH_DTYPE, describe, make_npgpt, model_pair_results, small_config, torch_twin
+from npgpt.compare import bounds, compare_all, compare_outputs_and_grads
+from parity_tests.twins import (MODEL_CLASSES, TORCH_DTYPE, describe, make_npgpt, model_pair_results,
+                                small_config, torch_twin)
 from torchgpt.convert import load_params, params_to_state_dict, state_dict_to_params
 
 DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")]
 ATTENTIONS = ["explicit", "sdpa"]
+IMPLEMENTATIONS = list(MODEL_CLASSES)  # "reference" (npgpt.GPT) and "fast" (npgpt.fast.GPT)
 
 
 def check_model_parity(config: npgpt.GPTConfig, dtype, attention: str, device: str = "cpu",
-                       B: int = 3, T: int | None = None, seed: int = 0, header: str = ""):
-    """Forward + backward of the same GPT in both backends, compared.
+                       B: int = 3, T: int | None = None, seed: int = 0, header: str = "",
+                       implementation: str = "reference"):
+    """Forward + backward of the same GPT in both backends, compared. `implementation` picks
+    npgpt's side: "reference" (npgpt.GPT) or "fast" (npgpt.fast.GPT).
 
     Returns (table rows, npgpt's gradients)."""
     ours_fwd, theirs_fwd, ours_grads, theirs_grads = model_pair_results(
-        config, dtype, attention, device, B=B, T=T, seed=seed)
+        config, dtype, attention, device, B=B, T=T, seed=seed, model_class=MODEL_CLASSES[implementation])
     assert list(ours_grads) == list(theirs_grads)  # the same names in named_parameters() order
     rows = compare_outputs_and_grads(ours_fwd, theirs_fwd, ours_grads, theirs_grads, dtype,
-                                     header or f"GPT {describe(config)} {attention} {device}")
+                                     header or f"GPT {implementation} {describe(config)} {attention} {device}")
     return rows, ours_grads
 
 
@@ -44,9 +48,10 @@ def check_model_parity(config: npgpt.GPTConfig, dtype, attention: str, device: s
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gpt_logits_loss_grads(dtype, activation, bias, tie, dropout, attention):
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_gpt_logits_loss_grads(implementation, dtype, activation, bias, tie, dropout, attention):
     cfg = small_config(activation=activation, bias=bias, tie_weights=tie, dropout=dropout)
-    rows, _ = check_model_parity(cfg, dtype, attention)
+    rows, _ = check_model_parity(cfg, dtype, attention, implementation=implementation)
     names = [r.name for r in rows]
     assert ("lm_head.weight" in names) != tie and ("transformer.ln_f.bias" in names) == bias
 
@@ -54,20 +59,22 @@ def test_gpt_logits_loss_grads(dtype, activation, bias, tie, dropout, attention)
 @pytest.mark.parametrize("T", [1, 5])
 @pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gpt_short_sequences(dtype, attention, T):
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_gpt_short_sequences(implementation, dtype, attention, T):
     """T < block_size: positions >= T of wpe get exactly zero gradient on both sides."""
     cfg = small_config(dropout=0.1)
-    rows, ours_grads = check_model_parity(cfg, dtype, attention, B=2, T=T)
+    rows, ours_grads = check_model_parity(cfg, dtype, attention, B=2, T=T, implementation=implementation)
     assert np.all(ours_grads["transformer.wpe.weight"][T:] == 0)
     assert rows[0].shape == (2, T, cfg.vocab_size)
 
 
 @pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gpt_eval_mode_ignores_dropout(dtype, attention):
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_gpt_eval_mode_ignores_dropout(implementation, dtype, attention):
     """dropout > 0 but eval mode: no dropout on either side (SDPA's fast path in torch)."""
     cfg = small_config(dropout=0.5)
-    model = make_npgpt(cfg, dtype).eval()
+    model = make_npgpt(cfg, dtype, model_class=MODEL_CLASSES[implementation]).eval()
     idx = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, cfg.block_size))
     logits, _ = model.forward(idx)
     assert model.last_dropout_masks == []
@@ -97,10 +104,11 @@ def test_bigram(dtype):
 
 @pytest.mark.parametrize("bias,tie", [(True, True), (False, False), (True, False)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_weights_round_trip_bit_exact(dtype, bias, tie):
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_weights_round_trip_bit_exact(implementation, dtype, bias, tie):
     """npgpt -> torch -> npgpt gives back the very same bits, dtype and names."""
     cfg = small_config(bias=bias, tie_weights=tie)
-    model = make_npgpt(cfg, dtype)
+    model = make_npgpt(cfg, dtype, model_class=MODEL_CLASSES[implementation])
     twin = torch_twin(model)
     back = state_dict_to_params(twin)
     assert list(back) == list(model.params)

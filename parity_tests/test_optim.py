@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from npgpt.optim import AdamW, clip_grad_norm, cosine_lr
-from parity_tests.compare import assert_close, compare_all
+from npgpt.compare import assert_close, compare_all
 from parity_tests.twins import make_npgpt, small_config, torch_twin
 
 RTOL = 1e-12

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import npgpt
 from npgpt import layers as L
-from parity_tests.compare import bounds, compare_all, compare_outputs_and_grads
+from npgpt.compare import bounds, compare_all, compare_outputs_and_grads
 from parity_tests.test_layers import (
     cross_entropy_loss_rounding_bound,
     cross_entropy_rounding_bound,

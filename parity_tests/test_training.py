@@ -1,6 +1,7 @@
 """A training run in both backends: 20 steps from the same init on the same batches.
 
-npgpt: GPT + npgpt.optim.AdamW + clip_grad_norm + cosine_lr. torchgpt: GPT + torch.optim.AdamW
+npgpt: GPT + npgpt.optim.AdamW + clip_grad_norm + cosine_lr, and the same with npgpt.fast's
+GPT, AdamW and clip_grad_norm. torchgpt: GPT + torch.optim.AdamW
 from configure_optimizers (nanoGPT's two groups) + torch.nn.utils.clip_grad_norm_, each group's
 lr set from the same schedule. The batches come from npgpt.data.get_batch on a synthetic text and
 on Tiny Shakespeare (when it is on disk). The loss at every step and the final parameters agree to
@@ -15,9 +16,12 @@ import pytest
 import torch
 
 import npgpt
-from npgpt.data import CharTokenizer, DataError, get_batch, read_text_file, resolve_data_path
-from npgpt.optim import AdamW, clip_grad_norm, cosine_lr
-from parity_tests.compare import compare_all, to_numpy64
+import npgpt.fast
+from gptapp.data import read_text_file, resolve_data_path
+from npgpt.data import CharTokenizer, DataError, get_batch
+from npgpt import optim
+from npgpt.optim import cosine_lr
+from npgpt.compare import compare_all, to_numpy64
 from parity_tests.twins import torch_twin
 
 RTOL = 1e-12
@@ -29,6 +33,11 @@ LR, MIN_LR, WARMUP, WD, BETAS, GRAD_CLIP = 1e-2, 1e-3, 4, 0.1, (0.9, 0.99), 1.0
 # (eps = 1e-8 >> |g|), ~1e-12 per step: after 20 steps the true value 0 is held as +-1e-13 of
 # unrelated noise on each side. It is compared by absolute error, the q and v parts relatively.
 KEY_BIAS_ATOL = 1e-10
+# npgpt's side of the run: (model class, optimizer class, clip_grad_norm) of each implementation
+IMPLEMENTATIONS = {
+    "reference": (npgpt.GPT, optim.AdamW, optim.clip_grad_norm),
+    "fast": (npgpt.fast.GPT, npgpt.fast.AdamW, npgpt.fast.clip_grad_norm),
+}
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
@@ -54,13 +63,14 @@ def training_text(source: str) -> str:
     return read_text_file(path)[:50_000]
 
 
-def train_both(text: str, dropout: float, seed: int = 0):
+def train_both(text: str, dropout: float, seed: int = 0, implementation: str = "reference"):
     """Run both backends side by side; returns (losses ours, losses torch, params ours, torch model)."""
+    model_class, AdamW, clip_grad_norm = IMPLEMENTATIONS[implementation]
     tok = CharTokenizer.from_text(text)
     data = tok.encode(text)
     cfg = npgpt.GPTConfig(vocab_size=tok.vocab_size, block_size=T, n_layer=2, n_head=2, n_embd=16,
                           dropout=dropout, bias=True, activation="gelu", tie_weights=True)
-    model = npgpt.GPT(cfg, seed=seed, dtype=np.float64).train()  # nanoGPT's init, as train_np.py
+    model = model_class(cfg, seed=seed, dtype=np.float64).train()  # nanoGPT's init, as train_np.py
     twin = torch_twin(model).train()
     opt = AdamW(model.params, lr=LR, betas=BETAS, weight_decay=WD)
     opt_t = twin.configure_optimizers(WD, LR, BETAS, "cpu")
@@ -104,18 +114,20 @@ def split_key_bias(params: dict, n_embd: int) -> dict:
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["nodrop", "dropout"])
 @pytest.mark.parametrize("source", ["synthetic", "tinyshakespeare"])
-def test_training_trajectory(source, dropout):
-    losses, losses_t, params, twin, clipped = train_both(training_text(source), dropout)
+@pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
+def test_training_trajectory(implementation, source, dropout):
+    losses, losses_t, params, twin, clipped = train_both(training_text(source), dropout,
+                                                         implementation=implementation)
     ours = {f"loss step {i}": v for i, v in enumerate(losses)}
     theirs = {f"loss step {i}": v for i, v in enumerate(losses_t)}
-    compare_all(ours, theirs, rtol=RTOL, header=f"{source} dropout={dropout}: loss at every step")
+    compare_all(ours, theirs, rtol=RTOL, header=f"{implementation} {source} dropout={dropout}: loss at every step")
     C = twin.config.n_embd
     ours, theirs = split_key_bias(params, C), split_key_bias(dict(twin.named_parameters()), C)
     key_bias = [n for n in theirs if n.endswith("[k]")]
     assert len(key_bias) == twin.config.n_layer
     compare_all(ours, theirs, rtol={n: RTOL for n in theirs if n not in key_bias},
                 atol={n: KEY_BIAS_ATOL for n in key_bias},
-                header=f"{source} dropout={dropout}: parameters after {STEPS} steps")
+                header=f"{implementation} {source} dropout={dropout}: parameters after {STEPS} steps")
     assert all(np.abs(ours[n]).max() <= KEY_BIAS_ATOL for n in key_bias)  # ours stays ~0 too
     # the run must be a real one: the loss falls and the weights moved far from their init
     assert losses[-5:].mean() < losses[:5].mean() - 0.3, losses

@@ -9,10 +9,15 @@ import numpy as np
 import torch
 
 import npgpt
+import npgpt.fast
 import torchgpt
 from torchgpt.convert import load_params
 
 TORCH_DTYPE = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32}
+
+# The two npgpt implementations every model-level parity test runs: the plain reference and the
+# fast path (same constructor, params and methods), as pytest params with readable ids.
+MODEL_CLASSES = {"reference": npgpt.GPT, "fast": npgpt.fast.GPT}
 
 
 def small_config(**overrides) -> npgpt.GPTConfig:
@@ -42,8 +47,10 @@ def randomize(params: dict, seed: int, scale: float = 0.2) -> None:
         p += rng.normal(0.0, scale, p.shape).astype(p.dtype)
 
 
-def make_npgpt(config: npgpt.GPTConfig, dtype=np.float64, seed: int = 0, scale: float = 0.2) -> npgpt.GPT:
-    model = npgpt.GPT(config, seed=seed, dtype=dtype)
+def make_npgpt(config: npgpt.GPTConfig, dtype=np.float64, seed: int = 0, scale: float = 0.2,
+               model_class=npgpt.GPT) -> npgpt.GPT:
+    """A `model_class` (npgpt.GPT or npgpt.fast.GPT) of `config` with noisy parameters."""
+    model = model_class(config, seed=seed, dtype=dtype)
     randomize(model.params, seed, scale)
     return model
 
@@ -95,9 +102,10 @@ def pair_results(model: npgpt.GPT, idx, targets, attention: str = "explicit", de
 
 
 def model_pair_results(config: npgpt.GPTConfig, dtype=np.float64, attention: str = "explicit",
-                       device: str = "cpu", B: int = 3, T: int | None = None, seed: int = 0):
+                       device: str = "cpu", B: int = 3, T: int | None = None, seed: int = 0,
+                       model_class=npgpt.GPT):
     """pair_results for a random GPT of `config` on a random (B, T) batch (T = block_size)."""
     T = config.block_size if T is None else T
-    model = make_npgpt(config, dtype, seed)
+    model = make_npgpt(config, dtype, seed, model_class=model_class)
     idx, targets = batch(config, B, T, seed)
     return pair_results(model, idx, targets, attention, device)

@@ -2,7 +2,8 @@
 
 Every comparison prints the name, the max absolute and the normwise relative error of each
 array it checks before it asserts, so a failure shows the whole picture and not only the first
-offender (pytest shows captured output of failing tests).
+offender (pytest shows captured output of failing tests). The comparison itself is npgpt.compare,
+the one the parity suite uses.
 """
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from npgpt import layers
-from npgpt.gradcheck import rel_error
+from npgpt import compare, layers
 
 
 def _errors_below(errors: dict[str, float], tol: float, what: str = "") -> None:
-    """errors: {name: relative error} as check_layer / check_model return them."""
+    """errors: {name: relative error} as gradcheck_layer / gradcheck_model return them (already
+    computed, so a table of errors rather than of tensors)."""
     assert errors, f"{what}: nothing was checked"
     width = max(len(n) for n in errors)
     print(f"\n{what}: normwise relative error of each gradient (limit {tol:.0e})")
@@ -24,17 +25,6 @@ def _errors_below(errors: dict[str, float], tol: float, what: str = "") -> None:
         print(f"  {name:<{width}}  {err:.3e}{'  <-- too large' if not err <= tol else ''}")
     bad = {n: e for n, e in errors.items() if not e <= tol}  # `not <=` also catches NaN
     assert not bad, f"{what}: gradients off by more than {tol:g}: {bad}"
-
-
-def _assert_close(name: str, actual, expected, rtol: float) -> None:
-    """Normwise relative error <= rtol, shapes equal; prints max abs and relative error."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
-    max_abs = float(diff.max()) if diff.size else 0.0
-    rel = rel_error(actual, expected)
-    print(f"  {name}: max abs {max_abs:.3e}, rel {rel:.3e} (limit {rtol:.0e})")
-    assert rel <= rtol, f"{name}: relative error {rel:.3e} > {rtol:g} (max abs {max_abs:.3e})"
 
 
 @contextmanager
@@ -65,7 +55,8 @@ def errors_below():
 
 @pytest.fixture(scope="session")
 def assert_close():
-    return _assert_close
+    """npgpt.compare.assert_close(name, actual, expected, rtol): normwise relative error <= rtol."""
+    return compare.assert_close
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""npgpt.checkpoint and the .pt side in torchgpt.train_utils: round trips, atomic writes (a writer
+"""gptapp.checkpoint and the .pt side in gptapp.torch_checkpoint: round trips, atomic writes (a writer
 that fails halfway, a process killed halfway: the previous file stays whole), and files that must be
 refused (pickles that would run code, truncated or mismatched checkpoints)."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_train_helpers import ROOT, SUBPROCESS_ENV
 
-from npgpt.checkpoint import (
+from gptapp.checkpoint import (
     Checkpoint,
     CheckpointError,
     atomic_write,
@@ -28,7 +28,7 @@ from npgpt.checkpoint import (
 )
 from npgpt.config import GPTConfig
 from npgpt.model import init_params
-from torchgpt.train_utils import load_torch_checkpoint, save_torch_checkpoint
+from gptapp.torch_checkpoint import load_torch_checkpoint, save_torch_checkpoint
 
 CFG = GPTConfig(vocab_size=5, block_size=8, n_layer=1, n_head=2, n_embd=8)
 VOCAB = "\nab\u00e9\u4e2d"  # five characters, two of them outside ASCII
@@ -142,7 +142,7 @@ def test_process_killed_during_a_write_leaves_the_previous_file(tmp_path):
     before = path.read_bytes()
     child = textwrap.dedent(f"""
         import sys, time
-        from npgpt.checkpoint import atomic_write
+        from gptapp.checkpoint import atomic_write
         def slow(f):
             f.write(b"x" * 100_000)
             f.flush()

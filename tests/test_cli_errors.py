@@ -30,9 +30,9 @@ from test_train_helpers import (
     tiny_args,
 )
 
-from npgpt.checkpoint import load_checkpoint, save_npz
+from gptapp.checkpoint import load_checkpoint, save_npz
 from npgpt.model import init_params
-from torchgpt.train_utils import load_torch_checkpoint, save_torch_checkpoint
+from gptapp.torch_checkpoint import load_torch_checkpoint, save_torch_checkpoint
 
 BACKENDS = ["np", "torch"]
 EXT = {"np": ".npz", "torch": ".pt"}

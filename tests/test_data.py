@@ -1,4 +1,4 @@
-"""Tests of npgpt.data: tokenizer, split, batches and the Tiny Shakespeare loader. No network, no torch.
+"""Tests of npgpt.data (tokenizer, split, batches) and gptapp.data (the Tiny Shakespeare loader). No network, no torch.
 
 The one download over a socket goes to an http.server on 127.0.0.1 started by the test itself.
 """
@@ -16,18 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from npgpt.data import (
-    DATA_ENV_VAR,
-    TINYSHAKESPEARE_SHA256,
-    TINYSHAKESPEARE_URL,
-    CharTokenizer,
-    DataError,
-    check_text_length,
-    get_batch,
-    load_text,
-    resolve_data_path,
-    train_val_split,
-)
+from gptapp.data import DATA_ENV_VAR, TINYSHAKESPEARE_SHA256, TINYSHAKESPEARE_URL, load_text, resolve_data_path
+from npgpt.data import CharTokenizer, DataError, check_text_length, get_batch, train_val_split
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
 CACHE_FILE = Path("tinyshakespeare") / "input.txt"

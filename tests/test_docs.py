@@ -56,3 +56,22 @@ def test_anchor_links_name_existing_headings():
     used |= set(re.findall(r"\]\(#([\w-]+)\)", GRADIENTS))
     assert used, "no anchors found"
     assert not used - headings, f"anchors without a heading: {sorted(used - headings)}"
+
+
+def _code_lines(text: str) -> list[str]:
+    """Lines without their trailing comment or indentation, blank ones dropped."""
+    lines = (re.sub(r"\s+#.*$", "", line).strip() for line in text.splitlines())
+    return [line for line in lines if line]
+
+
+def test_as_coded_snippets_are_the_code_itself():
+    """Every line of every python snippet in docs/gradients.md (but `...`) is a line of the
+    reference (npgpt/layers.py, model.py, optim.py): when the code changes, the docs must too."""
+    source = set()
+    for name in ("layers.py", "model.py", "optim.py"):
+        source.update(_code_lines((ROOT / "npgpt" / name).read_text()))
+    snippets = re.findall(r"```python\n(.*?)```", GRADIENTS, flags=re.S)
+    assert len(snippets) >= 12
+    missing = [line for snippet in snippets for line in _code_lines(snippet)
+               if line != "..." and line not in source]
+    assert not missing, f"docs/gradients.md shows lines the code no longer has: {missing}"

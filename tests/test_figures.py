@@ -14,7 +14,8 @@ sys.path.insert(0, str(REPO_ROOT / "docs"))
 
 import figures  # noqa: E402  (docs/figures.py)
 from npgpt import GPT, GPTConfig  # noqa: E402
-from npgpt.data import DATA_ENV_VAR, CharTokenizer, DataError, resolve_data_path, train_val_split  # noqa: E402
+from gptapp.data import DATA_ENV_VAR, resolve_data_path  # noqa: E402
+from npgpt.data import CharTokenizer, DataError, train_val_split  # noqa: E402
 from npgpt.layers import block_forward, embedding_forward  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
@@ -101,7 +102,7 @@ def test_attention_maps_are_the_models_attention():
     x, _ = embedding_forward(idx, model.params["transformer.wte.weight"], model.params["transformer.wpe.weight"])
     for i in range(config.n_layer):
         x, cache = block_forward(x, model.block_params(i), config.n_head, config.activation)
-        att = cache[3][3][0]  # block cache -> attention cache -> att (nh, T, T), batch row 0
+        att = cache.attention.att[0]  # (nh, T, T), batch row 0
         np.testing.assert_allclose(maps[i], att, rtol=0, atol=1e-14)
 
 
@@ -117,7 +118,7 @@ def test_parity_rows_fallback_is_at_rounding_level():
 
 def test_attention_maps_from_a_checkpoint(tmp_path):
     """--ckpt: a train_np.py checkpoint gives back the same model and its own vocabulary."""
-    ckpt_mod = pytest.importorskip("npgpt.checkpoint")
+    ckpt_mod = pytest.importorskip("gptapp.checkpoint")
     config = GPTConfig(vocab_size=4, block_size=8, n_layer=1, n_head=2, n_embd=8)
     model = GPT(config, seed=5)
     path = tmp_path / "ckpt_last.npz"

@@ -1,6 +1,6 @@
 """Unit tests of npgpt.layers: every forward/backward pair against centred finite differences.
 
-Gradients are checked in float64 with a random upstream gradient (check_layer draws it), to a
+Gradients are checked in float64 with a random upstream gradient (gradcheck_layer draws it), to a
 normwise relative error of 1e-6 for every input and parameter. Each case below is built by a
 factory `make(rng, dtype) -> (forward, backward, inputs, kwargs)`; the same table drives the
 gradient check, the "backward writes nothing" check and the float32 dtype check.
@@ -18,10 +18,10 @@ from scipy.special import log_softmax, ndtr
 from scipy.special import softmax as scipy_softmax
 
 from npgpt import layers as L
-from npgpt.gradcheck import check_layer
+from npgpt.gradcheck import gradcheck_layer
 
 TOL = 1e-6  # normwise relative error of every gradient against finite differences
-H = 1e-5  # finite-difference step (check_layer's default)
+H = 1e-5  # finite-difference step (gradcheck_layer's default)
 BLOCK_NAMES = (  # one block's parameters under nanoGPT's local names, written out independently
     "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
     "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
@@ -38,8 +38,8 @@ def normal(rng, shape, dtype, scale=1.0):
 # --------------------------------------------------------------------------------------------
 
 def embedding_case(V, C, idx, block_size=None):
-    """idx is bound into the forward; test_check_layer_takes_embedding_inputs_in_forward_order
-    checks the positional form, where check_layer skips the integer idx."""
+    """idx is bound into the forward; test_gradcheck_layer_takes_embedding_inputs_in_forward_order
+    checks the positional form, where gradcheck_layer skips the integer idx."""
     def make(rng, dtype):
         ids = np.array(idx)
         wpe = None if block_size is None else normal(rng, (block_size, C), dtype)
@@ -135,8 +135,8 @@ def random_block_params(rng, C, bias, dtype):
 
 
 def block_case(B, T, C, n_head, activation="gelu", bias=True, dropout_p=0.0):
-    """block_forward takes a dict of parameters; check_layer wants positional arrays, so the
-    wrapper rebuilds the dict from the very arrays check_layer perturbs in place."""
+    """block_forward takes a dict of parameters; gradcheck_layer wants positional arrays, so the
+    wrapper rebuilds the dict from the very arrays gradcheck_layer perturbs in place."""
     def make(rng, dtype):
         x = normal(rng, (B, T, C), dtype)
         params = random_block_params(rng, C, bias, dtype)
@@ -252,7 +252,7 @@ def test_backward_matches_finite_differences(make, request, errors_below, record
     if pre:
         margin = min(float(np.abs(a).min()) for a in pre)
         assert margin > 10 * H, f"a ReLU pre-activation lies {margin:.2e} from the kink; pick another seed"
-    errors = check_layer(forward, backward, inputs, rng=np.random.default_rng(7), h=H, **kwargs)
+    errors = gradcheck_layer(forward, backward, inputs, rng=np.random.default_rng(7), h=H, **kwargs)
     # every floating input got a gradient (a backward that returns None or too few would skip one)
     assert sorted(errors) == sorted(float_inputs(inputs))
     errors_below(errors, TOL, request.node.callspec.id)
@@ -392,11 +392,11 @@ def test_embedding_backward_equals_add_at_scatter(idx, V, assert_close):
     assert not dwpe[T:].any()  # positions never used get exactly zero
 
 
-def test_check_layer_takes_embedding_inputs_in_forward_order():
+def test_gradcheck_layer_takes_embedding_inputs_in_forward_order():
     rng = np.random.default_rng(8)
     inputs = {"idx": np.array(REPEATED_IDS), "wte": rng.standard_normal((4, 3)),
               "wpe": rng.standard_normal((6, 3))}
-    errors = check_layer(L.embedding_forward, L.embedding_backward, inputs)
+    errors = gradcheck_layer(L.embedding_forward, L.embedding_backward, inputs)
     assert sorted(errors) == ["wpe", "wte"] and max(errors.values()) <= TOL
 
 
@@ -435,7 +435,7 @@ def test_dropout_forward_uses_given_mask_and_needs_rng_or_mask():
     x = rng.standard_normal((4, 5))
     mask = L.dropout_mask(x.shape, 0.5, rng, np.float64)
     out, cache = L.dropout_forward(x, 0.5, mask=mask)
-    assert np.array_equal(out, x * mask) and cache is mask
+    assert np.array_equal(out, x * mask) and cache.mask is mask
     with pytest.raises(ValueError, match="rng or mask"):
         L.dropout_forward(x, 0.5)
 

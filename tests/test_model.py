@@ -19,7 +19,8 @@ from scipy.special import chdtri
 
 from npgpt import GPT, BigramLanguageModel, GPTConfig
 from npgpt.config import ACTIVATIONS
-from npgpt.gradcheck import check_model, rel_error
+from npgpt.compare import rel_error
+from npgpt.gradcheck import gradcheck_model
 from npgpt.sampling import sample_next
 
 TOL = 1e-6  # normwise relative error of every parameter gradient against finite differences
@@ -86,7 +87,7 @@ def test_gpt_gradients_match_finite_differences(activation, bias, tie, request, 
     # centred differences must not straddle a ReLU kink: a step of H moves a pre-activation by
     # far less than 10 H here, so nothing within 10 H of zero means no kink is crossed
     assert margin > 10 * H, f"a ReLU pre-activation lies {margin:.2e} from 0; pick another seed"
-    errors = check_model(model, idx, targets, h=H)
+    errors = gradcheck_model(model, idx, targets, h=H)
     assert list(errors) == list(model.params)
     errors_below(errors, TOL, request.node.callspec.id)
 
@@ -100,7 +101,7 @@ def test_gpt_gradients_with_dropout_masks(errors_below):
     assert len(masks) == 1 + 3 * config.n_layer
     assert all((m == 0).any() for m in masks), "every mask should drop something at p=0.25"
     assert model.forward(idx, targets, dropout_masks=masks)[1] == loss  # the masks reproduce it
-    errors = check_model(model, idx, targets, h=H, dropout_masks=masks)
+    errors = gradcheck_model(model, idx, targets, h=H, dropout_masks=masks)
     errors_below(errors, TOL, "GPT with dropout masks")
 
 
@@ -112,7 +113,7 @@ def test_bigram_gradients_match_finite_differences(vocab_size, idx, errors_below
     model = BigramLanguageModel(vocab_size, seed=3, dtype=np.float64)
     idx = np.array(idx)
     targets = np.roll(idx, -1, axis=1)
-    errors = check_model(model, idx, targets, h=H)
+    errors = gradcheck_model(model, idx, targets, h=H)
     assert list(errors) == ["token_embedding_table.weight"]
     errors_below(errors, TOL, f"bigram V={vocab_size}")
 
@@ -130,7 +131,7 @@ def test_gpt_gradients_edge_shapes(overrides, B, idx, errors_below, recording_re
     idx = np.array(idx)
     targets = np.roll(idx, 1, axis=1) if idx.shape[1] > 1 else 1 - idx
     assert relu_margin(model, idx, targets, recording_relu) > 10 * H
-    errors_below(check_model(model, idx, targets, h=H), TOL, str(config))
+    errors_below(gradcheck_model(model, idx, targets, h=H), TOL, str(config))
 
 
 @st.composite
@@ -152,7 +153,7 @@ def test_gpt_gradient_property(case, errors_below, recording_relu):
     model = random_model(config, seed=seed)
     idx, targets = batch(config, B, T, seed)
     assume(relu_margin(model, idx, targets, recording_relu) > 10 * H)
-    errors = check_model(model, idx, targets, h=H)
+    errors = gradcheck_model(model, idx, targets, h=H)
     errors_below(errors, TOL, f"{config} B={B} T={T} seed={seed}")
 
 

@@ -15,7 +15,8 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-from npgpt.data import DATA_ENV_VAR, DataError, resolve_data_path  # noqa: E402
+from gptapp.data import DATA_ENV_VAR, resolve_data_path  # noqa: E402
+from npgpt.data import DataError  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO_ROOT / "notebooks" / "build_gpt.ipynb"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from npgpt import GPT, GPTConfig
-from npgpt.gradcheck import rel_error
+from npgpt.compare import rel_error
 from npgpt.optim import AdamW, clip_grad_norm, cosine_lr
 
 

@@ -14,7 +14,9 @@ from test_train_helpers import DATA, check, load_script, needs_data, run_main, t
 from npgpt.config import GPTConfig
 from npgpt.data import CharTokenizer
 from torchgpt.model import GPT
-from torchgpt.train_utils import load_torch_checkpoint
+from gptapp.backends import numpy as numpy_backend
+from gptapp.backends import torch as torch_backend
+from gptapp.torch_checkpoint import load_torch_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +100,8 @@ def test_nanogpt_checkpoint_logits_match(tmp_path, compiled):
     assert ckpt.gpt_config.tie_weights and ckpt.gpt_config.activation == "gelu"
     assert "lm_head.weight" not in ckpt.params and not any(k.endswith(".attn.bias") for k in ckpt.params)
 
-    np_model = load_script("np").model_from_checkpoint(ckpt)
-    torch_model = load_script("torch").model_from_checkpoint(ckpt, torch.device("cpu"))
+    np_model = numpy_backend.model_from_checkpoint(ckpt)
+    torch_model = torch_backend.model_from_checkpoint(ckpt, torch.device("cpu"))
     idx = np.random.default_rng(0).integers(0, 65, size=(3, 32))
     np_logits, _ = np_model.forward(idx)
     with torch.no_grad():
@@ -135,5 +137,5 @@ def test_init_from_nanogpt_checkpoint(tmp_path, capsys):
                           "--eval_interval", 2, "--eval_iters", 1, "--batch_size", 2, "--max_new_tokens", 5], capsys)
     assert res.rc == 0, res.err
     assert "(nanogpt)" in res.out
-    ckpt = load_script("np").load_any_checkpoint(tmp_path / "out" / "ckpt_last.npz")
+    ckpt = numpy_backend.read_any_checkpoint(tmp_path / "out" / "ckpt_last.npz")
     assert ckpt.gpt_config.n_embd == 32 and ckpt.gpt_config.block_size == 32 and ckpt.gpt_config.bias

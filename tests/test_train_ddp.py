@@ -15,7 +15,8 @@ from test_train_helpers import ROOT, SUBPROCESS_ENV, check, needs_data, tiny_arg
 
 from npgpt.config import GPTConfig
 from torchgpt.model import GPT
-from torchgpt.train_utils import DeviceBatches, load_torch_checkpoint
+from gptapp.torch_checkpoint import load_torch_checkpoint
+from torchgpt.runtime import DeviceBatches
 
 CFG = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
 B_PER_RANK = 4
@@ -27,7 +28,7 @@ WORKER = textwrap.dedent(f"""
     torch.set_num_threads(1)
     from npgpt.config import GPTConfig
     from torchgpt.model import GPT
-    from torchgpt.train_utils import DeviceBatches, dist_env, init_distributed, shutdown_distributed, wrap_ddp
+    from torchgpt.runtime import DeviceBatches, dist_env, init_distributed, shutdown_distributed, wrap_ddp
     cpu = torch.device("cpu")
     info = init_distributed(dist_env(), cpu)
     assert info.backend == "gloo" and info.world_size == 2

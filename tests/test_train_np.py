@@ -18,7 +18,8 @@ from test_train_helpers import (
     tiny_args,
 )
 
-from npgpt.checkpoint import load_npz
+from gptapp.checkpoint import load_npz
+from gptapp.cli import train_config_from_args, train_parser
 
 
 @needs_data
@@ -117,8 +118,7 @@ def test_resume_with_the_same_preset_and_a_new_learning_rate(tmp_path, capsys):
 
 
 def test_default_preset_is_cpu():
-    train_np = load_script("np")
-    args = train_np.train_parser("train_np.py", "", "cpu").parse_args([])
-    cfg = train_np.train_config_from_args(args, train_np.DEFAULT_PRESET)
+    args = train_parser("train_np.py", "", "cpu").parse_args([])
+    cfg = train_config_from_args(args, load_script("np").DEFAULT_PRESET)
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.max_iters) == (4, 4, 128, 64, 2000)
     assert args.out_dir == "out"

@@ -20,7 +20,8 @@ from test_train_helpers import (
 
 from npgpt.config import GPTConfig
 from torchgpt.model import GPT
-from torchgpt.train_utils import DeviceBatches, load_torch_checkpoint, pick_device, pick_dtype
+from gptapp.torch_checkpoint import load_torch_checkpoint
+from torchgpt.runtime import DeviceBatches, pick_device, pick_dtype
 
 
 @needs_data

@@ -3,8 +3,8 @@
 One in-memory form, `Checkpoint`, for every file either script can read:
 
     ckpt_*.npz   written by train_np.py; read with np.load(allow_pickle=False)
-    ckpt_*.pt    written by train_torch.py; read with torch.load(weights_only=True) in torchgpt.train_utils
-    ckpt.pt      nanoGPT's (`model` state dict + `model_args`); read by torchgpt.train_utils, for sampling
+    ckpt_*.pt    written by train_torch.py; read with torch.load(weights_only=True) in gptapp.torch_checkpoint
+    ckpt.pt      nanoGPT's (`model` state dict + `model_args`); read by gptapp.torch_checkpoint, for sampling
                  and --init_from
 
 Parameters always come back as {name: float32 ndarray} under npgpt's names, so either model can take
@@ -17,8 +17,8 @@ Layout of an .npz checkpoint (every entry a plain array, so no pickle is ever ne
     optim/<key>     npgpt.optim.AdamW.state_dict() entries (step, exp_avg.<group>, exp_avg_sq.<group>)
 
 Writes go to a temporary file in the same directory, are fsynced, then os.replace'd over the target:
-a crash or kill mid-write leaves the previous checkpoint whole. npgpt never imports torch; reading a
-.pt needs a loader passed in (train_np.py imports torchgpt lazily for that).
+a crash or kill mid-write leaves the previous checkpoint whole. This module never imports torch;
+reading a .pt needs a loader passed in (the numpy backend imports gptapp.torch_checkpoint lazily).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from typing import BinaryIO, Callable
 
 import numpy as np
 
-from .config import GPTConfig
+from npgpt.config import GPTConfig
 
 FORMAT = "npgpt-checkpoint"
 VERSION = 1
@@ -74,7 +74,7 @@ class Checkpoint:
         if self.model == "bigram":
             V = self.params.get("token_embedding_table.weight", np.zeros((0, 0))).shape[0]
             return {"token_embedding_table.weight": (V, V)}
-        from .model import param_shapes
+        from npgpt.model import param_shapes
         return param_shapes(self.gpt_config)
 
     def check(self) -> "Checkpoint":

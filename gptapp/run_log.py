@@ -4,7 +4,7 @@ Shared by train_np.py and train_torch.py so that their logs can be compared line
     step {it}: train loss {:.4f}, val loss {:.4f}
     iter {it}: loss {:.4f}, lr {:.2e}, time {:.1f}ms, tok/s {:,.0f}[, mfu {:.1f}%]
 Log lines go to stdout (through tqdm.write, so they never break the bar); the bar goes to stderr and
-only shows when stderr is a terminal (or --progress true). NumPy and matplotlib only.
+only shows when stderr is a terminal (or --progress true). tqdm for the bar, matplotlib for the plot.
 """
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
-"""The one comparison helper of the parity suite: print every tensor's error, then assert.
+"""The one comparison helper of the unit tests and the parity suite: print every tensor's error,
+then assert. NumPy only: it reads a torch tensor without importing torch.
 
-Every test compares npgpt ("ours") with PyTorch ("theirs", the reference) through `compare_all`
-or `assert_close`. Both print a table, one row per tensor,
+Every test compares "ours" with "theirs" (the reference: PyTorch in parity_tests/, the plain
+npgpt layers or finite differences in tests/) through `compare_all` or `assert_close`, or
+computes a normwise error with `rel_error`. The first two print a table, one row per tensor,
 
     tensor                       shape               max abs        rel  bound
     transformer.h.0.ln_1.weight  (16,)             1.110e-16  4.527e-16  rel<=1e-12 ok
@@ -104,6 +106,17 @@ def errors(ours, theirs) -> tuple[float, float]:
     if den == 0.0:
         return max_abs, 0.0 if num == 0.0 else float("inf")
     return max_abs, num / den
+
+
+def rel_error(a, b) -> float:
+    """Normwise relative error ||a - b|| / ||b|| in float64 (||a - b|| itself when b is all zero,
+    so two zero tensors give 0). npgpt.gradcheck reports this for every gradient it checks."""
+    a, b = to_numpy64(a), to_numpy64(b)
+    denom = np.linalg.norm(b)
+    diff = np.linalg.norm(a - b)
+    if denom == 0.0:
+        return float(diff)
+    return float(diff / denom)
 
 
 def _bound_for(bound, name: str):

@@ -1,0 +1,158 @@
+"""The NumPy backend: npgpt's fast path (npgpt.fast) by default, the plain reference layers with
+--reference (the same numbers in float64, slower). Reading a .pt checkpoint imports torch; nothing
+else here does.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+
+from npgpt.data import get_batch
+
+from ..checkpoint import NUMPY_EXT, TORCH_EXT, Checkpoint, CheckpointError, load_checkpoint, save_npz
+from ..loop import NonFiniteLoss, eval_seed, write_checkpoint
+
+
+def model_classes(reference: bool):
+    """(GPT, BigramLanguageModel, AdamW, clip_grad_norm): the plain layers, or the fast path beside them."""
+    if reference:
+        import npgpt
+        from npgpt.optim import AdamW, clip_grad_norm
+        return npgpt.GPT, npgpt.BigramLanguageModel, AdamW, clip_grad_norm
+    from npgpt import fast
+    return fast.GPT, fast.BigramLanguageModel, fast.AdamW, fast.clip_grad_norm
+
+
+def torch_loader(path) -> Checkpoint:
+    """Read a .pt (ours or nanoGPT's); torch is imported only here."""
+    try:
+        from ..torch_checkpoint import load_torch_checkpoint
+    except ImportError as err:
+        raise CheckpointError(f"{path} is a PyTorch checkpoint and reading it needs torch ({err}); "
+                              "install torch, or use a .npz checkpoint") from None
+    return load_torch_checkpoint(path)
+
+
+def read_any_checkpoint(path) -> Checkpoint:
+    return load_checkpoint(path, torch_loader=torch_loader)
+
+
+def load_params_into(model, params: dict) -> None:
+    """Copy in place: the optimiser holds references to the model's arrays."""
+    for name, p in model.params.items():
+        p[...] = params[name]
+
+
+def model_from_checkpoint(ckpt: Checkpoint, reference: bool = False):
+    """The checkpoint's model (fast path, or the reference layers), in eval mode."""
+    GPT, BigramLanguageModel, _, _ = model_classes(reference)
+    model = BigramLanguageModel(ckpt.vocab_size) if ckpt.model == "bigram" else GPT(ckpt.gpt_config)
+    load_params_into(model, ckpt.params)
+    return model.eval()
+
+
+def sample_model(ckpt: Checkpoint, reference: bool = False):
+    """(generate, block_size) of the checkpoint's model."""
+    model = model_from_checkpoint(ckpt, reference)
+    return model.generate, (ckpt.gpt_config.block_size if ckpt.model == "gpt" else None)
+
+
+class NumpyBackend:
+    """One process, float32 NumPy; the data stream and dropout draw from NumPy generators."""
+
+    name, label, prog, ext = "numpy", "npgpt", "train_np.py", NUMPY_EXT
+    other_prog, other_ext = "train_torch.py", TORCH_EXT
+    is_main, world_size, default_preset = True, 1, "cpu"
+
+    def __init__(self, reference: bool = False):
+        self.reference = reference
+
+    def start(self, args) -> None:
+        pass
+
+    def read_checkpoint(self, path, any_kind: bool) -> Checkpoint:
+        return read_any_checkpoint(path) if any_kind else load_checkpoint(path)  # .npz only to resume
+
+    def setup(self, args, cfg, tokenizer, train_data, val_data, ckpt) -> None:
+        GPT, BigramLanguageModel, AdamW, self.clip_grad_norm = model_classes(self.reference)
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.model = (BigramLanguageModel(tokenizer.vocab_size, seed=cfg.seed) if cfg.model == "bigram"
+                      else GPT(cfg.gpt_config(tokenizer.vocab_size), seed=cfg.seed))
+        if ckpt is not None:
+            load_params_into(self.model, ckpt.params)
+        self.optimizer = AdamW(self.model.params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                               weight_decay=cfg.weight_decay)
+        self.data_rng = np.random.default_rng(cfg.seed)
+        self.splits = {"train": train_data, "val": val_data}
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        self.data_rng.bit_generator.state = ckpt.rng["data"]
+        if self.cfg.model == "gpt":
+            self.model.rng.bit_generator.state = ckpt.rng["dropout"]
+
+    def num_params(self) -> int:
+        return self.model.num_params()
+
+    def banner(self) -> list[str]:
+        return []
+
+    def session(self):
+        return contextlib.nullcontext()
+
+    def errstate(self):
+        # overflow warnings are not errors here: a loss that stops being finite is (NonFiniteLoss)
+        return np.errstate(over="ignore", invalid="ignore", divide="ignore")
+
+    def estimate_loss(self, it: int) -> dict:
+        """Mean loss over eval_iters batches of each split (see loop.eval_seed), in eval mode (no dropout)."""
+        cfg = self.cfg
+        self.model.eval()
+        out = {}
+        for k, (name, data) in enumerate(self.splits.items()):
+            rng = np.random.default_rng(eval_seed(cfg.seed, it, k))
+            losses = [self.model.forward(*get_batch(data, cfg.batch_size, cfg.block_size, rng))[1]
+                      for _ in range(cfg.eval_iters)]
+            out[name] = float(np.mean(losses))
+        self.model.train()
+        return out
+
+    def step(self, it: int, lr: float) -> float:
+        cfg = self.cfg
+        x, y = get_batch(self.splits["train"], cfg.batch_size, cfg.block_size, self.data_rng)  # (B, T) each
+        _, loss = self.model.forward(x, y)
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(it, loss)  # before the update: the weights stay those of the last good step
+        grads = self.model.backward()
+        if cfg.grad_clip > 0:
+            self.clip_grad_norm(grads, cfg.grad_clip)
+        self.optimizer.step(grads, lr=lr)
+        return loss
+
+    def poll(self, stop_requested: bool, force: bool) -> tuple[bool, int]:
+        return stop_requested, -1  # step() has checked the loss already
+
+    def loss_value(self, loss) -> float:
+        return float(loss)
+
+    def mfu(self, dt: float) -> None:
+        return None
+
+    def save(self, path, it: int, best_val: float) -> None:
+        cfg, gpt = self.cfg, self.cfg.model == "gpt"
+        ckpt = Checkpoint(
+            backend=self.name, model=cfg.model, gpt_config=cfg.gpt_config(self.tokenizer.vocab_size) if gpt else None,
+            vocab=self.tokenizer.vocab_string(), params=self.model.params, train_config=cfg.to_dict(),
+            iter_num=it, best_val_loss=best_val, optimizer=self.optimizer.state_dict(),
+            rng={"data": self.data_rng.bit_generator.state,
+                 "dropout": self.model.rng.bit_generator.state if gpt else None})
+        write_checkpoint(path, lambda: save_npz(path, ckpt))
+
+    def generate_fn(self):
+        self.model.eval()
+        return self.model.generate
+
+    def block_size(self) -> int | None:
+        return self.cfg.block_size if self.cfg.model == "gpt" else None

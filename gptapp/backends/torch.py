@@ -1,0 +1,222 @@
+"""The PyTorch backend: torchgpt on cpu, cuda or mps, one process or DDP under torchrun.
+
+On a GPU: bf16 autocast, TF32, SDPA (flash) attention, fused AdamW, torch.compile, batches drawn
+on the device. The host reads a number back only when the loop asks for one (log and eval steps,
+and `poll` when a stop or a non-finite loss must be known); on a CPU that costs nothing, so it
+checks every step.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+
+from torchgpt.convert import load_params
+from torchgpt.model import GPT, BigramLanguageModel
+from torchgpt.runtime import (
+    DeviceBatches,
+    DeviceError,
+    all_mean,
+    autocast,
+    dist_env,
+    gather_rng_states,
+    init_distributed,
+    load_optimizer_state,
+    peak_flops,
+    pick_device,
+    pick_dtype,
+    set_rng_state,
+    set_tf32,
+    shutdown_distributed,
+    sync_flags,
+    wrap_ddp,
+)
+
+from ..checkpoint import FORMAT, NUMPY_EXT, TORCH_EXT, VERSION, Checkpoint, CheckpointError, load_checkpoint
+from ..errors import UsageError, one_line
+from ..loop import eval_seed, write_checkpoint
+from ..torch_checkpoint import load_torch_checkpoint, save_torch_checkpoint
+
+
+def device_from_flag(request: str, local_rank: int | None = None) -> torch.device:
+    try:
+        return pick_device(request, local_rank)
+    except DeviceError as err:
+        raise UsageError(str(err)) from None
+
+
+def read_any_checkpoint(path) -> Checkpoint:
+    return load_checkpoint(path, torch_loader=load_torch_checkpoint)
+
+
+def model_from_checkpoint(ckpt: Checkpoint, device: torch.device) -> torch.nn.Module:
+    """The checkpoint's model on `device`, in eval mode."""
+    model = BigramLanguageModel(ckpt.vocab_size) if ckpt.model == "bigram" else GPT(ckpt.gpt_config)
+    load_params(model, ckpt.params)
+    return model.to(device).eval()
+
+
+def sample_model(ckpt: Checkpoint, device: torch.device):
+    """(generate, block_size) of the checkpoint's model on `device`, with full float32 matmuls."""
+    set_tf32(False)  # the same logits, so the same text, as train_np.py
+    model = model_from_checkpoint(ckpt, device)
+    generate = lambda ids, n, **kw: model.generate(ids, n, **kw).cpu().numpy()  # noqa: E731
+    return generate, (ckpt.gpt_config.block_size if ckpt.model == "gpt" else None)
+
+
+class TorchBackend:
+    """torchgpt under the loop; every rank of a DDP run runs the same calls."""
+
+    name, label, prog, ext = "torch", "torchgpt", "train_torch.py", TORCH_EXT
+    other_prog, other_ext = "train_np.py", NUMPY_EXT
+
+    def start(self, args) -> None:
+        self.info = dist_env()
+        self.device = device_from_flag(args.device, self.info.local_rank)
+        self.default_preset = "shakespeare-char" if self.device.type == "cuda" else "cpu"
+        try:
+            self.dtype = pick_dtype(args.dtype, self.device)
+        except DeviceError as err:
+            raise UsageError(str(err)) from None
+        self.use_compile = args.compile if args.compile is not None else self.device.type == "cuda"
+
+    @property
+    def is_main(self) -> bool:
+        return self.info.is_main
+
+    @property
+    def world_size(self) -> int:
+        return self.info.world_size
+
+    def read_checkpoint(self, path, any_kind: bool) -> Checkpoint:
+        return read_any_checkpoint(path) if any_kind else load_torch_checkpoint(path)
+
+    @contextlib.contextmanager
+    def session(self):
+        """The DDP process group, if any: joined before the model is built, left by every rank together."""
+        self.info = init_distributed(self.info, self.device)
+        try:
+            yield
+            if self.info.enabled:  # rank 0 may still be sampling: leave together, or gloo aborts the early rank
+                torch.distributed.barrier()
+        finally:
+            shutdown_distributed(self.info)
+
+    def setup(self, args, cfg, tokenizer, train_data, val_data, ckpt) -> None:
+        device, info = self.device, self.info
+        self.cfg, self.tokenizer = cfg, tokenizer
+        if device.type == "cuda":
+            set_tf32(True)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        raw = (BigramLanguageModel(tokenizer.vocab_size) if cfg.model == "bigram"
+               else GPT(cfg.gpt_config(tokenizer.vocab_size), attention=args.attention))
+        if ckpt is not None:
+            try:
+                load_params(raw, ckpt.params)
+            except ValueError as err:
+                raise CheckpointError(f"{ckpt.path}: {one_line(err)}") from None
+        raw.to(device)
+        self.raw = raw
+        self.attention = args.attention if isinstance(raw, GPT) else "-"
+        self.optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                                  device.type)
+        torch.manual_seed(cfg.seed + 1 + info.rank)  # dropout: a different stream on every rank
+        self.batches = {"train": DeviceBatches(train_data, cfg.batch_size, cfg.block_size, device, cfg.seed,
+                                               info.rank, info.world_size),
+                        "val": DeviceBatches(val_data, cfg.batch_size, cfg.block_size, device, cfg.seed + 1,
+                                             info.rank, info.world_size)}
+        self.model = torch.compile(raw) if self.use_compile else raw
+        self.train_model = wrap_ddp(self.model, device, info)
+        self.amp = autocast(device, self.dtype)
+        self.peak = peak_flops(device) if isinstance(raw, GPT) else None
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss
+        self.check_every_step = device.type == "cpu"  # reading a flag costs nothing there; on a GPU it is a sync
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        load_optimizer_state(self.optimizer, ckpt.optimizer)
+        self.batches["train"].generator.set_state(ckpt.rng["data"])
+        same_world = set_rng_state(ckpt.rng["per_rank"], self.device, self.info)
+        if not same_world and self.info.is_main:
+            print(f"note: {ckpt.path} was saved by {len(ckpt.rng['per_rank'])} process(es), this run has "
+                  f"{self.info.world_size}; dropout streams start afresh", file=sys.stderr)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.raw.parameters())
+
+    def banner(self) -> list[str]:
+        return [f"device {self.device}, dtype {str(self.dtype).replace('torch.', '')}, compile "
+                f"{'on' if self.use_compile else 'off'}, attention {self.attention}, world size {self.world_size}"]
+
+    def errstate(self):
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def estimate_loss(self, it: int) -> dict:
+        """Mean loss over eval_iters batches of each split (over all ranks; see loop.eval_seed), in eval mode."""
+        cfg = self.cfg
+        self.model.eval()
+        out = {}
+        for k, (name, batches) in enumerate(self.batches.items()):
+            gen = batches.new_generator(eval_seed(cfg.seed, it, k))
+            losses = torch.zeros(cfg.eval_iters, device=batches.device)
+            for i in range(cfg.eval_iters):
+                x, y = batches.get(gen)
+                with self.amp:
+                    _, loss = self.model(x, y)
+                losses[i] = loss.float()
+            out[name] = all_mean(losses.mean(), self.info).item()
+        self.model.train()
+        return out
+
+    def step(self, it: int, lr: float) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y = self.batches["train"].get()  # (B, T) each, on the device
+        with self.amp:
+            _, loss = self.train_model(x, y)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = loss.detach()
+        # remembered on the device, read by poll(): no sync here
+        self.bad_step = torch.where(torch.isfinite(loss) | (self.bad_step >= 0), self.bad_step,
+                                    torch.full_like(self.bad_step, it))
+        return loss
+
+    def poll(self, stop_requested: bool, force: bool) -> tuple[bool, int]:
+        if self.check_every_step or force:
+            return sync_flags(stop_requested, self.bad_step, self.info)  # the same on every rank
+        return False, -1
+
+    def loss_value(self, loss: torch.Tensor) -> float:
+        return loss.float().item()
+
+    def mfu(self, dt: float) -> float | None:
+        return self.raw.estimate_mfu(self.cfg.batch_size, dt, self.peak) if self.peak else None
+
+    def save(self, path, it: int, best_val: float) -> None:
+        """Every rank calls this (the RNG states are gathered); rank 0 writes."""
+        cfg, info = self.cfg, self.info
+        per_rank = gather_rng_states(self.device, info)
+        if not info.is_main:
+            return
+        payload = {
+            "format": FORMAT, "version": VERSION, "backend": self.name, "model": cfg.model,
+            "gpt_config": cfg.gpt_config(self.tokenizer.vocab_size).to_dict() if cfg.model == "gpt" else None,
+            "train_config": cfg.to_dict(), "vocab": self.tokenizer.vocab_string(),
+            "model_state": {k: v.detach() for k, v in self.raw.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(), "iter_num": it, "best_val_loss": float(best_val),
+            "rng": {"data": self.batches["train"].generator.get_state(), "per_rank": per_rank,
+                    "world_size": info.world_size},
+        }
+        write_checkpoint(path, lambda: save_torch_checkpoint(path, payload))
+
+    def generate_fn(self):
+        raw = self.raw.eval()
+        return lambda ids, n, **kw: raw.generate(ids, n, **kw).cpu().numpy()
+
+    def block_size(self) -> int | None:
+        return self.cfg.block_size if self.cfg.model == "gpt" else None

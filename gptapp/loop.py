@@ -1,0 +1,256 @@
+"""One training loop for both backends, and the `sample` command.
+
+The loop owns the bookkeeping: the settings of the run (fresh, --resume or --init_from), the text,
+which step evaluates, saves, logs or stops, and the final sample. The backend (gptapp.backends.numpy
+or gptapp.backends.torch) owns the model, the optimiser and the random streams; `Backend` below is
+everything the loop asks of it. Both backends print the same log lines (gptapp.run_log).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+
+from npgpt.data import CharTokenizer, check_text_length
+from npgpt.optim import cosine_lr
+
+from .autocomplete import autocomplete
+from .checkpoint import Checkpoint, CheckpointError, checkpoint_paths, ensure_writable_dir
+from .cli import init_from_train_config, resumed_train_config, train_config_from_args
+from .data import checkpoint_tokenizer, load_text, training_splits
+from .errors import TrainingError, UsageError, one_line
+from .run_log import RunLog, StopRequest
+from .settings import TrainConfig
+
+
+class Backend(Protocol):
+    """What the loop needs of a backend. Every rank of a DDP run calls every method."""
+
+    name: str          # the checkpoint's `backend` field: "numpy" or "torch"
+    label: str         # the first word of the first log line: "npgpt" or "torchgpt"
+    prog: str          # the script: "train_np.py"
+    ext: str           # its checkpoint suffix: ".npz"
+    other_prog: str    # the other script and its suffix, for the hint when --resume finds none
+    other_ext: str
+    is_main: bool      # rank 0: prints, logs and writes files
+    world_size: int
+    default_preset: str
+
+    def start(self, args) -> None: ...  # before the settings are resolved (torch: pick the device)
+    def read_checkpoint(self, path, any_kind: bool) -> Checkpoint: ...
+    def setup(self, args, cfg: TrainConfig, tokenizer: CharTokenizer, train_data, val_data,
+              ckpt: Checkpoint | None) -> None: ...  # model, optimiser, streams; weights from ckpt
+    def restore(self, ckpt: Checkpoint) -> None: ...  # optimiser and RNG state of a resumed run
+    def num_params(self) -> int: ...
+    def banner(self) -> list[str]: ...  # log lines after the first
+    def session(self): ...  # context manager around the loop (torch: the DDP process group)
+    def errstate(self): ...  # context manager around the steps
+    def estimate_loss(self, it: int) -> dict: ...
+    def step(self, it: int, lr: float): ...  # one update; returns the loss (maybe still on the device)
+    def poll(self, stop_requested: bool, force: bool) -> tuple[bool, int]: ...
+    def loss_value(self, loss) -> float: ...
+    def mfu(self, dt: float) -> float | None: ...
+    def save(self, path: Path, it: int, best_val: float) -> None: ...
+    def generate_fn(self) -> Callable: ...
+    def block_size(self) -> int | None: ...
+
+
+# --------------------------------------------------------------------------- rules both backends share
+
+def learning_rate_at(cfg: TrainConfig, it: int) -> float:
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    return cosine_lr(it, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr)
+
+
+def eval_seed(seed: int, it: int, split_index: int) -> int:
+    """The seed of the evaluation batches of one split (0 train, 1 val) at step `it`, for both backends.
+
+    Each split gets a fresh generator seeded with this at every evaluation, never the training
+    stream: evaluating does not shift the training batches, a resumed run evaluates on the same
+    batches as an uninterrupted one, and train and val are drawn independently.
+    """
+    return (seed * 1_000_003 + it) * 2 + split_index
+
+
+class NonFiniteLoss(Exception):
+    """Raised by a backend's step when it sees the loss stop being finite (the loop reports it)."""
+
+    def __init__(self, it: int, value: float):
+        super().__init__(f"non-finite loss {value} at step {it}")
+        self.it, self.value = it, value
+
+
+def non_finite_message(it: int, last_saved, what: str = "loss", value: float | None = None) -> str:
+    kept = (f"{last_saved[0]} (step {last_saved[1]}) is the last good checkpoint"
+            if last_saved else "no checkpoint was written")
+    shown = "nan or inf" if value is None else value
+    return (f"the {what} is not finite ({shown}) at step {it}; stopped without saving, {kept}; lower "
+            "--learning_rate, then --resume")
+
+
+def write_checkpoint(path, write: Callable[[], None]) -> None:
+    """Run `write` (an atomic save of `path`); a failed write is a TrainingError that says what is kept."""
+    try:
+        write()
+    except OSError as err:
+        raise TrainingError(f"cannot write checkpoint {path} ({err.strerror or err}); the previous one is "
+                            "unchanged; free disk space or fix permissions, then --resume") from None
+
+
+def restore_or_refuse(ckpt: Checkpoint, restore: Callable[[], None]) -> None:
+    try:
+        restore()
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{ckpt.path}: its optimiser or RNG state is unusable ({one_line(err)}); "
+                              "start a new run, or --init_from it for its weights only") from None
+
+
+# --------------------------------------------------------------------------- settings of the run
+
+def resume_checkpoint(paths: dict, backend: Backend) -> Checkpoint:
+    last = paths["last"]
+    if not last.exists():
+        other = last.with_suffix(backend.other_ext)
+        hint = (f"; {other} is {backend.other_prog}'s: resume it with {backend.other_prog}, or start from its "
+                f"weights with --init_from {other}") if other.exists() else "; train without --resume first"
+        raise CheckpointError(f"--resume: no checkpoint {last} in --out_dir{hint}")
+    ckpt = backend.read_checkpoint(last, any_kind=False)  # its own kind: the optimiser and RNG state are its own
+    if ckpt.backend != backend.name or ckpt.train_config is None:
+        raise CheckpointError(f"--resume: {last} was not written by {backend.prog}; use --init_from to start "
+                              "from its weights")
+    return ckpt
+
+
+def run_settings(args, backend: Backend, paths: dict) -> tuple[TrainConfig, Checkpoint | None]:
+    """(settings, checkpoint or None): a fresh run, --resume's or --init_from's."""
+    if args.resume:
+        ckpt = resume_checkpoint(paths, backend)
+        cfg = resumed_train_config(ckpt.train_config, args, ckpt.path)
+        if ckpt.iter_num >= cfg.max_iters:
+            raise UsageError(f"the run in {args.out_dir} has done {ckpt.iter_num} steps already, --max_iters is "
+                             f"{cfg.max_iters}; pass a larger --max_iters to continue it")
+        return cfg, ckpt
+    if args.init_from:
+        ckpt = backend.read_checkpoint(args.init_from, any_kind=True)
+        return init_from_train_config(args, ckpt.model, ckpt.gpt_config, backend.default_preset), ckpt
+    return train_config_from_args(args, backend.default_preset), None
+
+
+# --------------------------------------------------------------------------- train
+
+def run_training(args, backend: Backend) -> int:
+    """The `train` command of either script. Every check a user can fail comes before any work."""
+    if args.resume and args.init_from:
+        raise UsageError("--resume and --init_from exclude each other: --resume continues the run in "
+                         "--out_dir, --init_from starts a new one from a checkpoint's weights; pick one")
+    backend.start(args)
+    paths = checkpoint_paths(args.out_dir, backend.ext)
+    cfg, ckpt = run_settings(args, backend, paths)
+    # before any work that a failed save would waste
+    out_dir = ensure_writable_dir(args.out_dir) if backend.is_main else Path(args.out_dir)
+
+    text = load_text(args.data)
+    check_text_length(text, cfg.block_size)
+    tokenizer = (checkpoint_tokenizer(ckpt, args.vocab, lambda: text) if ckpt is not None
+                 else CharTokenizer.from_text(text))
+    train_data, val_data = training_splits(text, tokenizer, cfg.block_size)
+    with backend.session():
+        backend.setup(args, cfg, tokenizer, train_data, val_data, ckpt)
+        return train_loop(args, cfg, ckpt, backend, tokenizer, out_dir, paths, len(train_data), len(val_data))
+
+
+def train_loop(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend, tokenizer: CharTokenizer,
+               out_dir: Path, paths: dict, n_train: int, n_val: int) -> int:
+    start, best_val, last_saved = 0, math.inf, None  # last_saved: (path, step) of the newest checkpoint
+    if args.resume:
+        restore_or_refuse(ckpt, lambda: backend.restore(ckpt))
+        start, best_val, last_saved = ckpt.iter_num, ckpt.best_val_loss, (ckpt.path, ckpt.iter_num)
+    if backend.is_main:
+        print(f"{backend.label}: {backend.num_params() / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, "
+              f"{n_train:,} train / {n_val:,} val tokens")
+        for line in backend.banner():
+            print(line)
+        if args.resume:
+            print(f"resuming from {ckpt.path} at step {start}")
+        elif ckpt is not None:
+            print(f"initialised from {ckpt.path} ({ckpt.backend})")
+
+    log = RunLog(out_dir, cfg.max_iters, start, enabled=backend.is_main, progress=args.progress,
+                 resume_from=start if args.resume else None)
+    tokens_per_iter = cfg.batch_size * cfg.block_size * backend.world_size
+    t_run = t_last = time.perf_counter()
+    steps_since_log, just_logged = 0, False
+    plot = True
+    try:
+        with StopRequest() as stop, backend.errstate():
+            for it in range(start, cfg.max_iters + 1):
+                is_eval = (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not (args.resume and it == start)
+                # the same answer on every rank; where reading the loss is a sync, only when it is due anyway
+                stop_now, first_bad = backend.poll(stop.requested, is_eval or just_logged or it == cfg.max_iters)
+                if first_bad >= 0:
+                    raise TrainingError(non_finite_message(first_bad, last_saved))
+                just_logged = False
+                if is_eval:
+                    losses = backend.estimate_loss(it)
+                    log.log_eval(it, losses["train"], losses["val"])
+                    if not math.isfinite(losses["val"]):
+                        raise TrainingError(non_finite_message(it, last_saved, "val loss", losses["val"]))
+                    if it > 0:
+                        if losses["val"] < best_val:
+                            best_val = losses["val"]
+                            backend.save(paths["best"], it, best_val)
+                        backend.save(paths["last"], it, best_val)
+                        last_saved = (paths["last"], it)
+                    t_last, steps_since_log = time.perf_counter(), 0  # evaluation time is not step time
+                if it == cfg.max_iters:
+                    break
+                if stop_now:  # after the evaluation, so a resumed run need not repeat it
+                    if last_saved != (paths["last"], it):
+                        backend.save(paths["last"], it, best_val)
+                    if backend.is_main:
+                        log.info(f"saved {paths['last']} at step {it}")
+                        print(f"error: interrupted ({stop.name if stop.requested else 'by another rank'}) "
+                              f"at step {it}; saved {paths['last']}, continue with --resume", file=sys.stderr)
+                    return stop.exit_code
+                lr = learning_rate_at(cfg, it)
+                try:
+                    loss = backend.step(it, lr)
+                except NonFiniteLoss as bad:
+                    raise TrainingError(non_finite_message(bad.it, last_saved, value=bad.value)) from None
+                steps_since_log += 1
+                log.step()
+                if it % cfg.log_interval == 0:
+                    loss_value = backend.loss_value(loss)  # the one sync of a log step
+                    now = time.perf_counter()
+                    dt = (now - t_last) / steps_since_log
+                    log.log_iter(it, loss_value, lr, dt * 1000, tokens_per_iter / dt, backend.mfu(dt))
+                    t_last, steps_since_log, just_logged = now, 0, True
+    except TrainingError:
+        plot = False
+        raise
+    finally:
+        log.close(plot=plot)
+
+    if backend.is_main:
+        print(f"done: {cfg.max_iters - start} steps in {time.perf_counter() - t_run:.1f}s, "
+              f"best val loss {best_val:.4f}; checkpoints in {out_dir}")
+        print(autocomplete(backend.generate_fn(), tokenizer, cfg.prompt, backend.block_size(), cfg.max_new_tokens,
+                           cfg.temperature, cfg.top_k, cfg.seed))
+    return 0
+
+
+# --------------------------------------------------------------------------- sample
+
+def run_sample(args, read_checkpoint: Callable, build_generate: Callable) -> int:
+    """The `sample` command: `read_checkpoint(path)` -> Checkpoint, `build_generate(ckpt)` ->
+    (generate, block_size) for the backend's model holding the checkpoint's weights."""
+    ckpt = read_checkpoint(args.ckpt)
+    tokenizer = checkpoint_tokenizer(ckpt, args.vocab, lambda: load_text(args.data))
+    generate, block_size = build_generate(ckpt)
+    text = autocomplete(generate, tokenizer, args.prompt, block_size, args.max_new_tokens, args.temperature,
+                        args.top_k, args.seed)
+    sys.stdout.write(text + "\n")
+    return 0
