@@ -20,13 +20,21 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 
+from scipy.special import erf as scipy_erf
+
+import npgpt
+from npgpt import GPTConfig, fast, optim
 from npgpt import layers as L
+from npgpt.compare import compare_all
+from npgpt.fast import layers as fast_layers
 from npgpt.fast import numba_kernels as K
 from npgpt.gradcheck import rel_error
 from npgpt.optim import AdamW
+from test_fastpath import ROUNDING, arrays_of, batch, block_params, compare_pair, noisy_pair, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 F64_BOUND, F32_BOUND = 1e-13, 1e-6
@@ -111,7 +119,7 @@ def test_layernorm_weight_gradient_does_not_depend_on_the_split_into_parts(parts
     _, cache = K.layernorm_forward(x, w, np.zeros(12))
     dx = np.empty_like(dout)
     dw_parts, db_parts = np.empty((parts, 12)), np.empty((parts, 12))
-    K._layernorm_backward_rows(dout, cache.xhat, cache.rstd, w, dx, dw_parts, db_parts)
+    K._layernorm_backward_rows(dout, cache.xhat, cache.rstd.reshape(-1), w, dx, dw_parts, db_parts)
     _, ref_cache = L.layernorm_forward(x, w, np.zeros(12))
     ref_dx, ref_dw, ref_db = L.layernorm_backward(dout, ref_cache)
     check("dx", dx, ref_dx, np.float64)
@@ -182,26 +190,48 @@ def test_softmax(dtype):
     np.testing.assert_allclose(y.sum(axis=-1), 1.0, rtol=1e-6 if dtype == np.float32 else 1e-14)
 
 
-def test_float32_exp_across_its_range():
-    """The polynomial exp of the float32 kernels, over [-87, 88]: within ~2 ulps of exp.
+def scalar_function_over(function, z):
+    """function (one of the kernels' scalar helpers, as numba compiles it for z's dtype) at each z."""
+    @numba.njit
+    def each(z, out):
+        for i in range(z.shape[0]):
+            out[i] = function(z[i])
+    out = np.empty_like(z)
+    each(z, out)
+    return out
 
-    Read through the cross-entropy backward, exp(logit - log_z) * coef - coef [target]: with rows
-    [z, 0], target 1, log_z 0 and coef 1, its first column is exp(z) itself.
-    """
+
+def test_float32_exp_across_its_range():
+    """The polynomial exp of the float32 kernels, over [-87, 88]: within ~2 ulps of exp; below
+    that, (nearly) 0, never NaN; NaN stays NaN."""
     z = np.concatenate([np.linspace(-87.0, 88.0, 20001), -np.logspace(-8, 1.9, 2000), [0.0]]).astype(np.float32)
-    logits = np.stack([z, np.zeros_like(z)], axis=1)  # (n, 2)
-    out = np.empty_like(logits)
-    K._cross_entropy_backward_rows(logits, np.ones(len(z), np.int64), np.zeros(len(z), np.float32),
-                                   np.float32(1.0), out)
+    got = scalar_function_over(K.exp_, z)
     exact = np.exp(z.astype(np.float64))
-    rel = np.abs(out[:, 0].astype(np.float64) - exact) / exact
+    rel = np.abs(got.astype(np.float64) - exact) / exact
     print(f"  float32 exp: worst relative error {rel.max():.2e} over {len(z)} points")
     assert rel.max() < 2.5e-7
-    assert out[-1, 0] == 1.0  # exp(0) exactly
-    below = np.array([[-88.0, 0.0], [-1e4, 0.0], [-np.inf, 0.0]], np.float32)
-    out = np.empty_like(below)
-    K._cross_entropy_backward_rows(below, np.ones(3, np.int64), np.zeros(3, np.float32), np.float32(1.0), out)
-    assert np.all(out[:, 0] <= np.exp(-87.0)) and out[2, 0] == 0.0  # underflow to (nearly) 0, never NaN
+    assert got[-1] == 1.0  # exp(0) exactly
+    edge = scalar_function_over(K.exp_, np.array([-88.0, -1e4, -np.inf, np.nan], np.float32))
+    assert np.all(edge[:2] <= np.exp(-87.0)) and edge[2] == 0.0 and np.isnan(edge[3])
+
+
+def test_float32_normal_cdf_and_pdf():
+    """Phi and pdf as the float32 GELU computes them, against float64 formulas over [-12, 12]."""
+    x = np.linspace(-12.0, 12.0, 48001).astype(np.float32)
+    x64 = x.astype(np.float64)
+    cdf = scalar_function_over(K.normal_cdf_, x)
+    pdf = scalar_function_over(K.normal_pdf_, x)
+    assert np.max(np.abs(cdf - 0.5 * (1.0 + scipy_erf(x64 / math.sqrt(2.0))))) < 3e-7
+    exact_pdf = np.exp(-0.5 * x64 * x64) / math.sqrt(2.0 * math.pi)
+    # relative error: the float32 rounding of x^2 / 2 (|x^2 / 2| * 6e-8, the exponent's own
+    # conditioning) plus a few ulps
+    rel = np.abs(pdf - exact_pdf) / exact_pdf
+    assert np.all(rel <= (0.5 * x64 * x64 + 2.0) * 1.2e-7), f"worst at x = {x[np.argmax(rel)]}"
+
+
+def test_float32_erf_coefficients_are_the_fast_layers_ones():
+    assert [np.float32(c) for c in fast_layers.ERF32_P] == list(K._ERF32_P)
+    assert [np.float32(c) for c in fast_layers.ERF32_Q] == list(K._ERF32_Q)
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,6 +351,166 @@ def test_sum_of_squares_and_scale(dtype):
     expected = g.astype(np.float64) * 0.25
     K.scale_in_place(g, 0.25)
     check("scaled", g, expected, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# npgpt.fast with the kernels on, against the reference (tests/test_fastpath.py: with them off)
+# --------------------------------------------------------------------------------------------
+
+FAST_DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")]
+
+
+@pytest.fixture
+def kernels_on(monkeypatch):
+    assert K.AVAILABLE, K.UNAVAILABLE_REASON
+    monkeypatch.setattr(K, "ENABLED", True)
+
+
+@pytest.mark.parametrize("dtype", FAST_DTYPES)
+def test_fast_layers_call_the_kernels_and_equal_the_reference(dtype, kernels_on, monkeypatch):
+    rng = np.random.default_rng(20)
+    calls = []
+    for name in ("layernorm_forward", "gelu_forward", "softmax_forward", "attention_forward",
+                 "cross_entropy_forward"):
+        original = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    B, T, C, nh = 3, 7, 12, 3
+    x, w, b = random(rng, (B, T, C), dtype, 2.0, 1.0), random(rng, C, dtype), random(rng, C, dtype)
+    qkv = random(rng, (B, T, 3 * C), dtype)
+    mask = L.dropout_mask((B, nh, T, T), 0.25, rng, dtype)
+    pairs = {
+        "layernorm": ((fast_layers.layernorm_forward, fast_layers.layernorm_backward),
+                      (L.layernorm_forward, L.layernorm_backward), (x, w, b), {}),
+        "gelu": (fast_layers.ACTIVATION_FUNCTIONS["gelu"], L.ACTIVATION_FUNCTIONS["gelu"], (x,), {}),
+        "softmax": ((fast_layers.softmax_forward, fast_layers.softmax_backward),
+                    (L.softmax_forward, L.softmax_backward), (x,), {}),
+        "attention": ((fast_layers.attention_forward, fast_layers.attention_backward),
+                      (L.attention_forward, L.attention_backward), (qkv, nh), {}),
+        "attention+dropout": ((fast_layers.attention_forward, fast_layers.attention_backward),
+                              (L.attention_forward, L.attention_backward), (qkv, nh), {"mask": mask}),
+    }
+    for name, (fast_pair, ref_pair, args, kwargs) in pairs.items():
+        compare_pair(name, fast_pair, ref_pair, args, dtype, exact=False, **kwargs)
+    logits, targets = random(rng, (B, T, 11), dtype, 4.0), rng.integers(0, 11, (B, T))
+    f_loss, f_cache = fast_layers.cross_entropy_forward(logits, targets)
+    r_loss, r_cache = L.cross_entropy_forward(logits, targets)
+    assert type(f_cache) is type(r_cache)
+    compare_all({"loss": f_loss, **arrays_of("cache", f_cache), "dlogits": fast_layers.cross_entropy_backward(0.7, f_cache)[0]},
+                {"loss": r_loss, **arrays_of("cache", r_cache), "dlogits": L.cross_entropy_backward(0.7, r_cache)[0]},
+                rtol=ROUNDING[np.dtype(dtype)], header=f"cross-entropy [{np.dtype(dtype).name}]")
+    assert set(calls) == {"layernorm_forward", "gelu_forward", "softmax_forward", "attention_forward",
+                          "cross_entropy_forward"}, calls
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["nodrop", "dropout"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", FAST_DTYPES)
+def test_fast_block_with_kernels_equals_reference(dtype, activation, dropout, kernels_on):
+    C, nh, B, T = 8, 2, 2, 6
+    p = block_params(GPTConfig(vocab_size=5, block_size=T, n_layer=1, n_head=nh, n_embd=C, bias=True), dtype)
+    rng = np.random.default_rng(21)
+    x, dout = random(rng, (B, T, C), dtype), random(rng, (B, T, C), dtype)
+    masks = [L.dropout_mask(s, 0.2, rng, dtype) for s in [(B, nh, T, T), (B, T, C), (B, T, C)]] if dropout else None
+    f_out, f_cache = fast_layers.block_forward(x, p, nh, activation, 0.2 if dropout else 0.0, None, masks)
+    r_out, r_cache = L.block_forward(x, p, nh, activation, 0.2 if dropout else 0.0, None, masks)
+    f_dx, f_grads = fast_layers.block_backward(dout, f_cache)
+    r_dx, r_grads = L.block_backward(dout, r_cache)
+    compare_all({"out": f_out, "dx": f_dx, **f_grads}, {"out": r_out, "dx": r_dx, **r_grads},
+                rtol=ROUNDING[np.dtype(dtype)], header=f"block {activation} dropout={dropout} [{np.dtype(dtype).name}]")
+    if activation == "gelu":  # the dropped activation is rebuilt bit for bit from the kernel's cache
+        act_out, _ = fast_layers.gelu_forward(f_cache.act.x)
+        assert np.array_equal(fast_layers.ACTIVATION_OUTPUT_FROM_CACHE["gelu"](f_cache.act), act_out)
+
+
+def compare_to_reference(header, ours: dict, reference: dict, exact: dict | None, dtype) -> None:
+    """float64: ours within 1e-13 of the reference. float32: ours and the float32 reference are both
+    compared with the exact result (the reference in float64 on the same float32 inputs); ours must
+    be within 1e-6 of it, or no further from it than twice the float32 reference is (the kernels
+    sum in another order than the reference, so neither float32 result is the other's truth)."""
+    if np.dtype(dtype) == np.float64:
+        compare_all(ours, reference, rtol=F64_BOUND, header=header)
+        return
+    print(f"\n{header}: normwise error against the exact result, ours / float32 reference")
+    bad = []
+    for name in exact:
+        mine, theirs = rel_error(ours[name], exact[name]), rel_error(reference[name], exact[name])
+        bound = max(F32_BOUND, 2.0 * theirs)
+        print(f"  {name:36s} {mine:.2e} / {theirs:.2e}  (bound {bound:.1e}){'  FAIL' if not mine <= bound else ''}")
+        if not mine <= bound:
+            bad.append(name)
+    assert not bad, f"{header}: further from the exact result than allowed: {bad}"
+
+
+def exact_twin(model, config):
+    """A float64 reference GPT holding `model`'s (float32) parameters exactly."""
+    twin = npgpt.GPT(config, dtype=np.float64)
+    for n, p in model.params.items():
+        twin.params[n][...] = p
+    return twin
+
+
+@pytest.mark.parametrize("config", [small_config(), small_config(tie_weights=True, bias=False, activation="relu"),
+                                    small_config(dropout=0.2, activation="gelu_tanh")],
+                         ids=["untied-bias-gelu", "tied-nobias-relu", "dropout-gelu_tanh"])
+@pytest.mark.parametrize("dtype", FAST_DTYPES)
+def test_fast_model_with_kernels_equals_reference(dtype, config, kernels_on):
+    reference, quick = noisy_pair(config, dtype)
+    idx, targets = batch(config)
+    r_logits, r_loss = reference.forward(idx, targets)
+    masks = reference.last_dropout_masks or None
+    f_logits, f_loss = quick.forward(idx, targets, dropout_masks=masks)
+    ours = {"logits": f_logits, "loss": f_loss, **quick.backward()}
+    theirs = {"logits": r_logits, "loss": r_loss, **reference.backward()}
+    exact = None
+    if np.dtype(dtype) == np.float32:
+        twin = exact_twin(reference, config)
+        e_logits, e_loss = twin.forward(idx, targets, dropout_masks=masks)
+        exact = {"logits": e_logits, "loss": e_loss, **twin.backward()}
+    compare_to_reference(f"model with kernels [{np.dtype(dtype).name}]", ours, theirs, exact, dtype)
+
+
+@pytest.mark.parametrize("dtype", FAST_DTYPES)
+def test_fast_training_steps_with_kernels_equal_reference(dtype, kernels_on):
+    """Five steps of forward, backward, clip and AdamW (the kernels' update) on each side (and,
+    in float32, an exact float64 run from the same start)."""
+    config = small_config(bias=False)
+    reference, quick = noisy_pair(config, dtype)
+    runs = {"ours": (quick, fast.AdamW, fast.clip_grad_norm), "reference": (reference, optim.AdamW, optim.clip_grad_norm)}
+    if np.dtype(dtype) == np.float32:
+        runs["exact"] = (exact_twin(reference, config), optim.AdamW, optim.clip_grad_norm)
+    opts = {k: opt(m.params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1) for k, (m, opt, _) in runs.items()}
+    for step in range(5):
+        idx, targets = batch(config, seed=step)
+        lr = optim.cosine_lr(step, 1e-2, 2, 5, 1e-3)
+        state = {}
+        for k, (model, _, clip) in runs.items():
+            _, loss = model.forward(idx, targets)
+            norm = clip(g := model.backward(), 0.5)
+            opts[k].step(g, lr=lr)
+            state[k] = {"loss": loss, "grad norm": norm, **{n: p.copy() for n, p in model.params.items()}}
+        compare_to_reference(f"step {step} with kernels [{np.dtype(dtype).name}]", state["ours"],
+                             state["reference"], state.get("exact"), dtype)
+
+
+def test_fast_generate_with_kernels_equals_reference(kernels_on):
+    config = small_config()
+    reference, quick = noisy_pair(config, np.float64)
+    idx = np.array([[1, 2, 3], [4, 5, 6]])
+    r_ids = reference.generate(idx, 8, temperature=0.0)
+    f_ids = quick.generate(idx, 8, temperature=0.0)
+    assert np.array_equal(f_ids, r_ids)
+    kv_r, kv_f = reference.new_kv_cache(2), quick.new_kv_cache(2)
+    compare_all({"logits": quick.forward_cached(idx, kv_f)}, {"logits": reference.forward_cached(idx, kv_r)},
+                rtol=1e-13, header="forward_cached with kernels")
+
+
+def test_npgpt_numba_0_keeps_the_fast_path_on_numpy():
+    code = "from npgpt.fast import numba_kernels as K; print(K.AVAILABLE, K.ENABLED)"
+    on = run_python(code, {"NPGPT_NUMBA": "1"})
+    off = run_python(code, {"NPGPT_NUMBA": "0"})
+    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+    assert on.stdout.split()[-2:] == ["True", "True"]
+    assert off.stdout.split()[-2:] == ["True", "False"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,11 +6,14 @@ intermediates in registers or in a scratch row that stays in L1, and spreads the
 cores with `prange`. The formulas are those of npgpt.layers; tests/test_numba_kernels.py checks
 every kernel against them (float64 within 1e-13 normwise, float32 within 1e-6 of the exact result).
 
-Public functions have the reference's signatures and conventions:
+Public functions have the reference's signatures, conventions and cache types (npgpt.layers'
+NamedTuples, same fields and shapes), so a cache from a kernel forward goes into a NumPy backward
+and back:
     name_forward(inputs...) -> (out, cache)      name_backward(dout, cache) -> grads (a tuple)
-with this module's own named caches. Without numba (AVAILABLE False: not installed, or failed to
-load) each of them is npgpt.layers' function, so a caller gets correct results either way and can
-test AVAILABLE to pick a faster NumPy route instead.
+Without numba (AVAILABLE False: not installed, or failed to load) each of them is npgpt.layers'
+function, so a caller gets correct results either way. npgpt.fast.layers calls these functions
+when ENABLED (numba available and the environment variable NPGPT_NUMBA is not "0") and its own
+NumPy code otherwise.
 
 Dimension letters as in npgpt.layers: B batch, T time, C channels, nh heads, hs head size,
 N rows (B*T), V vocabulary.
@@ -40,8 +43,6 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from typing import NamedTuple
-
 import numpy as np
 
 from .. import layers as _reference
@@ -62,6 +63,10 @@ except Exception as _exc:  # noqa: BLE001 - an ImportError, or e.g. numba's NumP
 else:
     AVAILABLE = True
     UNAVAILABLE_REASON = ""
+
+# Whether npgpt.fast uses the kernels: NPGPT_NUMBA=0 keeps it on NumPy (to compare, or to rule
+# numba out); tests switch it per test.
+ENABLED = AVAILABLE and os.environ.get("NPGPT_NUMBA", "1") != "0"
 
 # fastmath flags: see the module docstring for why these and not "fast".
 FASTMATH = {"contract", "reassoc", "arcp", "nsz"}
@@ -117,13 +122,15 @@ if AVAILABLE:
     CACHE_DIR = _choose_cache_dir()
     _follow_omp_num_threads()
 
-    def _kernel(function):
-        return numba.njit(parallel=True, cache=CACHE_DIR is not None, fastmath=FASTMATH)(function)
+    def _kernel(function=None, fastmath=FASTMATH):
+        def compile_(f):
+            return numba.njit(parallel=True, cache=CACHE_DIR is not None, fastmath=fastmath)(f)
+        return compile_(function) if function is not None else compile_
 else:
     CACHE_DIR = None
 
-    def _kernel(function):  # never called without numba: the public functions use the reference
-        return function
+    def _kernel(function=None, fastmath=None):  # never run without numba: the reference runs instead
+        return function if function is not None else (lambda f: f)
 
 
 def threads() -> int:
@@ -140,7 +147,8 @@ def set_threads(n: int) -> None:
 # --------------------------------------------------------------------------------------------
 # Scalar math, one version per dtype (numba picks by the argument's type when compiling)
 # --------------------------------------------------------------------------------------------
-# exp_, gelu_, gelu_grad_ are called only inside kernels; their Python bodies say what they mean.
+# exp_, normal_cdf_, normal_pdf_ are called only inside kernels; their Python bodies are the
+# float64 versions and say what they mean.
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -150,14 +158,14 @@ def exp_(x):
     return math.exp(x)
 
 
-def gelu_(x):
-    """Exact GELU: x * Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2."""
-    return x * (0.5 * (1.0 + math.erf(x * _INV_SQRT2)))
+def normal_cdf_(x):
+    """Phi(x) = (1 + erf(x / sqrt 2)) / 2."""
+    return 0.5 * (1.0 + math.erf(x * _INV_SQRT2))
 
 
-def gelu_grad_(x):
-    """d gelu / dx = Phi(x) + x * pdf(x), pdf(x) = exp(-x^2 / 2) / sqrt(2 pi)."""
-    return 0.5 * (1.0 + math.erf(x * _INV_SQRT2)) + x * (math.exp(-0.5 * x * x) * _INV_SQRT_2PI)
+def normal_pdf_(x):
+    """pdf(x) = exp(-x^2 / 2) / sqrt(2 pi), the derivative of Phi."""
+    return math.exp(-0.5 * x * x) * _INV_SQRT_2PI
 
 
 # float32 constants (typed float32, so the float32 kernels never widen to float64)
@@ -165,7 +173,8 @@ _F32 = np.float32
 _HALF32, _ONE32 = _F32(0.5), _F32(1.0)
 _INV_SQRT2_32, _INV_SQRT_2PI_32 = _F32(_INV_SQRT2), _F32(_INV_SQRT_2PI)
 # erf(x) ~= x P(x^2) / Q(x^2) on x clamped to [-4, 4] (erf(4) is 1 in float32): the rational
-# approximation Eigen and XLA use for float32, error below 5e-7 (tests check it against scipy).
+# approximation of Eigen and XLA, the coefficients of npgpt.fast.layers.ERF32_P and ERF32_Q
+# (a test checks they agree), error below 5e-7.
 _ERF32_CLAMP = _F32(4.0)
 _ERF32_P = tuple(_F32(c) for c in (
     -2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
@@ -190,11 +199,11 @@ if AVAILABLE:
             return None
 
         def codegen(context, builder, signature, args):
-            biased = builder.add(builder.trunc(args[0], _llvm_ir.IntType(32)) if k.bitwidth > 32
-                                 else builder.sext(args[0], _llvm_ir.IntType(32)) if k.bitwidth < 32
-                                 else args[0], _llvm_ir.Constant(_llvm_ir.IntType(32), 127))
-            bits = builder.shl(biased, _llvm_ir.Constant(_llvm_ir.IntType(32), 23))
-            return builder.bitcast(bits, _llvm_ir.FloatType())
+            i32 = _llvm_ir.IntType(32)
+            k32 = (builder.trunc(args[0], i32) if k.bitwidth > 32
+                   else builder.sext(args[0], i32) if k.bitwidth < 32 else args[0])
+            biased = builder.add(k32, _llvm_ir.Constant(i32, 127))
+            return builder.bitcast(builder.shl(biased, _llvm_ir.Constant(i32, 23)), _llvm_ir.FloatType())
 
         return _nb_types.float32(k), codegen
 
@@ -222,12 +231,11 @@ if AVAILABLE:
         q = (((b[0] * x2 + b[1]) * x2 + b[2]) * x2 + b[3]) * x2 + b[4]
         return x * p / q
 
-    def _gelu32(x):
-        return x * (_HALF32 * (_ONE32 + _erf32(x * _INV_SQRT2_32)))
+    def _normal_cdf32(x):
+        return _HALF32 * (_ONE32 + _erf32(x * _INV_SQRT2_32))
 
-    def _gelu_grad32(x):
-        phi = _HALF32 * (_ONE32 + _erf32(x * _INV_SQRT2_32))
-        return phi + x * (_exp32(-_HALF32 * x * x) * _INV_SQRT_2PI_32)
+    def _normal_pdf32(x):
+        return _exp32(-_HALF32 * x * x) * _INV_SQRT_2PI_32
 
     def _by_dtype(python_function, float32_version):
         """Compile `python_function` as written for float64, `float32_version` for float32."""
@@ -240,24 +248,16 @@ if AVAILABLE:
             return None
 
     _by_dtype(exp_, _exp32)
-    _by_dtype(gelu_, _gelu32)
-    _by_dtype(gelu_grad_, _gelu_grad32)
+    _by_dtype(normal_cdf_, _normal_cdf32)
+    _by_dtype(normal_pdf_, _normal_pdf32)
 
 
 # --------------------------------------------------------------------------------------------
 # Layer normalisation over the last axis
 # --------------------------------------------------------------------------------------------
 
-class LayerNormCache(NamedTuple):
-    xhat: np.ndarray  # (N, C) normalised input
-    rstd: np.ndarray  # (N,) 1 / sqrt(var + eps)
-    w: np.ndarray  # (C,)
-    has_bias: bool
-    shape: tuple  # the input's shape (..., C)
-
-
 @_kernel
-def _layernorm_forward_rows(x, w, b, eps, out, xhat, rstd):  # x, out, xhat (N, C)
+def _layernorm_forward_rows(x, w, b, eps, out, xhat, rstd):  # x, out, xhat (N, C); rstd (N,)
     n_rows, C = x.shape
     for n in prange(n_rows):
         total = 0.0
@@ -314,79 +314,68 @@ def layernorm_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
     rstd = np.empty(x2.shape[0], dtype=x.dtype)
     bias = b if b is not None else np.zeros(C, dtype=x.dtype)
     _layernorm_forward_rows(x2, w, bias, float(eps), out, xhat, rstd)
-    return out.reshape(x.shape), LayerNormCache(xhat, rstd, w, b is not None, x.shape)
+    cache = _reference.LayerNormCache(xhat.reshape(x.shape), rstd.reshape(x.shape[:-1] + (1,)), w, b is not None)
+    return out.reshape(x.shape), cache
 
 
 def layernorm_backward(dout: np.ndarray, cache):
     """(dx, dw, db): dx = rstd (g - mean g - xhat mean(g xhat)), g = dout w; db None without bias."""
     if not AVAILABLE:
         return _reference.layernorm_backward(dout, cache)
-    xhat, rstd, w, has_bias, shape = cache
-    C = shape[-1]
+    C = dout.shape[-1]
     d2 = np.ascontiguousarray(dout).reshape(-1, C)  # (N, C)
     dx = np.empty_like(d2)
     parts = max(1, min(threads(), d2.shape[0]))
     dw_parts, db_parts = np.empty((parts, C)), np.empty((parts, C))  # float64 partial sums
-    _layernorm_backward_rows(d2, xhat, rstd, w, dx, dw_parts, db_parts)
+    _layernorm_backward_rows(d2, np.ascontiguousarray(cache.xhat).reshape(-1, C),
+                             np.ascontiguousarray(cache.rstd).reshape(-1), cache.w, dx, dw_parts, db_parts)
     dw = dw_parts.sum(axis=0).astype(dout.dtype)
-    db = db_parts.sum(axis=0).astype(dout.dtype) if has_bias else None
-    return dx.reshape(shape), dw, db
+    db = db_parts.sum(axis=0).astype(dout.dtype) if cache.has_bias else None
+    return dx.reshape(dout.shape), dw, db
 
 
 # --------------------------------------------------------------------------------------------
-# GELU (exact, erf form): elementwise, fused with its derivative in the backward
+# GELU (exact, erf form)
 # --------------------------------------------------------------------------------------------
 
-class GeluCache(NamedTuple):
-    local_grad: np.ndarray  # d gelu / dx = Phi(x) + x pdf(x), same shape as x, from the forward's pass
-
-
-@_kernel
-def _gelu_forward_flat(x, out, local_grad):  # (n,)
+@_kernel(fastmath=FASTMATH - {"reassoc"})  # out = x * phi exactly: the block rebuilds out from the cache
+def _gelu_forward_flat(x, out, phi):  # (n,)
     for i in prange(x.shape[0]):
-        out[i] = gelu_(x[i])
-        local_grad[i] = gelu_grad_(x[i])
+        cdf = normal_cdf_(x[i])
+        phi[i] = cdf
+        out[i] = x[i] * cdf
 
 
 @_kernel
-def _multiply_flat(a, b, out):  # (n,)
-    for i in prange(a.shape[0]):
-        out[i] = a[i] * b[i]
+def _gelu_backward_flat(dout, x, phi, dx):  # (n,)
+    for i in prange(x.shape[0]):
+        # in the forward: out = x Phi(x); so dx = dout (Phi(x) + x pdf(x))
+        dx[i] = dout[i] * (phi[i] + x[i] * normal_pdf_(x[i]))
 
 
 def gelu_forward(x: np.ndarray):
-    """out = x Phi(x) (nn.GELU()), and its derivative for the backward, in one pass over x.
-
-    The cache holds the derivative, not x: the backward is then one multiply, and x (the MLP's
-    (B, T, 4C) hidden pre-activation) can be freed by the caller. Memory is the reference's: it
-    keeps x and Phi; this keeps the derivative, and the caller keeps out (mlp.c_proj's input).
-    """
+    """out = x Phi(x) (nn.GELU()) in one pass; the cache is the reference's (x, Phi(x))."""
     if not AVAILABLE:
         return _reference.gelu_forward(x)
     x = np.ascontiguousarray(x)
-    out, local_grad = np.empty_like(x), np.empty_like(x)
-    _gelu_forward_flat(x.reshape(-1), out.reshape(-1), local_grad.reshape(-1))
-    return out, GeluCache(local_grad)
+    out, phi = np.empty_like(x), np.empty_like(x)
+    _gelu_forward_flat(x.reshape(-1), out.reshape(-1), phi.reshape(-1))
+    return out, _reference.GeluCache(x, phi)
 
 
 def gelu_backward(dout: np.ndarray, cache):
-    """(dx,): dx = dout * (Phi(x) + x pdf(x))."""
+    """(dx,): dx = dout * (Phi(x) + x pdf(x)), one pass."""
     if not AVAILABLE:
         return _reference.gelu_backward(dout, cache)
-    local_grad = cache.local_grad
-    dout = np.ascontiguousarray(dout)
-    dx = np.empty_like(local_grad)
-    _multiply_flat(dout.reshape(-1), local_grad.reshape(-1), dx.reshape(-1))
+    x, phi = np.ascontiguousarray(cache.x), np.ascontiguousarray(cache.phi)
+    dx = np.empty_like(x)
+    _gelu_backward_flat(np.ascontiguousarray(dout).reshape(-1), x.reshape(-1), phi.reshape(-1), dx.reshape(-1))
     return (dx,)
 
 
 # --------------------------------------------------------------------------------------------
 # Softmax over the last axis (rows of any length)
 # --------------------------------------------------------------------------------------------
-
-class SoftmaxCache(NamedTuple):
-    y: np.ndarray  # (..., K) the output
-
 
 @_kernel
 def _softmax_forward_rows(x, y):  # (N, K)
@@ -424,14 +413,14 @@ def softmax_forward(x: np.ndarray):
     y = np.empty_like(x2)
     _softmax_forward_rows(x2, y)
     y = y.reshape(x.shape)
-    return y, SoftmaxCache(y)
+    return y, _reference.SoftmaxCache(y)
 
 
 def softmax_backward(dout: np.ndarray, cache):
     """(dx,): dx = y * (dout - sum(dout * y))."""
     if not AVAILABLE:
         return _reference.softmax_backward(dout, cache)
-    y = cache.y
+    y = np.ascontiguousarray(cache.y)
     K = y.shape[-1]
     dx = np.empty_like(y)
     _softmax_backward_rows(np.ascontiguousarray(dout).reshape(-1, K), y.reshape(-1, K), dx.reshape(-1, K))
@@ -439,34 +428,24 @@ def softmax_backward(dout: np.ndarray, cache):
 
 
 # --------------------------------------------------------------------------------------------
-# Causal self-attention, one (batch, head) pair per task, one query row at a time
+# Causal self-attention, one (batch, head) pair per task
 # --------------------------------------------------------------------------------------------
-# Head h of qkv (B, T, 3C) owns channels [h hs, (h+1) hs) of each third (q, k, v). One task per
-# (batch, head) pair copies its head's q, k, v into contiguous (T, hs) scratch, multiplies them
-# with BLAS (numba's np.dot: ~2x faster here than hand-written loops over so short a head size),
-# and runs the mask, the scale and the softmax over its (T, T) scores while they sit in L1/L2.
-# Query i sees keys 0..i: the softmax runs over j <= i only and writes exact zeros above.
-
-class AttentionCache(NamedTuple):
-    qkv: np.ndarray  # (B, T, 3C) the input
-    att: np.ndarray  # (B, nh, T, T) softmax probabilities, 0 above the diagonal
-    att_mask: np.ndarray | None  # (B, nh, T, T) dropout mask applied to att, or None
-    n_head: int
-    scale: float  # 1 / sqrt(hs)
-
+# q, k, v are the reference's head views (B, nh, T, hs) of qkv (B, T, 3C). One task per (batch,
+# head) copies its head into contiguous (T, hs) scratch, multiplies with BLAS (numba's np.dot:
+# ~2x faster here than hand-written loops over so short a head size), and runs the scale, the
+# causal mask and the softmax over its (T, T) scores while they sit in L1/L2. Query i sees keys
+# 0..i: the softmax runs over j <= i only and writes exact zeros above the diagonal.
 
 @_kernel
-def _attention_forward_heads(qkv, n_head, scale, use_mask, mask, att, y):
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    hs = C // n_head
+def _attention_forward_heads(q, k, v, scale, use_mask, mask, att, y):
+    # q, k, v (B, nh, T, hs) views; mask, att (B, nh, T, T); y (B, nh, T, hs) view of (B, T, C)
+    B, n_head, T, hs = q.shape
     for task in prange(B * n_head):
         b, h = task // n_head, task % n_head
-        q0, k0, v0 = h * hs, C + h * hs, 2 * C + h * hs
-        q = np.ascontiguousarray(qkv[b, :, q0:q0 + hs])  # (T, hs)
-        k = np.ascontiguousarray(qkv[b, :, k0:k0 + hs])  # (T, hs)
-        v = np.ascontiguousarray(qkv[b, :, v0:v0 + hs])  # (T, hs)
-        scores = np.dot(q, k.T)  # (T, T), unscaled: softmax(scale s) = exp(scale (s - max s)) / sum
+        qh = np.ascontiguousarray(q[b, h])  # (T, hs)
+        kh = np.ascontiguousarray(k[b, h])
+        vh = np.ascontiguousarray(v[b, h])
+        scores = np.dot(qh, kh.T)  # (T, T), unscaled: softmax(scale s) = exp(scale (s - max s)) / sum
         p = att[b, h]  # (T, T)
         for i in range(T):
             top = scores[i, 0]
@@ -483,39 +462,35 @@ def _attention_forward_heads(qkv, n_head, scale, use_mask, mask, att, y):
             for j in range(i + 1, T):
                 p[i, j] = 0.0
         if use_mask:  # dropout on the probabilities: y = (att * mask) v
-            out = np.dot(p * mask[b, h], v)  # (T, hs)
+            out = np.dot(p * mask[b, h], vh)  # (T, hs)
         else:
-            out = np.dot(p, v)  # (T, T) @ (T, hs)
-        for t in range(T):
-            for d in range(hs):
-                y[b, t, q0 + d] = out[t, d]
+            out = np.dot(p, vh)  # (T, T) @ (T, hs)
+        y[b, h] = out
 
 
 @_kernel
-def _attention_backward_heads(dout, qkv, att, n_head, scale, use_mask, mask, dqkv):
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    hs = C // n_head
+def _attention_backward_heads(dy, q, k, v, att, scale, use_mask, mask, dq, dk, dv):
+    # dy, q, k, v, dq, dk, dv (B, nh, T, hs) views; att, mask (B, nh, T, T)
+    B, n_head, T, hs = q.shape
     for task in prange(B * n_head):
         b, h = task // n_head, task % n_head
-        q0, k0, v0 = h * hs, C + h * hs, 2 * C + h * hs
-        q = np.ascontiguousarray(qkv[b, :, q0:q0 + hs])  # (T, hs)
-        k = np.ascontiguousarray(qkv[b, :, k0:k0 + hs])
-        v = np.ascontiguousarray(qkv[b, :, v0:v0 + hs])
-        dy = np.ascontiguousarray(dout[b, :, q0:q0 + hs])  # (T, hs)
+        qh = np.ascontiguousarray(q[b, h])  # (T, hs)
+        kh = np.ascontiguousarray(k[b, h])
+        vh = np.ascontiguousarray(v[b, h])
+        dyh = np.ascontiguousarray(dy[b, h])
         p = att[b, h]  # (T, T)
         # in the forward: y = att_used v, att_used = att * mask (or att); so
         # dv = att_used^T dy, datt_used = dy v^T, datt = datt_used * mask
         if use_mask:
-            dv = np.dot((p * mask[b, h]).T, dy)  # (T, hs)
+            dv[b, h] = np.dot((p * mask[b, h]).T, dyh)  # (T, hs)
         else:
-            dv = np.dot(p.T, dy)
-        ds = np.dot(dy, v.T)  # (T, T) datt_used, becomes d(scale * scores) in place below
+            dv[b, h] = np.dot(p.T, dyh)
+        ds = np.dot(dyh, vh.T)  # (T, T) datt_used, turned into d(scores) in place below
         for i in range(T):
             if use_mask:
                 for j in range(i + 1):
                     ds[i, j] = ds[i, j] * mask[b, h, i, j]
-            # softmax backward: dz = att * (datt - sum_j datt * att); scores s = z / scale
+            # softmax backward: dz = att * (datt - sum_j datt * att); z = scale * scores
             dot = 0.0
             for j in range(i + 1):
                 dot += ds[i, j] * p[i, j]
@@ -523,13 +498,8 @@ def _attention_backward_heads(dout, qkv, att, n_head, scale, use_mask, mask, dqk
                 ds[i, j] = p[i, j] * (ds[i, j] - dot) * scale
             for j in range(i + 1, T):
                 ds[i, j] = 0.0
-        dq = np.dot(ds, k)  # (T, T) @ (T, hs): s = q k^T, so dq = ds k, dk = ds^T q
-        dk = np.dot(ds.T, q)
-        for t in range(T):
-            for d in range(hs):
-                dqkv[b, t, q0 + d] = dq[t, d]
-                dqkv[b, t, k0 + d] = dk[t, d]
-                dqkv[b, t, v0 + d] = dv[t, d]
+        dq[b, h] = np.dot(ds, kh)  # scores = q k^T: dq = ds k, dk = ds^T q
+        dk[b, h] = np.dot(ds.T, qh)
 
 
 def attention_forward(qkv: np.ndarray, n_head: int, dropout_p: float = 0.0,
@@ -537,13 +507,14 @@ def attention_forward(qkv: np.ndarray, n_head: int, dropout_p: float = 0.0,
     """Causal self-attention on the fused qkv (B, T, 3C) -> y (B, T, C), as npgpt.layers'.
 
     att = softmax(q k^T / sqrt(hs), future masked); y = dropout(att) v. Dropout runs when
-    dropout_p > 0 or a mask (B, nh, T, T) is given; the mask is drawn from `rng` otherwise.
+    dropout_p > 0 or a mask (B, nh, T, T) is given; the mask is drawn from `rng` otherwise
+    (the same draw as the reference's). The cache is the reference's AttentionCache.
     """
     if not AVAILABLE:
         return _reference.attention_forward(qkv, n_head, dropout_p, rng, mask)
-    qkv = np.ascontiguousarray(qkv)
     B, T, C3 = qkv.shape
     C = C3 // 3
+    q, k, v = (_reference.split_heads(part, n_head) for part in np.split(qkv, 3, axis=-1))  # views
     scale = 1.0 / math.sqrt(C // n_head)
     if mask is None and dropout_p > 0.0:
         if rng is None:
@@ -553,20 +524,24 @@ def attention_forward(qkv: np.ndarray, n_head: int, dropout_p: float = 0.0,
     mask_arg = np.ascontiguousarray(mask, dtype=qkv.dtype) if use_mask else np.ones((1, 1, 1, 1), qkv.dtype)
     att = np.empty((B, n_head, T, T), dtype=qkv.dtype)
     y = np.empty((B, T, C), dtype=qkv.dtype)
-    _attention_forward_heads(qkv, n_head, qkv.dtype.type(scale), use_mask, mask_arg, att, y)
-    return y, AttentionCache(qkv, att, mask_arg if use_mask else None, n_head, scale)
+    _attention_forward_heads(q, k, v, qkv.dtype.type(scale), use_mask, mask_arg, att,
+                             _reference.split_heads(y, n_head))
+    return y, _reference.AttentionCache(q, k, v, att, mask_arg if use_mask else None, scale)
 
 
 def attention_backward(dout: np.ndarray, cache):
     """(dqkv,): the gradient of the fused qkv (B, T, 3C), as npgpt.layers' attention_backward."""
     if not AVAILABLE:
         return _reference.attention_backward(dout, cache)
-    qkv, att, att_mask, n_head, scale = cache
-    use_mask = att_mask is not None
-    mask_arg = att_mask if use_mask else np.ones((1, 1, 1, 1), qkv.dtype)
-    dqkv = np.empty_like(qkv)
-    _attention_backward_heads(np.ascontiguousarray(dout), qkv, att, n_head, qkv.dtype.type(scale),
-                              use_mask, mask_arg, dqkv)
+    q = cache.q
+    n_head = q.shape[1]
+    use_mask = cache.att_mask is not None
+    mask_arg = cache.att_mask if use_mask else np.ones((1, 1, 1, 1), q.dtype)
+    dqkv = np.empty(dout.shape[:-1] + (3 * dout.shape[-1],), dtype=dout.dtype)  # (B, T, 3C)
+    dq, dk, dv = (_reference.split_heads(part, n_head) for part in np.split(dqkv, 3, axis=-1))  # views
+    _attention_backward_heads(_reference.split_heads(dout, n_head), q, cache.k, cache.v,
+                              np.ascontiguousarray(cache.att), q.dtype.type(cache.scale), use_mask,
+                              np.ascontiguousarray(mask_arg), dq, dk, dv)
     return (dqkv,)
 
 
@@ -574,15 +549,8 @@ def attention_backward(dout: np.ndarray, cache):
 # Cross-entropy fused with softmax, mean over positions
 # --------------------------------------------------------------------------------------------
 
-class CrossEntropyCache(NamedTuple):
-    logits: np.ndarray  # (N, V) the input (not copied: the caller must not change it before backward)
-    targets: np.ndarray  # (N,) int
-    log_z: np.ndarray  # (N,) log sum exp of each row: softmax = exp(logits - log_z)
-    shape: tuple  # the logits' shape (..., V)
-
-
 @_kernel
-def _cross_entropy_rows(logits, targets, log_z, losses):  # (N, V), (N,), (N,), (N,) float64
+def _cross_entropy_rows(logits, targets, probs, losses):  # (N, V), (N,), (N, V), (N,) float64
     n_rows, V = logits.shape
     for n in prange(n_rows):
         top = logits[n, 0]
@@ -590,48 +558,52 @@ def _cross_entropy_rows(logits, targets, log_z, losses):  # (N, V), (N,), (N,), 
             top = logits[n, v] if logits[n, v] > top else top
         total = 0.0
         for v in range(V):
-            total += exp_(logits[n, v] - top)
-        lz = top + math.log(total)  # float64
-        log_z[n] = lz
-        losses[n] = lz - logits[n, targets[n]]
+            e = exp_(logits[n, v] - top)
+            probs[n, v] = e
+            total += e
+        losses[n] = top + math.log(total) - logits[n, targets[n]]  # log_z - logit of the target
+        inv = 1.0 / total
+        for v in range(V):
+            probs[n, v] = probs[n, v] * inv
 
 
 @_kernel
-def _cross_entropy_backward_rows(logits, targets, log_z, coef, dlogits):
-    n_rows, V = logits.shape
+def _cross_entropy_backward_rows(probs, targets, coef, dlogits):  # (N, V), (N,), scalar, (N, V)
+    n_rows, V = probs.shape
     for n in prange(n_rows):
-        lz = log_z[n]
         for v in range(V):
-            dlogits[n, v] = exp_(logits[n, v] - lz) * coef
+            dlogits[n, v] = probs[n, v] * coef
         dlogits[n, targets[n]] -= coef
 
 
 def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray):
-    """loss = mean over positions of -log softmax(logits)[target], one pass over the logits."""
+    """loss = mean over positions of -log softmax(logits)[target], one pass over the logits.
+    The loss is summed in float64; the cache is the reference's (softmax, targets, shape)."""
     if not AVAILABLE:
         return _reference.cross_entropy_forward(logits, targets)
     V = logits.shape[-1]
     flat = np.ascontiguousarray(logits).reshape(-1, V)  # (N, V)
-    t = np.ascontiguousarray(targets).reshape(-1).astype(np.int64, copy=False)  # (N,)
+    t = np.asarray(targets).reshape(-1)  # (N,)
     if t.shape[0] != flat.shape[0]:
         raise ValueError(f"cross_entropy_forward: {t.shape[0]} targets for {flat.shape[0]} rows of logits")
     if t.size and (t.min() < 0 or t.max() >= V):
         raise IndexError(f"cross_entropy_forward: a target lies outside [0, {V}) (min {t.min()}, max {t.max()})")
-    log_z = np.empty(flat.shape[0], dtype=logits.dtype)
+    probs = np.empty_like(flat)
     losses = np.empty(flat.shape[0], dtype=np.float64)
-    _cross_entropy_rows(flat, t, log_z, losses)
+    _cross_entropy_rows(flat, np.ascontiguousarray(t, dtype=np.int64), probs, losses)
     loss = logits.dtype.type(losses.sum() / max(1, flat.shape[0]))
-    return loss, CrossEntropyCache(flat, t, log_z, logits.shape)
+    return loss, _reference.CrossEntropyCache(probs, t, logits.shape)
 
 
 def cross_entropy_backward(dloss, cache):
     """(dlogits,): dlogits = (softmax(logits) - onehot(target)) / N * dloss."""
     if not AVAILABLE:
         return _reference.cross_entropy_backward(dloss, cache)
-    logits, t, log_z, shape = cache
-    dlogits = np.empty_like(logits)
-    _cross_entropy_backward_rows(logits, t, log_z, logits.dtype.type(dloss / logits.shape[0]), dlogits)
-    return (dlogits.reshape(shape),)
+    probs = np.ascontiguousarray(cache.probs)
+    dlogits = np.empty_like(probs)
+    coef = probs.dtype.type(dloss / probs.shape[0])
+    _cross_entropy_backward_rows(probs, np.ascontiguousarray(cache.targets, dtype=np.int64), coef, dlogits)
+    return (dlogits.reshape(cache.logits_shape),)
 
 
 # --------------------------------------------------------------------------------------------
