@@ -431,9 +431,9 @@ def softmax_backward(dout: np.ndarray, cache):
 # Causal self-attention, one (batch, head) pair per task
 # --------------------------------------------------------------------------------------------
 # q, k, v are the reference's head views (B, nh, T, hs) of qkv (B, T, 3C). One task per (batch,
-# head) copies its head into contiguous (T, hs) scratch, multiplies with BLAS (numba's np.dot:
-# ~2x faster here than hand-written loops over so short a head size), and runs the scale, the
-# causal mask and the softmax over its (T, T) scores while they sit in L1/L2. Query i sees keys
+# head) copies its head into contiguous scratch, multiplies with BLAS (numba's np.dot: ~2x faster
+# here than hand-written loops over so short a head size), and runs the scale, the causal mask
+# and the softmax over its (T, T) scores while they sit in L1/L2. Query i sees keys
 # 0..i: the softmax runs over j <= i only and writes exact zeros above the diagonal.
 
 @_kernel
@@ -442,11 +442,16 @@ def _attention_forward_heads(q, k, v, scale, use_mask, mask, att, y):
     B, n_head, T, hs = q.shape
     for task in prange(B * n_head):
         b, h = task // n_head, task % n_head
-        qh = np.ascontiguousarray(q[b, h])  # (T, hs)
-        kh = np.ascontiguousarray(k[b, h])
-        vh = np.ascontiguousarray(v[b, h])
-        scores = np.dot(qh, kh.T)  # (T, T), unscaled: softmax(scale s) = exp(scale (s - max s)) / sum
-        p = att[b, h]  # (T, T)
+        # this head's q and v (T, hs) and k transposed (hs, T), contiguous, for BLAS; plain copy
+        # loops (np.ascontiguousarray on these strided views compiles ~4x slower)
+        qh, kt, vh = np.empty((T, hs), q.dtype), np.empty((hs, T), q.dtype), np.empty((T, hs), q.dtype)
+        for t in range(T):
+            for d in range(hs):
+                qh[t, d] = q[b, h, t, d]
+                kt[d, t] = k[b, h, t, d]
+                vh[t, d] = v[b, h, t, d]
+        scores = np.dot(qh, kt)  # (T, T), unscaled: softmax(scale s) = exp(scale (s - max s)) / sum
+        used = np.empty((T, T), q.dtype)  # att, or att * mask with dropout
         for i in range(T):
             top = scores[i, 0]
             for j in range(1, i + 1):
@@ -454,18 +459,20 @@ def _attention_forward_heads(q, k, v, scale, use_mask, mask, att, y):
             total = 0.0
             for j in range(i + 1):
                 e = exp_((scores[i, j] - top) * scale)
-                p[i, j] = e
+                att[b, h, i, j] = e
                 total += e
             inv = 1.0 / total
             for j in range(i + 1):
-                p[i, j] = p[i, j] * inv
+                pij = att[b, h, i, j] * inv
+                att[b, h, i, j] = pij
+                used[i, j] = pij * mask[b, h, i, j] if use_mask else pij
             for j in range(i + 1, T):
-                p[i, j] = 0.0
-        if use_mask:  # dropout on the probabilities: y = (att * mask) v
-            out = np.dot(p * mask[b, h], vh)  # (T, hs)
-        else:
-            out = np.dot(p, vh)  # (T, T) @ (T, hs)
-        y[b, h] = out
+                att[b, h, i, j] = 0.0
+                used[i, j] = 0.0
+        out = np.dot(used, vh)  # (T, T) @ (T, hs)
+        for t in range(T):
+            for d in range(hs):
+                y[b, h, t, d] = out[t, d]
 
 
 @_kernel
@@ -474,18 +481,22 @@ def _attention_backward_heads(dy, q, k, v, att, scale, use_mask, mask, dq, dk, d
     B, n_head, T, hs = q.shape
     for task in prange(B * n_head):
         b, h = task // n_head, task % n_head
-        qh = np.ascontiguousarray(q[b, h])  # (T, hs)
-        kh = np.ascontiguousarray(k[b, h])
-        vh = np.ascontiguousarray(v[b, h])
-        dyh = np.ascontiguousarray(dy[b, h])
-        p = att[b, h]  # (T, T)
+        qh, kh, vt = np.empty((T, hs), q.dtype), np.empty((T, hs), q.dtype), np.empty((hs, T), q.dtype)
+        dyh = np.empty((T, hs), q.dtype)
+        for t in range(T):
+            for d in range(hs):
+                qh[t, d] = q[b, h, t, d]
+                kh[t, d] = k[b, h, t, d]
+                vt[d, t] = v[b, h, t, d]
+                dyh[t, d] = dy[b, h, t, d]
         # in the forward: y = att_used v, att_used = att * mask (or att); so
         # dv = att_used^T dy, datt_used = dy v^T, datt = datt_used * mask
-        if use_mask:
-            dv[b, h] = np.dot((p * mask[b, h]).T, dyh)  # (T, hs)
-        else:
-            dv[b, h] = np.dot(p.T, dyh)
-        ds = np.dot(dyh, vh.T)  # (T, T) datt_used, turned into d(scores) in place below
+        used = np.empty((T, T), q.dtype)  # att_used
+        for i in range(T):
+            for j in range(T):
+                used[i, j] = att[b, h, i, j] * mask[b, h, i, j] if use_mask else att[b, h, i, j]
+        dvh = np.dot(used.T, dyh)  # (T, hs)
+        ds = np.dot(dyh, vt)  # (T, T) datt_used, turned into d(scores) in place below
         for i in range(T):
             if use_mask:
                 for j in range(i + 1):
@@ -493,13 +504,18 @@ def _attention_backward_heads(dy, q, k, v, att, scale, use_mask, mask, dq, dk, d
             # softmax backward: dz = att * (datt - sum_j datt * att); z = scale * scores
             dot = 0.0
             for j in range(i + 1):
-                dot += ds[i, j] * p[i, j]
+                dot += ds[i, j] * att[b, h, i, j]
             for j in range(i + 1):
-                ds[i, j] = p[i, j] * (ds[i, j] - dot) * scale
+                ds[i, j] = att[b, h, i, j] * (ds[i, j] - dot) * scale
             for j in range(i + 1, T):
                 ds[i, j] = 0.0
-        dq[b, h] = np.dot(ds, kh)  # scores = q k^T: dq = ds k, dk = ds^T q
-        dk[b, h] = np.dot(ds.T, qh)
+        dqh = np.dot(ds, kh)  # scores = q k^T: dq = ds k, dk = ds^T q
+        dkh = np.dot(ds.T, qh)
+        for t in range(T):
+            for d in range(hs):
+                dq[b, h, t, d] = dqh[t, d]
+                dk[b, h, t, d] = dkh[t, d]
+                dv[b, h, t, d] = dvh[t, d]
 
 
 def attention_forward(qkv: np.ndarray, n_head: int, dropout_p: float = 0.0,
