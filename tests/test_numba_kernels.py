@@ -570,6 +570,22 @@ def test_thread_count_follows_omp_num_threads_unless_numba_num_threads_is_set():
     assert pinned.stdout.split()[-1] == "2"
 
 
+def test_the_thread_pool_starts_passive_without_leaving_the_setting_behind():
+    """OMP_WAIT_POLICY is PASSIVE only while numba's pool starts (later OpenMP users keep their
+    defaults), and a policy the user set is kept."""
+    code = ("import os; from npgpt.fast import numba_kernels as K; "
+            "print(os.environ.get('OMP_WAIT_POLICY', '-'), K.numba.threading_layer())")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    plain = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.split()[0] == "-"  # removed again after the pool started
+    assert plain.stdout.split()[1] in ("omp", "tbb", "workqueue")  # started at import
+    code = "import os; from npgpt.fast import numba_kernels as K; print(os.environ.get('OMP_WAIT_POLICY', '-'))"
+    chosen = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(env, OMP_WAIT_POLICY="ACTIVE"),
+                            capture_output=True, text=True, timeout=300)
+    assert chosen.returncode == 0 and chosen.stdout.split()[0] == "ACTIVE", chosen.stderr
+
+
 HIDE_NUMBA = """
     import sys
     class HideNumba:  # a meta path finder that refuses numba and llvmlite, as if not installed
