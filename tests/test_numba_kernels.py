@@ -616,6 +616,18 @@ FALLBACK_RUN = """
     out["adamw"] = p
     out["sumsq"] = np.asarray(K.sum_of_squares(x["g"]))
     np.savez(sys.argv[2], **out)
+    # and the whole fast path runs on NumPy: a training step of npgpt.fast equals the reference's
+    import npgpt
+    from npgpt import fast
+    from npgpt.gradcheck import rel_error
+    assert not fast.numba_kernels.ENABLED
+    cfg = npgpt.GPTConfig(vocab_size=7, block_size=6, n_layer=2, n_head=2, n_embd=8)
+    models = [cls(cfg, seed=1, dtype=np.float64) for cls in (npgpt.GPT, fast.GPT)]
+    idx = np.random.default_rng(0).integers(0, 7, (3, 6))
+    losses = [m.forward(idx, idx)[1] for m in models]
+    grads = [m.backward() for m in models]
+    assert abs(losses[0] - losses[1]) <= 1e-13 * abs(losses[0]), losses
+    assert all(rel_error(grads[1][n], grads[0][n]) <= 1e-13 for n in grads[0])
 """
 
 
