@@ -9,6 +9,9 @@ result that passes through them is compared with a tolerance instead:
 - the float32 erf (Eigen's rational approximation instead of scipy's, error < 5e-7), which GELU
   uses in float32 only.
 float32 results of either are compared to 1e-6 normwise.
+
+These tests run npgpt.fast on NumPy alone (the numba kernels switched off, as without numba);
+tests/test_numba_kernels.py runs the same comparisons with the kernels on.
 """
 from __future__ import annotations
 
@@ -28,6 +31,12 @@ from npgpt.fast import layers as fl
 from npgpt.model import init_params
 
 DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")]
+
+
+@pytest.fixture(autouse=True)
+def numpy_only(monkeypatch):
+    """npgpt.fast's NumPy code, which these bit-for-bit claims are about (see the docstring)."""
+    monkeypatch.setattr(fast.numba_kernels, "ENABLED", False)
 ROUNDING = {np.dtype(np.float64): 1e-13, np.dtype(np.float32): 1e-6}  # where the two may differ
 
 

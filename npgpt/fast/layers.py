@@ -19,6 +19,12 @@ rewrites, and how they compare with the reference (tests/test_fastpath.py checks
 - The block drops the MLP's hidden activation (B, T, 4C), its largest array, after the forward
   and rebuilds it in the backward from the activation's cache with the forward's own last
   operation (bit for bit the same array).
+- With numba installed (npgpt.fast.numba_kernels.ENABLED), layernorm, GELU, softmax, attention
+  (without a KV slot) and cross-entropy run as fused, threaded kernels instead of the NumPy code
+  below: one pass per row or per head, the same cache types. They sum in another order (and
+  float32 uses a polynomial exp), so they equal the reference to rounding (float64 1e-13
+  normwise, float32 1e-6), not bit for bit; tests/test_numba_kernels.py checks them, and
+  tests/test_fastpath.py checks the NumPy code with the kernels switched off.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ import math
 
 import numpy as np
 from scipy.special import erf as _scipy_erf
+
+from . import numba_kernels as _kernels
 
 from ..layers import (  # the layers with nothing to speed up, and every cache type
     LAYERNORM_EPS,
@@ -160,6 +168,8 @@ def linear_backward(dout: np.ndarray, cache: LinearCache):
 def layernorm_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
                       eps: float = LAYERNORM_EPS):
     """npgpt.layers.layernorm_forward with two fresh (..., C) arrays instead of five."""
+    if _kernels.ENABLED:
+        return _kernels.layernorm_forward(x, w, b, eps)
     mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
     xc = x - mean
     sq = xc * xc  # (..., C) scratch, reused as the output below
@@ -175,6 +185,8 @@ def layernorm_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
 
 def layernorm_backward(dout: np.ndarray, cache: LayerNormCache):
     """npgpt.layers.layernorm_backward with the chain built in place in g's memory."""
+    if _kernels.ENABLED:
+        return _kernels.layernorm_backward(dout, cache)
     xhat, rstd = cache.xhat, cache.rstd
     g = dout * cache.w  # (..., C) gradient w.r.t. xhat
     scratch = g * xhat  # (..., C)
@@ -198,6 +210,8 @@ _SQRT_2PI = math.sqrt(2.0 * math.pi)
 
 def gelu_forward(x: np.ndarray):
     """x * Phi(x) with one fresh array for the whole of Phi."""
+    if _kernels.ENABLED:
+        return _kernels.gelu_forward(x)
     phi = x / _SQRT_2
     erf(phi, out=phi)
     phi += 1.0
@@ -207,6 +221,8 @@ def gelu_forward(x: np.ndarray):
 
 def gelu_backward(dout: np.ndarray, cache: GeluCache):
     """dout * (phi + x * pdf), built in one fresh array."""
+    if _kernels.ENABLED:
+        return _kernels.gelu_backward(dout, cache)
     x, phi = cache.x, cache.phi
     dx = -0.5 * x
     dx *= x
@@ -240,6 +256,8 @@ ACTIVATION_OUTPUT_FROM_CACHE = {
 
 def softmax_forward(x: np.ndarray):
     """exp(x - max x) / sum, with one fresh array."""
+    if _kernels.ENABLED:
+        return _kernels.softmax_forward(x)
     out = x - x.max(axis=-1, keepdims=True)
     np.exp(out, out=out)
     out /= out.sum(axis=-1, keepdims=True)
@@ -248,6 +266,8 @@ def softmax_forward(x: np.ndarray):
 
 def softmax_backward(dout: np.ndarray, cache: SoftmaxCache):
     """y * (dout - sum(dout * y)), with one fresh array."""
+    if _kernels.ENABLED:
+        return _kernels.softmax_backward(dout, cache)
     y = cache.y
     dx = dout * y
     row_sum = dx.sum(axis=-1, keepdims=True)  # (..., 1)
@@ -274,6 +294,8 @@ def attention_forward(qkv: np.ndarray, n_head: int, dropout_p: float = 0.0,
                       rng: np.random.Generator | None = None, mask: np.ndarray | None = None,
                       kv: KVSlot | None = None):
     """npgpt.layers.attention_forward with each head written straight into its channels of y."""
+    if _kernels.ENABLED and kv is None:
+        return _kernels.attention_forward(qkv, n_head, dropout_p, rng, mask)
     C = qkv.shape[-1] // 3
     q, k, v = (split_heads(part, n_head) for part in np.split(qkv, 3, axis=-1))  # (B, nh, T, hs)
     if kv is not None:
@@ -296,6 +318,8 @@ def attention_forward(qkv: np.ndarray, n_head: int, dropout_p: float = 0.0,
 
 def attention_backward(dout: np.ndarray, cache: AttentionCache):
     """npgpt.layers.attention_backward with dq, dk, dv written straight into one (B, T, 3C)."""
+    if _kernels.ENABLED:
+        return _kernels.attention_backward(dout, cache)
     q, k, v, att, att_mask, scale = cache.q, cache.k, cache.v, cache.att, cache.att_mask, cache.scale
     n_head = q.shape[1]
     dy = split_heads(dout, n_head)  # (B, nh, T, hs)
@@ -320,6 +344,8 @@ def attention_backward(dout: np.ndarray, cache: AttentionCache):
 
 def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray):
     """npgpt.layers.cross_entropy_forward with the softmax built in the shifted logits' memory."""
+    if _kernels.ENABLED:
+        return _kernels.cross_entropy_forward(logits, targets)
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)  # (N, V)
     t = targets.reshape(-1)  # (N,)
@@ -335,6 +361,8 @@ def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray):
 
 def cross_entropy_backward(dloss, cache: CrossEntropyCache):
     """(probs - onehot) / N * dloss in one fresh array."""
+    if _kernels.ENABLED:
+        return _kernels.cross_entropy_backward(dloss, cache)
     probs, t = cache.probs, cache.targets
     n = probs.shape[0]
     dlogits = probs.copy()

@@ -5,7 +5,9 @@ import math
 
 import numpy as np
 
-from ..optim import clip_grad_norm, cosine_lr, decays, moments_from_state, moments_state, parameter_groups
+from .. import optim as _reference
+from ..optim import cosine_lr, decays, moments_from_state, moments_state, parameter_groups
+from . import numba_kernels as _kernels
 
 __all__ = ["AdamW", "clip_grad_norm", "cosine_lr", "decays"]
 
@@ -23,7 +25,9 @@ class AdamW:
     parameters out so: see fast.model.pack_params), the flat vector is a view of that buffer and the
     gather and the write-back are skipped. The update runs in preallocated scratch memory, so a
     step allocates no large arrays (fresh memory costs page faults). The same operations in the
-    same order as npgpt.optim.AdamW: bit for bit its result. state_dict() has npgpt.optim.AdamW's
+    same order as npgpt.optim.AdamW: bit for bit its result. With numba
+    (npgpt.fast.numba_kernels.ENABLED) the update is one fused, threaded pass over each group
+    instead, equal to the reference to rounding (FMAs). state_dict() has npgpt.optim.AdamW's
     layout, and either optimizer loads the other's state.
     """
 
@@ -81,6 +85,12 @@ class AdamW:
             p, gathered = self._params_flat(group)
             g = self._flat(grads, group, out=self._grad_flat[group])
             m, v, s = self.exp_avg[group], self.exp_avg_sq[group], self._scratch[group]
+            if _kernels.ENABLED:
+                _kernels.adamw_update(p, g, m, v, lr=lr, beta1=b1, beta2=b2, eps=self.eps,
+                                      weight_decay=wd, step=t)
+                if gathered:
+                    self._scatter(p, group)
+                continue
             # The formulas of the docstring, each intermediate written into the scratch `s`:
             # the same operations in the same order as `m += (1 - b1) * g` and so on.
             if wd:
@@ -123,6 +133,19 @@ class AdamW:
                 out[n] = store[g][offset:offset + size].reshape(self.params[n].shape)
                 offset += size
         return {n: out[n] for n in self.params}
+
+
+def clip_grad_norm(grads: dict[str, np.ndarray], max_norm: float) -> float:
+    """npgpt.optim.clip_grad_norm; with numba, the squares summed (in float64) and the gradients
+    scaled by threaded kernels."""
+    if not _kernels.ENABLED:
+        return _reference.clip_grad_norm(grads, max_norm)
+    total = math.sqrt(sum(_kernels.sum_of_squares(g) for g in grads.values()))
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for g in grads.values():
+            _kernels.scale_in_place(g, coef)
+    return total
 
 
 def _flat_view(arrays: list[np.ndarray]):

@@ -1,0 +1,672 @@
+"""npgpt.fast.numba_kernels against the plain formulas of npgpt.layers.
+
+float64: each kernel computes the reference's formula with the same libm functions, summed in
+another order, so it must agree within 1e-13 normwise. float32: the kernels use a rational erf,
+a polynomial exp and float64 row sums; they are compared with the exact result (the reference
+run in float64 on the same float32 inputs) within 1e-6 normwise. (The float32 reference itself
+is printed beside it for scale: it is no closer to the exact result than the kernel.)
+
+numba is a test dependency (the `test` extra), so these tests run by default and fail, rather than
+skip, when it cannot be imported. The last tests hide numba in a fresh interpreter and check that
+the module still imports and computes the same numbers with the reference layers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+
+from scipy.special import erf as scipy_erf
+
+import npgpt
+from npgpt import GPTConfig, fast, optim
+from npgpt import layers as L
+from npgpt.compare import compare_all
+from npgpt.fast import layers as fast_layers
+from npgpt.fast import numba_kernels as K
+from npgpt.gradcheck import rel_error
+from npgpt.optim import AdamW
+from test_fastpath import ROUNDING, arrays_of, batch, block_params, compare_pair, noisy_pair, small_config
+
+ROOT = Path(__file__).resolve().parents[1]
+F64_BOUND, F32_BOUND = 1e-13, 1e-6
+DTYPES = [np.float64, np.float32]
+
+
+def test_numba_is_available():
+    assert K.AVAILABLE, (f"{K.UNAVAILABLE_REASON}: the kernels are untested without numba; "
+                         "install the test extra (pip install -e '.[test]')")
+    assert K.threads() >= 1
+
+
+def check(name, ours, exact, dtype, reference32=None):
+    """ours (in `dtype`) within the dtype's bound of `exact` (float64), normwise; prints both."""
+    ours = np.asarray(ours)
+    exact = np.asarray(exact, dtype=np.float64)
+    assert ours.shape == exact.shape, f"{name}: shape {ours.shape} != {exact.shape}"
+    assert ours.dtype == np.dtype(dtype), f"{name}: dtype {ours.dtype}, expected {np.dtype(dtype)}"
+    bound = F64_BOUND if dtype == np.float64 else F32_BOUND
+    rel = rel_error(ours, exact)
+    max_abs = float(np.max(np.abs(ours.astype(np.float64) - exact))) if exact.size else 0.0
+    extra = ""
+    if reference32 is not None:
+        extra = f"; float32 reference {rel_error(reference32, exact):.2e}"
+    print(f"  {name:>10} {np.dtype(dtype).name}: rel {rel:.2e} (bound {bound:.0e}), max abs {max_abs:.2e}{extra}")
+    assert rel <= bound, f"{name}: normwise relative error {rel:.3e} > {bound:g} (max abs {max_abs:.3e})"
+
+
+def random(rng, shape, dtype, scale=1.0, shift=0.0):
+    return (rng.standard_normal(shape) * scale + shift).astype(dtype)
+
+
+def as64(*arrays):
+    return [None if a is None else np.asarray(a, dtype=np.float64) for a in arrays]
+
+
+# --------------------------------------------------------------------------------------------
+# Layer norm
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(3, 7, 24), (12, 64, 128), (5, 33)])
+def test_layernorm(dtype, bias, shape):
+    rng = np.random.default_rng(1)
+    C = shape[-1]
+    x, dout = random(rng, shape, dtype, 3.0, 1.5), random(rng, shape, dtype)
+    w, b = random(rng, C, dtype, 0.5, 1.0), (random(rng, C, dtype) if bias else None)
+    out, cache = K.layernorm_forward(x, w, b)
+    dx, dw, db = K.layernorm_backward(dout, cache)
+    ref_out, ref_cache = L.layernorm_forward(*as64(x, w, b))
+    ref_dx, ref_dw, ref_db = L.layernorm_backward(*as64(dout), ref_cache)
+    r32 = {}
+    if dtype == np.float32:
+        r32_out, r32_cache = L.layernorm_forward(x, w, b)
+        r32 = dict(zip(("out", "dx", "dw", "db"), (r32_out, *L.layernorm_backward(dout, r32_cache))))
+    check("out", out, ref_out, dtype, r32.get("out"))
+    check("dx", dx, ref_dx, dtype, r32.get("dx"))
+    check("dw", dw, ref_dw, dtype, r32.get("dw"))
+    if bias:
+        check("db", db, ref_db, dtype, r32.get("db"))
+    else:
+        assert db is None and ref_db is None
+
+
+def test_layernorm_eps_is_used():
+    rng = np.random.default_rng(2)
+    x = random(rng, (4, 16), np.float64, 1e-3)  # variance ~1e-6: eps matters
+    w = np.ones(16)
+    out, _ = K.layernorm_forward(x, w, None, eps=1e-2)
+    ref, _ = L.layernorm_forward(x, w, None, eps=1e-2)
+    check("out", out, ref, np.float64)
+    assert rel_error(K.layernorm_forward(x, w, None)[0], ref) > 1e-2  # the default eps gives another result
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 7])
+def test_layernorm_weight_gradient_does_not_depend_on_the_split_into_parts(parts):
+    """dw, db are summed in one partial per thread; any number of parts gives the same sums."""
+    rng = np.random.default_rng(3)
+    x, dout = random(rng, (10, 12), np.float64), random(rng, (10, 12), np.float64)
+    w = random(rng, 12, np.float64)
+    _, cache = K.layernorm_forward(x, w, np.zeros(12))
+    dx = np.empty_like(dout)
+    dw_parts, db_parts = np.empty((parts, 12)), np.empty((parts, 12))
+    K._layernorm_backward_rows(dout, cache.xhat, cache.rstd.reshape(-1), w, dx, dw_parts, db_parts)
+    _, ref_cache = L.layernorm_forward(x, w, np.zeros(12))
+    ref_dx, ref_dw, ref_db = L.layernorm_backward(dout, ref_cache)
+    check("dx", dx, ref_dx, np.float64)
+    check("dw", dw_parts.sum(axis=0), ref_dw, np.float64)
+    check("db", db_parts.sum(axis=0), ref_db, np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# GELU and softmax
+# --------------------------------------------------------------------------------------------
+
+def gelu_inputs(rng, dtype):
+    """Normal inputs, wide ones, and the points where the float32 erf and exp change regime."""
+    special = np.array([0.0, -0.0, 1e-30, -1e-30, 1e-4, 2.8, -2.8, 5.65, -5.65, 5.7, -5.7, 8.0, -8.0,
+                        13.0, -13.0, 14.0, -14.0, 30.0, -30.0, 1e4, -1e4])
+    x = np.concatenate([rng.standard_normal(4000) * 1.5, rng.standard_normal(500) * 8, special])
+    return x.astype(dtype).reshape(-1, 137)  # (33, 137): rows of an odd length
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu(dtype):
+    rng = np.random.default_rng(4)
+    x = gelu_inputs(rng, dtype)
+    dout = random(rng, x.shape, dtype)
+    out, cache = K.gelu_forward(x)
+    (dx,) = K.gelu_backward(dout, cache)
+    ref_out, ref_cache = L.gelu_forward(*as64(x))
+    (ref_dx,) = L.gelu_backward(*as64(dout), ref_cache)
+    check("out", out, ref_out, dtype)
+    check("dx", dx, ref_dx, dtype)
+    # elementwise too. float64: a few ulps. float32: the erf's error (below 5e-7, so Phi's below
+    # 2.5e-7) times |x|, plus rounding; dx likewise, times |dout|.
+    if dtype == np.float64:
+        out_bound = 4e-16 * (np.abs(ref_out) + np.abs(x))
+        dx_bound = 4e-16 * np.abs(dout) * (1.0 + np.abs(x))
+    else:
+        out_bound = 2.5e-7 * np.abs(x) + 1.2e-7 * np.abs(ref_out)
+        dx_bound = np.abs(dout) * (5e-7 + 1.2e-7 * np.abs(ref_dx / np.where(dout == 0, 1, dout)))
+    assert np.all(np.abs(out - ref_out) <= out_bound), f"out: worst entry at x = {x.flat[np.argmax(np.abs(out - ref_out) - out_bound)]}"
+    assert np.all(np.abs(dx - ref_dx) <= dx_bound), f"dx: worst entry at x = {x.flat[np.argmax(np.abs(dx - ref_dx) - dx_bound)]}"
+
+
+def test_gelu_on_a_model_sized_array_float32():
+    rng = np.random.default_rng(5)
+    x, dout = random(rng, (12, 64, 512), np.float32, 1.2), random(rng, (12, 64, 512), np.float32)
+    out, cache = K.gelu_forward(x)
+    (dx,) = K.gelu_backward(dout, cache)
+    ref_out, ref_cache = L.gelu_forward(*as64(x))
+    check("out", out, ref_out, np.float32)
+    check("dx", dx, L.gelu_backward(*as64(dout), ref_cache)[0], np.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax(dtype):
+    rng = np.random.default_rng(6)
+    x = random(rng, (6, 9, 37), dtype, 4.0)
+    x[0, 0, :5] = -np.inf  # masked entries: probability exactly 0
+    x[1, 1] += 500.0  # large logits: the row max keeps exp finite
+    x[2, 2, 3] = -200.0  # exp underflows to 0
+    dout = random(rng, x.shape, dtype)
+    y, cache = K.softmax_forward(x)
+    (dx,) = K.softmax_backward(dout, cache)
+    ref_y, ref_cache = L.softmax_forward(*as64(x))
+    (ref_dx,) = L.softmax_backward(*as64(dout), ref_cache)
+    check("y", y, ref_y, dtype)
+    check("dx", dx, ref_dx, dtype)
+    assert np.all(y[0, 0, :5] == 0.0)
+    np.testing.assert_allclose(y.sum(axis=-1), 1.0, rtol=1e-6 if dtype == np.float32 else 1e-14)
+
+
+def scalar_function_over(function, z):
+    """function (one of the kernels' scalar helpers, as numba compiles it for z's dtype) at each z."""
+    @numba.njit
+    def each(z, out):
+        for i in range(z.shape[0]):
+            out[i] = function(z[i])
+    out = np.empty_like(z)
+    each(z, out)
+    return out
+
+
+def test_float32_exp_across_its_range():
+    """The polynomial exp of the float32 kernels, over [-87, 88]: within ~2 ulps of exp; below
+    that, (nearly) 0, never NaN; NaN stays NaN."""
+    z = np.concatenate([np.linspace(-87.0, 88.0, 20001), -np.logspace(-8, 1.9, 2000), [0.0]]).astype(np.float32)
+    got = scalar_function_over(K.exp_, z)
+    exact = np.exp(z.astype(np.float64))
+    rel = np.abs(got.astype(np.float64) - exact) / exact
+    print(f"  float32 exp: worst relative error {rel.max():.2e} over {len(z)} points")
+    assert rel.max() < 2.5e-7
+    assert got[-1] == 1.0  # exp(0) exactly
+    edge = scalar_function_over(K.exp_, np.array([-88.0, -1e4, -np.inf, np.nan], np.float32))
+    assert np.all(edge[:2] <= np.exp(-87.0)) and edge[2] == 0.0 and np.isnan(edge[3])
+
+
+def test_float32_normal_cdf_and_pdf():
+    """Phi and pdf as the float32 GELU computes them, against float64 formulas over [-12, 12]."""
+    x = np.linspace(-12.0, 12.0, 48001).astype(np.float32)
+    x64 = x.astype(np.float64)
+    cdf = scalar_function_over(K.normal_cdf_, x)
+    pdf = scalar_function_over(K.normal_pdf_, x)
+    assert np.max(np.abs(cdf - 0.5 * (1.0 + scipy_erf(x64 / math.sqrt(2.0))))) < 3e-7
+    exact_pdf = np.exp(-0.5 * x64 * x64) / math.sqrt(2.0 * math.pi)
+    # relative error: the float32 rounding of x^2 / 2 (|x^2 / 2| * 6e-8, the exponent's own
+    # conditioning) plus a few ulps
+    rel = np.abs(pdf - exact_pdf) / exact_pdf
+    assert np.all(rel <= (0.5 * x64 * x64 + 2.0) * 1.2e-7), f"worst at x = {x[np.argmax(rel)]}"
+
+
+def test_float32_erf_coefficients_are_the_fast_layers_ones():
+    assert [np.float32(c) for c in fast_layers.ERF32_P] == list(K._ERF32_P)
+    assert [np.float32(c) for c in fast_layers.ERF32_Q] == list(K._ERF32_Q)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,C,n_head", [(2, 9, 12, 3), (12, 64, 128, 4), (1, 1, 8, 2), (3, 17, 64, 1)])
+def test_attention(dtype, B, T, C, n_head):
+    rng = np.random.default_rng(7)
+    qkv, dout = random(rng, (B, T, 3 * C), dtype, 1.5), random(rng, (B, T, C), dtype)
+    y, cache = K.attention_forward(qkv, n_head)
+    (dqkv,) = K.attention_backward(dout, cache)
+    ref_y, ref_cache = L.attention_forward(*as64(qkv), n_head)
+    (ref_dqkv,) = L.attention_backward(*as64(dout), ref_cache)
+    check("y", y, ref_y, dtype)
+    for part, a, r in zip("qkv", np.split(dqkv, 3, axis=-1), np.split(ref_dqkv, 3, axis=-1)):
+        check(f"d{part}", a, r, dtype)
+    assert np.all(np.triu(cache.att, k=1) == 0.0), "attention to the future"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_with_dropout(dtype):
+    B, T, C, n_head, p = 3, 11, 16, 2, 0.3
+    rng = np.random.default_rng(8)
+    qkv, dout = random(rng, (B, T, 3 * C), dtype), random(rng, (B, T, C), dtype)
+    mask = L.dropout_mask((B, n_head, T, T), p, rng, dtype)
+    for kwargs in (dict(mask=mask), dict(rng=np.random.default_rng(9))):
+        y, cache = K.attention_forward(qkv, n_head, p, **kwargs)
+        (dqkv,) = K.attention_backward(dout, cache)
+        ref_kwargs = dict(mask=mask.astype(np.float64)) if "mask" in kwargs else dict(rng=np.random.default_rng(9))
+        ref_y, ref_cache = L.attention_forward(*as64(qkv), n_head, p, **ref_kwargs)
+        (ref_dqkv,) = L.attention_backward(*as64(dout), ref_cache)
+        check("y", y, ref_y, dtype)
+        check("dqkv", dqkv, ref_dqkv, dtype)
+    with pytest.raises(ValueError, match="rng or mask"):
+        K.attention_forward(qkv, n_head, p)
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-entropy
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(12, 64, 65), (3, 5, 7), (4, 1000)])
+def test_cross_entropy(dtype, shape):
+    rng = np.random.default_rng(10)
+    V = shape[-1]
+    logits = random(rng, shape, dtype, 3.0)
+    targets = rng.integers(0, V, shape[:-1])
+    targets.reshape(-1)[:2] = (0, V - 1)
+    dloss = 0.37
+    loss, cache = K.cross_entropy_forward(logits, targets)
+    (dlogits,) = K.cross_entropy_backward(dloss, cache)
+    ref_loss, ref_cache = L.cross_entropy_forward(*as64(logits), targets)
+    (ref_dlogits,) = L.cross_entropy_backward(dloss, ref_cache)
+    check("loss", np.asarray(loss), ref_loss, dtype)
+    check("dlogits", dlogits, ref_dlogits, dtype)
+
+
+def test_cross_entropy_rejects_targets_outside_the_vocabulary():
+    logits = np.zeros((2, 3, 5))
+    for bad in (5, -1):
+        targets = np.zeros((2, 3), dtype=np.int64)
+        targets[1, 2] = bad
+        with pytest.raises(IndexError, match=r"outside \[0, 5\)"):
+            K.cross_entropy_forward(logits, targets)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_nan_logit_gives_a_nan_loss(dtype):
+    """fastmath leaves NaN alone, so the training loop's non-finite check still fires."""
+    logits = np.random.default_rng(11).standard_normal((4, 9)).astype(dtype)
+    logits[2, 3] = np.nan
+    loss, _ = K.cross_entropy_forward(logits, np.arange(4))
+    assert np.isnan(loss)
+
+
+# --------------------------------------------------------------------------------------------
+# AdamW and the gradient norm
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_update_equals_the_reference_optimizer(dtype, weight_decay):
+    rng = np.random.default_rng(12)
+    w0 = random(rng, (37, 23), dtype, 0.02)
+    settings = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
+    reference = AdamW({"w": w0.astype(np.float64)}, **settings)
+    p, m, v = w0.reshape(-1).copy(), np.zeros(w0.size, dtype), np.zeros(w0.size, dtype)
+    for step in range(1, 6):
+        g = random(rng, w0.shape, dtype, 0.1)
+        g.reshape(-1)[:3] = 0.0  # a parameter with no gradient still decays
+        lr = settings["lr"] * (1.0 - 0.1 * step)  # a schedule: lr changes every step
+        reference.step({"w": g.astype(np.float64)}, lr=lr)
+        K.adamw_update(p, g.reshape(-1), m, v, lr=lr, beta1=0.9, beta2=0.95, eps=1e-8,
+                       weight_decay=weight_decay, step=step)
+        check(f"p step {step}", p.reshape(w0.shape), reference.params["w"], dtype)
+
+
+def test_adamw_update_rejects_mismatched_buffers():
+    a = np.zeros(4)
+    with pytest.raises(ValueError, match="1-D buffers"):
+        K.adamw_update(a, np.zeros(5), a.copy(), a.copy(), lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8,
+                       weight_decay=0.0, step=1)
+    with pytest.raises(ValueError, match="dtype"):
+        K.adamw_update(a, np.zeros(4, np.float32), a.copy(), a.copy(), lr=1e-3, beta1=0.9, beta2=0.99,
+                       eps=1e-8, weight_decay=0.0, step=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sum_of_squares_and_scale(dtype):
+    rng = np.random.default_rng(13)
+    g = random(rng, 100003, dtype)
+    exact = float(np.sum(g.astype(np.float64) ** 2))
+    assert abs(K.sum_of_squares(g) - exact) <= 1e-13 * exact
+    expected = g.astype(np.float64) * 0.25
+    K.scale_in_place(g, 0.25)
+    check("scaled", g, expected, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# npgpt.fast with the kernels on, against the reference (tests/test_fastpath.py: with them off)
+# --------------------------------------------------------------------------------------------
+
+FAST_DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")]
+
+
+@pytest.fixture
+def kernels_on(monkeypatch):
+    assert K.AVAILABLE, K.UNAVAILABLE_REASON
+    monkeypatch.setattr(K, "ENABLED", True)
+
+
+@pytest.mark.parametrize("dtype", FAST_DTYPES)
+def test_fast_layers_call_the_kernels_and_equal_the_reference(dtype, kernels_on, monkeypatch):
+    rng = np.random.default_rng(20)
+    calls = []
+    for name in ("layernorm_forward", "gelu_forward", "softmax_forward", "attention_forward",
+                 "cross_entropy_forward"):
+        original = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    B, T, C, nh = 3, 7, 12, 3
+    x, w, b = random(rng, (B, T, C), dtype, 2.0, 1.0), random(rng, C, dtype), random(rng, C, dtype)
+    qkv = random(rng, (B, T, 3 * C), dtype)
+    mask = L.dropout_mask((B, nh, T, T), 0.25, rng, dtype)
+    pairs = {
+        "layernorm": ((fast_layers.layernorm_forward, fast_layers.layernorm_backward),
+                      (L.layernorm_forward, L.layernorm_backward), (x, w, b), {}),
+        "gelu": (fast_layers.ACTIVATION_FUNCTIONS["gelu"], L.ACTIVATION_FUNCTIONS["gelu"], (x,), {}),
+        "softmax": ((fast_layers.softmax_forward, fast_layers.softmax_backward),
+                    (L.softmax_forward, L.softmax_backward), (x,), {}),
+        "attention": ((fast_layers.attention_forward, fast_layers.attention_backward),
+                      (L.attention_forward, L.attention_backward), (qkv, nh), {}),
+        "attention+dropout": ((fast_layers.attention_forward, fast_layers.attention_backward),
+                              (L.attention_forward, L.attention_backward), (qkv, nh), {"mask": mask}),
+    }
+    for name, (fast_pair, ref_pair, args, kwargs) in pairs.items():
+        compare_pair(name, fast_pair, ref_pair, args, dtype, exact=False, **kwargs)
+    logits, targets = random(rng, (B, T, 11), dtype, 4.0), rng.integers(0, 11, (B, T))
+    f_loss, f_cache = fast_layers.cross_entropy_forward(logits, targets)
+    r_loss, r_cache = L.cross_entropy_forward(logits, targets)
+    assert type(f_cache) is type(r_cache)
+    compare_all({"loss": f_loss, **arrays_of("cache", f_cache), "dlogits": fast_layers.cross_entropy_backward(0.7, f_cache)[0]},
+                {"loss": r_loss, **arrays_of("cache", r_cache), "dlogits": L.cross_entropy_backward(0.7, r_cache)[0]},
+                rtol=ROUNDING[np.dtype(dtype)], header=f"cross-entropy [{np.dtype(dtype).name}]")
+    assert set(calls) == {"layernorm_forward", "gelu_forward", "softmax_forward", "attention_forward",
+                          "cross_entropy_forward"}, calls
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["nodrop", "dropout"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", FAST_DTYPES)
+def test_fast_block_with_kernels_equals_reference(dtype, activation, dropout, kernels_on):
+    C, nh, B, T = 8, 2, 2, 6
+    p = block_params(GPTConfig(vocab_size=5, block_size=T, n_layer=1, n_head=nh, n_embd=C, bias=True), dtype)
+    rng = np.random.default_rng(21)
+    x, dout = random(rng, (B, T, C), dtype), random(rng, (B, T, C), dtype)
+    masks = [L.dropout_mask(s, 0.2, rng, dtype) for s in [(B, nh, T, T), (B, T, C), (B, T, C)]] if dropout else None
+    f_out, f_cache = fast_layers.block_forward(x, p, nh, activation, 0.2 if dropout else 0.0, None, masks)
+    r_out, r_cache = L.block_forward(x, p, nh, activation, 0.2 if dropout else 0.0, None, masks)
+    f_dx, f_grads = fast_layers.block_backward(dout, f_cache)
+    r_dx, r_grads = L.block_backward(dout, r_cache)
+    compare_all({"out": f_out, "dx": f_dx, **f_grads}, {"out": r_out, "dx": r_dx, **r_grads},
+                rtol=ROUNDING[np.dtype(dtype)], header=f"block {activation} dropout={dropout} [{np.dtype(dtype).name}]")
+    if activation == "gelu":  # the dropped activation is rebuilt bit for bit from the kernel's cache
+        act_out, _ = fast_layers.gelu_forward(f_cache.act.x)
+        assert np.array_equal(fast_layers.ACTIVATION_OUTPUT_FROM_CACHE["gelu"](f_cache.act), act_out)
+
+
+def compare_to_reference(header, ours: dict, reference: dict, exact: dict | None, dtype) -> None:
+    """float64: ours within 1e-13 of the reference. float32: ours and the float32 reference are both
+    compared with the exact result (the reference in float64 on the same float32 inputs); ours must
+    be within 1e-6 of it, or no further from it than twice the float32 reference is (the kernels
+    sum in another order than the reference, so neither float32 result is the other's truth)."""
+    if np.dtype(dtype) == np.float64:
+        compare_all(ours, reference, rtol=F64_BOUND, header=header)
+        return
+    print(f"\n{header}: normwise error against the exact result, ours / float32 reference")
+    bad = []
+    for name in exact:
+        mine, theirs = rel_error(ours[name], exact[name]), rel_error(reference[name], exact[name])
+        bound = max(F32_BOUND, 2.0 * theirs)
+        print(f"  {name:36s} {mine:.2e} / {theirs:.2e}  (bound {bound:.1e}){'  FAIL' if not mine <= bound else ''}")
+        if not mine <= bound:
+            bad.append(name)
+    assert not bad, f"{header}: further from the exact result than allowed: {bad}"
+
+
+def exact_twin(model, config):
+    """A float64 reference GPT holding `model`'s (float32) parameters exactly."""
+    twin = npgpt.GPT(config, dtype=np.float64)
+    for n, p in model.params.items():
+        twin.params[n][...] = p
+    return twin
+
+
+@pytest.mark.parametrize("config", [small_config(), small_config(tie_weights=True, bias=False, activation="relu"),
+                                    small_config(dropout=0.2, activation="gelu_tanh")],
+                         ids=["untied-bias-gelu", "tied-nobias-relu", "dropout-gelu_tanh"])
+@pytest.mark.parametrize("dtype", FAST_DTYPES)
+def test_fast_model_with_kernels_equals_reference(dtype, config, kernels_on):
+    reference, quick = noisy_pair(config, dtype)
+    idx, targets = batch(config)
+    r_logits, r_loss = reference.forward(idx, targets)
+    masks = reference.last_dropout_masks or None
+    f_logits, f_loss = quick.forward(idx, targets, dropout_masks=masks)
+    ours = {"logits": f_logits, "loss": f_loss, **quick.backward()}
+    theirs = {"logits": r_logits, "loss": r_loss, **reference.backward()}
+    exact = None
+    if np.dtype(dtype) == np.float32:
+        twin = exact_twin(reference, config)
+        e_logits, e_loss = twin.forward(idx, targets, dropout_masks=masks)
+        exact = {"logits": e_logits, "loss": e_loss, **twin.backward()}
+    compare_to_reference(f"model with kernels [{np.dtype(dtype).name}]", ours, theirs, exact, dtype)
+
+
+@pytest.mark.parametrize("dtype", FAST_DTYPES)
+def test_fast_training_steps_with_kernels_equal_reference(dtype, kernels_on):
+    """Five steps of forward, backward, clip and AdamW (the kernels' update) on each side (and,
+    in float32, an exact float64 run from the same start)."""
+    config = small_config(bias=False)
+    reference, quick = noisy_pair(config, dtype)
+    runs = {"ours": (quick, fast.AdamW, fast.clip_grad_norm), "reference": (reference, optim.AdamW, optim.clip_grad_norm)}
+    if np.dtype(dtype) == np.float32:
+        runs["exact"] = (exact_twin(reference, config), optim.AdamW, optim.clip_grad_norm)
+    opts = {k: opt(m.params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1) for k, (m, opt, _) in runs.items()}
+    for step in range(5):
+        idx, targets = batch(config, seed=step)
+        lr = optim.cosine_lr(step, 1e-2, 2, 5, 1e-3)
+        state = {}
+        for k, (model, _, clip) in runs.items():
+            _, loss = model.forward(idx, targets)
+            norm = clip(g := model.backward(), 0.5)
+            opts[k].step(g, lr=lr)
+            state[k] = {"loss": loss, "grad norm": norm, **{n: p.copy() for n, p in model.params.items()}}
+        compare_to_reference(f"step {step} with kernels [{np.dtype(dtype).name}]", state["ours"],
+                             state["reference"], state.get("exact"), dtype)
+
+
+def test_fast_generate_with_kernels_equals_reference(kernels_on):
+    config = small_config()
+    reference, quick = noisy_pair(config, np.float64)
+    idx = np.array([[1, 2, 3], [4, 5, 6]])
+    r_ids = reference.generate(idx, 8, temperature=0.0)
+    f_ids = quick.generate(idx, 8, temperature=0.0)
+    assert np.array_equal(f_ids, r_ids)
+    kv_r, kv_f = reference.new_kv_cache(2), quick.new_kv_cache(2)
+    compare_all({"logits": quick.forward_cached(idx, kv_f)}, {"logits": reference.forward_cached(idx, kv_r)},
+                rtol=1e-13, header="forward_cached with kernels")
+
+
+def test_npgpt_numba_0_keeps_the_fast_path_on_numpy():
+    code = "from npgpt.fast import numba_kernels as K; print(K.AVAILABLE, K.ENABLED)"
+    on = run_python(code, {"NPGPT_NUMBA": "1"})
+    off = run_python(code, {"NPGPT_NUMBA": "0"})
+    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+    assert on.stdout.split()[-2:] == ["True", "True"]
+    assert off.stdout.split()[-2:] == ["True", "False"]
+
+
+# --------------------------------------------------------------------------------------------
+# The on-disk cache, the thread count, and the module without numba
+# --------------------------------------------------------------------------------------------
+
+def run_python(code: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_second_process_loads_the_kernels_from_the_disk_cache(tmp_path):
+    code = """
+        import json, time, numpy as np
+        from npgpt.fast import numba_kernels as K
+        t = time.perf_counter()
+        K.layernorm_forward(np.ones((2, 8), np.float32), np.ones(8, np.float32))
+        stats = K._layernorm_forward_rows.stats
+        print(json.dumps(dict(dir=K.CACHE_DIR, hits=sum(stats.cache_hits.values()),
+                              misses=sum(stats.cache_misses.values()), seconds=time.perf_counter() - t)))
+    """
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    first, second = run_python(code, env), run_python(code, env)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    a, b = json.loads(first.stdout.splitlines()[-1]), json.loads(second.stdout.splitlines()[-1])
+    print(f"  first process {a}, second {b}")
+    assert a["dir"] == b["dir"] == str(tmp_path / "cache")
+    assert (a["hits"], a["misses"]) == (0, 1), "the first process should compile"
+    assert (b["hits"], b["misses"]) == (1, 0), "the second process should load the compiled kernel"
+    assert any(p.suffix == ".nbi" for p in (tmp_path / "cache").rglob("*")), "no index file written"
+
+
+def test_cache_falls_back_to_a_private_temp_folder_when_nothing_else_is_writable(monkeypatch, tmp_path):
+    monkeypatch.setattr(K.numba.config, "CACHE_DIR", "")
+    monkeypatch.setattr(K.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(K, "_writable_dir", lambda path: path.startswith(str(tmp_path)))
+    chosen = K._choose_cache_dir()
+    assert chosen is not None and chosen.startswith(str(tmp_path))
+    assert K.numba.config.CACHE_DIR == chosen  # so numba's own locator writes there
+    monkeypatch.setattr(K, "_writable_dir", lambda path: False)
+    monkeypatch.setattr(K.numba.config, "CACHE_DIR", "")
+    assert K._choose_cache_dir() is None  # nothing writable: compile in memory, no error
+
+
+def test_thread_count_follows_omp_num_threads_unless_numba_num_threads_is_set():
+    code = "from npgpt.fast import numba_kernels as K; print(K.threads())"
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
+    one = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.split()[-1] == "1"
+    pinned = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                            env=dict(env, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="2"),
+                            capture_output=True, text=True, timeout=300)
+    assert pinned.returncode == 0, pinned.stderr
+    assert pinned.stdout.split()[-1] == "2"
+
+
+def test_the_thread_pool_starts_passive_without_leaving_the_setting_behind():
+    """OMP_WAIT_POLICY is PASSIVE only while numba's pool starts (later OpenMP users keep their
+    defaults), and a policy the user set is kept."""
+    code = ("import os; from npgpt.fast import numba_kernels as K; "
+            "print(os.environ.get('OMP_WAIT_POLICY', '-'), K.numba.threading_layer())")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    plain = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.split()[0] == "-"  # removed again after the pool started
+    assert plain.stdout.split()[1] in ("omp", "tbb", "workqueue")  # started at import
+    code = "import os; from npgpt.fast import numba_kernels as K; print(os.environ.get('OMP_WAIT_POLICY', '-'))"
+    chosen = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(env, OMP_WAIT_POLICY="ACTIVE"),
+                            capture_output=True, text=True, timeout=300)
+    assert chosen.returncode == 0 and chosen.stdout.split()[0] == "ACTIVE", chosen.stderr
+
+
+HIDE_NUMBA = """
+    import sys
+    class HideNumba:  # a meta path finder that refuses numba and llvmlite, as if not installed
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("numba", "llvmlite"):
+                raise ImportError(f"{name} hidden by the test")
+            return None
+    sys.meta_path.insert(0, HideNumba())
+"""
+
+FALLBACK_RUN = """
+    import numpy as np
+    from npgpt.fast import numba_kernels as K
+    assert not K.AVAILABLE and "numba" in K.UNAVAILABLE_REASON, K.UNAVAILABLE_REASON
+    assert "numba" not in sys.modules and K.threads() == 1 and K.CACHE_DIR is None
+    x = dict(np.load(sys.argv[1]))
+    out = {}
+    o, c = K.layernorm_forward(x["x"], x["w"], x["b"]); out["ln"] = o
+    out["ln_dx"], out["ln_dw"], out["ln_db"] = K.layernorm_backward(x["dx_up"], c)
+    o, c = K.gelu_forward(x["h"]); out["gelu"] = o; (out["gelu_dx"],) = K.gelu_backward(x["dh"], c)
+    o, c = K.softmax_forward(x["h"]); out["sm"] = o; (out["sm_dx"],) = K.softmax_backward(x["dh"], c)
+    o, c = K.attention_forward(x["qkv"], 2); out["att"] = o; (out["att_dqkv"],) = K.attention_backward(x["dy"], c)
+    o, c = K.cross_entropy_forward(x["logits"], x["targets"]); out["ce"] = np.asarray(o)
+    (out["ce_dlogits"],) = K.cross_entropy_backward(0.5, c)
+    p, m, v = x["p"].copy(), np.zeros_like(x["p"]), np.zeros_like(x["p"])
+    for step in (1, 2):
+        K.adamw_update(p, x["g"], m, v, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=step)
+    out["adamw"] = p
+    out["sumsq"] = np.asarray(K.sum_of_squares(x["g"]))
+    np.savez(sys.argv[2], **out)
+    # and the whole fast path runs on NumPy: a training step of npgpt.fast equals the reference's
+    import npgpt
+    from npgpt import fast
+    from npgpt.gradcheck import rel_error
+    assert not fast.numba_kernels.ENABLED
+    cfg = npgpt.GPTConfig(vocab_size=7, block_size=6, n_layer=2, n_head=2, n_embd=8)
+    models = [cls(cfg, seed=1, dtype=np.float64) for cls in (npgpt.GPT, fast.GPT)]
+    idx = np.random.default_rng(0).integers(0, 7, (3, 6))
+    losses = [m.forward(idx, idx)[1] for m in models]
+    grads = [m.backward() for m in models]
+    assert abs(losses[0] - losses[1]) <= 1e-13 * abs(losses[0]), losses
+    assert all(rel_error(grads[1][n], grads[0][n]) <= 1e-13 for n in grads[0])
+"""
+
+
+def test_without_numba_the_module_imports_and_computes_the_same_results(tmp_path):
+    rng = np.random.default_rng(14)
+    f64 = np.float64
+    x = dict(x=random(rng, (3, 5, 16), f64), w=random(rng, 16, f64), b=random(rng, 16, f64),
+             dx_up=random(rng, (3, 5, 16), f64), h=random(rng, (3, 5, 20), f64), dh=random(rng, (3, 5, 20), f64),
+             qkv=random(rng, (2, 6, 24), f64), dy=random(rng, (2, 6, 8), f64),
+             logits=random(rng, (2, 6, 11), f64), targets=rng.integers(0, 11, (2, 6)),
+             p=random(rng, 50, f64), g=random(rng, 50, f64))
+    np.savez(tmp_path / "in.npz", **x)
+    script = tmp_path / "fallback.py"
+    script.write_text(textwrap.dedent(HIDE_NUMBA) + textwrap.dedent(FALLBACK_RUN))
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    fallback = dict(np.load(tmp_path / "out.npz"))
+
+    ours = {}
+    o, c = K.layernorm_forward(x["x"], x["w"], x["b"]); ours["ln"] = o
+    ours["ln_dx"], ours["ln_dw"], ours["ln_db"] = K.layernorm_backward(x["dx_up"], c)
+    o, c = K.gelu_forward(x["h"]); ours["gelu"] = o; (ours["gelu_dx"],) = K.gelu_backward(x["dh"], c)
+    o, c = K.softmax_forward(x["h"]); ours["sm"] = o; (ours["sm_dx"],) = K.softmax_backward(x["dh"], c)
+    o, c = K.attention_forward(x["qkv"], 2); ours["att"] = o; (ours["att_dqkv"],) = K.attention_backward(x["dy"], c)
+    o, c = K.cross_entropy_forward(x["logits"], x["targets"]); ours["ce"] = np.asarray(o)
+    (ours["ce_dlogits"],) = K.cross_entropy_backward(0.5, c)
+    p, m, v = x["p"].copy(), np.zeros_like(x["p"]), np.zeros_like(x["p"])
+    for step in (1, 2):
+        K.adamw_update(p, x["g"], m, v, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=step)
+    ours["adamw"] = p
+    ours["sumsq"] = np.asarray(K.sum_of_squares(x["g"]))
+    assert sorted(ours) == sorted(fallback)
+    for name in ours:
+        check(name, ours[name], fallback[name], np.float64)
+
+
+def test_the_blocker_really_hides_numba():
+    """Guards the test above: with the blocker, `import numba` fails in that interpreter."""
+    run = run_python(textwrap.dedent(HIDE_NUMBA) + "\ntry:\n    import numba\nexcept ImportError as e:\n    print('hidden:', e)\n")
+    assert run.returncode == 0, run.stderr
+    assert "hidden: numba hidden by the test" in run.stdout
