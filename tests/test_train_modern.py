@@ -27,7 +27,7 @@ def test_modern_presets_change_only_the_block_and_the_optimizer():
     """modern-cpu: the cpu preset's size, batch and step budget, with the switches and Muon."""
     modern, gpu = PRESETS["modern-cpu"], PRESETS["modern-gpu"]
     changed = {k for k, v in modern.to_dict().items() if v != getattr(CPU, k)}
-    assert changed == {"norm", "pos_emb", "qk_norm", "activation", "mlp_hidden", "optimizer"}
+    assert changed == {"norm", "pos_emb", "qk_norm", "activation", "mlp_hidden", "optimizer", "muon_lr"}
     assert (modern.norm, modern.pos_emb, modern.qk_norm, modern.activation, modern.optimizer) == (
         "rmsnorm", "rope", True, "swiglu", "muon")
     size = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "batch_size", "max_iters")
