@@ -367,6 +367,25 @@ def kernels_on(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", FAST_DTYPES)
+def test_large_heads_take_the_batched_attention_and_equal_the_reference(dtype, kernels_on, monkeypatch):
+    """Above FUSED_ATTENTION_MAX_T2HS the fused per-head kernel is skipped (nested BLAS threads);
+    the batched path with the numba softmax must give the reference's attention too."""
+    calls = []
+    for name in ("attention_forward", "attention_backward", "softmax_forward", "softmax_backward"):
+        original = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    rng = np.random.default_rng(21)
+    B, T, C, nh = 2, 9, 12, 3
+    assert fast_layers._fused_attention_pays(T, C // nh)
+    monkeypatch.setattr(fast_layers, "FUSED_ATTENTION_MAX_T2HS", T * T * (C // nh) - 1)
+    qkv = random(rng, (B, T, 3 * C), dtype)
+    compare_pair("attention (batched)", (fast_layers.attention_forward, fast_layers.attention_backward),
+                 (L.attention_forward, L.attention_backward), (qkv, nh), dtype, exact=False)
+    assert "attention_forward" not in calls and "attention_backward" not in calls, calls
+    assert "softmax_forward" in calls and "softmax_backward" in calls, calls
+
+
+@pytest.mark.parametrize("dtype", FAST_DTYPES)
 def test_fast_layers_call_the_kernels_and_equal_the_reference(dtype, kernels_on, monkeypatch):
     rng = np.random.default_rng(20)
     calls = []

@@ -290,11 +290,24 @@ def attention_probs(q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
     return att
 
 
+# The fused per-head attention kernel calls BLAS from inside numba's parallel loop. With small heads
+# each of those products runs on one thread and the kernel wins (cpu preset, T=64, hs=32: ~8 ms a
+# step faster than the batched NumPy products at 2 threads). With larger heads OpenBLAS threads each
+# product itself, nested inside numba's threads: the two pools fight over the cores and a step of the
+# large config (T=128, hs=64) took 1.5-2 s instead of ~0.45 s (bench/RESULTS.md). Above this size the
+# batched np.matmul path runs instead (with the numba softmax kernel).
+FUSED_ATTENTION_MAX_T2HS = 1 << 18  # T * T * hs of one head
+
+
+def _fused_attention_pays(T: int, hs: int) -> bool:
+    return T * T * hs <= FUSED_ATTENTION_MAX_T2HS
+
+
 def attention_forward(qkv: np.ndarray, n_head: int, dropout_p: float = 0.0,
                       rng: np.random.Generator | None = None, mask: np.ndarray | None = None,
                       kv: KVSlot | None = None):
     """npgpt.layers.attention_forward with each head written straight into its channels of y."""
-    if _kernels.ENABLED and kv is None:
+    if _kernels.ENABLED and kv is None and _fused_attention_pays(qkv.shape[1], qkv.shape[2] // 3 // n_head):
         return _kernels.attention_forward(qkv, n_head, dropout_p, rng, mask)
     C = qkv.shape[-1] // 3
     q, k, v = (split_heads(part, n_head) for part in np.split(qkv, 3, axis=-1))  # (B, nh, T, hs)
@@ -318,7 +331,7 @@ def attention_forward(qkv: np.ndarray, n_head: int, dropout_p: float = 0.0,
 
 def attention_backward(dout: np.ndarray, cache: AttentionCache):
     """npgpt.layers.attention_backward with dq, dk, dv written straight into one (B, T, 3C)."""
-    if _kernels.ENABLED:
+    if _kernels.ENABLED and _fused_attention_pays(cache.q.shape[2], cache.q.shape[3]):
         return _kernels.attention_backward(dout, cache)
     q, k, v, att, att_mask, scale = cache.q, cache.k, cache.v, cache.att, cache.att_mask, cache.scale
     n_head = q.shape[1]
