@@ -149,6 +149,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             write(f)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _rename_into_place(tmp, path)
+
+
+def _rename_into_place(tmp: str, path: Path) -> None:
+    """os.replace the finished temporary file over `path` (removing it if that fails), then fsync
+    the directory so the rename itself survives a crash."""
+    try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -192,13 +203,7 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         with open(src, "rb") as f:
             atomic_write(dst, lambda out: _copy(f, out))
         return
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(dst.parent)
+    _rename_into_place(tmp, dst)
 
 
 def _copy(src: BinaryIO, dst: BinaryIO, chunk: int = 16 << 20) -> None:
