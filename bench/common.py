@@ -135,15 +135,19 @@ def presets() -> dict:
 
 
 def configs() -> dict:
-    """The two benchmark shapes: the `cpu` preset and a larger one (6 layers, 256 channels, block 128)."""
+    """The benchmark shapes: the `cpu` preset, a larger one (6 layers, 256 channels, block 128) and
+    the `modern-cpu` preset (the cpu size with the modern block, trained with Muon + AdamW)."""
     cpu = presets()["cpu"]
-    return {"cpu": cpu, "large": replace(cpu, n_layer=6, n_embd=256, block_size=128)}
+    return {"cpu": cpu, "large": replace(cpu, n_layer=6, n_embd=256, block_size=128),
+            "modern-cpu": presets()["modern-cpu"]}
 
 
 def describe(cfg) -> str:
+    modern = (f", {cfg.norm}, {cfg.pos_emb} positions{', QK-norm' if cfg.qk_norm else ''}, {cfg.optimizer}"
+              if cfg.norm != "layernorm" or cfg.pos_emb != "learned" or cfg.qk_norm or cfg.optimizer != "adamw" else "")
     return (f"{cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} channels, block {cfg.block_size}, "
             f"batch {cfg.batch_size}, {cfg.activation}, bias {cfg.bias}, dropout {cfg.dropout}, "
-            f"{'tied' if cfg.tie_weights else 'untied'} head")
+            f"{'tied' if cfg.tie_weights else 'untied'} head{modern}")
 
 
 def median(xs):
@@ -176,8 +180,10 @@ def batches(cfg, n: int = N_BATCHES) -> list:
 
 def make_step(backend: str, cfg, seed: int = 0):
     """One training step of `backend` (see BACKENDS): forward, backward, clip_grad_norm, AdamW update
-    (nanoGPT's groups and settings), float32. step(x, y) returns its (forward, backward, optimizer)
-    seconds; step.model is the model, step.as_input turns a NumPy batch into the backend's input."""
+    (nanoGPT's groups and settings; with cfg.optimizer "muon", Muon for the block matrices and AdamW
+    for the rest, as the training scripts build them), float32. step(x, y) returns its (forward,
+    backward, optimizer) seconds; step.model is the model, step.as_input turns a NumPy batch into
+    the backend's input."""
     if backend == "torch":
         return _torch_step(cfg, seed)
     if backend not in BACKENDS:
@@ -189,7 +195,12 @@ def make_step(backend: str, cfg, seed: int = 0):
         from npgpt import GPT
         from npgpt.optim import AdamW, clip_grad_norm
     model = GPT(cfg.gpt_config(VOCAB), seed=seed, dtype=np.float32)
-    opt = AdamW(model.params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "muon":
+        from gptapp.optimizers import MuonAdamW
+        opt = MuonAdamW(model.params, AdamW, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                        weight_decay=cfg.weight_decay, muon_lr=cfg.muon_lr)
+    else:
+        opt = AdamW(model.params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
 
     def step(x, y):
         t0 = time.perf_counter()
@@ -213,7 +224,11 @@ def _torch_step(cfg, seed: int):
     torch.manual_seed(seed)
     model = torchgpt.GPT(cfg.gpt_config(VOCAB))  # attention="sdpa", float32
     model.train()
-    opt = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), "cpu")
+    if cfg.optimizer == "muon":
+        from torchgpt.model import configure_muon_adamw
+        opt = configure_muon_adamw(model, cfg.weight_decay, cfg.learning_rate, cfg.muon_lr, (cfg.beta1, cfg.beta2), "cpu")
+    else:
+        opt = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), "cpu")
     params = list(model.parameters())
 
     def step(x, y):

@@ -176,7 +176,8 @@ def test_generate_with_rope_with_and_without_cache(switch):
 
 @pytest.mark.parametrize("switch", SWITCHES)
 def test_fast_gpt_equals_reference_on_the_switches(switch):
-    """npgpt.fast.GPT falls back to the reference layers for the modern switches: same numbers."""
+    """npgpt.fast.GPT runs the modern switches on its own layers (numba kernels as installed): the
+    reference's numbers to float64 rounding (tests/test_fast_modern.py checks them pair by pair)."""
     config = small_config(**SWITCHES[switch])
     ref = random_model(config, seed=8)
     quick = fast.GPT(config, seed=8, dtype=np.float64)
@@ -186,7 +187,8 @@ def test_fast_gpt_equals_reference_on_the_switches(switch):
     logits_r, loss_r = ref.forward(idx, targets)
     logits_f, loss_f = quick.forward(idx, targets)
     grads_r, grads_f = ref.backward(), quick.backward()
-    assert rel_error(logits_f, logits_r) < 1e-14 and abs(loss_f - loss_r) < 1e-14
+    assert quick.layers is fast.layers
+    assert rel_error(logits_f, logits_r) < 1e-13 and abs(loss_f - loss_r) < 1e-13
     assert list(grads_f) == list(grads_r)
     assert all(rel_error(grads_f[n], grads_r[n]) < 1e-13 for n in grads_r)
 

@@ -19,7 +19,10 @@ rewrites, and how they compare with the reference (tests/test_fastpath.py checks
 - The block drops the MLP's hidden activation (B, T, 4C), its largest array, after the forward
   and rebuilds it in the backward from the activation's cache with the forward's own last
   operation (bit for bit the same array).
-- With numba installed (npgpt.fast.numba_kernels.ENABLED), layernorm, GELU, softmax, attention
+- The modern block (RMSNorm, RoPE, QK-norm, ReLU², SwiGLU): the same operations in place (RoPE
+  half by half, with no rotate_half copy), bit for bit. QK-norm and RoPE turn qkv into the q and k
+  the scores see before the attention runs, so the fused attention kernel serves them too.
+- With numba installed (npgpt.fast.numba_kernels.ENABLED), layernorm, RMSNorm, GELU, softmax, attention
   (without a KV slot) and cross-entropy run as fused, threaded kernels instead of the NumPy code
   below: one pass per row or per head, the same cache types. They sum in another order (and
   float32 uses a polynomial exp), so they equal the reference to rounding (float64 1e-13
@@ -46,7 +49,13 @@ from ..layers import (  # the layers with nothing to speed up, and every cache t
     KVSlot,
     LayerNormCache,
     LinearCache,
+    RMSNORM_EPS,
+    Relu2Cache,
+    RMSNormCache,
+    RopeAngles,
+    RopeCache,
     SoftmaxCache,
+    SwigluCache,
     _sum_to_last_axis,
     block_dropout_masks,
     causal_mask,
@@ -60,6 +69,8 @@ from ..layers import (  # the layers with nothing to speed up, and every cache t
     merge_heads,
     relu_backward,
     relu_forward,
+    rope_angles,
+    rotate_half,
     split_heads,
 )
 
@@ -72,15 +83,14 @@ __all__ = [
     "split_heads", "merge_heads", "causal_mask", "attention_probs", "attention_forward",
     "attention_backward", "cross_entropy_forward", "cross_entropy_backward",
     "block_forward", "block_backward", "block_dropout_masks", "KVSlot",
+    "RMSNORM_EPS", "rmsnorm_forward", "rmsnorm_backward", "RopeAngles", "rope_angles", "rotate_half",
+    "rope_forward", "rope_backward", "relu2_forward", "relu2_backward", "swiglu_forward", "swiglu_backward",
 ]
 
 def covers_config(config) -> bool:
-    """Whether these layers implement the config's block: the lecture's (layernorm with eps 1e-5,
-    learned positions, no QK-norm, relu/gelu/gelu_tanh, any MLP width). The modern switches of
-    issue 11 fall back to the reference layers."""
-    return (config.norm == "layernorm" and config.norm_eps == LAYERNORM_EPS
-            and config.pos_emb == "learned" and not config.qk_norm
-            and config.activation in ACTIVATION_FUNCTIONS)
+    """Whether these layers implement the config's block: every switch of GPTConfig (the lecture's
+    block and the modern one of issue 11) with an activation these layers know."""
+    return config.norm in ("layernorm", "rmsnorm") and config.activation in ACTIVATION_FUNCTIONS
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,6 +261,125 @@ ACTIVATION_OUTPUT_FROM_CACHE = {
 
 
 # --------------------------------------------------------------------------------------------
+# The modern block (issue 11): RMSNorm, RoPE, ReLU², SwiGLU, in place
+# --------------------------------------------------------------------------------------------
+# The same floating-point operations as npgpt.layers in the same order (a * b + c as out = a * b;
+# out += c; negations folded into the sign of a sum, which IEEE arithmetic does exactly), so bit for
+# bit the reference's results. RMSNorm runs as a numba kernel when numba is there.
+
+def rmsnorm_forward(x: np.ndarray, w: np.ndarray, eps: float = RMSNORM_EPS):
+    """npgpt.layers.rmsnorm_forward with two fresh (..., C) arrays instead of three."""
+    if _kernels.ENABLED:
+        return _kernels.rmsnorm_forward(x, w, eps)
+    sq = x * x  # (..., C) scratch, reused as xhat below
+    rstd = 1.0 / np.sqrt(sq.mean(axis=-1, keepdims=True) + eps)  # (..., 1)
+    xhat = np.multiply(x, rstd, out=sq)
+    return xhat * w, RMSNormCache(xhat, rstd, w)
+
+
+def rmsnorm_backward(dout: np.ndarray, cache: RMSNormCache):
+    """npgpt.layers.rmsnorm_backward with the chain built in place in g's memory."""
+    if _kernels.ENABLED:
+        return _kernels.rmsnorm_backward(dout, cache)
+    xhat = cache.xhat
+    g = dout * cache.w  # (..., C) gradient w.r.t. xhat
+    scratch = g * xhat
+    mean_gx = scratch.mean(axis=-1, keepdims=True)  # (..., 1)
+    dx = g  # rstd * (g - xhat * mean_gx)
+    dx -= np.multiply(xhat, mean_gx, out=scratch)
+    dx *= cache.rstd
+    dw = _sum_to_last_axis(np.multiply(dout, xhat, out=scratch))
+    return dx, dw
+
+
+def rope_forward(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarray | None = None):
+    """npgpt.layers.rope_forward without rotate_half's concatenated copy: the halves in place.
+
+    x * cos + rotate_half(x) * sin is, half by half (x1 = x[..., :hs/2], x2 = x[..., hs/2:]),
+    x1 * cos - x2 * sin and x2 * cos + x1 * sin. `out` (x's shape, not x) receives the result.
+    """
+    half = x.shape[-1] // 2
+    out = np.multiply(x, cos, out=out)  # (B, nh, T, hs)
+    out[..., :half] -= x[..., half:] * sin[..., :half]
+    out[..., half:] += x[..., :half] * sin[..., half:]
+    return out, RopeCache(cos, sin)
+
+
+def rope_backward(dout: np.ndarray, cache: RopeCache):
+    """npgpt.layers.rope_backward, the rotation by -angle, half by half: (dx,)."""
+    half = dout.shape[-1] // 2
+    sin = cache.sin
+    dx = dout * cache.cos
+    dx[..., :half] += dout[..., half:] * sin[..., :half]
+    dx[..., half:] -= dout[..., :half] * sin[..., half:]
+    return (dx,)
+
+
+def relu2_forward(x: np.ndarray):
+    """relu(x)^2 with the square taken in place: the cache keeps relu(x), the output is rebuilt."""
+    relu_x = np.maximum(x, 0)
+    return relu_x * relu_x, Relu2Cache(relu_x)
+
+
+def relu2_backward(dout: np.ndarray, cache: Relu2Cache):
+    """dout * 2 relu(x) in one fresh array."""
+    dx = dout * 2.0
+    dx *= cache.relu_x
+    return (dx,)
+
+
+def swiglu_forward(x: np.ndarray):
+    """silu(gate) * up with sigmoid built in place in one fresh (..., H) array; gate and up are views."""
+    H = x.shape[-1] // 2
+    gate, up = x[..., :H], x[..., H:]  # (..., H) views
+    sig = np.multiply(gate, 0.5)
+    np.tanh(sig, out=sig)
+    sig += 1.0
+    sig *= 0.5  # sigmoid(gate) = (1 + tanh(gate / 2)) / 2
+    out = gate * sig
+    out *= up
+    return out, SwigluCache(gate, up, sig)
+
+
+def swiglu_backward(dout: np.ndarray, cache: SwigluCache):
+    """dgate and dup written straight into the two halves of one (..., 2H) array."""
+    gate, up, sig = cache
+    H = gate.shape[-1]
+    dx = np.empty(dout.shape[:-1] + (2 * H,), dtype=dout.dtype)
+    dgate, dup = dx[..., :H], dx[..., H:]  # views
+    dsilu = 1.0 - sig  # sig * (1 + gate * (1 - sig)), built in place
+    dsilu *= gate
+    dsilu += 1.0
+    dsilu *= sig
+    np.multiply(dout, up, out=dgate)
+    dgate *= dsilu
+    np.multiply(dout, gate, out=dup)
+    dup *= sig
+    return (dx,)
+
+
+ACTIVATION_FUNCTIONS["relu2"] = (relu2_forward, relu2_backward)
+ACTIVATION_FUNCTIONS["swiglu"] = (swiglu_forward, swiglu_backward)
+ACTIVATION_OUTPUT_FROM_CACHE["relu2"] = lambda cache: cache.relu_x * cache.relu_x
+ACTIVATION_OUTPUT_FROM_CACHE["swiglu"] = lambda cache: cache.gate * cache.sig * cache.up
+
+
+def _norm_forward(x: np.ndarray, p: dict, prefix: str, norm: str, eps: float):
+    """The block's ln_1 / ln_2: layernorm_forward (bias if p has one) or rmsnorm_forward."""
+    if norm == "rmsnorm":
+        return rmsnorm_forward(x, p[prefix + ".weight"], eps)
+    return layernorm_forward(x, p[prefix + ".weight"], p.get(prefix + ".bias"), eps)
+
+
+def _norm_backward(dout: np.ndarray, cache):
+    """(dx, dw, db) of either norm, chosen by its cache; db is None for RMSNorm (no bias)."""
+    if isinstance(cache, RMSNormCache):
+        dx, dw = rmsnorm_backward(dout, cache)
+        return dx, dw, None
+    return layernorm_backward(dout, cache)
+
+
+# --------------------------------------------------------------------------------------------
 # Softmax, in place
 # --------------------------------------------------------------------------------------------
 
@@ -303,10 +432,43 @@ def _fused_attention_pays(T: int, hs: int) -> bool:
     return T * T * hs <= FUSED_ATTENTION_MAX_T2HS
 
 
+def _qk_prepared(qkv: np.ndarray, n_head: int, q_norm, k_norm, norm_eps: float, rope):
+    """qkv (B, T, 3C) with q and k as the scores see them: QK-normed (if gains are given), then
+    rotated (if rope), in a fresh array; v copied. Returns (qkv', caches) with caches
+    [(norm cache or None, rope cache or None) for q, for k]. The attention below then runs on qkv'
+    as on any qkv, so the fused kernel serves the modern block too."""
+    C = qkv.shape[-1] // 3
+    out = np.empty_like(qkv)
+    out[..., 2 * C:] = qkv[..., 2 * C:]
+    caches = []
+    for i, gain in enumerate((q_norm, k_norm)):
+        x = split_heads(qkv[..., i * C:(i + 1) * C], n_head)  # (B, nh, T, hs) view
+        dest = split_heads(out[..., i * C:(i + 1) * C], n_head)  # its place in qkv'
+        c_norm = c_rope = None
+        if gain is not None:
+            x, c_norm = rmsnorm_forward(x, gain, norm_eps)
+        if rope is not None:
+            _, c_rope = rope_forward(x, rope.cos, rope.sin, out=dest)
+        else:
+            dest[...] = x
+        caches.append((c_norm, c_rope))
+    return out, caches
+
+
 def attention_forward(qkv: np.ndarray, n_head: int, dropout_p: float = 0.0,
                       rng: np.random.Generator | None = None, mask: np.ndarray | None = None,
-                      kv: KVSlot | None = None):
-    """npgpt.layers.attention_forward with each head written straight into its channels of y."""
+                      kv: KVSlot | None = None, q_norm: np.ndarray | None = None,
+                      k_norm: np.ndarray | None = None, norm_eps: float = RMSNORM_EPS, rope=None):
+    """npgpt.layers.attention_forward with each head written straight into its channels of y.
+
+    QK-norm and RoPE (the modern block) first turn qkv into the q and k the scores see
+    (_qk_prepared); their caches join the AttentionCache as in the reference.
+    """
+    if q_norm is not None or rope is not None:
+        qkv, ((c_qnorm, c_qrope), (c_knorm, c_krope)) = _qk_prepared(qkv, n_head, q_norm, k_norm,
+                                                                      norm_eps, rope)
+        y, cache = attention_forward(qkv, n_head, dropout_p, rng, mask, kv)
+        return y, cache._replace(q_norm=c_qnorm, k_norm=c_knorm, q_rope=c_qrope, k_rope=c_krope)
     if _kernels.ENABLED and kv is None and _fused_attention_pays(qkv.shape[1], qkv.shape[2] // 3 // n_head):
         return _kernels.attention_forward(qkv, n_head, dropout_p, rng, mask)
     C = qkv.shape[-1] // 3
@@ -330,7 +492,31 @@ def attention_forward(qkv: np.ndarray, n_head: int, dropout_p: float = 0.0,
 
 
 def attention_backward(dout: np.ndarray, cache: AttentionCache):
-    """npgpt.layers.attention_backward with dq, dk, dv written straight into one (B, T, 3C)."""
+    """npgpt.layers.attention_backward with dq, dk, dv written straight into one (B, T, 3C).
+
+    With RoPE and QK-norm, dq and dk are then taken back through them in their place in dqkv; with
+    QK-norm the result is (dqkv, dq_norm, dk_norm), as the reference's.
+    """
+    (dqkv,) = _attention_core_backward(dout, cache)
+    if cache.q_rope is None and cache.q_norm is None:
+        return (dqkv,)
+    C = dout.shape[-1]
+    n_head = cache.q.shape[1]
+    dgains = []
+    for i, (c_norm, c_rope) in enumerate(((cache.q_norm, cache.q_rope), (cache.k_norm, cache.k_rope))):
+        place = split_heads(dqkv[..., i * C:(i + 1) * C], n_head)  # (B, nh, T, hs) view
+        d = place
+        if c_rope is not None:
+            (d,) = rope_backward(d, c_rope)
+        if c_norm is not None:
+            d, dgain = rmsnorm_backward(d, c_norm)
+            dgains.append(dgain)
+        place[...] = d
+    return (dqkv, *dgains)
+
+
+def _attention_core_backward(dout: np.ndarray, cache: AttentionCache):
+    """(dqkv,) of the scores' q, k and v: the fused kernel's or the batched products'."""
     if _kernels.ENABLED and _fused_attention_pays(cache.q.shape[2], cache.q.shape[3]):
         return _kernels.attention_backward(dout, cache)
     q, k, v, att, att_mask, scale = cache.q, cache.k, cache.v, cache.att, cache.att_mask, cache.scale
@@ -393,21 +579,17 @@ def block_forward(x: np.ndarray, p: dict, n_head: int, activation: str = "gelu",
                   masks: list | None = None, kv: KVSlot | None = None, norm: str = "layernorm",
                   norm_eps: float = LAYERNORM_EPS, rope=None):
     """npgpt.layers.block_forward on the fast layers. The cache's mlp_c_proj.x is None where the
-    activation's cache determines it (ACTIVATION_OUTPUT_FROM_CACHE).
-
-    The lecture's block only: the modern switches (norm, norm_eps, rope, QK-norm, relu2, swiglu)
-    have no fast version yet, and fast.GPT runs them on npgpt.layers (see covers_config).
+    activation's cache determines it (ACTIVATION_OUTPUT_FROM_CACHE). Every switch of the reference
+    (norm, norm_eps, rope, QK-norm when p has "attn.q_norm.weight", relu2, swiglu) is here too.
     """
-    if norm != "layernorm" or norm_eps != LAYERNORM_EPS or rope is not None or "attn.q_norm.weight" in p:
-        raise ValueError("npgpt.fast.layers covers the lecture's block only; the modern switches run "
-                         "on npgpt.layers (npgpt.fast.GPT chooses them by itself)")
     act_forward, _ = ACTIVATION_FUNCTIONS[activation]
     m_att, m_res1, m_res2 = masks if masks is not None else (None, None, None)
     use_dropout = dropout_p > 0.0 or masks is not None
 
-    h, c_ln1 = layernorm_forward(x, p["ln_1.weight"], p.get("ln_1.bias"))
+    h, c_ln1 = _norm_forward(x, p, "ln_1", norm, norm_eps)
     qkv, c_attn = linear_forward(h, p["attn.c_attn.weight"], p.get("attn.c_attn.bias"))  # (B, T, 3C)
-    a, c_att = attention_forward(qkv, n_head, dropout_p, rng, m_att, kv)  # (B, T, C)
+    a, c_att = attention_forward(qkv, n_head, dropout_p, rng, m_att, kv, p.get("attn.q_norm.weight"),
+                                 p.get("attn.k_norm.weight"), norm_eps, rope)  # (B, T, C)
     a, c_aproj = linear_forward(a, p["attn.c_proj.weight"], p.get("attn.c_proj.bias"))
     c_drop1 = None
     if use_dropout:
@@ -415,11 +597,11 @@ def block_forward(x: np.ndarray, p: dict, n_head: int, activation: str = "gelu",
     a += x  # residual, summed into the branch's fresh output
     x_mid = a
 
-    h, c_ln2 = layernorm_forward(x_mid, p["ln_2.weight"], p.get("ln_2.bias"))
-    h, c_fc = linear_forward(h, p["mlp.c_fc.weight"], p.get("mlp.c_fc.bias"))  # (B, T, 4C)
+    h, c_ln2 = _norm_forward(x_mid, p, "ln_2", norm, norm_eps)
+    h, c_fc = linear_forward(h, p["mlp.c_fc.weight"], p.get("mlp.c_fc.bias"))  # (B, T, H) or (B, T, 2H)
     h, c_act = act_forward(h)
     h, c_mproj = linear_forward(h, p["mlp.c_proj.weight"], p.get("mlp.c_proj.bias"))  # (B, T, C)
-    if activation in ACTIVATION_OUTPUT_FROM_CACHE:  # keep c_act only: saves (B, T, 4C) per block
+    if activation in ACTIVATION_OUTPUT_FROM_CACHE:  # keep c_act only: saves (B, T, H) per block
         c_mproj = c_mproj._replace(x=None)
     c_drop2 = None
     if use_dropout:
@@ -448,7 +630,7 @@ def block_backward(dout: np.ndarray, cache: BlockCache):
     dh, dw, db = linear_backward(dh, c_mproj); put("mlp.c_proj", dw, db)
     (dh,) = act_backward(dh, cache.act)
     dh, dw, db = linear_backward(dh, cache.c_fc); put("mlp.c_fc", dw, db)
-    dh, dw, db = layernorm_backward(dh, cache.ln_2); put("ln_2", dw, db)
+    dh, dw, db = _norm_backward(dh, cache.ln_2); put("ln_2", dw, db)
     dh += dout  # residual fan-in (dh is fresh, dout is not ours)
     dx_mid = dh
 
@@ -456,8 +638,10 @@ def block_backward(dout: np.ndarray, cache: BlockCache):
     if cache.attn_dropout is not None:
         (da,) = dropout_backward(da, cache.attn_dropout)
     da, dw, db = linear_backward(da, cache.attn_c_proj); put("attn.c_proj", dw, db)
-    (dqkv,) = attention_backward(da, cache.attention)
+    dqkv, *dqk_norm = attention_backward(da, cache.attention)
+    if dqk_norm:  # QK-norm's gains
+        grads["attn.q_norm.weight"], grads["attn.k_norm.weight"] = dqk_norm
     dh, dw, db = linear_backward(dqkv, cache.c_attn); put("attn.c_attn", dw, db)
-    dh, dw, db = layernorm_backward(dh, cache.ln_1); put("ln_1", dw, db)
+    dh, dw, db = _norm_backward(dh, cache.ln_1); put("ln_1", dw, db)
     dh += dx_mid  # residual fan-in
     return dh, grads

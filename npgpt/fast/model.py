@@ -2,8 +2,9 @@
 
 fast.GPT is a drop-in for npgpt.GPT: the same constructor, methods, params dict (names, shapes,
 order) and checkpoints. It differs in three ways, none visible to a caller:
-- it composes npgpt.fast.layers instead of npgpt.layers (for the lecture's block: the modern
-  switches of issue 11 have no fast version yet and run on npgpt.layers, see covers_config);
+- it composes npgpt.fast.layers instead of npgpt.layers, for the lecture's block and the modern
+  one of issue 11 alike (a config those layers do not cover would run on npgpt.layers, see
+  covers_config);
 - its parameter arrays are views into one contiguous buffer (pack_params), so fast.AdamW can
   update each parameter group as one flat vector with no gather or scatter;
 - its constructor asks glibc's malloc to keep freed memory (keep_freed_memory), once per process.
@@ -79,7 +80,7 @@ class GPT(ReferenceGPT):
 
     def __init__(self, config: GPTConfig, seed: int = 0, dtype=np.float32):
         super().__init__(config, seed, dtype)
-        if not fast_layers.covers_config(config):  # the modern switches: the plain layers, for now
+        if not fast_layers.covers_config(config):  # a block the fast layers lack: the plain ones
             self.layers = reference_layers
         self.params = pack_params(self.params)  # the same values, as views of one buffer
         keep_freed_memory()

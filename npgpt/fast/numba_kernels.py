@@ -360,6 +360,73 @@ def layernorm_backward(dout: np.ndarray, cache):
 
 
 # --------------------------------------------------------------------------------------------
+# RMSNorm over the last axis (the modern block's ln_1, ln_2, ln_f and QK-norm)
+# --------------------------------------------------------------------------------------------
+
+@_kernel
+def _rmsnorm_forward_rows(x, w, eps, out, xhat, rstd):  # x, out, xhat (N, C); rstd (N,)
+    n_rows, C = x.shape
+    for n in prange(n_rows):
+        sq = 0.0
+        for c in range(C):
+            sq += x[n, c] * x[n, c]
+        r = 1.0 / math.sqrt(sq / C + eps)
+        rstd[n] = r
+        for c in range(C):
+            xh = x[n, c] * r
+            xhat[n, c] = xh
+            out[n, c] = xh * w[c]
+
+
+@_kernel
+def _rmsnorm_backward_rows(dout, xhat, rstd, w, dx, dw_parts):
+    # Rows split into one span per part; part k sums its rows' dw terms into dw_parts[k].
+    n_rows, C = dout.shape
+    n_parts = dw_parts.shape[0]
+    for k in prange(n_parts):
+        for c in range(C):
+            dw_parts[k, c] = 0.0
+        for n in range(k * n_rows // n_parts, (k + 1) * n_rows // n_parts):
+            sum_gx = 0.0
+            for c in range(C):
+                sum_gx += dout[n, c] * w[c] * xhat[n, c]
+            mean_gx = sum_gx / C
+            r = rstd[n]
+            for c in range(C):
+                # in the forward: xhat = x * rstd, out = xhat * w; so
+                # dx = rstd * (g - xhat * mean(g * xhat)), g = dout * w
+                dx[n, c] = r * (dout[n, c] * w[c] - xhat[n, c] * mean_gx)
+                dw_parts[k, c] += dout[n, c] * xhat[n, c]
+
+
+def rmsnorm_forward(x: np.ndarray, w: np.ndarray, eps: float = _reference.RMSNORM_EPS):
+    """out = x / sqrt(mean(x^2) + eps) * w over the last axis, one pass per row."""
+    if not AVAILABLE:
+        return _reference.rmsnorm_forward(x, w, eps)
+    C = x.shape[-1]
+    x2 = np.ascontiguousarray(x).reshape(-1, C)  # (N, C); a copy for a strided view (QK-norm's heads)
+    out, xhat = np.empty_like(x2), np.empty_like(x2)
+    rstd = np.empty(x2.shape[0], dtype=x.dtype)
+    _rmsnorm_forward_rows(x2, w, float(eps), out, xhat, rstd)
+    cache = _reference.RMSNormCache(xhat.reshape(x.shape), rstd.reshape(x.shape[:-1] + (1,)), w)
+    return out.reshape(x.shape), cache
+
+
+def rmsnorm_backward(dout: np.ndarray, cache):
+    """(dx, dw): dx = rstd (g - xhat mean(g xhat)), g = dout w; dw = sum of dout xhat over rows."""
+    if not AVAILABLE:
+        return _reference.rmsnorm_backward(dout, cache)
+    C = dout.shape[-1]
+    d2 = np.ascontiguousarray(dout).reshape(-1, C)  # (N, C)
+    dx = np.empty_like(d2)
+    parts = max(1, min(threads(), d2.shape[0]))
+    dw_parts = np.empty((parts, C))  # float64 partial sums
+    _rmsnorm_backward_rows(d2, np.ascontiguousarray(cache.xhat).reshape(-1, C),
+                           np.ascontiguousarray(cache.rstd).reshape(-1), cache.w, dx, dw_parts)
+    return dx.reshape(dout.shape), dw_parts.sum(axis=0).astype(dout.dtype)
+
+
+# --------------------------------------------------------------------------------------------
 # GELU (exact, erf form)
 # --------------------------------------------------------------------------------------------
 

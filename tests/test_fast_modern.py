@@ -1,0 +1,268 @@
+"""npgpt.fast's modern block (RMSNorm, RoPE, QK-norm, ReLU², SwiGLU) against npgpt.layers.
+
+On NumPy alone (the numba kernels off) the fast pairs do the reference's floating-point operations
+in the same order, so they must match it bit for bit (rtol 0), in float64 and float32; anything
+holding a linear layer matches to rounding (tests/test_fastpath.py's ROUNDING). With the kernels on
+(RMSNorm's kernel, the fused attention) float64 must match within 1e-13 normwise and float32 lie
+within 1e-6 of the exact result or no further from it than twice the float32 reference
+(tests/test_numba_kernels.py's compare_to_reference).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from npgpt import GPTConfig, fast, optim
+from npgpt import layers as ref
+from npgpt.compare import compare_all
+from npgpt.fast import layers as fl
+from npgpt.fast import numba_kernels as K
+from npgpt.muon import Muon
+from test_fastpath import (ROUNDING, arrays_of, batch, block_params, compare_pair, noisy_pair, randn,
+                           small_config)
+from test_numba_kernels import F64_BOUND, check, compare_to_reference, exact_twin
+
+DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")]
+MODERN = dict(norm="rmsnorm", pos_emb="rope", qk_norm=True, activation="swiglu", bias=False, rope_theta=100.0)
+CONFIGS = {
+    "modern": small_config(**MODERN),
+    "modern-relu2-bias-eps": small_config(norm="rmsnorm", pos_emb="rope", qk_norm=True, activation="relu2",
+                                          norm_eps=0.01),
+    "rope-only": small_config(pos_emb="rope"),
+    "qk_norm-layernorm": small_config(qk_norm=True, norm_eps=1e-3),
+    "swiglu-H12-tied": small_config(activation="swiglu", mlp_hidden=12, tie_weights=True),
+}
+
+
+@pytest.fixture
+def numpy_only(monkeypatch):
+    monkeypatch.setattr(K, "ENABLED", False)
+
+
+@pytest.fixture
+def kernels_on(monkeypatch):
+    assert K.AVAILABLE, K.UNAVAILABLE_REASON
+    monkeypatch.setattr(K, "ENABLED", True)
+
+
+def test_the_fast_layers_cover_every_switch():
+    """fast.GPT no longer falls back to the plain layers for the modern block."""
+    for name, config in CONFIGS.items():
+        assert fl.covers_config(config), name
+        assert fast.GPT(config).layers is fl, name
+
+
+# --------------------------------------------------------------------------------------------
+# The pairs, NumPy only: bit for bit
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rmsnorm_in_place_equals_reference_bit_for_bit(dtype, numpy_only):
+    rng = np.random.default_rng(1)
+    x, w = randn(rng, (3, 5, 16), dtype, 3.0) + dtype(0.5), randn(rng, 16, dtype)
+    compare_pair("rmsnorm", (fl.rmsnorm_forward, fl.rmsnorm_backward),
+                 (ref.rmsnorm_forward, ref.rmsnorm_backward), (x, w, 0.1), dtype, exact=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_half_by_half_equals_reference_bit_for_bit(dtype, numpy_only):
+    """No rotate_half copy: the halves computed in place, negations folded into the sums."""
+    rng = np.random.default_rng(2)
+    B, nh, T, hs = 2, 3, 7, 8
+    x = randn(rng, (B, nh, T, hs), dtype)
+    angles = ref.rope_angles(T, hs, 100.0, offset=3, dtype=dtype)
+    compare_pair("rope", (fl.rope_forward, fl.rope_backward), (ref.rope_forward, ref.rope_backward),
+                 (x, angles.cos, angles.sin), dtype, exact=True)
+    out = np.empty_like(x)
+    result, _ = fl.rope_forward(x, angles.cos, angles.sin, out=out)
+    assert result is out and np.array_equal(out, ref.rope_forward(x, angles.cos, angles.sin)[0])
+
+
+@pytest.mark.parametrize("activation", ["relu2", "swiglu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_modern_activations_equal_reference_bit_for_bit(dtype, activation, numpy_only):
+    x = randn(np.random.default_rng(3), (4, 6, 32), dtype, 3.0)
+    compare_pair(activation, fl.ACTIVATION_FUNCTIONS[activation], ref.ACTIVATION_FUNCTIONS[activation],
+                 (x,), dtype, exact=True)
+    out, cache = fl.ACTIVATION_FUNCTIONS[activation][0](x)  # the block rebuilds the output from the cache
+    assert np.array_equal(fl.ACTIVATION_OUTPUT_FROM_CACHE[activation](cache), out)
+
+
+def qk_kwargs(rng, dtype, hs, T, qk_norm=True, rope=True, offset=0):
+    return dict(q_norm=randn(rng, hs, dtype, 0.5) + dtype(1.0) if qk_norm else None,
+                k_norm=randn(rng, hs, dtype, 0.5) + dtype(1.0) if qk_norm else None,
+                norm_eps=0.01, rope=ref.rope_angles(T, hs, 50.0, offset, dtype) if rope else None)
+
+
+@pytest.mark.parametrize("switches", [(True, True), (True, False), (False, True)], ids=["qk+rope", "qk", "rope"])
+@pytest.mark.parametrize("dropout", [False, True], ids=["nodrop", "dropout"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_with_qk_norm_and_rope_equals_reference_bit_for_bit(dtype, dropout, switches, numpy_only):
+    """q, k prepared (QK-norm, then RoPE) into a fresh qkv; the backward takes dq, dk back through
+    both in their place in dqkv and returns the gains' gradients as the reference does."""
+    rng = np.random.default_rng(4)
+    B, T, C, nh = 2, 9, 12, 3
+    qkv = randn(rng, (B, T, 3 * C), dtype)
+    kwargs = qk_kwargs(rng, dtype, C // nh, T, *switches)
+    if dropout:
+        kwargs["mask"] = ref.dropout_mask((B, nh, T, T), 0.25, rng, dtype)
+    before = qkv.copy()
+    compare_pair("attention qk", (fl.attention_forward, fl.attention_backward),
+                 (ref.attention_forward, ref.attention_backward), (qkv, nh), dtype, exact=True, **kwargs)
+    assert np.array_equal(qkv, before)  # the input is not written
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_with_qk_norm_rope_and_a_kv_slot_equals_reference(dtype, numpy_only):
+    """Decoding at positions 4..6: keys enter the slot normed and rotated, as in the reference."""
+    rng = np.random.default_rng(5)
+    B, C, nh, bs = 2, 12, 3, 8
+    past = randn(rng, (B, nh, bs, C // nh), dtype), randn(rng, (B, nh, bs, C // nh), dtype)
+    qkv = randn(rng, (B, 3, 3 * C), dtype)
+    kwargs = qk_kwargs(rng, dtype, C // nh, 3, offset=4)
+    results = {}
+    for name, layers in (("fast", fl), ("reference", ref)):
+        slot = ref.KVSlot(past[0].copy(), past[1].copy(), 4)
+        y, _ = layers.attention_forward(qkv, nh, kv=slot, **kwargs)
+        results[name] = {"y": y, "slot.k": slot.k, "slot.v": slot.v}
+    compare_all(results["fast"], results["reference"], rtol=0.0, header=f"attention qk kv [{np.dtype(dtype).name}]")
+
+
+def modern_block_case(config, dtype, dropout, seed=10):
+    C, nh, B, T = config.n_embd, config.n_head, 2, config.block_size
+    p = block_params(config, dtype)
+    rng = np.random.default_rng(seed)
+    x, dout = randn(rng, (B, T, C), dtype), randn(rng, (B, T, C), dtype)
+    masks = ([ref.dropout_mask(s, 0.2, rng, dtype) for s in [(B, nh, T, T), (B, T, C), (B, T, C)]]
+             if dropout else None)
+    rope = ref.rope_angles(T, C // nh, config.rope_theta, 0, dtype) if config.pos_emb == "rope" else None
+    kwargs = dict(norm=config.norm, norm_eps=config.norm_eps, rope=rope)
+    return (x, p, nh, config.activation, 0.2 if dropout else 0.0, None, masks), kwargs, dout
+
+
+def run_block(layers, args, kwargs, dout):
+    out, cache = layers.block_forward(*args, **kwargs)
+    dx, grads = layers.block_backward(dout, cache)
+    return {"out": out, "dx": dx, **grads}, cache
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["nodrop", "dropout"])
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_modern_block_equals_reference(dtype, name, dropout, numpy_only):
+    """The block holds linears, so to rounding; every gradient, QK-norm's gains included. The MLP's
+    hidden activation is dropped after the forward for relu2 and swiglu as for gelu."""
+    args, kwargs, dout = modern_block_case(CONFIGS[name], dtype, dropout)
+    ours, f_cache = run_block(fl, args, kwargs, dout)
+    theirs, _ = run_block(ref, args, kwargs, dout)
+    assert list(ours) == list(theirs)
+    compare_all(ours, theirs, rtol=ROUNDING[np.dtype(dtype)], header=f"block {name} [{np.dtype(dtype).name}]")
+    assert (f_cache.mlp_c_proj.x is None) == (CONFIGS[name].activation in ("gelu", "relu2", "swiglu"))
+
+
+# --------------------------------------------------------------------------------------------
+# The model, NumPy only and with the kernels
+# --------------------------------------------------------------------------------------------
+
+def forward_backward(model, config, dropout_masks=None):
+    idx, targets = batch(config)
+    logits, loss = model.forward(idx, targets, dropout_masks=dropout_masks)
+    return {"logits": logits, "loss": loss, **model.backward()}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_modern_model_on_numpy_equals_reference(dtype, name, numpy_only):
+    config = CONFIGS[name]
+    reference, quick = noisy_pair(config, dtype)
+    theirs = forward_backward(reference, config)
+    ours = forward_backward(quick, config)
+    assert list(ours) == list(theirs)
+    compare_all(ours, theirs, rtol=ROUNDING[np.dtype(dtype)], header=f"model {name} [{np.dtype(dtype).name}]")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_modern_model_with_kernels_equals_reference(dtype, name, kernels_on):
+    config = CONFIGS[name]
+    reference, quick = noisy_pair(config, dtype)
+    theirs = forward_backward(reference, config)
+    ours = forward_backward(quick, config)
+    exact = forward_backward(exact_twin(reference, config), config) if np.dtype(dtype) == np.float32 else None
+    compare_to_reference(f"model {name} with kernels [{np.dtype(dtype).name}]", ours, theirs, exact, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [(3, 7, 24), (12, 64, 128), (2, 4, 9, 32)])
+def test_rmsnorm_kernel(dtype, shape, kernels_on):
+    """The row kernel against the float64 formula (a strided view of heads included, as QK-norm
+    passes it)."""
+    rng = np.random.default_rng(6)
+    C = shape[-1]
+    x, dout = randn(rng, shape, dtype, 3.0) + dtype(1.5), randn(rng, shape, dtype)
+    if len(shape) == 4:  # (B, nh, T, hs) heads split out of a (B, T, 3C) array: not contiguous
+        x = ref.split_heads(randn(rng, (shape[0], shape[2], 3 * shape[1] * C), dtype)[..., :shape[1] * C], shape[1])
+    w = randn(rng, C, dtype, 0.5) + dtype(1.0)
+    out, cache = K.rmsnorm_forward(x, w, 1e-5)
+    dx, dw = K.rmsnorm_backward(dout, cache)
+    ref_out, ref_cache = ref.rmsnorm_forward(*(np.asarray(a, np.float64) for a in (x, w)))
+    ref_dx, ref_dw = ref.rmsnorm_backward(np.asarray(dout, np.float64), ref_cache)
+    assert type(cache) is ref.RMSNormCache
+    check("out", out, ref_out, dtype)
+    check("xhat", cache.xhat, ref_cache.xhat, dtype)
+    check("dx", dx, ref_dx, dtype)
+    check("dw", dw, ref_dw, dtype)
+
+
+def test_rmsnorm_kernel_uses_eps(kernels_on):
+    rng = np.random.default_rng(7)
+    x = randn(rng, (4, 16), np.float64, 1e-3)  # mean square ~1e-6: eps matters
+    out, _ = K.rmsnorm_forward(x, np.ones(16), eps=1e-2)
+    compare_all({"out": out}, {"out": ref.rmsnorm_forward(x, np.ones(16), 1e-2)[0]}, rtol=F64_BOUND)
+    assert np.abs(K.rmsnorm_forward(x, np.ones(16))[0] - out).max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_modern_training_with_muon_equals_reference(dtype, kernels_on):
+    """Steps of the fast modern model (kernels on) with Muon + AdamW, against the reference: five in
+    float64 (1e-13), two in float32. Newton-Schulz raises every singular value of the momentum
+    towards 1, however small: a direction in which the gradient is little more than rounding noise
+    gets as large an update as the main ones. So the two float32 runs' different summation orders
+    (each ~5e-7 from the exact run) turn into parameter differences of order lr * 1e-6 / sigma, and
+    from the third step the gradient norms differ at a few 1e-6: that would test the amplification,
+    not the layers."""
+    from gptapp.optimizers import MuonAdamW
+
+    config = CONFIGS["modern"]
+    reference, quick = noisy_pair(config, dtype)
+    runs = {"ours": (quick, fast.AdamW, fast.clip_grad_norm), "reference": (reference, optim.AdamW, optim.clip_grad_norm)}
+    if np.dtype(dtype) == np.float32:
+        runs["exact"] = (exact_twin(reference, config), optim.AdamW, optim.clip_grad_norm)
+    opts = {k: MuonAdamW(m.params, adamw, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, muon_lr=0.05)
+            for k, (m, adamw, _) in runs.items()}
+    assert opts["ours"].muon.params and isinstance(opts["ours"].muon, Muon)
+    for step in range(5 if np.dtype(dtype) == np.float64 else 2):
+        idx, targets = batch(config, seed=step)
+        state = {}
+        for k, (model, _, clip) in runs.items():
+            _, loss = model.forward(idx, targets)
+            norm = clip(g := model.backward(), 0.5)
+            opts[k].step(g, lr=optim.cosine_lr(step, 1e-2, 2, 5, 1e-3))
+            state[k] = {"loss": loss, "grad norm": norm, **{n: p.copy() for n, p in model.params.items()}}
+        compare_to_reference(f"muon step {step} [{np.dtype(dtype).name}]", state["ours"], state["reference"],
+                             state.get("exact"), dtype)
+
+
+@pytest.mark.parametrize("name", ["modern", "modern-relu2-bias-eps"])
+def test_modern_generate_with_kernels_equals_reference(name, kernels_on):
+    """KV-cache decoding with RoPE offsets on the fast layers: the reference's tokens and logits."""
+    config = CONFIGS[name]
+    reference, quick = noisy_pair(config, np.float64)
+    idx = np.array([[1, 2, 3], [4, 5, 6]])
+    assert np.array_equal(quick.generate(idx, 9, temperature=0.0), reference.generate(idx, 9, temperature=0.0))
+    kv_r, kv_f = reference.new_kv_cache(2), quick.new_kv_cache(2)
+    first = {"logits": quick.forward_cached(idx, kv_f)}, {"logits": reference.forward_cached(idx, kv_r)}
+    nxt = np.array([[0], [2]])
+    second = {"logits": quick.forward_cached(nxt, kv_f)}, {"logits": reference.forward_cached(nxt, kv_r)}
+    compare_all(first[0], first[1], rtol=1e-13, header="forward_cached, prompt")
+    compare_all(second[0], second[1], rtol=1e-13, header="forward_cached, next token")
