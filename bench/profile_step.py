@@ -130,7 +130,7 @@ def profile_torch(cfg, steps: int, rows: int) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=THREADS)
-    p.add_argument("--config", choices=("cpu", "large"), default="cpu")
+    p.add_argument("--config", choices=("cpu", "large", "modern-cpu"), default="cpu")
     p.add_argument("--backend", choices=("fast", "reference"), default="fast")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rows", type=int, default=14)
