@@ -21,13 +21,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import npgpt.fast
 from npgpt import GPT
 from npgpt import layers as L
 from npgpt.compare import compare_all, compare_outputs_and_grads
 from npgpt.config import GPTConfig
 from npgpt.muon import Muon, adjusted_lr
 from npgpt.optim import AdamW, clip_grad_norm, cosine_lr
-from parity_tests.twins import describe, make_npgpt, model_pair_results, torch_twin
+from parity_tests.twins import MODEL_CLASSES, describe, make_npgpt, model_pair_results, torch_twin
 from torchgpt import model as tm
 from torchgpt.convert import load_params, state_dict_to_params
 
@@ -495,16 +496,19 @@ COMBOS = [
 
 
 @pytest.mark.parametrize("combo", COMBOS)
+@pytest.mark.parametrize("impl", list(MODEL_CLASSES))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_whole_model_parity_over_switches(dtype, combo):
+def test_whole_model_parity_over_switches(dtype, impl, combo):
     """Logits, loss and every parameter's gradient (names in named_parameters() order): float64 to
-    1e-12 normwise, float32 at the suite's bounds. Both torch attention paths take turns."""
+    1e-12 normwise, float32 at the suite's bounds. Both torch attention paths take turns; npgpt's
+    side is the reference (npgpt.GPT) or the fast path (npgpt.fast.GPT, kernels as installed)."""
     config = modern_config(**combo)
     attention = "sdpa" if config.qk_norm else "explicit"
-    ours_fwd, theirs_fwd, ours_grads, theirs_grads = model_pair_results(config, dtype, attention, seed=4)
+    ours_fwd, theirs_fwd, ours_grads, theirs_grads = model_pair_results(config, dtype, attention, seed=4,
+                                                                        model_class=MODEL_CLASSES[impl])
     assert list(ours_grads) == list(theirs_grads)
     compare_outputs_and_grads(ours_fwd, theirs_fwd, ours_grads, theirs_grads, dtype,
-                              f"{describe(config)} {combo} {attention}")
+                              f"{impl} {describe(config)} {combo} {attention}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -538,22 +542,28 @@ def uses_muon(name: str, shape) -> bool:
     return name.startswith("transformer.h.") and len(shape) == 2
 
 
-def test_training_trajectory_with_muon_and_adamw():
+TRAINERS = {"reference": (GPT, AdamW, clip_grad_norm),
+            "fast": (npgpt.fast.GPT, npgpt.fast.AdamW, npgpt.fast.clip_grad_norm)}
+
+
+@pytest.mark.parametrize("impl", list(TRAINERS))
+def test_training_trajectory_with_muon_and_adamw(impl):
     """20 steps from the same init on the same batches with the modern block: npgpt (Muon on the
-    block matrices, npgpt.optim.AdamW on embeddings, head and gains, clip_grad_norm, cosine_lr)
-    against torchgpt (the float64 restatement of torch.optim.Muon's step above, since torch's own
-    rounds to bfloat16, and torch.optim.AdamW with nanoGPT's two groups). Every step's loss and
-    the final parameters to 1e-12 normwise."""
+    block matrices, AdamW on embeddings, head and gains, clip_grad_norm, cosine_lr; the reference's
+    or npgpt.fast's model, AdamW and clip) against torchgpt (the float64 restatement of
+    torch.optim.Muon's step above, since torch's own rounds to bfloat16, and torch.optim.AdamW with
+    nanoGPT's two groups). Every step's loss and the final parameters to 1e-12 normwise."""
+    model_class, adamw_class, clip_grad_norm = TRAINERS[impl]
     steps, B, T, clip = 20, 4, 8, 1.0
     config = modern_config(**SWITCHES["modern"])  # untied head: AdamW for wte and lm_head
-    model = GPT(config, seed=0, dtype=np.float64).train()
+    model = model_class(config, seed=0, dtype=np.float64).train()
     twin = torch_twin(model).train()
     muon_names = [n for n, p in model.params.items() if uses_muon(n, p.shape)]
     adam_names = [n for n in model.params if n not in muon_names]
     assert "transformer.wte.weight" in adam_names and "lm_head.weight" in adam_names
     assert "transformer.h.0.attn.q_norm.weight" in adam_names and len(muon_names) == 4 * config.n_layer
     muon = Muon({n: model.params[n] for n in muon_names}, lr=0.02, weight_decay=0.01)
-    adamw = AdamW({n: model.params[n] for n in adam_names}, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    adamw = adamw_class({n: model.params[n] for n in adam_names}, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     named = dict(twin.named_parameters())
     t_adamw = torch.optim.AdamW(
         [{"params": [named[n] for n in adam_names if named[n].dim() >= 2], "weight_decay": 0.1},
@@ -591,5 +601,5 @@ def test_training_trajectory_with_muon_and_adamw():
     print("losses", " ".join(f"{v:.4f}" for v in losses))
     compare_all({"losses": np.array(losses), **model.params},
                 {"losses": np.array(t_losses), **{n: named[n] for n in model.params}}, rtol=1e-12,
-                header="20 steps, Muon + AdamW, modern block [float64]")
+                header=f"20 steps, Muon + AdamW, modern block, {impl} [float64]")
     assert losses[-1] < losses[0] - 0.5  # it learned: Muon + AdamW really trained the model
