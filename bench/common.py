@@ -197,8 +197,9 @@ def make_step(backend: str, cfg, seed: int = 0):
     model = GPT(cfg.gpt_config(VOCAB), seed=seed, dtype=np.float32)
     if cfg.optimizer == "muon":
         from gptapp.optimizers import MuonAdamW
+        from gptapp.backends.numpy import muon_class
         opt = MuonAdamW(model.params, AdamW, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                        weight_decay=cfg.weight_decay, muon_lr=cfg.muon_lr)
+                        weight_decay=cfg.weight_decay, muon_lr=cfg.muon_lr, muon_class=muon_class(backend != "fast"))
     else:
         opt = AdamW(model.params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
 

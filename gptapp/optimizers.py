@@ -23,11 +23,11 @@ class MuonAdamW:
     """
 
     def __init__(self, params: dict[str, np.ndarray], adamw_class, lr: float, betas, weight_decay: float,
-                 muon_lr: float):
+                 muon_lr: float, muon_class=Muon):
         self.params = params
         self.lr = lr
         muon = {n: p for n, p in params.items() if uses_muon(n, p.shape)}
-        self.muon = Muon(muon, lr=muon_lr, weight_decay=weight_decay)
+        self.muon = muon_class(muon, lr=muon_lr, weight_decay=weight_decay)
         self.adamw = adamw_class({n: p for n, p in params.items() if n not in muon}, lr=lr, betas=betas,
                                  weight_decay=weight_decay)
 

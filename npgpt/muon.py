@@ -88,9 +88,13 @@ class Muon:
             buf = self.momentum_buffer[name]
             buf += (1.0 - mu) * (g - buf)  # mu buf + (1 - mu) g, in place: the state carries over
             update = g + mu * (buf - g) if self.nesterov else buf
-            ortho = zeropower_via_newton_schulz(update, self.ns_coefficients, self.ns_steps, self.eps)
+            ortho = self.orthogonalize(update)  # zeropower_via_newton_schulz, with this optimizer's settings
             p *= 1.0 - lr * self.weight_decay
             p -= adjusted_lr(lr, self.adjust_lr_fn, p.shape) * ortho
+
+    def orthogonalize(self, update: np.ndarray) -> np.ndarray:
+        """The Newton-Schulz iteration of the module docstring (npgpt.fast.Muon runs it in place)."""
+        return zeropower_via_newton_schulz(update, self.ns_coefficients, self.ns_steps, self.eps)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Flat arrays only (no objects), so it saves to .npz and loads with allow_pickle=False."""

@@ -17,6 +17,7 @@ from npgpt import layers as ref
 from npgpt.compare import compare_all
 from npgpt.fast import layers as fl
 from npgpt.fast import numba_kernels as K
+from npgpt import muon as ref_muon
 from npgpt.muon import Muon
 from test_fastpath import (ROUNDING, arrays_of, batch, block_params, compare_pair, noisy_pair, randn,
                            small_config)
@@ -222,6 +223,47 @@ def test_rmsnorm_kernel_uses_eps(kernels_on):
     assert np.abs(K.rmsnorm_forward(x, np.ones(16))[0] - out).max() > 1e-2
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_swiglu_kernel(dtype, kernels_on):
+    """One pass per row (sigmoid as 1 / (1 + exp(-g)), float32's polynomial exp) against the float64
+    formula, wide gates included (no NaN, no overflow); the output the block rebuilds from the
+    cache is the kernel's own, bit for bit."""
+    rng = np.random.default_rng(8)
+    x = randn(rng, (3, 5, 2 * 24), dtype, 3.0)
+    x[0, 0, :6] = np.array([-100.0, -30.0, 0.0, 30.0, 100.0, -0.0], dtype)  # gates at the extremes
+    dout = randn(rng, (3, 5, 24), dtype)
+    out, cache = fl.swiglu_forward(x)
+    (dx,) = fl.swiglu_backward(dout, cache)
+    ref_out, ref_cache = ref.swiglu_forward(x.astype(np.float64))
+    (ref_dx,) = ref.swiglu_backward(dout.astype(np.float64), ref_cache)
+    assert type(cache) is ref.SwigluCache and np.isfinite(out).all() and np.isfinite(dx).all()
+    check("out", out, ref_out, dtype)
+    check("sig", cache.sig, ref_cache.sig, dtype)
+    check("dx", dx, ref_dx, dtype)
+    assert np.array_equal(fl.ACTIVATION_OUTPUT_FROM_CACHE["swiglu"](cache), out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_kernel_is_bit_for_bit_the_reference(dtype, kernels_on, monkeypatch):
+    """The one-pass kernel (no FMA contraction) on a strided head view of qkv: the reference's
+    result exactly, forward and backward, into `out` when given."""
+    calls = []
+    for name in ("rope_forward", "rope_backward"):
+        original = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _f=original, _n=name: (calls.append(_n), _f(*a))[1])
+    rng = np.random.default_rng(9)
+    B, nh, T, hs = 2, 3, 7, 8
+    qkv = randn(rng, (B, T, 3 * nh * hs), dtype)
+    x = ref.split_heads(qkv[..., nh * hs:2 * nh * hs], nh)  # k's heads: not contiguous
+    angles = ref.rope_angles(T, hs, 100.0, offset=5, dtype=dtype)
+    compare_pair("rope kernel", (fl.rope_forward, fl.rope_backward), (ref.rope_forward, ref.rope_backward),
+                 (x, angles.cos, angles.sin), dtype, exact=True)
+    out = np.zeros((B, nh, T, hs), dtype)
+    result, _ = fl.rope_forward(x, angles.cos, angles.sin, out)
+    assert result is out and np.array_equal(out, ref.rope_forward(x, angles.cos, angles.sin)[0])
+    assert set(calls) == {"rope_forward", "rope_backward"}, calls
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_modern_training_with_muon_equals_reference(dtype, kernels_on):
     """Steps of the fast modern model (kernels on) with Muon + AdamW, against the reference: five in
@@ -238,9 +280,10 @@ def test_modern_training_with_muon_equals_reference(dtype, kernels_on):
     runs = {"ours": (quick, fast.AdamW, fast.clip_grad_norm), "reference": (reference, optim.AdamW, optim.clip_grad_norm)}
     if np.dtype(dtype) == np.float32:
         runs["exact"] = (exact_twin(reference, config), optim.AdamW, optim.clip_grad_norm)
-    opts = {k: MuonAdamW(m.params, adamw, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, muon_lr=0.05)
+    opts = {k: MuonAdamW(m.params, adamw, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, muon_lr=0.05,
+                         muon_class=fast.Muon if k == "ours" else Muon)
             for k, (m, adamw, _) in runs.items()}
-    assert opts["ours"].muon.params and isinstance(opts["ours"].muon, Muon)
+    assert opts["ours"].muon.params and isinstance(opts["ours"].muon, fast.Muon)
     for step in range(5 if np.dtype(dtype) == np.float64 else 2):
         idx, targets = batch(config, seed=step)
         state = {}
@@ -266,3 +309,30 @@ def test_modern_generate_with_kernels_equals_reference(name, kernels_on):
     second = {"logits": quick.forward_cached(nxt, kv_f)}, {"logits": reference.forward_cached(nxt, kv_r)}
     compare_all(first[0], first[1], rtol=1e-13, header="forward_cached, prompt")
     compare_all(second[0], second[1], rtol=1e-13, header="forward_cached, next token")
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_muon_is_bit_for_bit_the_reference(dtype, nesterov):
+    """npgpt.fast.Muon's in-place Newton-Schulz: the same operations, so five steps on a tall, a wide
+    and a square matrix give npgpt.optim.Muon's parameters and buffers exactly; the state dicts load
+    into each other."""
+    rng = np.random.default_rng(10)
+    shapes = {"tall": (12, 5), "wide": (4, 9), "square": (6, 6)}
+    start = {n: randn(rng, s, dtype) for n, s in shapes.items()}
+    params = {"ours": {n: p.copy() for n, p in start.items()}, "reference": {n: p.copy() for n, p in start.items()}}
+    opts = {"ours": fast.Muon(params["ours"], lr=0.05, weight_decay=0.1, nesterov=nesterov),
+            "reference": Muon(params["reference"], lr=0.05, weight_decay=0.1, nesterov=nesterov)}
+    for step in range(5):
+        grads = {n: randn(rng, s, dtype) for n, s in shapes.items()}
+        for opt in opts.values():
+            opt.step(grads, lr=0.05 / (step + 1))
+    compare_all({**params["ours"], **{f"buf {n}": b for n, b in opts["ours"].momentum_buffer.items()}},
+                {**params["reference"], **{f"buf {n}": b for n, b in opts["reference"].momentum_buffer.items()}},
+                rtol=0.0, header=f"fast.Muon [{np.dtype(dtype).name}]")
+    u = randn(rng, (7, 3), dtype)
+    assert np.array_equal(fast.optim.zeropower_via_newton_schulz(u), ref_muon.zeropower_via_newton_schulz(u))
+    swapped = Muon({n: p.copy() for n, p in start.items()})
+    swapped.load_state_dict(opts["ours"].state_dict())
+    assert swapped.step_count == 5 and all(np.array_equal(swapped.momentum_buffer[n], opts["ours"].momentum_buffer[n])
+                                           for n in shapes)

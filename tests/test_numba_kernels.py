@@ -605,6 +605,40 @@ def test_the_thread_pool_starts_passive_without_leaving_the_setting_behind():
     assert chosen.returncode == 0 and chosen.stdout.split()[0] == "ACTIVE", chosen.stderr
 
 
+
+def test_with_openmp_already_loaded_the_pool_is_numbas_workqueue():
+    """torch imported first maps its libgomp, whose spinning idle threads a numba OpenMP pool would
+    join: with 2 threads the kernels then run on numba's workqueue layer (sleeping idle threads)
+    and still agree with the reference; NUMBA_THREADING_LAYER, if set, is kept, and so is the
+    plain layer with one thread (nothing to spin)."""
+    code = textwrap.dedent("""
+        import sys
+        if sys.argv[1] == "torch":
+            import torch
+        import numpy as np
+        from npgpt import layers as L
+        from npgpt.fast import numba_kernels as K
+        x = np.random.default_rng(0).standard_normal((64, 32))
+        out, _ = K.rmsnorm_forward(x, np.ones(32))
+        ok = np.allclose(out, L.rmsnorm_forward(x, np.ones(32))[0], rtol=1e-13, atol=0)
+        print(K.numba.threading_layer(), ok)
+    """)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER", "NUMBA_NUM_THREADS")}
+    env["OMP_NUM_THREADS"] = "2"  # the kernels' thread count follows it (make test sets 1)
+
+    def run(first, **extra):
+        done = subprocess.run([sys.executable, "-c", code, first], cwd=ROOT, env=dict(env, **extra),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    plain = run("none")  # OpenMP where the machine has it (numba falls back to workqueue otherwise)
+    assert plain[1] == "True" and plain[0] in ("omp", "tbb", "workqueue"), plain
+    assert run("torch") == ["workqueue", "True"]
+    assert run("torch", NUMBA_THREADING_LAYER=plain[0]) == [plain[0], "True"]  # the user's choice stands
+    assert run("torch", OMP_NUM_THREADS="1") == plain  # one thread: the plain layer
+
 HIDE_NUMBA = """
     import sys
     class HideNumba:  # a meta path finder that refuses numba and llvmlite, as if not installed

@@ -26,6 +26,15 @@ def model_classes(reference: bool):
     return fast.GPT, fast.BigramLanguageModel, fast.AdamW, fast.clip_grad_norm
 
 
+def muon_class(reference: bool):
+    """npgpt.optim.Muon, or npgpt.fast.Muon (the same update bit for bit, its iteration in place)."""
+    if reference:
+        from npgpt.optim import Muon
+        return Muon
+    from npgpt.fast import Muon
+    return Muon
+
+
 def torch_loader(path) -> Checkpoint:
     """Read a .pt (ours or nanoGPT's); torch is imported only here."""
     try:
@@ -109,7 +118,8 @@ class NumpyBackend:
             load_params_into(self.model, ckpt.params)
         if cfg.optimizer == "muon":  # Muon for the block matrices, AdamW for the rest
             self.optimizer = MuonAdamW(self.model.params, AdamW, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                                       weight_decay=cfg.weight_decay, muon_lr=cfg.muon_lr)
+                                       weight_decay=cfg.weight_decay, muon_lr=cfg.muon_lr,
+                                       muon_class=muon_class(self.reference))
         else:
             self.optimizer = AdamW(self.model.params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                                    weight_decay=cfg.weight_decay)

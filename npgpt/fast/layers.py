@@ -22,7 +22,8 @@ rewrites, and how they compare with the reference (tests/test_fastpath.py checks
 - The modern block (RMSNorm, RoPE, QK-norm, ReLU², SwiGLU): the same operations in place (RoPE
   half by half, with no rotate_half copy), bit for bit. QK-norm and RoPE turn qkv into the q and k
   the scores see before the attention runs, so the fused attention kernel serves them too.
-- With numba installed (npgpt.fast.numba_kernels.ENABLED), layernorm, RMSNorm, GELU, softmax, attention
+- With numba installed (npgpt.fast.numba_kernels.ENABLED), layernorm, RMSNorm, GELU, SwiGLU, RoPE
+  (bit for bit), softmax, attention
   (without a KV slot) and cross-entropy run as fused, threaded kernels instead of the NumPy code
   below: one pass per row or per head, the same cache types. They sum in another order (and
   float32 uses a polynomial exp), so they equal the reference to rounding (float64 1e-13
@@ -265,7 +266,8 @@ ACTIVATION_OUTPUT_FROM_CACHE = {
 # --------------------------------------------------------------------------------------------
 # The same floating-point operations as npgpt.layers in the same order (a * b + c as out = a * b;
 # out += c; negations folded into the sign of a sum, which IEEE arithmetic does exactly), so bit for
-# bit the reference's results. RMSNorm runs as a numba kernel when numba is there.
+# bit the reference's results. With numba, RMSNorm, RoPE and SwiGLU run as kernels (RoPE still bit
+# for bit; RMSNorm and SwiGLU to rounding).
 
 def rmsnorm_forward(x: np.ndarray, w: np.ndarray, eps: float = RMSNORM_EPS):
     """npgpt.layers.rmsnorm_forward with two fresh (..., C) arrays instead of three."""
@@ -297,7 +299,10 @@ def rope_forward(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarra
 
     x * cos + rotate_half(x) * sin is, half by half (x1 = x[..., :hs/2], x2 = x[..., hs/2:]),
     x1 * cos - x2 * sin and x2 * cos + x1 * sin. `out` (x's shape, not x) receives the result.
+    With numba: one pass over x (any strides), the same operations, bit for bit.
     """
+    if _kernels.ENABLED:
+        return _kernels.rope_forward(x, cos, sin, out)
     half = x.shape[-1] // 2
     out = np.multiply(x, cos, out=out)  # (B, nh, T, hs)
     out[..., :half] -= x[..., half:] * sin[..., :half]
@@ -307,6 +312,8 @@ def rope_forward(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarra
 
 def rope_backward(dout: np.ndarray, cache: RopeCache):
     """npgpt.layers.rope_backward, the rotation by -angle, half by half: (dx,)."""
+    if _kernels.ENABLED:
+        return _kernels.rope_backward(dout, cache)
     half = dout.shape[-1] // 2
     sin = cache.sin
     dx = dout * cache.cos
@@ -329,7 +336,10 @@ def relu2_backward(dout: np.ndarray, cache: Relu2Cache):
 
 
 def swiglu_forward(x: np.ndarray):
-    """silu(gate) * up with sigmoid built in place in one fresh (..., H) array; gate and up are views."""
+    """silu(gate) * up with sigmoid built in place in one fresh (..., H) array; gate and up are views.
+    With numba: one pass (sigmoid as 1 / (1 + exp(-gate)), so equal to rounding)."""
+    if _kernels.ENABLED:
+        return _kernels.swiglu_forward(x)
     H = x.shape[-1] // 2
     gate, up = x[..., :H], x[..., H:]  # (..., H) views
     sig = np.multiply(gate, 0.5)
@@ -343,6 +353,8 @@ def swiglu_forward(x: np.ndarray):
 
 def swiglu_backward(dout: np.ndarray, cache: SwigluCache):
     """dgate and dup written straight into the two halves of one (..., 2H) array."""
+    if _kernels.ENABLED:
+        return _kernels.swiglu_backward(dout, cache)
     gate, up, sig = cache
     H = gate.shape[-1]
     dx = np.empty(dout.shape[:-1] + (2 * H,), dtype=dout.dtype)

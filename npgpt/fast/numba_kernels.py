@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import numpy as np
 
@@ -108,30 +109,55 @@ def _choose_cache_dir() -> str | None:
     return None
 
 
-def _follow_omp_num_threads() -> None:
+def _wanted_threads() -> int | None:
+    """OMP_NUM_THREADS when it is set (a whole number >= 1) and NUMBA_NUM_THREADS is not, else None."""
     if "NUMBA_NUM_THREADS" in os.environ:
-        return
+        return None
     try:
         wanted = int(os.environ.get("OMP_NUM_THREADS", ""))
     except ValueError:
-        return
-    if wanted >= 1:
-        numba.set_num_threads(min(wanted, numba.config.NUMBA_NUM_THREADS))
+        return None
+    return min(wanted, numba.config.NUMBA_NUM_THREADS) if wanted >= 1 else None
+
+
+def _follow_omp_num_threads() -> None:
+    wanted = _wanted_threads()
+    if wanted is not None:
+        numba.set_num_threads(wanted)
+
+
+def _openmp_already_loaded() -> bool:
+    """Whether this process has an OpenMP runtime mapped already (torch's libgomp, once torch is
+    imported). Linux: /proc/self/maps; elsewhere: whether torch is imported."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return any("libgomp" in line or "libiomp" in line for line in maps)
+    except OSError:
+        return "torch" in sys.modules
 
 
 def _start_threads_that_sleep_when_idle() -> None:
-    """Start numba's thread pool now, with OpenMP's idle threads sleeping rather than spinning.
+    """Start numba's thread pool now, with its idle threads sleeping rather than spinning.
 
     Why: a training step alternates ~70 short kernels with BLAS calls, and OpenBLAS has its own
     threads. OpenMP's default lets idle threads spin for a while, taking the core that the next
     BLAS call (or any other process) needs; on a 2-core machine under load a step took 1.4 s that
     way against 0.58 s passive (1 thread: ~75 ms). A sleeping thread costs ~2 us more per kernel.
-    libgomp reads OMP_WAIT_POLICY once, when numba's pool loads it: it is set for that moment
-    only, so libraries started later (torch's own OpenMP) keep their defaults. A policy the user
-    set is left alone.
+    libgomp reads OMP_WAIT_POLICY once, when it is loaded: it is set for the moment numba's pool
+    loads it only, so libraries started later (torch's own OpenMP) keep their defaults. A policy
+    the user set is left alone.
+    When an OpenMP runtime is loaded already (torch imported first), numba's OpenMP pool would join
+    it with the policy it read at its own start, spinning: the cpu preset's step took 317 ms that
+    way against 46 ms (AMD EPYC, 2 cores). Then the pool is numba's own "workqueue" layer instead,
+    whose idle threads sleep, unless NUMBA_THREADING_LAYER says otherwise or the kernels run on one
+    thread (OMP_NUM_THREADS=1, as in `make test`): OpenMP runs a one-thread kernel inline (~5 us a
+    call) where workqueue still hands it to its pool (~120 us), and nothing is left to spin.
     """
     if "OMP_WAIT_POLICY" in os.environ:
         return
+    threads_wanted = _wanted_threads() or numba.config.NUMBA_NUM_THREADS
+    if "NUMBA_THREADING_LAYER" not in os.environ and threads_wanted > 1 and _openmp_already_loaded():
+        numba.config.THREADING_LAYER = "workqueue"
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
         from numba.np.ufunc import parallel
@@ -191,6 +217,11 @@ def normal_cdf_(x):
 def normal_pdf_(x):
     """pdf(x) = exp(-x^2 / 2) / sqrt(2 pi), the derivative of Phi."""
     return math.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
+def sigmoid_(x):
+    """1 / (1 + exp(-x)): 0 for very negative x (exp overflows to inf), never NaN for a number."""
+    return 1.0 / (1.0 + math.exp(-x))
 
 
 # float32 constants (typed float32, so the float32 kernels never widen to float64)
@@ -275,6 +306,11 @@ if AVAILABLE:
     _by_dtype(exp_, _exp32)
     _by_dtype(normal_cdf_, _normal_cdf32)
     _by_dtype(normal_pdf_, _normal_pdf32)
+
+    def _sigmoid32(x):
+        return _ONE32 / (_ONE32 + _exp32(-x))
+
+    _by_dtype(sigmoid_, _sigmoid32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,6 +498,100 @@ def gelu_backward(dout: np.ndarray, cache):
     x, phi = np.ascontiguousarray(cache.x), np.ascontiguousarray(cache.phi)
     dx = np.empty_like(x)
     _gelu_backward_flat(np.ascontiguousarray(dout).reshape(-1), x.reshape(-1), phi.reshape(-1), dx.reshape(-1))
+    return (dx,)
+
+
+# --------------------------------------------------------------------------------------------
+# SwiGLU and RoPE (the modern block)
+# --------------------------------------------------------------------------------------------
+
+# out = (gate * sig) * up exactly as stored, since the block rebuilds out from the cache: no
+# reassociation, and no reciprocal rewriting (arcp would turn gate * (1 / d) * up into gate / d * up)
+@_kernel(fastmath=FASTMATH - {"reassoc", "arcp"})
+def _swiglu_forward_rows(x, out, sig):  # x (N, 2H) C-contiguous (so the row loop vectorises); out, sig (N, H)
+    n_rows, H = out.shape
+    for n in prange(n_rows):
+        for h in range(H):
+            g = x[n, h]
+            sig[n, h] = sigmoid_(g)
+            s = sig[n, h]  # read back in the array's dtype (float32's exp works partly in float64)
+            out[n, h] = g * s * x[n, H + h]
+
+
+@_kernel
+def _swiglu_backward_rows(dout, gate, up, sig, dgate, dup):  # all (N, H); dgate, dup views of dx (N, 2H)
+    n_rows, H = dout.shape
+    for n in prange(n_rows):
+        for h in range(H):
+            g, s, d = gate[n, h], sig[n, h], dout[n, h]
+            # out = g sigmoid(g) up: d out / d g = up sigmoid(g) (1 + g (1 - sigmoid(g))), d out / d up = g sigmoid(g)
+            dgate[n, h] = d * up[n, h] * (s * (1.0 + g * (1.0 - s)))
+            dup[n, h] = d * g * s
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    """a (..., K) as (N, K): a view where the leading axes merge (halves of a contiguous array do)."""
+    return a.reshape(-1, a.shape[-1])
+
+
+def swiglu_forward(x: np.ndarray):
+    """out = silu(gate) * up, gate, up = x[..., :H], x[..., H:], in one pass; the reference's cache."""
+    if not AVAILABLE:
+        return _reference.swiglu_forward(x)
+    x = np.ascontiguousarray(x)
+    H = x.shape[-1] // 2
+    gate, up = x[..., :H], x[..., H:]  # views, as the reference's cache holds them
+    out = np.empty(x.shape[:-1] + (H,), dtype=x.dtype)
+    sig = np.empty_like(out)
+    _swiglu_forward_rows(_rows(x), _rows(out), _rows(sig))
+    return out, _reference.SwigluCache(gate, up, sig)
+
+
+def swiglu_backward(dout: np.ndarray, cache):
+    """(dx,): dgate = dout up silu'(gate), dup = dout silu(gate), written into the halves of dx."""
+    if not AVAILABLE:
+        return _reference.swiglu_backward(dout, cache)
+    gate, up, sig = cache
+    H = gate.shape[-1]
+    dx = np.empty(dout.shape[:-1] + (2 * H,), dtype=dout.dtype)
+    _swiglu_backward_rows(_rows(np.ascontiguousarray(dout)), _rows(gate), _rows(up), _rows(sig),
+                          _rows(dx[..., :H]), _rows(dx[..., H:]))
+    return (dx,)
+
+
+@_kernel(fastmath=False)  # no contraction into FMAs: bit for bit the reference's x * cos + rotate_half(x) * sin
+def _rope_heads(x, cos, sin, sign, out):  # x, out (B, nh, T, hs), any strides; cos, sin (T, hs); sign +-1
+    B, nh, T, hs = x.shape
+    half = hs // 2
+    for bh in prange(B * nh):
+        b, h = bh // nh, bh % nh
+        for t in range(T):
+            for i in range(half):
+                x1, x2 = x[b, h, t, i], x[b, h, t, half + i]
+                # forward (sign +1): (x1 cos - x2 sin, x2 cos + x1 sin); backward (sign -1): the rotation by -angle
+                out[b, h, t, i] = x1 * cos[t, i] - sign * (x2 * sin[t, i])
+                out[b, h, t, half + i] = x2 * cos[t, half + i] + sign * (x1 * sin[t, half + i])
+
+
+def rope_forward(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarray | None = None):
+    """out = x * cos + rotate_half(x) * sin, x (B, nh, T, hs) of any strides (heads of qkv), in one
+    pass, into `out` if given; bit for bit the reference's. The cache is the reference's."""
+    if not AVAILABLE:
+        result, cache = _reference.rope_forward(x, cos, sin)
+        if out is not None:
+            out[...] = result
+        return (result if out is None else out), cache
+    out = np.empty(x.shape, dtype=x.dtype) if out is None else out
+    _rope_heads(x, np.ascontiguousarray(cos), np.ascontiguousarray(sin), x.dtype.type(1.0), out)
+    return out, _reference.RopeCache(cos, sin)
+
+
+def rope_backward(dout: np.ndarray, cache):
+    """(dx,): dx = dout * cos - rotate_half(dout) * sin, the rotation by -angle, in one pass."""
+    if not AVAILABLE:
+        return _reference.rope_backward(dout, cache)
+    dx = np.empty(dout.shape, dtype=dout.dtype)
+    _rope_heads(dout, np.ascontiguousarray(cache.cos), np.ascontiguousarray(cache.sin), dout.dtype.type(-1.0), dx)
     return (dx,)
 
 
