@@ -7,7 +7,8 @@
 npgpt: every public layer function (a name ending in _forward or _backward, or one of EXTRA) of
 npgpt.layers (reference) or of npgpt.fast and its submodules (fast) is wrapped with a timer
 wherever npgpt's modules hold it (inclusive wall time, so attention_forward includes the softmax
-it calls). Compiled kernels (numba) are not Python functions: their time lands in their caller.
+it calls). Compiled kernels (numba) are not Python functions: their time lands in their caller,
+the Python wrapper in npgpt.fast.numba_kernels, which has a line of its own ("name (numba)").
 torch: torch.profiler's self CPU time per aten operator. Both run common.make_step (forward,
 backward, clip, AdamW) in this one process, npgpt first.
 """
@@ -41,10 +42,12 @@ def layer_functions(backend: str) -> dict:
                            for m in pkgutil.iter_modules(getattr(pkg, "__path__", []))]
     found = {}
     for mod in modules:
+        # a numba kernel's Python wrapper has its layer's name: its own line, inside the layer's time
+        suffix = " (numba)" if mod.__name__.endswith("numba_kernels") else ""
         for name, f in vars(mod).items():
             if (inspect.isfunction(f) and not name.startswith("_")
                     and (name.endswith(("_forward", "_backward")) or name in EXTRA)):
-                found.setdefault(f, name)
+                found.setdefault(f, name + suffix)
     return found
 
 
@@ -105,9 +108,9 @@ def profile_npgpt(backend: str, cfg, steps: int) -> None:
     if not calls:
         print(f"   no Python layer functions of {backend} were called (all compiled, or none found)")
         return
-    print(f"   {'layer function (inclusive)':28s} {'ms/step':>8s} {'calls/step':>11s}")
+    print(f"   {'layer function (inclusive)':34s} {'ms/step':>8s} {'calls/step':>11s}")
     for n in sorted(calls, key=lambda n: -spent[n]):
-        print(f"   {n:28s} {1e3 * spent[n] / steps:8.2f} {calls[n] // steps:11d}")
+        print(f"   {n:34s} {1e3 * spent[n] / steps:8.2f} {calls[n] // steps:11d}")
 
 
 def profile_torch(cfg, steps: int, rows: int) -> None:
