@@ -536,8 +536,10 @@ def test_npgpt_numba_0_keeps_the_fast_path_on_numpy():
 # The on-disk cache, the thread count, and the module without numba
 # --------------------------------------------------------------------------------------------
 
-def run_python(code: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, **(env_extra or {}))
+def run_python(code: str, env_extra: dict | None = None, env_drop=()) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter at the project root: this environment plus env_extra, less env_drop."""
+    env = {k: v for k, v in os.environ.items() if k not in env_drop}
+    env.update(env_extra or {})
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -594,14 +596,12 @@ def test_the_thread_pool_starts_passive_without_leaving_the_setting_behind():
     defaults), and a policy the user set is kept."""
     code = ("import os; from npgpt.fast import numba_kernels as K; "
             "print(os.environ.get('OMP_WAIT_POLICY', '-'), K.numba.threading_layer())")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    plain = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    plain = run_python(code, env_drop=("OMP_WAIT_POLICY",))
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout.split()[0] == "-"  # removed again after the pool started
     assert plain.stdout.split()[1] in ("omp", "tbb", "workqueue")  # started at import
     code = "import os; from npgpt.fast import numba_kernels as K; print(os.environ.get('OMP_WAIT_POLICY', '-'))"
-    chosen = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(env, OMP_WAIT_POLICY="ACTIVE"),
-                            capture_output=True, text=True, timeout=300)
+    chosen = run_python(code, {"OMP_WAIT_POLICY": "ACTIVE"})
     assert chosen.returncode == 0 and chosen.stdout.split()[0] == "ACTIVE", chosen.stderr
 
 
@@ -611,9 +611,8 @@ def test_with_openmp_already_loaded_the_pool_is_numbas_workqueue():
     join: with 2 threads the kernels then run on numba's workqueue layer (sleeping idle threads)
     and still agree with the reference; NUMBA_THREADING_LAYER, if set, is kept, and so is the
     plain layer with one thread (nothing to spin)."""
-    code = textwrap.dedent("""
-        import sys
-        if sys.argv[1] == "torch":
+    code = """
+        if {torch_first}:
             import torch
         import numpy as np
         from npgpt import layers as L
@@ -622,14 +621,12 @@ def test_with_openmp_already_loaded_the_pool_is_numbas_workqueue():
         out, _ = K.rmsnorm_forward(x, np.ones(32))
         ok = np.allclose(out, L.rmsnorm_forward(x, np.ones(32))[0], rtol=1e-13, atol=0)
         print(K.numba.threading_layer(), ok)
-    """)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER", "NUMBA_NUM_THREADS")}
-    env["OMP_NUM_THREADS"] = "2"  # the kernels' thread count follows it (make test sets 1)
+    """
 
     def run(first, **extra):
-        done = subprocess.run([sys.executable, "-c", code, first], cwd=ROOT, env=dict(env, **extra),
-                              capture_output=True, text=True, timeout=300)
+        # the kernels' thread count follows OMP_NUM_THREADS (make test sets 1): 2 unless given
+        done = run_python(code.format(torch_first=first == "torch"), {"OMP_NUM_THREADS": "2", **extra},
+                          env_drop=("OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER", "NUMBA_NUM_THREADS"))
         assert done.returncode == 0, done.stderr
         return done.stdout.split()
 
