@@ -20,7 +20,8 @@ from npgpt.data import DataError
 
 from .checkpoint import CheckpointError
 from .errors import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_USAGE, TrainingError, UsageError, one_line
-from .settings import FIELD_HELP, GPT_ONLY_FIELDS, MAX_SEED, PRESET_HELP, PRESETS, SHAPE_FIELDS, TrainConfig
+from .settings import (FIELD_HELP, GPT_ONLY_FIELDS, MAX_SEED, PRESET_HELP, PRESETS, SHAPE_FIELDS, TORCH_ONLY_FIELDS,
+                       TrainConfig)
 
 DEFAULT_OUT_DIR = "out"
 
@@ -95,13 +96,16 @@ def preset_values(name: str) -> str:
     return "; ".join(f"{'/'.join(names)} {value}" for value, names in groups.items())
 
 
-def add_train_flags(parser: argparse.ArgumentParser, default_preset: str = "cpu") -> None:
-    """--preset plus one flag per TrainConfig field (default: take the preset's value)."""
+def add_train_flags(parser: argparse.ArgumentParser, default_preset: str = "cpu", numpy_flags: bool = False) -> None:
+    """--preset plus one flag per TrainConfig field (default: take the preset's value); train_np.py's
+    (`numpy_flags`) without the torch-only ones (TORCH_ONLY_FIELDS)."""
     presets = "; ".join(f"{name}: {text}" for name, text in PRESET_HELP.items())
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS), metavar="NAME",
                         help=_escape(f"named settings that the other flags override (default {default_preset}). "
                                      f"{presets}"))
     for f in fields(TrainConfig):
+        if numpy_flags and f.name in TORCH_ONLY_FIELDS:
+            continue
         kind, metavar = {"bool": (_bool, "{true,false}"), "int": (int, "N"), "float": (float, "X")
                          }.get(f.type, (str, "TEXT"))
         parser.add_argument(f"--{f.name}", type=kind, default=None, metavar=metavar,
@@ -145,7 +149,7 @@ def train_parser(prog: str, description: str, default_preset: str = "cpu", torch
         _add_torch_flags(p, training=True)
     if numpy_flags:
         _add_numpy_flags(p)
-    add_train_flags(p, default_preset)
+    add_train_flags(p, default_preset, numpy_flags)
     return p
 
 

@@ -14,6 +14,12 @@ from npgpt.config import ACTIVATIONS, MODERN_ACTIVATIONS, NORMS, POS_EMBS, GPTCo
 SHAPE_FIELDS = ("model", "n_layer", "n_head", "n_embd", "block_size", "bias", "activation", "tie_weights",
                 "norm", "pos_emb", "rope_theta", "qk_norm", "mlp_hidden", "optimizer")
 OPTIMIZERS = ("adamw", "muon")
+# The dtype of Muon's Newton-Schulz iteration in train_torch.py (torchgpt.muon.NS_DTYPES).
+MUON_NS_DTYPES = ("auto", "bfloat16", "float32")
+# Settings that only train_torch.py has a flag for: train_np.py's parser leaves them out, so giving
+# one there is argparse's one-line error, as --dtype or --compile are (NumPy's Muon iterates in the
+# parameters' own float32 or float64).
+TORCH_ONLY_FIELDS = ("muon_ns_dtype",)
 # Those of them that only the GPT has: a bigram model is its embedding table alone.
 GPT_ONLY_FIELDS = ("n_layer", "n_head", "n_embd", "bias", "activation", "tie_weights", "dropout", "norm", "pos_emb",
                    "rope_theta", "qk_norm", "mlp_hidden")
@@ -56,6 +62,7 @@ class TrainConfig:
     # scaled), AdamW at learning_rate for the embeddings, the head and every 1-D gain and bias
     optimizer: str = "adamw"
     muon_lr: float = 0.02
+    muon_ns_dtype: str = "auto"  # train_torch.py: Newton-Schulz in bfloat16 (torch's) or float32
     # evaluation, logging, sampling
     eval_interval: int = 250
     eval_iters: int = 20
@@ -86,7 +93,8 @@ class TrainConfig:
             bad("dropout", "must lie in [0, 1)")
         if self.activation not in ACTIVATIONS + MODERN_ACTIVATIONS:
             bad("activation", f"use one of {', '.join(ACTIVATIONS + MODERN_ACTIVATIONS)}")
-        for name, allowed in (("norm", NORMS), ("pos_emb", POS_EMBS), ("optimizer", OPTIMIZERS)):
+        for name, allowed in (("norm", NORMS), ("pos_emb", POS_EMBS), ("optimizer", OPTIMIZERS),
+                              ("muon_ns_dtype", MUON_NS_DTYPES)):
             if getattr(self, name) not in allowed:
                 bad(name, f"use one of {', '.join(allowed)}")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
@@ -155,6 +163,8 @@ FIELD_HELP = {
     "gradient_accumulation_steps": "micro-batches of one step, over all processes under torchrun",
     "optimizer": "adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)",
     "muon_lr": "Muon's peak learning rate (with --optimizer muon; follows the same schedule)",
+    "muon_ns_dtype": ("the dtype of Muon's Newton-Schulz iteration: bfloat16 (torch.optim.Muon's), float32, or "
+                      "auto: bfloat16 but on a CPU without bfloat16 matmul kernels, float32 there"),
     "batch_size": "sequences per micro-batch and process",
     "max_iters": "optimisation steps of the run (with --resume: the step to reach)",
     "learning_rate": "peak learning rate",

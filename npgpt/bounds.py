@@ -135,3 +135,60 @@ def parity(dtype, n: int = PARITY_N, depth: int = PARITY_DEPTH) -> float:
     """npgpt against torchgpt: chain(n, depth, PARITY_AMPLIFICATION). At the defaults, 8.3e-13 in
     float64 (the README's "to 1e-12") and 4.5e-4 in float32; smaller for fewer terms or stages."""
     return chain(dtype, n, depth, PARITY_AMPLIFICATION)
+
+
+# --- muon
+# The quintic Newton-Schulz iteration of Muon (npgpt/muon.py) maps x = U S V^T to U p(S) V^T with
+# p(s) = a s + b s^3 + c s^5, so the whole error analysis lives on the singular values of its input.
+
+
+def _newton_schulz_gains(s: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
+    """The eigenvalues of one step's Jacobian at x = U diag(s) V^T, in the basis of x's singular
+    vectors: for a pair (i, j) of singular values, on (E_ij + E_ji) the divided difference
+    (p(s_i) - p(s_j)) / (s_i - s_j), on (E_ij - E_ji) (p(s_i) + p(s_j)) / (s_i + s_j) (the diagonal
+    gives p'(s_i)); on a direction outside x's row space p(s_i) / s_i. As alpha +- beta with
+    alpha = a + b (s_i^2 + s_j^2) + c (s_i^4 + s_i^2 s_j^2 + s_j^4), beta = s_i s_j (b + c (s_i^2 + s_j^2)),
+    which holds at s = 0 too. Returns (r, r, 2) pair gains and (r,) outside ones stacked as one array."""
+    si, sj = s[:, None], s[None, :]
+    alpha = a + b * (si ** 2 + sj ** 2) + c * (si ** 4 + si ** 2 * sj ** 2 + sj ** 4)
+    beta = si * sj * (b + c * (si ** 2 + sj ** 2))
+    return np.concatenate([(alpha + beta).ravel(), (alpha - beta).ravel(), a + b * s ** 2 + c * s ** 4])
+
+
+def newton_schulz(dtype, shape: tuple, singular_values, steps: int = 5,
+                  coefficients: tuple = (3.4445, -4.775, 2.0315)) -> float:
+    """Muon's Newton-Schulz iteration run in `dtype` against the exact one, normwise relative to the
+    result, for an input of `shape` with these singular values (any scale: the iteration divides by
+    the Frobenius norm). The caller computes them in float64 from its data, as it states a chain's
+    amplification; the bound runs the iteration on them (torch's coefficients by default).
+
+    Step k takes x_k = U diag(s_k) V^T (||x_0||_F = 1) to x_{k+1} = a x_k + (b A + c A^2) x_k, A = x_k x_k^T:
+    three matmuls of at most n = max(shape) terms, whose roundings scale with the three terms'
+    sizes before they cancel, T_k = ||a s_k + |b| s_k^3 + |c| s_k^5||_2; so a fresh error of at most
+    sqrt(3) reordered(dtype, n) T_k (the normalisation: reordered(dtype, rows * cols, 1), one sign).
+    Each later step carries an error with its Jacobian, whose eigenvalues in the singular vectors'
+    basis are known exactly (_newton_schulz_gains), and the singular vectors do not move: an error
+    made at step k reaches the end multiplied by at most G_k = max over the modes of the product of
+    their gains over steps k + 1 ... steps - 1. First order, stages in quadrature as `chain`:
+        sqrt(sum_k (G_k E_k)^2) / ||p^steps(s_0)||_2.
+    Where a singular value is tiny (a near-low-rank update), p'(0) = a ~ 3.4 per step makes G large,
+    as it is: the iteration inflates that direction's error with the direction itself.
+    """
+    a, b, c = coefficients
+    s = np.asarray(singular_values, dtype=np.float64)
+    s = s / np.linalg.norm(s)
+    trajectory = [s]
+    for _ in range(steps):
+        s = a * s + b * s ** 3 + c * s ** 5
+        trajectory.append(s)
+    gains = [np.abs(_newton_schulz_gains(t, a, b, c)) for t in trajectory[:steps]]  # step k's Jacobian
+    errors = [reordered(dtype, shape[0] * shape[1], cancellation=1.0)]  # the normalisation, ||x_0|| = 1
+    carried = [np.prod(gains, axis=0).max() if steps else 1.0]
+    for k in range(steps):
+        t = trajectory[k]
+        errors.append(math.sqrt(3.0) * reordered(dtype, max(shape)) *
+                      float(np.linalg.norm(abs(a) * t + abs(b) * t ** 3 + abs(c) * t ** 5)))
+        later = gains[k + 1:]
+        carried.append(np.prod(later, axis=0).max() if later else 1.0)
+    total = math.sqrt(sum((g * e) ** 2 for g, e in zip(carried, errors)))
+    return total / float(np.linalg.norm(trajectory[-1]))

@@ -571,12 +571,16 @@ class MuonAdamW:
             opt.load_state_dict(state[name])
 
 
-def configure_muon_adamw(model: nn.Module, weight_decay, learning_rate, muon_lr, betas, device_type) -> MuonAdamW:
+def configure_muon_adamw(model: nn.Module, weight_decay, learning_rate, muon_lr, betas, device_type,
+                         ns_dtype: str = "auto") -> MuonAdamW:
     """The speedrun split: Muon (lr muon_lr, torch's defaults otherwise, weight decay as AdamW's) for
-    the matrices inside the blocks; AdamW for the rest, weight decay on its matrices (wte, lm_head)."""
+    the matrices inside the blocks; AdamW for the rest, weight decay on its matrices (wte, lm_head).
+    Muon is torchgpt.muon.Muon, torch's with its Newton-Schulz iteration in `ns_dtype` ("auto":
+    torchgpt.muon.resolve_ns_dtype, bfloat16 but on a CPU that emulates it)."""
     if not hasattr(torch.optim, "Muon"):
         raise RuntimeError(f"--optimizer muon needs torch.optim.Muon, which torch {torch.__version__} lacks; "
                            "install torch >= 2.9 or use --optimizer adamw")
+    from .muon import Muon, resolve_ns_dtype  # subclasses torch.optim.Muon: only once it is known to exist
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     matrices = [p for n, p in named if uses_muon(n, p)]
     rest = [p for n, p in named if not uses_muon(n, p)]
@@ -584,8 +588,8 @@ def configure_muon_adamw(model: nn.Module, weight_decay, learning_rate, muon_lr,
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
     adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))
-    muon = torch.optim.Muon([{"params": matrices, "lr_scale": muon_lr / learning_rate}], lr=muon_lr,
-                            weight_decay=weight_decay)
+    muon = Muon([{"params": matrices, "lr_scale": muon_lr / learning_rate}], lr=muon_lr, weight_decay=weight_decay,
+                ns_dtype=resolve_ns_dtype(ns_dtype, device_type))
     return MuonAdamW(adamw, muon)
 
 

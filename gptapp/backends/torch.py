@@ -156,7 +156,7 @@ class TorchBackend:
         if cfg.optimizer == "muon":  # torch.optim.Muon for the block matrices, AdamW for the rest
             try:
                 self.optimizer = configure_muon_adamw(raw, cfg.weight_decay, cfg.learning_rate, cfg.muon_lr,
-                                                      (cfg.beta1, cfg.beta2), device.type)
+                                                      (cfg.beta1, cfg.beta2), device.type, cfg.muon_ns_dtype)
             except RuntimeError as err:  # a torch without torch.optim.Muon
                 raise UsageError(str(err)) from None
         else:
