@@ -227,7 +227,8 @@ def _torch_step(cfg, seed: int):
     model.train()
     if cfg.optimizer == "muon":
         from torchgpt.model import configure_muon_adamw
-        opt = configure_muon_adamw(model, cfg.weight_decay, cfg.learning_rate, cfg.muon_lr, (cfg.beta1, cfg.beta2), "cpu")
+        opt = configure_muon_adamw(model, cfg.weight_decay, cfg.learning_rate, cfg.muon_lr, (cfg.beta1, cfg.beta2), "cpu",
+                                   cfg.muon_ns_dtype)
     else:
         opt = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), "cpu")
     params = list(model.parameters())

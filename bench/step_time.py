@@ -6,6 +6,8 @@
     python bench/step_time.py --threads 1      # one thread each
     python bench/step_time.py --config cpu --rounds 30
     python bench/step_time.py --config modern-cpu   # the modern block, Muon + AdamW as train_*.py
+    ONEDNN_MAX_CPU_ISA=AVX2 python bench/step_time.py --config modern-cpu   # as on a CPU without bfloat16
+    python bench/step_time.py --config modern-cpu --muon_ns_dtype bfloat16   # torch's own Muon iteration
 
 One step is what both training scripts do per iteration: forward, backward, clip_grad_norm(1.0)
 and an AdamW update (nanoGPT's groups and settings), in float32, on the same random batches.
@@ -13,7 +15,9 @@ and an AdamW update (nanoGPT's groups and settings), in float32, on the same ran
     reference   npgpt.GPT, npgpt.optim.AdamW, npgpt.optim.clip_grad_norm (train_np.py --reference)
     torch       torchgpt.GPT with SDPA attention, torch's AdamW, clip_grad_norm_
 The reference is a column only with --reference: it is the slow, plain formulas, and the target
-compares the fast path with torch.
+compares the fast path with torch. With Muon, torch's Newton-Schulz iteration runs in
+--muon_ns_dtype (train_torch.py's setting; auto: float32 where oneDNN has no bfloat16 matmul, which
+ONEDNN_MAX_CPU_ISA=AVX2 emulates on a CPU that has one).
 
 Each backend runs in its own worker process (same thread count), so that none inherits another's
 allocator state or busy-waiting threads. After a warm-up the measurements are interleaved:
@@ -41,6 +45,7 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
 
 TARGETS = {"cpu": 1.0, "large": 1.0}  # issue 12: npgpt.fast / torch step time at most this
 PAUSE_S = 0.3  # before each block: OpenBLAS threads spin up to ~0.1 s after their last call
@@ -50,13 +55,15 @@ PAUSE_S = 0.3  # before each block: OpenBLAS threads spin up to ~0.1 s after the
 # Worker: one backend in its own process, driven over stdin/stdout
 # --------------------------------------------------------------------------------------------
 
-def worker(backend: str, config: str, warmup: int, torch_malloc: str) -> None:
+def worker(backend: str, config: str, warmup: int, torch_malloc: str, muon_ns_dtype: str) -> None:
     """Reads "run K" lines, answers each with a JSON list of K (fwd, bwd, optim) times."""
     if backend == "torch":
         common.torch_threads(THREADS)
         if torch_malloc == "same":
             common.keep_freed_memory()
     cfg = common.configs()[config]
+    if cfg.optimizer == "muon":
+        cfg = replace(cfg, muon_ns_dtype=muon_ns_dtype)
     step = common.make_step(backend, cfg)
     data = [(step.as_input(x), step.as_input(y)) for x, y in common.batches(cfg)]
     i = 0
@@ -79,9 +86,10 @@ def worker(backend: str, config: str, warmup: int, torch_malloc: str) -> None:
 
 
 class Worker:
-    def __init__(self, backend, config, threads, warmup, torch_malloc):
+    def __init__(self, backend, config, threads, warmup, torch_malloc, muon_ns_dtype):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", backend, "--config", config,
-               "--threads", str(threads), "--warmup", str(warmup), "--torch_malloc", torch_malloc]
+               "--threads", str(threads), "--warmup", str(warmup), "--torch_malloc", torch_malloc,
+               "--muon_ns_dtype", muon_ns_dtype]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._expect("ready")
 
@@ -105,9 +113,9 @@ class Worker:
 
 
 def bench_config(name: str, backends: list, threads: int, rounds: int, block: int, warmup: int,
-                 torch_malloc: str) -> dict:
+                 torch_malloc: str, muon_ns_dtype: str = "auto") -> dict:
     # one worker at a time while warming up, so that none warms up under another's load
-    workers = {b: Worker(b, name, threads, warmup, torch_malloc) for b in backends}
+    workers = {b: Worker(b, name, threads, warmup, torch_malloc, muon_ns_dtype) for b in backends}
     times = {b: [] for b in workers}
     try:
         for r in range(rounds):
@@ -145,20 +153,27 @@ def main(argv=None) -> int:
     p.add_argument("--torch_malloc", choices=("same", "default"), default="same",
                    help="same: torch's worker keeps freed memory mapped (glibc mallopt, as npgpt.fast does "
                         "for itself); default: glibc's defaults")
+    p.add_argument("--muon_ns_dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="torch's Muon iteration (modern-cpu), as train_torch.py's flag (default auto)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--worker", choices=common.BACKENDS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.config, args.warmup, args.torch_malloc)
+        worker(args.worker, args.config, args.warmup, args.torch_malloc, args.muon_ns_dtype)
         return 0
     backends = ["fast", "reference", "torch"] if args.reference else ["fast", "torch"]
     info = common.machine_info(args.threads, HOW)
     info["torch malloc"] = args.torch_malloc
+    if args.config == "modern-cpu":
+        from torchgpt.muon import resolve_ns_dtype
+        info["muon ns dtype"] = f"{args.muon_ns_dtype} ({resolve_ns_dtype(args.muon_ns_dtype, 'cpu')})"
+        info["ONEDNN_MAX_CPU_ISA"] = os.environ.get("ONEDNN_MAX_CPU_ISA", "unset")
     common.print_info(f"step_time: {' vs '.join(backends)} training step (fwd + bwd + clip + AdamW), float32", info)
     results = {"machine": info, "command": " ".join(sys.argv), "backends": backends}
     for name in (["cpu", "large"] if args.config == "both" else [args.config]):
         cfg = common.configs()[name]
-        res = bench_config(name, backends, args.threads, args.rounds, args.block, args.warmup, args.torch_malloc)
+        res = bench_config(name, backends, args.threads, args.rounds, args.block, args.warmup, args.torch_malloc,
+                           args.muon_ns_dtype)
         results[name] = res
         print(f"\n-- config {name}: {common.describe(cfg)}")
         print(f"   {'backend':9s} {'step ms':>9s} {'(q1 - q3)':>17s} {'fwd':>7s} {'bwd':>7s} {'optim':>7s} "
