@@ -148,7 +148,7 @@ def _newton_schulz_gains(s: np.ndarray, a: float, b: float, c: float) -> np.ndar
     (p(s_i) - p(s_j)) / (s_i - s_j), on (E_ij - E_ji) (p(s_i) + p(s_j)) / (s_i + s_j) (the diagonal
     gives p'(s_i)); on a direction outside x's row space p(s_i) / s_i. As alpha +- beta with
     alpha = a + b (s_i^2 + s_j^2) + c (s_i^4 + s_i^2 s_j^2 + s_j^4), beta = s_i s_j (b + c (s_i^2 + s_j^2)),
-    which holds at s = 0 too. Returns (r, r, 2) pair gains and (r,) outside ones stacked as one array."""
+    which holds at s = 0 too. Returns every mode's gain in one flat array: r^2 + r^2 pair ones, then r."""
     si, sj = s[:, None], s[None, :]
     alpha = a + b * (si ** 2 + sj ** 2) + c * (si ** 4 + si ** 2 * sj ** 2 + sj ** 4)
     beta = si * sj * (b + c * (si ** 2 + sj ** 2))
