@@ -28,6 +28,32 @@ def small_config(**overrides) -> npgpt.GPTConfig:
     return npgpt.GPTConfig(**kw)
 
 
+# Stages of one layer's forward: 2 norms, 4 attention matmuls (qkv, q k^T, att v, the projection),
+# the softmax, 2 MLP matmuls, the activation; QK-norm adds 2 norms, RoPE 2 rotations.
+STAGES_PER_LAYER = 10
+
+
+def block_parity_sizes(config: npgpt.GPTConfig, B: int, T: int) -> tuple[int, int]:
+    """(n, depth) of one block's forward on a (B, T, n_embd) input, for npgpt.compare.bounds:
+    n is its longest sum (a matmul's inner dimension: n_embd; 3 n_embd for the qkv projection's
+    input gradient; the MLP's hidden width, twice that for SwiGLU's input gradient; T keys; the
+    head size; or the B*T positions a weight's gradient sums over), depth its stages
+    (STAGES_PER_LAYER, plus QK-norm's two norms and RoPE's two rotations)."""
+    C, H, hs = config.n_embd, config.mlp_hidden_size, config.head_size
+    fc = 2 * H if config.activation == "swiglu" else H
+    n = max(3 * C, fc, T, hs, B * T)
+    return n, STAGES_PER_LAYER + 2 * bool(config.qk_norm) + 2 * (config.pos_emb == "rope")
+
+
+def parity_sizes(config: npgpt.GPTConfig, B: int, T: int | None = None) -> tuple[int, int]:
+    """(n, depth) of a GPT's forward on a (B, T) batch (T = block_size by default), for
+    npgpt.compare.bounds: the blocks' (block_parity_sizes), with the vocabulary among the sums (the
+    head's input gradient), and depth n_layer blocks plus the embedding, the head and the loss."""
+    T = config.block_size if T is None else T
+    n, per_layer = block_parity_sizes(config, B, T)
+    return max(n, config.vocab_size), config.n_layer * per_layer + 3
+
+
 def describe(config: npgpt.GPTConfig) -> str:
     """A short name for a config in table headers: 'L2 nh2 C16 V11 bs8 gelu bias tied p=0.2'."""
     c = config
