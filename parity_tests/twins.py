@@ -5,10 +5,13 @@ every model-level comparison builds its pair the same way.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 import npgpt
+from npgpt import bounds
 import npgpt.fast
 import torchgpt
 from torchgpt.convert import load_params
@@ -52,6 +55,23 @@ def parity_sizes(config: npgpt.GPTConfig, B: int, T: int | None = None) -> tuple
     T = config.block_size if T is None else T
     n, per_layer = block_parity_sizes(config, B, T)
     return max(n, config.vocab_size), config.n_layer * per_layer + 3
+
+
+def training_bound(config: npgpt.GPTConfig, B: int, T: int, steps: int, n_params: int) -> float:
+    """The float64 bound of a training run of `steps` steps in both backends, from the same init on
+    the same batches: the loss at every step and the parameters at the end, normwise.
+
+    Each step is a forward and backward (npgpt.bounds.parity over parity_sizes(config, B, T), the
+    backward retracing the forward's stages) and a gradient clip, whose global norm sums the squares
+    of all n_params parameters (bounds.reordered, terms of one sign); the optimizer's update is
+    elementwise, a few roundings more. A step's errors carry into the parameters and from there into
+    every later step, independent of the other steps' errors: they add in quadrature, sqrt(steps)
+    times one step's (bounds.chain's rule).
+    """
+    n, depth = parity_sizes(config, B, T)
+    step = math.hypot(bounds.parity(np.float64, n, 2 * depth),
+                      bounds.reordered(np.float64, n_params, cancellation=1.0))
+    return math.sqrt(steps) * step
 
 
 def describe(config: npgpt.GPTConfig) -> str:
