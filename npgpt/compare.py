@@ -6,7 +6,7 @@ npgpt layers or finite differences in tests/) through `compare_all` or `assert_c
 computes a normwise error with `rel_error`. The first two print a table, one row per tensor,
 
     tensor                       shape               max abs        rel  bound
-    transformer.h.0.ln_1.weight  (16,)             1.110e-16  4.527e-16  rel<=1e-12 ok
+    transformer.h.0.ln_1.weight  (16,)             1.110e-16  4.527e-16  rel<=5.8e-13 ok
 
 where rel is the normwise relative error ||ours - theirs|| / ||theirs|| (Frobenius norm over the
 whole tensor), then fail with a message that names every tensor over its bound and its errors.
