@@ -192,3 +192,32 @@ def newton_schulz(dtype, shape: tuple, singular_values, steps: int = 5,
         carried.append(np.prod(later, axis=0).max() if later else 1.0)
     total = math.sqrt(sum((g * e) ** 2 for g, e in zip(carried, errors)))
     return total / float(np.linalg.norm(trajectory[-1]))
+
+# --- parity
+# Kinds the parity suite needs beyond parity(dtype, n, depth): per-element bounds from a worst-case
+# analysis of one formula (where the result cancels far below the terms it is computed from, so a
+# relative bound has no meaning), and a count of roundings in a format NumPy does not have.
+
+BFLOAT16_UNIT_ROUNDOFF = 2.0 ** -8
+"""u of bfloat16 (8 significant bits): torch.optim.Muon runs its Newton-Schulz iteration in it."""
+
+
+def elementwise(dtype, rounded, subnormals: int = 0):
+    """A per-element bound on |ours - theirs| for one formula, from a worst-case analysis: each side's
+    error is at most u times `rounded` (an array or number: the sum, over the formula's roundings, of
+    the magnitude each one rounds, weighted by how far it is carried to the result), so the two
+    differ by at most 2 u rounded; plus `subnormals` times the smallest subnormal number (below the
+    normal range rounding is absolute, not relative). For results that cancel to far below their
+    terms (a near one-hot softmax row, a confidently right cross-entropy row, a layernorm over two
+    channels), where only the terms' magnitudes bound the error."""
+    tiny = float(np.finfo(np.dtype(dtype)).smallest_subnormal)
+    return 2.0 * unit_roundoff(dtype) * np.asarray(rounded, dtype=np.float64) + subnormals * tiny
+
+
+def roundings(unit: float, k: int) -> float:
+    """k roundings of unit roundoff `unit` (a float, for formats NumPy lacks: BFLOAT16_UNIT_ROUNDOFF)
+    added at worst linearly: gamma_k ~ k u, the relative error of a result that passes k times
+    through that format when nothing is known of the errors' signs."""
+    if k < 1:
+        raise ValueError(f"roundings: k must be >= 1, got {k}")
+    return float(k) * float(unit)

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from npgpt.compare import assert_close, compare_all, errors, to_numpy64
+from npgpt import bounds as kinds
+from npgpt.compare import (PARITY_FORWARD_DEPTH, RTOL, assert_close, bounds, compare_all,
+                           compare_outputs_and_grads, errors, to_numpy64)
 
 
 def test_errors_are_max_abs_and_normwise_relative():
@@ -64,3 +66,40 @@ def test_scale_replaces_the_denominator():
         compare_all({"s": ours}, {"s": theirs}, rtol=1e-12)
     rows = compare_all({"s": ours}, {"s": theirs}, rtol=1e-12, scale={"s": np.array([1.0])})
     assert rows[0].rel == pytest.approx(1e-16) and "vs ||scale||" in rows[0].bound
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_bounds_are_npgpt_bounds_parity_of_the_sizes(dtype):
+    """Outputs at parity(n, depth), gradients at parity(n, 2 depth); more terms or stages loosen them;
+    the defaults are the suite's largest shapes, whose float64 gradient bound is the README's 1e-12."""
+    b = bounds(dtype, 24, 5)
+    assert b == {"forward": kinds.parity(dtype, 24, 5), "grad": kinds.parity(dtype, 24, 10)}
+    assert b["forward"] < b["grad"] < bounds(dtype, 96, 5)["grad"] < bounds(dtype, 96, 20)["grad"]
+    assert bounds(dtype) == RTOL[np.dtype(dtype)]
+    assert bounds(dtype)["grad"] == kinds.parity(dtype) and 2 * PARITY_FORWARD_DEPTH == kinds.PARITY_DEPTH
+    assert RTOL[np.dtype(np.float64)]["grad"] <= 1e-12 < RTOL[np.dtype(np.float32)]["forward"]
+
+
+def test_outputs_and_gradients_get_their_own_bounds():
+    """An error between the forward's and the gradients' bound fails as an output, passes as a
+    gradient; the table names the sizes the bounds came from."""
+    b = bounds(np.float32, 16, 3)
+    theirs = np.ones(4)
+    ours = theirs * (1 + (b["forward"] + b["grad"]) / 2)  # rel between the two bounds
+    compare_outputs_and_grads({}, {}, {"g": ours}, {"g": theirs}, np.float32, "grad", n=16, depth=3)
+    with pytest.raises(AssertionError, match=r"out \(4,\)"):
+        compare_outputs_and_grads({"out": ours}, {"out": theirs}, {}, {}, np.float32, "out", n=16, depth=3)
+    rows = compare_outputs_and_grads({"out": theirs}, {"out": theirs}, {"g": ours}, {"g": theirs},
+                                     np.float32, "both", n=16, depth=3)
+    assert [r.rtol for r in rows] == [b["forward"], b["grad"]]
+
+
+def test_elementwise_bound_is_twice_u_times_the_rounded_terms():
+    """bounds.elementwise: two sides, each within u of the terms it rounds, plus subnormals."""
+    u = kinds.unit_roundoff(np.float32)
+    got = kinds.elementwise(np.float32, np.array([1.0, 4.0]), subnormals=2)
+    tiny = float(np.finfo(np.float32).smallest_subnormal)
+    assert np.array_equal(got, np.array([2 * u + 2 * tiny, 8 * u + 2 * tiny]))
+    assert kinds.roundings(kinds.BFLOAT16_UNIT_ROUNDOFF, 17) == 17 * 2.0 ** -8
+    with pytest.raises(ValueError, match="k must be"):
+        kinds.roundings(kinds.BFLOAT16_UNIT_ROUNDOFF, 0)

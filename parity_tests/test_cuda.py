@@ -1,7 +1,7 @@
 """The model-level parity tests on a CUDA GPU: torch on the device against npgpt on the CPU.
 
 The cases of test_model.test_gpt_logits_loss_grads, run through the same check_model_parity with
-device="cuda", in float64 (1e-12) and float32 (1e-5 logits/loss, 1e-4 gradients) with TF32 off:
+device="cuda", in float64 and float32 at npgpt.compare.bounds for each model's sizes, TF32 off:
 TF32 rounds matmul inputs to 10 mantissa bits (~1e-3), which is a different computation, not a
 rounding error of this one.
 
@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from npgpt import bounds
 from parity_tests.test_model import ATTENTIONS, DTYPES, check_model_parity
 from parity_tests.twins import small_config
 from torchgpt.runtime import set_tf32
@@ -95,4 +96,5 @@ def test_tf32_is_off(dtype):
     a, b = rng.standard_normal((64, 64)), rng.standard_normal((64, 64))
     got = (torch.from_numpy(a).float().cuda() @ torch.from_numpy(b).float().cuda()).double().cpu().numpy()
     want = a.astype(np.float32).astype(np.float64) @ b.astype(np.float32).astype(np.float64)
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-6  # TF32 would give ~1e-4
+    # a 64-term dot product reordered in float32; TF32 (10-bit inputs) would give ~1e-4
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= bounds.reordered(np.float32, 64)

@@ -5,10 +5,13 @@ every model-level comparison builds its pair the same way.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 import npgpt
+from npgpt import bounds
 import npgpt.fast
 import torchgpt
 from torchgpt.convert import load_params
@@ -26,6 +29,49 @@ def small_config(**overrides) -> npgpt.GPTConfig:
     kw = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
     kw.update(overrides)
     return npgpt.GPTConfig(**kw)
+
+
+# Stages of one layer's forward: 2 norms, 4 attention matmuls (qkv, q k^T, att v, the projection),
+# the softmax, 2 MLP matmuls, the activation; QK-norm adds 2 norms, RoPE 2 rotations.
+STAGES_PER_LAYER = 10
+
+
+def block_parity_sizes(config: npgpt.GPTConfig, B: int, T: int) -> tuple[int, int]:
+    """(n, depth) of one block's forward on a (B, T, n_embd) input, for npgpt.compare.bounds:
+    n is its longest sum (a matmul's inner dimension: n_embd; 3 n_embd for the qkv projection's
+    input gradient; the MLP's hidden width, twice that for SwiGLU's input gradient; T keys; the
+    head size; or the B*T positions a weight's gradient sums over), depth its stages
+    (STAGES_PER_LAYER, plus QK-norm's two norms and RoPE's two rotations)."""
+    C, H, hs = config.n_embd, config.mlp_hidden_size, config.head_size
+    fc = 2 * H if config.activation == "swiglu" else H
+    n = max(3 * C, fc, T, hs, B * T)
+    return n, STAGES_PER_LAYER + 2 * bool(config.qk_norm) + 2 * (config.pos_emb == "rope")
+
+
+def parity_sizes(config: npgpt.GPTConfig, B: int, T: int | None = None) -> tuple[int, int]:
+    """(n, depth) of a GPT's forward on a (B, T) batch (T = block_size by default), for
+    npgpt.compare.bounds: the blocks' (block_parity_sizes), with the vocabulary among the sums (the
+    head's input gradient), and depth n_layer blocks plus the embedding, the head and the loss."""
+    T = config.block_size if T is None else T
+    n, per_layer = block_parity_sizes(config, B, T)
+    return max(n, config.vocab_size), config.n_layer * per_layer + 3
+
+
+def training_bound(config: npgpt.GPTConfig, B: int, T: int, steps: int, n_params: int) -> float:
+    """The float64 bound of a training run of `steps` steps in both backends, from the same init on
+    the same batches: the loss at every step and the parameters at the end, normwise.
+
+    Each step is a forward and backward (npgpt.bounds.parity over parity_sizes(config, B, T), the
+    backward retracing the forward's stages) and a gradient clip, whose global norm sums the squares
+    of all n_params parameters (bounds.reordered, terms of one sign); the optimizer's update is
+    elementwise, a few roundings more. A step's errors carry into the parameters and from there into
+    every later step, independent of the other steps' errors: they add in quadrature, sqrt(steps)
+    times one step's (bounds.chain's rule).
+    """
+    n, depth = parity_sizes(config, B, T)
+    step = math.hypot(bounds.parity(np.float64, n, 2 * depth),
+                      bounds.reordered(np.float64, n_params, cancellation=1.0))
+    return math.sqrt(steps) * step
 
 
 def describe(config: npgpt.GPTConfig) -> str:
