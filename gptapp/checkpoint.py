@@ -165,7 +165,7 @@ def check_weight_dtype(dtype, name: str, where) -> None:
         raise CheckpointError(f"{where}: parameter {name} is float64; the models here hold float32 weights and "
                               "narrowing would change them silently; save the weights as float32 and load that")
     if dtype != np.float32:
-        raise CheckpointError(f"{where}: parameter {name} has dtype {dtype}, not float32")
+        raise CheckpointError(f"{where}: parameter {name} has dtype {dtype}, not floating point (float32)")
 
 
 def check_count(value, what: str, where) -> int:
