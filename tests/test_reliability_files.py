@@ -459,3 +459,16 @@ def test_a_byte_order_mark_is_dropped_from_the_text_with_a_note(tmp_path, capsys
     assert text == "hello\nworld\n"
     err = capsys.readouterr().err
     assert "byte order mark" in err and str(path) in err, err
+
+
+@pytest.mark.parametrize("field,what", [("eval_iters", "one evaluation"), ("gradient_accumulation_steps", "one step")])
+def test_a_step_or_evaluation_that_would_take_hours_is_refused(field, what):
+    """Memory is no bound on the work of one step's micro-batches or one evaluation's batches; the
+    time is: a stop waits for the step or evaluation under way."""
+    from dataclasses import replace
+
+    from gptapp.budget import BudgetError, check_training_budget
+    from gptapp.settings import PRESETS
+    with pytest.raises(BudgetError, match=f"makes {what} .* lower --{field}$"):
+        check_training_budget(replace(PRESETS["tiny"], **{field: 10 ** 12}), 65, backend="numpy", device="cpu",
+                              available=22 * 10 ** 9)
