@@ -25,12 +25,11 @@ import struct
 import subprocess
 import sys
 import zipfile
-import zlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from test_train_helpers import (
-    DATA,
     ROOT,
     SUBPROCESS_ENV,
     Result,
@@ -41,8 +40,10 @@ from test_train_helpers import (
     tiny_args,
 )
 
+from gptapp.budget import BudgetError, check_training_budget, parameter_count, parameter_tensor_count
 from gptapp.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_npz, save_npz
 from gptapp.data import read_text_file
+from gptapp.settings import PRESETS
 from npgpt.config import GPTConfig
 from npgpt.model import init_params, param_shapes
 
@@ -218,7 +219,6 @@ def test_sizes_that_exhaust_the_machine_are_refused_at_once(backend, flag, value
 
 
 def test_the_parameter_count_of_the_estimate_is_the_models():
-    from gptapp.budget import parameter_count, parameter_tensor_count
     cases = [CFG, GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128),
              GPTConfig(vocab_size=65, block_size=64, n_layer=3, n_head=4, n_embd=128, bias=True, tie_weights=False),
              GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=16, norm="rmsnorm", pos_emb="rope",
@@ -232,24 +232,17 @@ def test_the_parameter_count_of_the_estimate_is_the_models():
 @pytest.mark.parametrize("preset", ["cpu", "nanogpt-cpu", "modern-cpu", "tiny", "bigram"])
 def test_the_cpu_presets_fit_a_small_machine(preset):
     """Both backends, against 4 GB: the presets meant for a CPU must never be refused on a laptop."""
-    from gptapp.budget import check_training_budget
-    from gptapp.settings import PRESETS
     for backend in ("numpy", "torch"):
         check_training_budget(PRESETS[preset], 65, backend=backend, device="cpu", available=4 * 10 ** 9)
 
 
 @pytest.mark.parametrize("preset", ["shakespeare-char", "modern-gpu", "lecture"])
 def test_the_gpu_presets_fit_a_16_gb_gpu_and_a_cpu(preset):
-    from gptapp.budget import check_training_budget
-    from gptapp.settings import PRESETS
     check_training_budget(PRESETS[preset], 65, backend="torch", device="cuda", available=16 * 10 ** 9)
     check_training_budget(PRESETS[preset], 65, backend="numpy", device="cpu", available=16 * 10 ** 9)
 
 
 def test_the_budget_names_the_flag_that_drives_the_estimate():
-    from gptapp.budget import BudgetError, check_training_budget
-    from gptapp.settings import PRESETS
-    from dataclasses import replace
     tiny = PRESETS["tiny"]
     for field, value in (("batch_size", 10_000_000), ("n_layer", 1_000_000), ("n_embd", 1_000_000),
                          ("block_size", 100_000), ("mlp_hidden", 10 ** 12)):
@@ -465,10 +458,7 @@ def test_a_byte_order_mark_is_dropped_from_the_text_with_a_note(tmp_path, capsys
 def test_a_step_or_evaluation_that_would_take_hours_is_refused(field, what):
     """Memory is no bound on the work of one step's micro-batches or one evaluation's batches; the
     time is: a stop waits for the step or evaluation under way."""
-    from dataclasses import replace
 
-    from gptapp.budget import BudgetError, check_training_budget
-    from gptapp.settings import PRESETS
     with pytest.raises(BudgetError, match=f"makes {what} .* lower --{field}$"):
         check_training_budget(replace(PRESETS["tiny"], **{field: 10 ** 12}), 65, backend="numpy", device="cpu",
                               available=22 * 10 ** 9)
