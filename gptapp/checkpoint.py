@@ -26,8 +26,10 @@ import contextlib
 import json
 import math
 import os
+import re
 import tempfile
 import zipfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -36,6 +38,7 @@ import numpy as np
 
 from npgpt.config import GPTConfig
 
+from .budget import available_memory, check_checkpoint_config, format_bytes
 from .errors import first_sentence
 
 FORMAT = "npgpt-checkpoint"
@@ -87,6 +90,11 @@ class Checkpoint:
                                   "train_np.py or train_torch.py")
         if self.model == "gpt" and self.gpt_config is None:
             raise CheckpointError(f"{where}: a gpt checkpoint without its model config; it is incomplete")
+        table = self.params.get("token_embedding_table.weight")
+        V = table.shape[0] if self.model == "bigram" and table is not None else 0
+        problem = check_checkpoint_config(self.gpt_config if self.model == "gpt" else None, V, len(self.params), where)
+        if problem:  # before the table of expected shapes is built: its size is the config's to say
+            raise CheckpointError(f"{problem}; the file was edited or is not a checkpoint of this app")
         want = self.expected_shapes()
         missing = [k for k in want if k not in self.params]
         unexpected = [k for k in self.params if k not in want]
@@ -107,24 +115,137 @@ class Checkpoint:
                                   f"{'; '.join(problems)}; the file was edited or mixes two models, "
                                   "use a checkpoint written by train_np.py, train_torch.py or nanoGPT")
         for k, v in self.params.items():
-            if not np.issubdtype(v.dtype, np.floating):
-                raise CheckpointError(f"{where}: parameter {k} has dtype {v.dtype}, not floating point")
+            check_weight_dtype(v.dtype, k, where)
         for k, v in self.params.items():
             if not np.isfinite(v).all():
                 raise CheckpointError(f"{where}: parameter {k} holds values that are not finite (nan or inf): "
                                       "the run that wrote it diverged; use an earlier checkpoint")
-        if self.vocab is not None and not isinstance(self.vocab, str):
-            raise CheckpointError(f"{where}: the vocabulary is of type {type(self.vocab).__name__}, not a string "
-                                  "of characters; the file was edited or written by another program")
-        dupes = sorted({c for c in self.vocab if self.vocab.count(c) > 1}) if self.vocab else []
-        if dupes:
-            raise CheckpointError(f"{where}: the vocabulary has duplicate characters "
-                                  f"({', '.join(map(repr, dupes[:5]))}), so it cannot map ids to characters; the "
-                                  "file was edited or written by another program")
-        if self.vocab is not None and len(self.vocab) != self.vocab_size:
-            raise CheckpointError(f"{where}: the vocabulary has {len(self.vocab)} characters but the model "
-                                  f"has vocab_size={self.vocab_size}; the file is inconsistent")
+        check_vocab(self.vocab, self.vocab_size, where)
+        check_count(self.iter_num, "iter_num", where)
+        check_loss(self.best_val_loss, "best_val_loss", where)
+        self._check_train_config(where)
+        if self.backend == "numpy":
+            check_numpy_rng(self.rng, where)
+            for key, value in (self.optimizer or {}).items():
+                if key == "step" or key.endswith(".step"):
+                    check_count(value, f"the optimizer's {key}", where)
         return self
+
+    def _check_train_config(self, where) -> None:
+        """Our formats save the run's settings beside the model's config: they must describe one model."""
+        tc = self.train_config
+        if self.backend not in ("numpy", "torch") or not tc:
+            return
+        if not isinstance(tc, dict):
+            raise CheckpointError(f"{where}: its training settings are a {type(tc).__name__}, not a mapping; "
+                                  "the file was edited or written by another program")
+        if tc.get("model", self.model) != self.model:
+            raise CheckpointError(f"{where}: its training settings say model={tc['model']!r} but it holds a "
+                                  f"{self.model} model; the file was edited or mixes two runs")
+        if self.gpt_config is None:
+            return
+        model = self.gpt_config.to_dict()
+        model["mlp_hidden"] = model["mlp_hidden"] or 0  # the training settings write 4C as 0
+        if model["mlp_hidden"] == 4 * self.gpt_config.n_embd and tc.get("mlp_hidden") == 0:
+            model["mlp_hidden"] = 0
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "bias", "activation", "tie_weights", "norm",
+                     "pos_emb", "rope_theta", "qk_norm", "mlp_hidden"):
+            if name in tc and tc[name] != model[name]:
+                raise CheckpointError(f"{where}: its training settings say {name}={tc[name]!r} but its model "
+                                      f"config says {name}={model[name]!r}; the file was edited or mixes two runs: "
+                                      "start a new run, or --init_from it for its weights")
+
+
+# --------------------------------------------------------------------------- the fields of a checkpoint
+
+def check_weight_dtype(dtype, name: str, where) -> None:
+    """Weights are float32 (float16/bfloat16 are widened, exactly, by the readers); float64 is refused,
+    in both formats: narrowing it would change the weights without a word."""
+    if dtype == np.float64:
+        raise CheckpointError(f"{where}: parameter {name} is float64; the models here hold float32 weights and "
+                              "narrowing would change them silently; save the weights as float32 and load that")
+    if dtype != np.float32:
+        raise CheckpointError(f"{where}: parameter {name} has dtype {dtype}, not floating point (float32)")
+
+
+def check_count(value, what: str, where) -> int:
+    """A step count: an integer >= 0 (0-d integer arrays too), never a bool, a fraction or a list."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and np.issubdtype(value.dtype, np.integer):
+        value = int(value)
+    if isinstance(value, np.integer):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CheckpointError(f"{where}: {what} is {_short(value)}, not an integer >= 0; the file was edited or "
+                              "written by another program")
+    return value
+
+
+def check_loss(value, what: str, where) -> float:
+    """A loss: a real number >= 0 or inf (nothing evaluated yet), never nan, text or a list."""
+    if isinstance(value, (np.floating, np.integer)) or (isinstance(value, np.ndarray) and value.ndim == 0
+                                                        and np.issubdtype(value.dtype, np.number)):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise CheckpointError(f"{where}: {what} is {_short(value)}, not a loss (a number >= 0); the file was "
+                              "edited or written by another program")
+    return float(value)
+
+
+def check_vocab(vocab, vocab_size: int, where) -> None:
+    """The vocabulary: a string of distinct characters, valid text (no lone surrogates), one per token.
+    Linear in its length."""
+    if vocab is None:
+        return
+    if not isinstance(vocab, str):
+        raise CheckpointError(f"{where}: the vocabulary is of type {type(vocab).__name__}, not a string "
+                              "of characters; the file was edited or written by another program")
+    surrogate = re.search("[\ud800-\udfff]", vocab)
+    if surrogate:
+        raise CheckpointError(f"{where}: the vocabulary holds a lone surrogate (U+{ord(surrogate.group()):04X} at "
+                              f"index {surrogate.start()}), which is no character of any text; the file was "
+                              "edited or written by another program")
+    if len(vocab) != len(set(vocab)):
+        dupes = sorted(c for c, n in Counter(vocab).items() if n > 1)
+        raise CheckpointError(f"{where}: the vocabulary has duplicate characters "
+                              f"({', '.join(map(repr, dupes[:5]))}), so it cannot map ids to characters; the "
+                              "file was edited or written by another program")
+    if len(vocab) != vocab_size:
+        raise CheckpointError(f"{where}: the vocabulary has {len(vocab)} characters but the model "
+                              f"has vocab_size={vocab_size}; the file is inconsistent")
+
+
+# numpy's PCG64 state, as bit_generator.state gives it: 128-bit state and increment, a cached 32-bit half
+_PCG64_BOUNDS = {"state": 2 ** 128, "inc": 2 ** 128}
+
+
+def check_numpy_rng(rng, where) -> None:
+    """train_np.py's RNG state: {"data": PCG64 state, "dropout": PCG64 state or None}, every number in
+    the range numpy takes (a negative or oversized one is an OverflowError at --resume)."""
+    if rng is None:
+        return
+    if not isinstance(rng, dict) or "data" not in rng:
+        raise CheckpointError(f"{where}: its rng entry is {_short(rng)}, not train_np.py's RNG state; the file "
+                              "was edited or written by another program")
+    for name, state in rng.items():
+        if state is None and name == "dropout":
+            continue
+        ok = (name in ("data", "dropout") and isinstance(state, dict) and state.get("bit_generator") == "PCG64"
+              and isinstance(state.get("state"), dict)
+              and all(_int_in(state["state"].get(k), 0, top) for k, top in _PCG64_BOUNDS.items())
+              and state.get("has_uint32") in (0, 1) and _int_in(state.get("uinteger"), 0, 2 ** 32))
+        if not ok:
+            raise CheckpointError(f"{where}: its rng state {name!r} is not a valid PCG64 state (every number an "
+                                  "integer in its range: state and inc in [0, 2**128), uinteger in [0, 2**32)); the "
+                                  "file was edited or written by another program")
+
+
+def _int_in(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value < high
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def checkpoint_paths(out_dir: str | os.PathLike, ext: str) -> dict[str, Path]:
@@ -243,29 +364,55 @@ def save_npz(path: str | os.PathLike, ckpt: Checkpoint) -> None:
 
 
 def load_npz(path: str | os.PathLike) -> Checkpoint:
-    """Read an .npz checkpoint with allow_pickle=False; CheckpointError for anything wrong with it."""
+    """Read an .npz checkpoint with allow_pickle=False; CheckpointError for anything wrong with it.
+
+    Headers first: the zip's directory (declared sizes), then the meta entry (bounded size and depth)
+    and the config it states (checked in O(1) against the machine and the number of entries), then
+    every array's .npy header (shape, dtype) against that config; only then is any array read.
+    """
     path = Path(path)
     _check_exists(path)
-    refuse_what_is_no_checkpoint(path, _head(path))
+    head = _head(path)
+    refuse_what_is_no_checkpoint(path, head)
+    if head[:4] == ZIP_MAGIC and checkpoint_kind(path) == "torch":
+        raise CheckpointError(f"{path} is a PyTorch checkpoint (a zip archive holding data.pkl), not an .npz, "
+                              "whatever its name says; use it with train_torch.py, or start from its weights with "
+                              "--init_from")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            files = set(f.files)
-            if "meta" not in files:
+        with zipfile.ZipFile(path) as z:
+            entries = {_entry_name(info.filename): info for info in checked_zip_directory(path, z)}
+            if "meta" not in entries:
                 raise CheckpointError(f"{path} is an .npz archive but not an npgpt checkpoint (no 'meta' "
                                       "entry); pass a ckpt_*.npz written by train_np.py")
-            meta = json.loads(str(f["meta"][()]))
-            params = {k[len("param/"):]: f[k] for k in sorted(files) if k.startswith("param/")}
-            optim = {k[len("optim/"):]: f[k] for k in sorted(files) if k.startswith("optim/")}
+            meta = _read_meta(path, z, entries["meta"])
+            ckpt = _checkpoint_from_meta(path, meta, params={}, optim={})
+            params = {k[len("param/"):]: v for k, v in entries.items() if k.startswith("param/")}
+            optim = {k[len("optim/"):]: v for k, v in entries.items() if k.startswith("optim/")}
+            other = sorted(set(entries) - {"meta"} - {f"param/{k}" for k in params} - {f"optim/{k}" for k in optim})
+            if other:
+                raise CheckpointError(f"{path}: unexpected entries {other[:3]} in the archive; it was edited or "
+                                      "written by another program")
+            _check_headers(path, z, ckpt, params, optim)
     except CheckpointError:
         raise
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError, ValueError) as exc:
+        raise _corrupt(path, exc) from exc
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            ckpt.params = {k: _widened(f[f"param/{k}"]) for k in sorted(params)}
+            ckpt.optimizer = {k: f[f"optim/{k}"] for k in sorted(optim)}
     except ValueError as exc:
         if "pickle" in str(exc):
             raise CheckpointError(f"refused to load {path}: it holds pickled Python objects, which could run "
                                   "code when loaded (np.load allow_pickle=False); use a checkpoint written by "
                                   "train_np.py") from exc
         raise _corrupt(path, exc) from exc
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
         raise _corrupt(path, exc) from exc
+    return ckpt.check()
+
+
+def _checkpoint_from_meta(path: Path, meta, params: dict, optim: dict) -> Checkpoint:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an npgpt checkpoint (its meta entry has no format "
                               f"{FORMAT!r}); pass a ckpt_*.npz written by train_np.py")
@@ -274,35 +421,180 @@ def load_npz(path: str | os.PathLike) -> Checkpoint:
                               f"version {VERSION}")
     try:
         gpt_config = GPTConfig.from_dict(meta["gpt_config"]) if meta.get("gpt_config") else None
-        ckpt = Checkpoint(backend=meta["backend"], model=meta["model"], gpt_config=gpt_config,
+        return Checkpoint(backend=meta["backend"], model=meta["model"], gpt_config=gpt_config,
                           vocab=meta["vocab"], params=params, train_config=meta.get("train_config"),
-                          iter_num=int(meta["iter_num"]), best_val_loss=float(meta["best_val_loss"]),
+                          iter_num=check_count(meta["iter_num"], "iter_num", path),
+                          best_val_loss=check_loss(meta["best_val_loss"], "best_val_loss", path),
                           optimizer=optim, rng=meta.get("rng"), path=path)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: the checkpoint's metadata is incomplete or invalid "
                               f"({_reason(exc)}); it was edited or written by another program") from exc
-    return ckpt.check()
+
+
+# --------------------------------------------------------------------------- .npz: headers before arrays
+
+MAX_META_BYTES = 64 << 20  # the meta entry: JSON of the settings and the vocabulary (a 10**6-character one is ~12 MB)
+MAX_JSON_DEPTH = 16        # our meta nests 4 deep (meta -> rng -> data -> state)
+DEFLATE_MAX_RATIO = 1032   # deflate cannot expand one compressed byte into more than 1032 (RFC 1951's longest match)
+
+
+def checked_zip_directory(path: Path, z: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+    """The archive's entries, refused (CheckpointError) where the sizes they declare cannot be true:
+    stored entries declare their own size, deflated ones at most DEFLATE_MAX_RATIO times theirs, and
+    all of them together fit the machine's memory. Nothing is inflated to find out."""
+    infos = z.infolist()
+    total = 0
+    for info in infos:
+        if info.compress_type == zipfile.ZIP_STORED:
+            plausible = info.file_size == info.compress_size
+        elif info.compress_type == zipfile.ZIP_DEFLATED:
+            plausible = info.file_size <= DEFLATE_MAX_RATIO * info.compress_size + 1024
+        else:
+            raise CheckpointError(f"{path}: entry {info.filename} is compressed with method {info.compress_type}; "
+                                  "checkpoints are stored or deflated zip archives; use one written by "
+                                  "train_np.py or train_torch.py")
+        if not plausible:
+            raise CheckpointError(f"{path}: entry {info.filename} declares {format_bytes(info.file_size)} from "
+                                  f"{format_bytes(info.compress_size)} of data, more than its compression can give: a "
+                                  "zip bomb or a damaged file; refused before inflating it")
+        total += info.file_size
+    available = available_memory()
+    if available is not None and total > available:
+        raise CheckpointError(f"{path}: its entries declare {format_bytes(total)} in all, more than the "
+                              f"{format_bytes(available)} available; refused before reading them")
+    return infos
+
+
+def _entry_name(filename: str) -> str:
+    return filename[:-len(".npy")] if filename.endswith(".npy") else filename
+
+
+def _read_npy_header(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple, np.dtype, int]:
+    """(shape, dtype, bytes of the header) of one .npy entry, reading its header only."""
+    with z.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read is None:
+            raise ValueError(f"unsupported .npy version {version}")
+        shape, _, dtype = read(f)
+        return tuple(shape), dtype, f.tell()
+
+
+def _read_meta(path: Path, z: zipfile.ZipFile, info: zipfile.ZipInfo):
+    """The meta entry's JSON, its size and nesting bounded."""
+    if info.file_size > MAX_META_BYTES:
+        raise CheckpointError(f"{path}: its meta entry declares {format_bytes(info.file_size)}, more than the "
+                              f"{format_bytes(MAX_META_BYTES)} a checkpoint's settings and vocabulary take; it "
+                              "was edited or written by another program")
+    shape, dtype, _ = _read_npy_header(z, info)
+    if dtype.hasobject:
+        raise CheckpointError(f"refused to load {path}: it holds pickled Python objects, which could run "
+                              "code when loaded (np.load allow_pickle=False); use a checkpoint written by "
+                              "train_np.py")
+    if shape != () or dtype.kind != "U":
+        raise CheckpointError(f"{path}: its meta entry is a {dtype} array of shape {shape}, not a string of JSON; "
+                              "it was edited or written by another program")
+    with z.open(info) as f:
+        text = str(np.lib.format.read_array(f, allow_pickle=False)[()])
+    return parse_bounded_json(text, f"{path}: its meta entry")
+
+
+def parse_bounded_json(text: str, what: str):
+    """json.loads, refusing (CheckpointError) JSON nested deeper than MAX_JSON_DEPTH before parsing it."""
+    outside = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text).encode("utf-8", "replace")  # strings removed
+    codes = np.frombuffer(outside, dtype=np.uint8)
+    opens = (codes == ord("[")) | (codes == ord("{"))
+    closes = (codes == ord("]")) | (codes == ord("}"))
+    depth = int(np.cumsum(opens.astype(np.int64) - closes).max(initial=0))
+    if depth > MAX_JSON_DEPTH:
+        raise CheckpointError(f"{what} is JSON nested {depth} deep, deeper than the {MAX_JSON_DEPTH} a "
+                              "checkpoint's settings need; it was edited or written by another program")
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{what} is not valid JSON ({_reason(exc)}); the file is truncated or was "
+                              "edited") from None
+
+
+def _check_headers(path: Path, z: zipfile.ZipFile, ckpt: Checkpoint, params: dict, optim: dict) -> None:
+    """Every param/ and optim/ entry's .npy header against the config the meta states, before any
+    array is read: the config's size and tensor count first (in O(1)), then each shape and dtype."""
+    if ckpt.model not in ("gpt", "bigram"):
+        return  # check() names it
+    if ckpt.model == "bigram":
+        table = params.get("token_embedding_table.weight")
+        V = len(ckpt.vocab) if isinstance(ckpt.vocab, str) else 0
+        want = {"token_embedding_table.weight": (V, V)} if table is not None else {}
+        problem = check_checkpoint_config(None, V, len(params), path)
+    else:
+        if ckpt.gpt_config is None:
+            return  # check() names it
+        problem = check_checkpoint_config(ckpt.gpt_config, 0, len(params), path)
+        want = None
+    if problem:
+        raise CheckpointError(f"{problem}; the file was edited or is not a checkpoint of this app")
+    if want is None:
+        want = ckpt.expected_shapes()  # bounded now: as many entries as the file has
+    n_params = 0
+    for name, info in params.items():
+        shape, dtype, header = _read_npy_header(z, info)
+        if name in want and shape != want[name]:
+            raise CheckpointError(f"{path}: the parameters do not fit the model: {name} has shape {shape} but the "
+                                  f"model needs {want[name]} (read from its .npy header); the file was edited or "
+                                  "mixes two models, use a checkpoint written by train_np.py, train_torch.py or "
+                                  "nanoGPT")
+        if dtype != np.float16:  # float16 is widened, exactly
+            check_weight_dtype(dtype, name, path)
+        _check_entry_size(path, f"param/{name}", info, shape, dtype, header)
+        n_params += math.prod(shape)
+    for name, info in optim.items():
+        shape, dtype, header = _read_npy_header(z, info)
+        if dtype.hasobject or dtype.kind not in "fiu" or math.prod(shape) > max(n_params, 1):
+            raise CheckpointError(f"{path}: optim/{name} is a {dtype} array of shape {shape} in its header, not "
+                                  "a buffer the size of the parameters; the file was edited or written by another "
+                                  "program")
+        _check_entry_size(path, f"optim/{name}", info, shape, dtype, header)
+
+
+def _check_entry_size(path: Path, name: str, info: zipfile.ZipInfo, shape: tuple, dtype: np.dtype,
+                      header: int) -> None:
+    if dtype.hasobject:
+        raise CheckpointError(f"refused to load {path}: {name} holds pickled Python objects, which could run "
+                              "code when loaded (np.load allow_pickle=False); use a checkpoint written by "
+                              "train_np.py")
+    if info.file_size != header + math.prod(shape) * dtype.itemsize:
+        raise CheckpointError(f"{path}: {name} declares {format_bytes(info.file_size)} but its header says "
+                              f"shape {shape} of {dtype}; the file is truncated or was edited")
+
+
+def _widened(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.float32) if array.dtype == np.float16 else array
 
 
 # --------------------------------------------------------------------------- any checkpoint
 
 def checkpoint_kind(path: str | os.PathLike) -> str:
-    """"npz" or "torch", from the file's content (both are zip archives), else from its suffix."""
+    """"npz" or "torch", from the file's bytes, whatever its name: a pickle (torch's legacy format) is
+    torch's; of the zip archives, torch's holds a data.pkl entry, an .npz .npy entries. Only a zip
+    too damaged to list goes by its suffix (and that loader reports the damage)."""
     path = Path(path)
     _check_exists(path)
     head = _head(path)
     refuse_what_is_no_checkpoint(path, head)
-    if head[:4] == ZIP_MAGIC:
-        try:
-            with zipfile.ZipFile(path) as z:
-                names = z.namelist()
-        except (OSError, zipfile.BadZipFile):
-            names = []  # truncated: the suffix decides, and that loader reports the damage
-        if any(n.endswith("data.pkl") for n in names):
-            return "torch"
-        if any(n.endswith(".npy") for n in names):
-            return "npz"
-    return "torch" if path.suffix in TORCH_SUFFIXES else "npz"
+    if head[:1] == PICKLE_MAGIC:
+        return "torch"
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return "torch" if path.suffix in TORCH_SUFFIXES else "npz"
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return "torch"
+    if any(n.endswith(".npy") for n in names):
+        return "npz"
+    raise CheckpointError(f"{path} is a zip archive but no checkpoint: it holds neither .npy arrays (an .npz) nor "
+                          f"a data.pkl (torch.save's format), only {names[:3]}; pass a ckpt_*.npz or ckpt_*.pt "
+                          "written by train_np.py or train_torch.py, or a nanoGPT ckpt.pt")
 
 
 def load_checkpoint(path: str | os.PathLike, torch_loader: Callable[[Path], Checkpoint] | None = None
@@ -312,7 +604,9 @@ def load_checkpoint(path: str | os.PathLike, torch_loader: Callable[[Path], Chec
     if checkpoint_kind(path) == "npz":
         return load_npz(path)
     if torch_loader is None:
-        raise CheckpointError(f"{path} is a PyTorch checkpoint and reading it needs torch; install torch")
+        raise CheckpointError(f"{path} is a PyTorch checkpoint (train_torch.py's or nanoGPT's), not an .npz, "
+                              "whatever its name says; use it with train_torch.py, or start from its weights with "
+                              "--init_from")
     return torch_loader(path)
 
 

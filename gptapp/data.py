@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -33,6 +34,7 @@ DATA_ENV_VAR = "NPGPT_DATA"
 CACHE_SUBPATH = Path("tinyshakespeare") / "input.txt"   # inside the cache dir
 DOWNLOAD_TIMEOUT_S = 30.0
 FIX_HINT = f"pass --data PATH or set {DATA_ENV_VAR}"
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 # --------------------------------------------------------------------------- Tiny Shakespeare loader
@@ -73,11 +75,17 @@ def load_text(path: str | os.PathLike | None = None, **kw) -> str:
 
 
 def read_text_file(path: Path) -> str:
-    """The file's text, decoded as strict UTF-8 with no newline translation."""
+    """The file's text, decoded as strict UTF-8 with no newline translation. A UTF-8 byte order mark
+    at its start (editors on Windows write one) is no character of the text: it is dropped, with a
+    note on stderr, rather than becoming a token of the vocabulary."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"cannot read {path} ({_describe(exc)}); check its permissions or {FIX_HINT}") from exc
+    if raw.startswith(UTF8_BOM):
+        raw = raw[len(UTF8_BOM):]
+        print(f"note: {path} begins with a UTF-8 byte order mark (EF BB BF); it is not part of the text and "
+              "was dropped", file=sys.stderr)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -17,6 +17,7 @@ from npgpt.data import CharTokenizer, check_text_length
 from npgpt.optim import cosine_lr
 
 from .autocomplete import autocomplete, check_prompt, read_prompt
+from .budget import check_training_budget
 from .checkpoint import Checkpoint, CheckpointError, checkpoint_paths, ensure_writable_dir, link_or_copy
 from .cli import init_from_train_config, resumed_train_config, train_config_from_args
 from .data import checkpoint_tokenizer, load_text, training_splits
@@ -188,6 +189,8 @@ def run_training(args, backend: Backend) -> int:
                  else CharTokenizer.from_text(text))
     train_data, val_data = training_splits(text, tokenizer, cfg.block_size)
     check_prompt(tokenizer, cfg.prompt)  # the sample at the end must not fail after the whole run
+    check_training_budget(cfg, tokenizer.vocab_size, backend.name, str(getattr(backend, "device", "cpu")),
+                          getattr(args, "attention", "explicit"))  # BudgetError before anything is built
     with backend.session():
         backend.setup(args, cfg, tokenizer, train_data, val_data, ckpt)
         note = make_room(args) if backend.is_main else None  # every input is good: now the earlier run goes

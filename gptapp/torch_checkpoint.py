@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,18 @@ import torch
 from npgpt.config import GPTConfig
 from torchgpt.convert import load_nanogpt_state_dict, state_dict_to_params
 
-from .checkpoint import FORMAT, VERSION, Checkpoint, CheckpointError, atomic_write, checkpoint_kind
+from .checkpoint import (
+    FORMAT,
+    VERSION,
+    ZIP_MAGIC,
+    Checkpoint,
+    CheckpointError,
+    atomic_write,
+    check_count,
+    check_loss,
+    checked_zip_directory,
+    checkpoint_kind,
+)
 from .errors import first_sentence
 
 NANOGPT_MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
@@ -31,7 +43,17 @@ def load_torch_checkpoint(path) -> Checkpoint:
     run code); that refusal becomes a CheckpointError saying so.
     """
     path = Path(path)
-    checkpoint_kind(path)  # CheckpointError if missing or unreadable
+    if checkpoint_kind(path) == "npz":  # CheckpointError if missing or unreadable
+        raise CheckpointError(f"{path} is a NumPy .npz checkpoint (train_np.py's), not a .pt, whatever its name "
+                              "says; use it with train_np.py, or start from its weights with --init_from")
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == ZIP_MAGIC
+    if is_zip:  # torch.save's format: the sizes its entries declare are checked before torch reads any
+        try:
+            with zipfile.ZipFile(path) as z:
+                checked_zip_directory(path, z)
+        except (OSError, zipfile.BadZipFile):
+            pass  # too damaged to list: torch.load below reports it
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -60,10 +82,13 @@ def _ours(obj: dict, path: Path) -> Checkpoint:
                               f"version {VERSION}")
     try:
         gpt_config = GPTConfig.from_dict(obj["gpt_config"]) if obj.get("gpt_config") else None
+        iter_num = check_count(obj["iter_num"], "iter_num", path)
+        best_val_loss = check_loss(obj["best_val_loss"], "best_val_loss", path)
+        _check_torch_state(obj.get("optimizer"), obj.get("rng"), path)
         return Checkpoint(backend=obj["backend"], model=obj["model"], gpt_config=gpt_config,
                           vocab=obj["vocab"], params=_to_numpy(obj["model_state"], path),
-                          train_config=obj.get("train_config"), iter_num=int(obj["iter_num"]),
-                          best_val_loss=float(obj["best_val_loss"]), optimizer=obj.get("optimizer"),
+                          train_config=obj.get("train_config"), iter_num=iter_num,
+                          best_val_loss=best_val_loss, optimizer=obj.get("optimizer"),
                           rng=obj.get("rng"), path=path)
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: the checkpoint is incomplete or invalid ({_first_line(err)}); it was "
@@ -87,10 +112,72 @@ def _nanogpt(obj: dict, path: Path) -> Checkpoint:
                            tie_weights="lm_head.weight" not in clean)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: nanoGPT model_args are invalid ({_first_line(err)})") from None
-    best = obj.get("best_val_loss", math.inf)
+    iter_num = check_count(_plain(obj.get("iter_num", 0)), "nanoGPT's iter_num", path)
+    best = check_loss(_plain(obj.get("best_val_loss", math.inf)), "nanoGPT's best_val_loss", path)
     return Checkpoint(backend="nanogpt", model="gpt", gpt_config=config, vocab=None,
-                      params=_to_numpy(clean, path), iter_num=int(obj.get("iter_num", 0)),
-                      best_val_loss=float(best), path=path)
+                      params=_to_numpy(clean, path), iter_num=iter_num, best_val_loss=best, path=path)
+
+
+def _plain(value):
+    """A 0-d tensor (nanoGPT saves best_val_loss as one) as its Python number; anything else as it is."""
+    return value.item() if torch.is_tensor(value) and value.dim() == 0 else value
+
+
+def _check_torch_state(optimizer, rng, path: Path) -> None:
+    """train_torch.py's optimizer and RNG entries, by type and range (their shapes are checked
+    against the model's when a run resumes from them: check_optimizer_state)."""
+    def bad(what: str):
+        raise CheckpointError(f"{path}: {what}; the file was edited or written by another program")
+
+    if optimizer not in (None, {}):
+        if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+                and isinstance(optimizer.get("param_groups"), list)):
+            bad("its optimizer entry is not a torch optimizer state_dict (state, param_groups)")
+        for key, st in optimizer["state"].items():
+            if not isinstance(st, dict):
+                bad(f"the optimizer state of parameter {key!r} is not a mapping")
+            if "step" in st:
+                step = _plain(st["step"])  # torch keeps it as a float tensor
+                if isinstance(step, float) and step.is_integer():
+                    step = int(step)
+                check_count(step, f"the optimizer's step of parameter {key!r}", path)
+    if rng not in (None, {}):
+        if not isinstance(rng, dict):
+            bad("its rng entry is not a mapping")
+        states = {"data": rng.get("data")}  # the batches' generator; per rank, torch's CPU and CUDA ones
+        per_rank = rng.get("per_rank")
+        if not isinstance(per_rank, list) or not all(isinstance(r, dict) for r in per_rank):
+            bad("its rng per_rank entry is not a list of per-process states")
+        for i, r in enumerate(per_rank):
+            states[f"per_rank[{i}].torch_cpu"] = r.get("torch_cpu")
+            if r.get("cuda") is not None:
+                states[f"per_rank[{i}].cuda"] = r["cuda"]
+        for name, state in states.items():
+            if not (torch.is_tensor(state) and state.dtype == torch.uint8 and state.dim() == 1 and state.numel()):
+                bad(f"its rng state {name} is not a generator state (a non-empty 1-D uint8 tensor)")
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, path) -> None:
+    """CheckpointError unless a saved optimizer state_dict fits `optimizer`'s parameters: the same
+    groups, as many parameters in each, and every per-parameter buffer of its parameter's shape.
+    torch's load_state_dict checks only the group sizes; a buffer of another shape fails in the first step."""
+    def bad(what: str):
+        raise CheckpointError(f"{path}: its optimizer state does not fit the model ({what}); the file was edited "
+                              "or mixes two runs: start a new run, or --init_from it for its weights only")
+
+    if not (isinstance(state, dict) and isinstance(state.get("state"), dict)
+            and isinstance(state.get("param_groups"), list)):
+        bad("not a torch optimizer state_dict")
+    if len(state["param_groups"]) != len(optimizer.param_groups):
+        bad(f"{len(state['param_groups'])} parameter groups, the optimizer has {len(optimizer.param_groups)}")
+    for saved, own in zip(state["param_groups"], optimizer.param_groups):
+        ids = saved.get("params") if isinstance(saved, dict) else None
+        if not isinstance(ids, list) or len(ids) != len(own["params"]):
+            bad("a parameter group of another size")
+        for pid, p in zip(ids, own["params"]):
+            for key, value in state["state"].get(pid, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != tuple(p.shape):
+                    bad(f"{key} of parameter {pid} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}")
 
 
 def _to_numpy(sd: dict, path: Path) -> dict[str, np.ndarray]:

@@ -32,7 +32,8 @@ class CharTokenizer:
             if not isinstance(c, str) or len(c) != 1:
                 raise ValueError(f"CharTokenizer vocabulary entries must be single characters, got {c!r}")
         if len(set(chars)) != len(chars):
-            dupes = sorted({c for c in chars if chars.count(c) > 1})
+            seen: set = set()
+            dupes = sorted({c for c in chars if c in seen or seen.add(c)})  # linear in V
             raise ValueError(f"CharTokenizer vocabulary has duplicate characters: {', '.join(map(repr, dupes))}")
         self.chars: list[str] = chars
         # Encoding looks code points up in a sorted table: order[k] is the id of sorted_codes[k].

@@ -41,7 +41,7 @@ from torchgpt.runtime import (
 from ..checkpoint import FORMAT, NUMPY_EXT, TORCH_EXT, VERSION, Checkpoint, CheckpointError, load_checkpoint
 from ..errors import UsageError, one_line
 from ..loop import eval_seed, local_accumulation_steps, write_checkpoint
-from ..torch_checkpoint import load_torch_checkpoint, save_torch_checkpoint
+from ..torch_checkpoint import check_optimizer_state, load_torch_checkpoint, save_torch_checkpoint
 
 
 def device_from_flag(request: str, local_rank: int | None = None, world_size: int | None = None) -> torch.device:
@@ -178,6 +178,7 @@ class TorchBackend:
         self.check_every_step = device.type == "cpu"  # reading a flag costs nothing there; on a GPU it is a sync
 
     def restore(self, ckpt: Checkpoint) -> None:
+        check_optimizer_state(self.optimizer, ckpt.optimizer, ckpt.path)  # torch checks only the group sizes
         load_optimizer_state(self.optimizer, ckpt.optimizer)
         note = restore_generator_state(self.batches["train"].generator, ckpt.rng["data"])
         if note and self.info.is_main:  # saved on another device type (a GPU run resumed on a CPU, or back)
