@@ -258,3 +258,17 @@ def fast_model(dtype, config, numpy_only: bool, backward: bool = True, steps: in
 LIBM64_MAX_ERROR = 2.0 * float(np.finfo(np.float64).eps)
 """Relative difference of two float64 implementations of exp, erf or tanh (libm's, scipy's, NumPy's
 SIMD ones), each within an ulp (2u) of the exact value: two ulps."""
+
+ADAMW_ROUNDINGS = 14
+"""Roundings of one AdamW step for one element of p: the decay (1), m = b1 m + (1 - b1) g (3),
+v = b2 v + (1 - b2) g^2 (4), the denominator sqrt(v) / sqrt(1 - b2^t) + eps (3), the step
+lr / (1 - b1^t) * m / denominator and its subtraction (3). Two programs of the same formula in
+another association (or FMA-contracted) differ by elementwise(dtype, ADAMW_ROUNDINGS * steps)."""
+
+
+def global_norm(dtype, n: int) -> float:
+    """Kind ``reordered``: a global L2 norm sqrt(sum of squares) against the same norm summed in
+    another order (or exactly), its squares (of one sign) added in sums of at most n terms in
+    `dtype`: reordered(dtype, n, 1.0) for the sum, halved by the square root, plus the square
+    root's own rounding."""
+    return reordered(dtype, n, cancellation=1.0) / 2.0 + unit_roundoff(dtype)

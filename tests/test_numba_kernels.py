@@ -30,7 +30,7 @@ from scipy.special import erf as scipy_erf
 import npgpt
 from npgpt import GPTConfig, fast, optim
 from npgpt import layers as L
-from npgpt.bounds import (CANCELLATION, ERF32_MAX_ERROR, EXP32_MAX_ERROR, LIBM64_MAX_ERROR, MODEL_AMPLIFICATION,
+from npgpt.bounds import (ADAMW_ROUNDINGS, CANCELLATION, ERF32_MAX_ERROR, EXP32_MAX_ERROR, LIBM64_MAX_ERROR, MODEL_AMPLIFICATION,
                           PHI32_MAX_ERROR, approximation, bitwise, chain, elementwise, fast_model, gamma, reordered)
 from npgpt.compare import compare_all
 from npgpt.fast import layers as fast_layers
@@ -366,9 +366,6 @@ def test_a_nan_logit_gives_a_nan_loss(dtype):
 # AdamW and the gradient norm
 # --------------------------------------------------------------------------------------------
 
-ADAMW_ROUNDINGS = 14  # an element's roundings in one AdamW step
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_adamw_update_equals_the_reference_optimizer(dtype, weight_decay):
@@ -384,9 +381,9 @@ def test_adamw_update_equals_the_reference_optimizer(dtype, weight_decay):
         reference.step({"w": g.astype(np.float64)}, lr=lr)
         K.adamw_update(p, g.reshape(-1), m, v, lr=lr, beta1=0.9, beta2=0.95, eps=1e-8,
                        weight_decay=weight_decay, step=step)
-        # kind reordered, elementwise: AdamW's formula with at most 14 roundings an element a step
-        # (decay 1, m 3, v 4, denominator 3, update 3), FMA-contracted in the kernel, the errors of
-        # earlier steps carried in p, m and v; m and the update of random sign (CANCELLATION)
+        # kind reordered, elementwise: AdamW's formula (ADAMW_ROUNDINGS an element a step),
+        # FMA-contracted in the kernel, the errors of earlier steps carried in p, m and v; m and the
+        # update of random sign (CANCELLATION)
         check(f"p step {step}", p.reshape(w0.shape), reference.params["w"], dtype,
               elementwise(dtype, ADAMW_ROUNDINGS * step, CANCELLATION))
 
@@ -555,6 +552,30 @@ def test_fast_model_with_kernels_equals_reference(dtype, config, kernels_on):
         exact = {"logits": e_logits, "loss": e_loss, **twin.backward()}
     compare_to_reference(f"model with kernels [{np.dtype(dtype).name}]", ours, theirs, exact, dtype,
                          fast_model(dtype, config, numpy_only=False))
+
+
+@pytest.mark.parametrize("bug", ["scaled", "dropped"])
+@pytest.mark.parametrize("dtype", FAST_DTYPES)
+def test_kernel_model_bound_catches_a_planted_bug(dtype, bug, kernels_on):
+    """The bound of the model with kernels still fails a wrong backward: one gradient scaled by
+    1 + 1e-3 or dropped is over it, against the reference (float64) or the exact run (float32)."""
+    config = small_config(dropout=0.2, activation="gelu_tanh")
+    reference, quick = noisy_pair(config, dtype)
+    idx, targets = batch(config)
+    reference.forward(idx, targets)
+    masks = reference.last_dropout_masks
+    quick.forward(idx, targets, dropout_masks=masks)
+    ours, theirs = quick.backward(), reference.backward()
+    exact = None
+    if np.dtype(dtype) == np.float32:
+        twin = exact_twin(reference, config)
+        twin.forward(idx, targets, dropout_masks=masks)
+        exact = twin.backward()
+    name = "transformer.h.1.attn.c_proj.weight"
+    ours[name] = ours[name] * (1.0 + 1e-3) if bug == "scaled" else np.zeros_like(ours[name])
+    with pytest.raises(AssertionError, match=name):
+        compare_to_reference(f"planted bug [{np.dtype(dtype).name}]", ours, theirs, exact, dtype,
+                             fast_model(dtype, config, numpy_only=False))
 
 
 @pytest.mark.parametrize("dtype", FAST_DTYPES)
