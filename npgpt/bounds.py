@@ -236,7 +236,8 @@ def fast_model(dtype, config, numpy_only: bool, backward: bool = True, steps: in
     blocks alone (no embedding, ln_f, lm_head, loss). In float32, the float32 approximations add
     their own error at every stage that uses one, carried with MODEL_AMPLIFICATION: on the NumPy
     path the GELU's erf (activation "gelu"), with the kernels every activation's erf or exp, every
-    softmax's and the loss's exp.
+    softmax's and the loss's exp. Against a float64 run only the float32 side rounds, so there the
+    chain (which counts both sides) holds with a factor 2 to spare.
     """
     per_pass = 2 if backward else 1
     if numpy_only:
