@@ -221,3 +221,140 @@ def roundings(unit: float, k: int) -> float:
     if k < 1:
         raise ValueError(f"roundings: k must be >= 1, got {k}")
     return float(k) * float(unit)
+
+# --- fast path and kernels
+#
+# npgpt.fast against npgpt.layers (tests/test_fastpath.py, tests/test_fast_modern.py,
+# tests/test_numba_kernels.py) and npgpt.optim against its formula (tests/test_optim.py): the sizes
+# of those comparisons, counted from a GPTConfig, and the error of the float32 approximations.
+
+ERF32_MAX_ERROR = 5e-7
+"""Absolute error of npgpt.fast's float32 erf (Eigen's and XLA's rational approximation x P(x^2) /
+Q(x^2) on [-4, 4], evaluated in float32), its float32 rounding included. Established by
+tests/test_fastpath.py's sweep over every 101st float32 of [0, 6] (3.9e-7 at x = 3.25, where erf
+is 0.99999... and one float32 ulp is 6e-8), rounded up: the approximation's own error plus a few
+ulps of Horner evaluation and the division."""
+
+PHI32_MAX_ERROR = (ERF32_MAX_ERROR + unit_roundoff(np.float32)) / 2.0
+"""Absolute error of the float32 normal CDF Phi(x) = (1 + erf(x / sqrt 2)) / 2: the erf's, plus
+the rounding of 1 + erf (at most u, half the float32 spacing 2^-23 of [1, 2)), halved exactly."""
+
+EXP32_MAX_ERROR = 2.0 * float(np.finfo(np.float32).eps)
+"""Relative error of the float32 kernels' polynomial exp: two float32 ulps (2 * 2^-23). The
+argument reduction r = x - k ln 2 is exact (ln 2 split in two, the first part exact in float32
+times any k), the Taylor series to r^7 truncates at 3e-9 relative, and Horner's rule in float32
+leaves about one ulp (npgpt/fast/numba_kernels.py; tests/test_numba_kernels.py sweeps [-87, 88])."""
+
+MODEL_AMPLIFICATION = PARITY_AMPLIFICATION
+"""How much a GPT's forward and backward amplify one stage's relative error on the suite's
+unit-scale data: layernorm's 1/std, softmax's Jacobian, the residual adds (as PARITY_AMPLIFICATION;
+the fast-path tests run the same small models as the parity suite)."""
+
+NEWTON_SCHULZ_MATMULS = 3
+"""Matrix products per Newton-Schulz step of Muon: gram = x x^T, gram @ gram, poly @ x."""
+
+
+def gamma(dtype, n: int) -> float:
+    """Higham's gamma_n = n u / (1 - n u): the worst case of n roundings, deterministic (Higham,
+    Lemma 3.1). Smaller than sum_error(n) for n < LAMBDA^2 = 64, so the bound for short chains of
+    elementwise operations."""
+    if n < 1:
+        raise ValueError(f"gamma: n must be >= 1, got {n}")
+    u = unit_roundoff(dtype)
+    return n * u / (1.0 - n * u)
+
+
+def elementwise(dtype, k: int, cancellation: float = 1.0) -> float:
+    """Kind ``reordered`` for an elementwise formula that two programs evaluate with at most k
+    roundings an element each, in another association (a * (b / c) against (a * b) / c, a scalar
+    folded differently): both sides carry min(gamma_k, sum_error(k)) relative to the largest
+    intermediate, which is `cancellation` times the result (1.0 for terms of one sign)."""
+    return 2.0 * min(gamma(dtype, k), sum_error(dtype, k)) * float(cancellation)
+
+
+def mlp_width(config) -> int:
+    """The MLP's hidden width H (config.mlp_hidden, or 4 * n_embd)."""
+    return config.mlp_hidden if config.mlp_hidden is not None else 4 * config.n_embd
+
+
+def linear_sum_length(config) -> int:
+    """The longest sum of a GPT's linear layers, forward (over a layer's input width) or dx (over
+    its output width): 3C (c_attn's output), H (mlp.c_proj's input) or 2H (SwiGLU's c_fc output),
+    V (lm_head's output)."""
+    fc_out = 2 * mlp_width(config) if config.activation == "swiglu" else mlp_width(config)
+    return max(3 * config.n_embd, fc_out, config.vocab_size)
+
+
+def linear_depth(config, backward: bool = True) -> int:
+    """Stages of npgpt.fast's NumPy model whose sums the reference adds in another order: each linear
+    layer (4 a block, and lm_head) as one 2-D matmul against the reference's batched one, forward
+    and, with `backward`, its dx (dw is the same 2-D product on both sides). Every other layer runs
+    the reference's operations in the reference's order (tests/test_fastpath.py checks each)."""
+    linears = 4 * config.n_layer + 1
+    return 2 * linears if backward else linears
+
+
+def stages_per_block(config) -> int:
+    """Stages of one block's forward that round: 2 norms, c_attn, q k^T, softmax, att v,
+    attn.c_proj, c_fc, the activation, mlp.c_proj (10), plus QK-norm's two RMSNorms and RoPE's two
+    rotations where the config has them."""
+    return 10 + (2 if config.qk_norm else 0) + (2 if config.pos_emb == "rope" else 0)
+
+
+def model_depth(config, backward: bool = True) -> int:
+    """Stages of a GPT's forward (and, with `backward`, its backward) that round: every block's
+    (stages_per_block), and the embedding, ln_f, lm_head and the loss. For the parity suite's
+    2-layer model, 2 * (2 * 10 + 4) = 48 = PARITY_DEPTH."""
+    forward = config.n_layer * stages_per_block(config) + 4
+    return 2 * forward if backward else forward
+
+
+def fast_model(dtype, config, numpy_only: bool, backward: bool = True, steps: int = 1,
+               extra_stages: int = 0, blocks_only: bool = False) -> float:
+    """Kind ``chain``: npgpt.fast's GPT (`steps` forward and backward passes, `extra_stages` more a
+    step: an optimizer's) against the reference's, or in float32 with the kernels against the same
+    run in float64.
+
+    numpy_only: the fast path without numba, where only the linears' sums are reordered
+    (linear_depth); otherwise every stage rounds in its own order (model_depth). The longest sum is
+    linear_sum_length (or the block size T, summed by attention, if longer). blocks_only: the
+    blocks alone (no embedding, ln_f, lm_head, loss). In float32, the float32 approximations add
+    their own error at every stage that uses one, carried with MODEL_AMPLIFICATION: on the NumPy
+    path the GELU's erf (activation "gelu"), with the kernels every activation's erf or exp, every
+    softmax's and the loss's exp. Against a float64 run only the float32 side rounds, so there the
+    chain (which counts both sides) holds with a factor 2 to spare.
+    """
+    per_pass = 2 if backward else 1
+    if numpy_only:
+        depth = linear_depth(config, backward) - (per_pass if blocks_only else 0)
+    else:
+        depth = model_depth(config, backward) - (4 * per_pass if blocks_only else 0)
+    n = max(linear_sum_length(config), config.block_size)
+    bound = chain(dtype, n, steps * (depth + extra_stages), MODEL_AMPLIFICATION)
+    if np.dtype(dtype) == np.float32:
+        if numpy_only:
+            approximated = config.n_layer if config.activation == "gelu" else 0
+        else:
+            approximated = 2 * config.n_layer + (0 if blocks_only else 1)
+        bound += steps * per_pass * approximated * MODEL_AMPLIFICATION * max(ERF32_MAX_ERROR,
+                                                                           EXP32_MAX_ERROR)
+    return bound
+
+
+LIBM64_MAX_ERROR = 2.0 * float(np.finfo(np.float64).eps)
+"""Relative difference of two float64 implementations of exp, erf or tanh (libm's, scipy's, NumPy's
+SIMD ones), each within an ulp (2u) of the exact value: two ulps."""
+
+ADAMW_ROUNDINGS = 14
+"""Roundings of one AdamW step for one element of p: the decay (1), m = b1 m + (1 - b1) g (3),
+v = b2 v + (1 - b2) g^2 (4), the denominator sqrt(v) / sqrt(1 - b2^t) + eps (3), the step
+lr / (1 - b1^t) * m / denominator and its subtraction (3). Two programs of the same formula in
+another association (or FMA-contracted) differ by elementwise(dtype, ADAMW_ROUNDINGS * steps)."""
+
+
+def global_norm(dtype, n: int) -> float:
+    """Kind ``reordered``: a global L2 norm sqrt(sum of squares) against the same norm summed in
+    another order (or exactly), its squares (of one sign) added in sums of at most n terms in
+    `dtype`: reordered(dtype, n, 1.0) for the sum, halved by the square root, plus the square
+    root's own rounding."""
+    return reordered(dtype, n, cancellation=1.0) / 2.0 + unit_roundoff(dtype)
