@@ -66,12 +66,22 @@ def unit_roundoff(dtype) -> float:
     return float(np.finfo(np.dtype(dtype)).eps) / 2.0
 
 
+def gamma(dtype, n: int) -> float:
+    """Higham's gamma_n = n u / (1 - n u): the worst case of n roundings, deterministic (Higham,
+    Lemma 3.1). sum_error takes it where it is the smaller (n < LAMBDA^2 = 64)."""
+    if n < 1:
+        raise ValueError(f"gamma: n must be >= 1, got {n}")
+    u = unit_roundoff(dtype)
+    return n * u / (1.0 - n * u)
+
+
 def sum_error(dtype, n: int) -> float:
-    """LAMBDA sqrt(n) u: the error of a sum or dot product of n terms added in any order, relative to
-    its largest partial sum (Azuma-Hoeffding on the first-order error; see the module docstring)."""
+    """The error of a sum or dot product of n terms added in any order, relative to its largest
+    partial sum: LAMBDA sqrt(n) u (Azuma-Hoeffding on the first-order error; see the module
+    docstring), or the worst case gamma_n where that is smaller (short sums)."""
     if n < 1:
         raise ValueError(f"sum_error: n must be >= 1, got {n}")
-    return LAMBDA * math.sqrt(n) * unit_roundoff(dtype)
+    return min(gamma(dtype, n), LAMBDA * math.sqrt(n) * unit_roundoff(dtype))
 
 
 def bitwise(why: str) -> float:
@@ -254,17 +264,7 @@ NEWTON_SCHULZ_MATMULS = 3
 """Matrix products per Newton-Schulz step of Muon: gram = x x^T, gram @ gram, poly @ x."""
 
 
-def gamma(dtype, n: int) -> float:
-    """Higham's gamma_n = n u / (1 - n u): the worst case of n roundings, deterministic (Higham,
-    Lemma 3.1). Smaller than sum_error(n) for n < LAMBDA^2 = 64, so the bound for short chains of
-    elementwise operations."""
-    if n < 1:
-        raise ValueError(f"gamma: n must be >= 1, got {n}")
-    u = unit_roundoff(dtype)
-    return n * u / (1.0 - n * u)
-
-
-def elementwise(dtype, k: int, cancellation: float = 1.0) -> float:
+def reassociated(dtype, k: int, cancellation: float = 1.0) -> float:
     """Kind ``reordered`` for an elementwise formula that two programs evaluate with at most k
     roundings an element each, in another association (a * (b / c) against (a * b) / c, a scalar
     folded differently): both sides carry min(gamma_k, sum_error(k)) relative to the largest
@@ -349,7 +349,7 @@ ADAMW_ROUNDINGS = 14
 """Roundings of one AdamW step for one element of p: the decay (1), m = b1 m + (1 - b1) g (3),
 v = b2 v + (1 - b2) g^2 (4), the denominator sqrt(v) / sqrt(1 - b2^t) + eps (3), the step
 lr / (1 - b1^t) * m / denominator and its subtraction (3). Two programs of the same formula in
-another association (or FMA-contracted) differ by elementwise(dtype, ADAMW_ROUNDINGS * steps)."""
+another association (or FMA-contracted) differ by reassociated(dtype, ADAMW_ROUNDINGS * steps)."""
 
 
 def global_norm(dtype, n: int) -> float:

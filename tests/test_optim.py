@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from npgpt import GPT, GPTConfig
-from npgpt.bounds import ADAMW_ROUNDINGS, CANCELLATION, bitwise, elementwise, gamma
+from npgpt.bounds import ADAMW_ROUNDINGS, CANCELLATION, bitwise, gamma, reassociated
 from npgpt.bounds import global_norm as bounds_global_norm
 from npgpt.compare import rel_error
 from npgpt.optim import AdamW, clip_grad_norm, cosine_lr
@@ -72,9 +72,9 @@ def test_adamw_matches_reference(lr_overrides, assert_close):
     # for m (random-sign g: CANCELLATION), 4 for v (terms of one sign), over the steps
     steps = len(lr_overrides)
     for n in params:
-        assert_close(f"{n}", params[n], ref_p[n], elementwise(np.float64, ADAMW_ROUNDINGS * steps, CANCELLATION))
-        assert_close(f"{n} exp_avg", m[n], ref_m[n], elementwise(np.float64, 3 * steps, CANCELLATION))
-        assert_close(f"{n} exp_avg_sq", v[n], ref_v[n], elementwise(np.float64, 4 * steps))
+        assert_close(f"{n}", params[n], ref_p[n], reassociated(np.float64, ADAMW_ROUNDINGS * steps, CANCELLATION))
+        assert_close(f"{n} exp_avg", m[n], ref_m[n], reassociated(np.float64, 3 * steps, CANCELLATION))
+        assert_close(f"{n} exp_avg_sq", v[n], ref_v[n], reassociated(np.float64, 4 * steps))
         assert not np.array_equal(params[n], start[n]), f"{n} did not move"
 
 
@@ -204,7 +204,7 @@ def test_cosine_lr_schedule():
     # the formula against its exact value, kind reordered, elementwise: min_lr + coeff * (lr - min_lr)
     # with coeff = 0.5 (1 + cos(pi ratio)) rounds at most 5 times (cos, 1 +, 0.5 *, the difference,
     # the product and sum fold into those bounds for these one-signed terms)
-    formula = elementwise(np.float64, 5)
+    formula = reassociated(np.float64, 5)
     assert sched[warmup] == pytest.approx(lr, rel=formula)
     # cosine decay, strictly decreasing, through the midpoint, down to min_lr exactly
     assert all(a > b for a, b in zip(sched[warmup:decay_iters], sched[warmup + 1:decay_iters + 1]))
