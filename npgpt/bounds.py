@@ -135,3 +135,26 @@ def parity(dtype, n: int = PARITY_N, depth: int = PARITY_DEPTH) -> float:
     """npgpt against torchgpt: chain(n, depth, PARITY_AMPLIFICATION). At the defaults, 8.3e-13 in
     float64 (the README's "to 1e-12") and 4.5e-4 in float32; smaller for fewer terms or stages."""
     return chain(dtype, n, depth, PARITY_AMPLIFICATION)
+
+
+# --- reference layers
+# The sizes the unit tests of the reference layers (tests/test_layers.py, test_model.py and their
+# modern twins) pass to the kinds above.
+
+BLOCK_DEPTH = 14
+"""Stages of one block's forward, each a sum or a rounding carried on: ln_1 (mean, variance,
+normalise), c_attn, attention (scores, softmax, probabilities @ v), c_proj, the residual add,
+ln_2 (mean, variance, normalise), c_fc, c_proj and the residual add; the activation rounds in place."""
+
+
+def forward_depth(n_layer: int) -> int:
+    """Stages of a model's forward up to its loss: the embedding add, n_layer blocks, ln_f (3), the
+    head and the loss (log-sum-exp and the mean over positions)."""
+    return 1 + n_layer * BLOCK_DEPTH + 3 + 1 + 2
+
+
+GELU_TANH_MAX_ERROR = 4.8e-4
+"""max over real x of |gelu_tanh(x) - gelu(x)|: 4.73e-4, at x = +-2.70 (the tanh form's error
+x (tanh(u(x)) - erf(x / sqrt 2)) / 2 has its extremes there and tends to 0 in both tails; evaluated
+on a grid of step 1e-5 over [-10, 10], where beyond |x| = 6 it is below 1e-9). An absolute error:
+compare it with max |difference| of unit-scale inputs."""

@@ -13,18 +13,27 @@ import numpy as np
 import pytest
 
 from npgpt import compare, layers
+from npgpt.gradcheck import finite_diff_bound
 
 
-def _errors_below(errors: dict[str, float], tol: float, what: str = "") -> None:
-    """errors: {name: relative error} as gradcheck_layer / gradcheck_model return them (already
-    computed, so a table of errors rather than of tensors)."""
+def _errors_below(errors: dict, what: str, *, n: int, depth: int, amplification: float = 1.0,
+                  h: float = 1e-5) -> None:
+    """errors: {name: npgpt.gradcheck.Check} as gradcheck_layer / gradcheck_model return them (already
+    computed, so a table of errors rather than of tensors). Each is held to its own finite_diff bound
+    (npgpt.gradcheck.finite_diff_bound): f is a `depth`-stage float64 computation whose longest sum
+    has n terms, carried with `amplification`, differenced with step h."""
     assert errors, f"{what}: nothing was checked"
-    width = max(len(n) for n in errors)
-    print(f"\n{what}: normwise relative error of each gradient (limit {tol:.0e})")
+    limits = {name: finite_diff_bound(err, h, n, depth, amplification) for name, err in errors.items()}
+    width = max(len(name) for name in errors)
+    print(f"\n{what}: normwise relative error of each gradient against finite differences "
+          f"(n={n}, depth={depth}, amplification={amplification:g}, h={h:g})")
     for name, err in errors.items():
-        print(f"  {name:<{width}}  {err:.3e}{'  <-- too large' if not err <= tol else ''}")
-    bad = {n: e for n, e in errors.items() if not e <= tol}  # `not <=` also catches NaN
-    assert not bad, f"{what}: gradients off by more than {tol:g}: {bad}"
+        flag = "" if err <= limits[name] else "  <-- too large"
+        print(f"  {name:<{width}}  {err:.3e}  bound {limits[name]:.2e}  (rms gradient {err.gradient:.2e}, "
+              f"terms {err.terms:.2e}){flag}")
+    bad = {name: f"{err:.3e} > {limits[name]:.2e}" for name, err in errors.items()
+           if not err <= limits[name]}  # `not <=` also catches NaN
+    assert not bad, f"{what}: gradients off by more than their finite_diff bound: {bad}"
 
 
 @contextmanager
