@@ -57,6 +57,29 @@ def _recording_relu():
         layers.ACTIVATION_FUNCTIONS["relu"] = (fwd, bwd)
 
 
+@contextmanager
+def _recording_norm_stds():
+    """Within the block, the smallest standard deviation of any row that reaches layernorm_forward
+    is appended to the list (see npgpt.gradcheck.NORM_STD_MIN)."""
+    seen: list[float] = []
+    forward = layers.layernorm_forward
+
+    def recording_forward(x, *args, **kwargs):
+        seen.append(float(np.std(x, axis=-1).min()))
+        return forward(x, *args, **kwargs)
+
+    layers.layernorm_forward = recording_forward
+    try:
+        yield seen
+    finally:
+        layers.layernorm_forward = forward
+
+
+@pytest.fixture(scope="session")
+def recording_norm_stds():
+    return _recording_norm_stds
+
+
 @pytest.fixture(scope="session")
 def errors_below():
     return _errors_below

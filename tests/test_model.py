@@ -22,7 +22,7 @@ from scipy.special import chdtri
 from npgpt import GPT, BigramLanguageModel, GPTConfig, bounds
 from npgpt.config import ACTIVATIONS
 from npgpt.compare import rel_error
-from npgpt.gradcheck import gradcheck_model
+from npgpt.gradcheck import NORM_STD_MIN, gradcheck_model
 from npgpt.sampling import sample_next
 
 H = 1e-5  # finite-difference step
@@ -158,11 +158,15 @@ def gpt_cases(draw):
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=gpt_cases())
-def test_gpt_gradient_property(case, errors_below, recording_relu):
+def test_gpt_gradient_property(case, errors_below, recording_relu, recording_norm_stds):
     config, B, T, seed = case
     model = random_model(config, seed=seed)
     idx, targets = batch(config, B, T, seed)
     assume(relu_margin(model, idx, targets, recording_relu) > 10 * H)
+    with recording_norm_stds() as stds:  # finite_diff_bound's smoothness needs no flat layernorm row
+        model.forward(idx, targets)
+    assert len(stds) == 2 * config.n_layer + 1  # the recorder sees every layernorm
+    assume(min(stds) >= NORM_STD_MIN)
     errors = gradcheck_model(model, idx, targets, h=H)
     errors_below(errors, f"{config} B={B} T={T} seed={seed}", **fd_sizes(config, B, T))
 
