@@ -358,3 +358,25 @@ def global_norm(dtype, n: int) -> float:
     `dtype`: reordered(dtype, n, 1.0) for the sum, halved by the square root, plus the square
     root's own rounding."""
     return reordered(dtype, n, cancellation=1.0) / 2.0 + unit_roundoff(dtype)
+
+# --- reference layers
+# The sizes the unit tests of the reference layers (tests/test_layers.py, test_model.py and their
+# modern twins) pass to the kinds above.
+
+BLOCK_DEPTH = 14
+"""Stages of one block's forward, each a sum or a rounding carried on: ln_1 (mean, variance,
+normalise), c_attn, attention (scores, softmax, probabilities @ v), c_proj, the residual add,
+ln_2 (mean, variance, normalise), c_fc, c_proj and the residual add; the activation rounds in place."""
+
+
+def forward_depth(n_layer: int) -> int:
+    """Stages of a model's forward up to its loss: the embedding add, n_layer blocks, ln_f (3), the
+    head and the loss (log-sum-exp and the mean over positions)."""
+    return 1 + n_layer * BLOCK_DEPTH + 3 + 1 + 2
+
+
+GELU_TANH_MAX_ERROR = 4.8e-4
+"""max over real x of |gelu_tanh(x) - gelu(x)|: 4.73e-4, at x = +-2.70 (the tanh form's error
+x (tanh(u(x)) - erf(x / sqrt 2)) / 2 has its extremes there and tends to 0 in both tails; evaluated
+on a grid of step 1e-5 over [-10, 10], where beyond |x| = 6 it is below 1e-9). An absolute error:
+compare it with max |difference| of unit-scale inputs."""

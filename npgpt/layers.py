@@ -58,9 +58,9 @@ def embedding_forward(idx: np.ndarray, wte: np.ndarray, wpe: np.ndarray | None =
 def embedding_backward(dout: np.ndarray, cache: EmbeddingCache):
     """dwte[v] = sum of dout[b, t] over every (b, t) with idx[b, t] == v;  dwpe[t] = sum_b dout[b, t].
 
-    Returns (dwte, dwpe), dwpe None without wpe; idx is integer and has no gradient. A token id
-    that appears many times collects the sum of all its rows (a scatter-add), written here as one
-    matmul with the one-hot matrix, which is exact and avoids the slow np.add.at.
+    Returns (dwte, dwpe), dwpe None without wpe; idx is integer and has no gradient. A repeated id
+    collects the sum of its rows (a scatter-add) by one one-hot matmul, not the slow np.add.at; BLAS
+    adds them in its own order: equal to np.add.at's to rounding (bounds.reordered), not bit for bit.
     See docs/gradients.md#embedding.
     """
     B, T, C = dout.shape

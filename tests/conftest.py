@@ -13,18 +13,27 @@ import numpy as np
 import pytest
 
 from npgpt import compare, layers
+from npgpt.gradcheck import finite_diff_bound
 
 
-def _errors_below(errors: dict[str, float], tol: float, what: str = "") -> None:
-    """errors: {name: relative error} as gradcheck_layer / gradcheck_model return them (already
-    computed, so a table of errors rather than of tensors)."""
+def _errors_below(errors: dict, what: str, *, n: int, depth: int, amplification: float = 1.0,
+                  h: float = 1e-5) -> None:
+    """errors: {name: npgpt.gradcheck.Check} as gradcheck_layer / gradcheck_model return them (already
+    computed, so a table of errors rather than of tensors). Each is held to its own finite_diff bound
+    (npgpt.gradcheck.finite_diff_bound): f is a `depth`-stage float64 computation whose longest sum
+    has n terms, carried with `amplification`, differenced with step h."""
     assert errors, f"{what}: nothing was checked"
-    width = max(len(n) for n in errors)
-    print(f"\n{what}: normwise relative error of each gradient (limit {tol:.0e})")
+    limits = {name: finite_diff_bound(err, h, n, depth, amplification) for name, err in errors.items()}
+    width = max(len(name) for name in errors)
+    print(f"\n{what}: normwise relative error of each gradient against finite differences "
+          f"(n={n}, depth={depth}, amplification={amplification:g}, h={h:g})")
     for name, err in errors.items():
-        print(f"  {name:<{width}}  {err:.3e}{'  <-- too large' if not err <= tol else ''}")
-    bad = {n: e for n, e in errors.items() if not e <= tol}  # `not <=` also catches NaN
-    assert not bad, f"{what}: gradients off by more than {tol:g}: {bad}"
+        flag = "" if err <= limits[name] else "  <-- too large"
+        print(f"  {name:<{width}}  {err:.3e}  bound {limits[name]:.2e}  (rms gradient {err.gradient:.2e}, "
+              f"terms {err.terms:.2e}){flag}")
+    bad = {name: f"{err:.3e} > {limits[name]:.2e}" for name, err in errors.items()
+           if not err <= limits[name]}  # `not <=` also catches NaN
+    assert not bad, f"{what}: gradients off by more than their finite_diff bound: {bad}"
 
 
 @contextmanager
@@ -46,6 +55,29 @@ def _recording_relu():
         yield seen
     finally:
         layers.ACTIVATION_FUNCTIONS["relu"] = (fwd, bwd)
+
+
+@contextmanager
+def _recording_norm_stds():
+    """Within the block, the smallest standard deviation of any row that reaches layernorm_forward
+    is appended to the list (see npgpt.gradcheck.NORM_STD_MIN)."""
+    seen: list[float] = []
+    forward = layers.layernorm_forward
+
+    def recording_forward(x, *args, **kwargs):
+        seen.append(float(np.std(x, axis=-1).min()))
+        return forward(x, *args, **kwargs)
+
+    layers.layernorm_forward = recording_forward
+    try:
+        yield seen
+    finally:
+        layers.layernorm_forward = forward
+
+
+@pytest.fixture(scope="session")
+def recording_norm_stds():
+    return _recording_norm_stds
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """Unit tests of npgpt.layers: every forward/backward pair against centred finite differences.
 
-Gradients are checked in float64 with a random upstream gradient (gradcheck_layer draws it), to a
-normwise relative error of 1e-6 for every input and parameter. Each case below is built by a
+Gradients are checked in float64 with a random upstream gradient (gradcheck_layer draws it), each
+input and parameter to its own bounds.finite_diff bound (npgpt.gradcheck.finite_diff_bound, from
+the case's sizes). Every other comparison names its kind in npgpt.bounds. Each case below is built by a
 factory `make(rng, dtype) -> (forward, backward, inputs, kwargs)`; the same table drives the
 gradient check, the "backward writes nothing" check and the float32 dtype check.
 
@@ -18,10 +19,11 @@ from scipy.special import log_softmax, ndtr
 from scipy.special import softmax as scipy_softmax
 
 from npgpt import layers as L
+from npgpt import bounds
 from npgpt.gradcheck import gradcheck_layer
 
-TOL = 1e-6  # normwise relative error of every gradient against finite differences
 H = 1e-5  # finite-difference step (gradcheck_layer's default)
+F64 = np.float64
 BLOCK_NAMES = (  # one block's parameters under nanoGPT's local names, written out independently
     "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
     "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
@@ -247,7 +249,7 @@ def float_inputs(inputs):
 def test_backward_matches_finite_differences(make, request, errors_below, recording_relu):
     forward, backward, inputs, kwargs = make(np.random.default_rng(20240611), np.float64)
     with recording_relu() as pre:  # ReLU inputs inside a block, at the point being checked
-        forward(*inputs.values(), **kwargs)
+        out, _ = forward(*inputs.values(), **kwargs)
     assert bool(pre) == request.node.callspec.id.startswith("block-relu")  # the recorder works
     if pre:
         margin = min(float(np.abs(a).min()) for a in pre)
@@ -255,7 +257,13 @@ def test_backward_matches_finite_differences(make, request, errors_below, record
     errors = gradcheck_layer(forward, backward, inputs, rng=np.random.default_rng(7), h=H, **kwargs)
     # every floating input got a gradient (a backward that returns None or too few would skip one)
     assert sorted(errors) == sorted(float_inputs(inputs))
-    errors_below(errors, TOL, request.node.callspec.id)
+    # f = sum(out * dout): its longest sum is over the output or over one input (the forward's
+    # inner sums run over parts of its inputs); a block is BLOCK_DEPTH stages carried with the
+    # parity suite's amplification, a single layer one stage and the final sum
+    n = max(np.size(out), *(x.size for x in float_inputs(inputs).values()))
+    block = request.node.callspec.id.startswith("block-")
+    errors_below(errors, request.node.callspec.id, n=n, depth=bounds.BLOCK_DEPTH + 1 if block else 2,
+                 amplification=bounds.PARITY_AMPLIFICATION if block else 1.0, h=H)
 
 
 @pytest.mark.parametrize("make", CASES)
@@ -303,28 +311,38 @@ def test_forward_values_match_references(assert_close):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 5))
     w, b = rng.standard_normal((4, 5)), rng.standard_normal(4)
-    assert_close("linear", L.linear_forward(x, w, b)[0], np.einsum("btc,oc->bto", x, w) + b, 1e-14)
+    # the matmul and einsum add the C = 5 products (and the bias) in their own orders
+    assert_close("linear", L.linear_forward(x, w, b)[0], np.einsum("btc,oc->bto", x, w) + b,
+                 bounds.reordered(F64, 5 + 1))
 
     g, beta = rng.standard_normal(5), rng.standard_normal(5)
     ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * g + beta
-    assert_close("layernorm", L.layernorm_forward(x, g, beta)[0], ref, 1e-14)
+    # three stages (mean, variance, normalise) of sums over C = 5, with other formulas on each side
+    assert_close("layernorm", L.layernorm_forward(x, g, beta)[0], ref, bounds.chain(F64, 5, depth=3))
 
-    assert_close("gelu", L.gelu_forward(x)[0], x * ndtr(x), 1e-14)
+    # erf and ndtr are each correct to a few u: a reordered pair of one-term "sums"
+    assert_close("gelu", L.gelu_forward(x)[0], x * ndtr(x), bounds.chain(F64, 1, depth=2))
     u = math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)
-    assert_close("gelu_tanh", L.gelu_tanh_forward(x)[0], 0.5 * x * (1 + np.tanh(u)), 1e-14)
-    assert np.abs(L.gelu_tanh_forward(x)[0] - L.gelu_forward(x)[0]).max() < 1e-3  # the approximation
-    assert np.array_equal(L.relu_forward(x)[0], np.where(x > 0, x, 0.0))
-    assert_close("softmax", L.softmax_forward(x)[0], scipy_softmax(x, axis=-1), 1e-14)
+    assert_close("gelu_tanh", L.gelu_tanh_forward(x)[0], 0.5 * x * (1 + np.tanh(u)), bounds.chain(F64, 2, depth=2))
+    # the approximation's error is absolute (GELU_TANH_MAX_ERROR), the roundings relative to |gelu|
+    approx = np.abs(L.gelu_tanh_forward(x)[0] - L.gelu_forward(x)[0]).max()
+    scale = float(np.abs(L.gelu_forward(x)[0]).max())
+    assert approx <= bounds.approximation(F64, bounds.GELU_TANH_MAX_ERROR / scale) * scale
+    assert_close("relu", L.relu_forward(x)[0], np.where(x > 0, x, 0.0),
+                 bounds.bitwise("no arithmetic: both select x or 0"))
+    assert_close("softmax", L.softmax_forward(x)[0], scipy_softmax(x, axis=-1), bounds.chain(F64, 5, depth=2))
 
     logits, t = rng.standard_normal((2, 3, 6)) * 3, rng.integers(0, 6, (2, 3))
     ref_loss = -np.take_along_axis(log_softmax(logits, axis=-1), t[..., None], -1).mean()
     loss, _ = L.cross_entropy_forward(logits, t)
-    assert abs(loss - ref_loss) <= 1e-14 * abs(ref_loss)
+    # log-sum-exp over V = 6, then a mean of B * T = 6 positive losses
+    assert abs(loss - ref_loss) <= bounds.chain(F64, 6, depth=2, cancellation=1.0) * abs(ref_loss)
 
     idx = np.array(REPEATED_IDS)
     wte, wpe = rng.standard_normal((4, 3)), rng.standard_normal((7, 3))
     out, _ = L.embedding_forward(idx, wte, wpe)
-    assert np.array_equal(out, np.stack([[wte[i] + wpe[t] for t, i in enumerate(row)] for row in idx]))
+    assert_close("embedding", out, np.stack([[wte[i] + wpe[t] for t, i in enumerate(row)] for row in idx]),
+                 bounds.bitwise("one addition wte[idx] + wpe[t], rounded once on either side"))
     wte_before = wte.copy()
     out[...] = 0.0  # the output is a copy: writing it leaves the table alone
     assert np.array_equal(wte, wte_before)
@@ -344,10 +362,13 @@ def test_attention_forward_matches_per_head_loop(B, T, C, n_head, assert_close):
             for t in range(T):
                 scores = k[b, :t + 1, s] @ q[b, t, s] / math.sqrt(hs)  # keys 0..t only
                 ref[b, t, s] = scipy_softmax(scores) @ v[b, :t + 1, s]
-    assert_close(f"attention B{B} T{T} C{C} nh{n_head}", y, ref, 1e-13)
+    # scores (sums of hs), softmax (over T), probabilities @ v (over T), in other orders; the
+    # softmax Jacobian carries a score's error with the parity suite's amplification
+    assert_close(f"attention B{B} T{T} C{C} nh{n_head}", y, ref,
+                 bounds.chain(F64, max(T, hs), depth=3, amplification=bounds.PARITY_AMPLIFICATION))
 
 
-def test_attention_is_causal():
+def test_attention_is_causal(assert_close):
     rng = np.random.default_rng(2)
     B, T, C, n_head = 2, 6, 6, 2
     qkv = rng.standard_normal((B, T, 3 * C))
@@ -356,7 +377,9 @@ def test_attention_is_causal():
         changed = qkv.copy()
         changed[:, t:] = rng.standard_normal((B, T - t, 3 * C))  # rewrite q, k, v of positions >= t
         y2, _ = L.attention_forward(changed, n_head)
-        assert np.array_equal(y2[:, :t], y[:, :t]), f"outputs before {t} saw the future"
+        # same shapes, so the same BLAS blocking; the masked entries add exact zeros
+        assert_close(f"outputs before {t}", y2[:, :t], y[:, :t],
+                     bounds.bitwise("same operations on the same unmasked values; masked ones are exact zeros"))
         assert not np.allclose(y2[:, t:], y[:, t:]), "positions >= t should change (test is vacuous)"
 
 
@@ -385,19 +408,24 @@ def test_embedding_backward_equals_add_at_scatter(idx, V, assert_close):
     dwte, dwpe = L.embedding_backward(dout, cache)
     ref = np.zeros((V, C))
     np.add.at(ref, idx.reshape(-1), dout.reshape(-1, C))
-    assert np.array_equal(dwte, ref), f"max abs difference {np.abs(dwte - ref).max():.3e}"
+    # the one-hot matmul adds the rows of a repeated id in BLAS's order (blocked, SIMD), np.add.at
+    # one by one: the same sum of (its number of repeats) terms in another order; the other
+    # B * T - repeats products are exact zeros
+    repeats = int(np.bincount(idx.reshape(-1)).max())
+    assert_close("dwte", dwte, ref, bounds.reordered(F64, repeats))
     ref_pe = np.zeros((T + 2, C))
     np.add.at(ref_pe, np.tile(np.arange(T), B), dout.reshape(-1, C))
-    assert_close("dwpe", dwpe, ref_pe, 1e-14)
+    assert_close("dwpe", dwpe, ref_pe, bounds.reordered(F64, B))  # a sum over the batch
     assert not dwpe[T:].any()  # positions never used get exactly zero
 
 
-def test_gradcheck_layer_takes_embedding_inputs_in_forward_order():
+def test_gradcheck_layer_takes_embedding_inputs_in_forward_order(errors_below):
     rng = np.random.default_rng(8)
     inputs = {"idx": np.array(REPEATED_IDS), "wte": rng.standard_normal((4, 3)),
               "wpe": rng.standard_normal((6, 3))}
     errors = gradcheck_layer(L.embedding_forward, L.embedding_backward, inputs)
-    assert sorted(errors) == ["wpe", "wte"] and max(errors.values()) <= TOL
+    assert sorted(errors) == ["wpe", "wte"]
+    errors_below(errors, "embedding, positional", n=2 * 5 * 3, depth=2)  # f sums B * T * C terms
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,12 +438,21 @@ def test_softmax_large_logits(scale, shift, assert_close):
     x = rng.standard_normal((3, 4, 7)) * scale + shift
     y, cache = L.softmax_forward(x)
     assert np.isfinite(y).all()
-    assert np.abs(y.sum(-1) - 1.0).max() <= 1e-12
-    assert_close("softmax vs scipy", y, scipy_softmax(x, axis=-1), 1e-13)
-    assert_close("shift invariance", L.softmax_forward(x - 123.0)[0], y, 1e-10)
-    (dx,) = L.softmax_backward(rng.standard_normal(x.shape), cache)
+    C = x.shape[-1]
+    # exp, a sum of C positive terms, a division: the row sums 1 but for those roundings
+    assert np.abs(y.sum(-1) - 1.0).max() <= bounds.chain(F64, C, depth=2, cancellation=1.0)
+    assert_close("softmax vs scipy", y, scipy_softmax(x, axis=-1), bounds.chain(F64, C, depth=2))
+    # x - 123 rounds by up to u |x - 123| absolutely, and exp turns an absolute error of its
+    # argument into a relative error of the result: amplification max |x - 123|
+    shifted = L.softmax_forward(x - 123.0)[0]
+    assert_close("shift invariance", shifted, y,
+                 bounds.chain(F64, C, depth=3, amplification=float(np.abs(x - 123.0).max())))
+    dout = rng.standard_normal(x.shape)
+    (dx,) = L.softmax_backward(dout, cache)
     assert np.isfinite(dx).all()
-    assert np.abs(dx.sum(-1)).max() <= 1e-10  # the Jacobian's rows sum to zero
+    # the Jacobian's rows sum to zero: sum(y * (dout - s)) = s - s sum(y), s = sum(y * dout), with
+    # |s| <= max |dout|; three stages of sums over C, relative to max |dout|
+    assert np.abs(dx.sum(-1)).max() <= bounds.chain(F64, C, depth=3) * np.abs(dout).max()
 
 
 def test_dropout_mask_values_and_rate():
@@ -440,7 +477,7 @@ def test_dropout_forward_uses_given_mask_and_needs_rng_or_mask():
         L.dropout_forward(x, 0.5)
 
 
-def test_block_dropout_masks_reproduce_a_drawn_forward():
+def test_block_dropout_masks_reproduce_a_drawn_forward(assert_close):
     rng = np.random.default_rng(2)
     B, T, C, n_head = 2, 4, 4, 2
     x = rng.standard_normal((B, T, C))
@@ -450,6 +487,7 @@ def test_block_dropout_masks_reproduce_a_drawn_forward():
     assert [m.shape for m in masks] == [(B, n_head, T, T), (B, T, C), (B, T, C)]
     assert all((m == 0).any() for m in masks)
     out2, _ = L.block_forward(x, p, n_head, "gelu", 0.4, None, masks)
-    assert np.array_equal(out, out2)
+    assert_close("block with its own masks", out2, out,
+                 bounds.bitwise("the same forward on the same inputs and the same masks"))
     out_nodrop, _ = L.block_forward(x, p, n_head, "gelu")
     assert not np.allclose(out, out_nodrop)

@@ -2,10 +2,11 @@
 and attention and the block with QK-norm, RoPE and the new norms and activations composed in.
 
 Every backward against centred finite differences in float64 (npgpt.gradcheck.gradcheck_layer, random
-upstream gradient), to a normwise relative error of 1e-6; every backward leaves dout and its cache
+upstream gradient), each to its own finite_diff bound (npgpt.gradcheck.finite_diff_bound); every backward leaves dout and its cache
 alone; RoPE's properties (a rotation: norms kept; q.k after RoPE depends only on the positions'
 difference; its backward is the rotation by -angle); the forwards against their formulas written
-out independently (loops over pairs, scalar sigmoid). Muon's own unit tests are at the end.
+out independently (loops over pairs, scalar sigmoid), each to the bound of its kind in npgpt.bounds.
+Muon's own unit tests are at the end.
 """
 from __future__ import annotations
 
@@ -14,12 +15,18 @@ import math
 import numpy as np
 import pytest
 
+from npgpt import bounds
 from npgpt import layers as L
 from npgpt.gradcheck import gradcheck_layer, rel_error
-from npgpt.muon import Muon, adjusted_lr, zeropower_via_newton_schulz
+from npgpt.muon import NS_COEFFICIENTS, Muon, adjusted_lr, zeropower_via_newton_schulz
 from npgpt.optim import Muon as OptimMuon
 
-TOL = 1e-6  # normwise relative error of every gradient against finite differences
+F64 = np.float64
+U64 = bounds.unit_roundoff(F64)
+# A Newton-Schulz step x <- a x + (b A + c A^2) x, A = x x^T, is three matmuls whose roundings the
+# rest of the iteration carries with at most |a| + |b| + |c| (the step's coefficients on s <= 1)
+NS_STAGES = 3 * 5
+NS_AMPLIFICATION = sum(abs(c) for c in NS_COEFFICIENTS)
 
 
 def normal(rng, shape, scale=1.0, offset=0.0):
@@ -134,7 +141,13 @@ def test_backward_matches_finite_differences(make, request, errors_below):
     forward, backward, inputs, kwargs = make(np.random.default_rng(0))
     errors = gradcheck_layer(forward, backward, inputs, **kwargs)
     assert sorted(errors) == sorted(inputs)  # every input was checked
-    errors_below(errors, TOL, request.node.callspec.id)
+    out, _ = forward(*inputs.values(), **kwargs)
+    # as in tests/test_layers.py: f = sum(out * dout) sums over the output or within an input
+    n = max(out.size, *(x.size for x in inputs.values()))
+    block = request.node.callspec.id.startswith("block-")
+    depth = bounds.BLOCK_DEPTH + 1 if block else (4 if "attention" in request.node.callspec.id else 2)
+    errors_below(errors, request.node.callspec.id, n=n, depth=depth,
+                 amplification=bounds.PARITY_AMPLIFICATION if block else 1.0)
 
 
 @pytest.mark.parametrize("make", CASES)
@@ -181,10 +194,13 @@ def test_rmsnorm_forward_formula():
     out, _ = L.rmsnorm_forward(x, w, eps=1e-3)
     expected = np.array([[x[i, j] / math.sqrt(sum(v * v for v in x[i]) / 6 + 1e-3) * w[j]
                           for j in range(6)] for i in range(4)])
-    assert rel_error(out, expected) < 1e-14
-    # rms of the normalised row is 1 (up to eps): the whole point of the layer
+    assert rel_error(out, expected) <= bounds.chain(F64, 6, depth=2)  # mean square, then divide
+    # rms of the normalised row is 1 (up to eps): the whole point of the layer. Exactly,
+    # sqrt(ms / (ms + eps)) = 1 - eps / (2 ms) to first order; and two more stages of sums over 6
     out1, _ = L.rmsnorm_forward(100.0 * x, np.ones(6))
-    assert np.allclose(np.sqrt(np.mean(out1 ** 2, axis=-1)), 1.0, atol=1e-8)
+    ms = np.mean((100.0 * x) ** 2, axis=-1)
+    rms = np.sqrt(np.mean(out1 ** 2, axis=-1))
+    assert np.abs(rms - 1.0).max() <= 1e-5 / (2 * ms.min()) + bounds.chain(F64, 6, depth=4, cancellation=1.0)
 
 
 def test_rmsnorm_gradient_is_orthogonal_to_xhat_at_zero_eps():
@@ -194,7 +210,9 @@ def test_rmsnorm_gradient_is_orthogonal_to_xhat_at_zero_eps():
     _, cache = L.rmsnorm_forward(x, w, eps=0.0)
     dx, _ = L.rmsnorm_backward(normal(rng, (5, 7)), cache)
     cosines = np.sum(dx * x, axis=-1) / (np.linalg.norm(dx, axis=-1) * np.linalg.norm(x, axis=-1))
-    assert np.abs(cosines).max() < 1e-14
+    # dx = r (g - xhat mean(g xhat)): the sums over C = 7 of the backward and of the dot product
+    # round relative to |dx| |x|, which the cosine divides by
+    assert np.abs(cosines).max() <= bounds.chain(F64, 7, depth=3)
     assert np.abs(np.sum(dx, axis=-1)).min() > 1e-3  # unlike layernorm's, not orthogonal to 1
 
 
@@ -205,8 +223,12 @@ def test_rope_angles_follow_the_contract():
     for t in range(T):
         for i in range(hs // 2):
             angle = (offset + t) * theta ** (-2 * i / hs)
+            # theta ** e, e = -2i / hs rounded, is off by |e ln theta| u relatively, the product
+            # (offset + t) * inv_freq by u: an absolute angle error of a few u |angle|, which cos and
+            # sin (each correct to u) pass on; a reordered pair of one-term sums per unit of angle
+            tol = bounds.reordered(F64, 1) * (1.0 + angle * max(1.0, math.log(theta)))
             for j in (i, i + hs // 2):  # cat(angle, angle)
-                assert abs(cos[t, j] - math.cos(angle)) < 1e-15 and abs(sin[t, j] - math.sin(angle)) < 1e-15
+                assert abs(cos[t, j] - math.cos(angle)) <= tol and abs(sin[t, j] - math.sin(angle)) <= tol
     assert np.array_equal(L.rope_angles(T, hs, theta, 0).cos[offset:], L.rope_angles(T - offset, hs, theta, offset).cos)
     assert L.rope_angles(2, 4, dtype=np.float32).sin.dtype == np.float32
 
@@ -223,8 +245,11 @@ def test_rope_rotates_each_pair():
         for i in range(half):
             a = (2 + t) * 100.0 ** (-2 * i / hs)
             x1, x2 = x[..., t, i], x[..., t, i + half]
-            assert np.allclose(out[..., t, i], x1 * math.cos(a) - x2 * math.sin(a), rtol=0, atol=1e-14)
-            assert np.allclose(out[..., t, i + half], x2 * math.cos(a) + x1 * math.sin(a), rtol=0, atol=1e-14)
+            # two products and a sum on each side, and cos, sin of angles that differ by a few
+            # u |a| (see test_rope_angles_follow_the_contract): relative to |x1| + |x2|
+            tol = bounds.reordered(F64, 2) * (1.0 + a * math.log(100.0)) * (np.abs(x1) + np.abs(x2))
+            assert (np.abs(out[..., t, i] - (x1 * math.cos(a) - x2 * math.sin(a))) <= tol).all()
+            assert (np.abs(out[..., t, i + half] - (x2 * math.cos(a) + x1 * math.sin(a))) <= tol).all()
     assert np.array_equal(L.rotate_half(L.rotate_half(x)), -x)
 
 
@@ -232,7 +257,10 @@ def test_rope_preserves_norms():
     rng = np.random.default_rng(6)
     x = normal(rng, (2, 3, 9, 8), 3.0)
     out, _ = L.rope_forward(x, *L.rope_angles(9, 8, offset=1000))
-    assert np.abs(np.linalg.norm(out, axis=-1) / np.linalg.norm(x, axis=-1) - 1.0).max() < 1e-14
+    # an angle off by rounding is still a rotation: only cos^2 + sin^2 = 1 (each correct to u), the
+    # two products and sum of each pair, and the norms' sums of 8 squares round
+    ratio = np.linalg.norm(out, axis=-1) / np.linalg.norm(x, axis=-1)
+    assert np.abs(ratio - 1.0).max() <= bounds.chain(F64, 8, depth=3, cancellation=1.0)
     # and it does change the vectors (position 0 alone is the identity)
     assert rel_error(out, x) > 0.1
 
@@ -247,9 +275,13 @@ def test_rope_scores_depend_only_on_the_position_difference():
         out, _ = L.rope_forward(v[None, None, None, :], *L.rope_angles(1, hs, 10000.0, position))
         return out[0, 0, 0]
 
+    # the angle of position m rounds to m inv_freq (1 + d), |d| <= u: an absolute error up to m u,
+    # for q's angle and k's, which turns the score by at most 2 m u |q| |k|; and a dot product of hs
+    positions = (3, 10, 250, 4096)
+    tol = (bounds.reordered(F64, hs) + 2 * max(positions) * U64) * np.linalg.norm(q) * np.linalg.norm(k)
     for delta in (0, 1, 5, -3):
-        scores = [rotated(q, m) @ rotated(k, m - delta) for m in (3, 10, 250, 4096)]
-        assert np.ptp(scores) < 1e-12 * np.linalg.norm(q) * np.linalg.norm(k), (delta, scores)
+        scores = [rotated(q, m) @ rotated(k, m - delta) for m in positions]
+        assert np.ptp(scores) <= tol, (delta, scores)
     # and the score does depend on the difference (else the test proves nothing)
     assert abs(rotated(q, 5) @ rotated(k, 5) - rotated(q, 5) @ rotated(k, 4)) > 1e-3
 
@@ -266,7 +298,8 @@ def test_rope_backward_is_rotation_by_minus_angle():
     # the rotation by -angle undoes the forward: the backward of a rotation is its inverse
     x = normal(rng, dout.shape)
     out, cache = L.rope_forward(x, cos, sin)
-    assert rel_error(L.rope_backward(out, cache)[0], x) < 1e-15
+    # two rotations, each two products and a sum per entry
+    assert rel_error(L.rope_backward(out, cache)[0], x) <= bounds.chain(F64, 2, depth=2)
 
 
 def test_relu2_forward_and_kink():
@@ -284,7 +317,8 @@ def test_swiglu_forward_formula_and_split():
     assert out.shape == (3, 5)
     sigmoid = lambda g: 1.0 / (1.0 + math.exp(-g))  # noqa: E731
     expected = np.array([[x[i, j] * sigmoid(x[i, j]) * x[i, 5 + j] for j in range(5)] for i in range(3)])
-    assert rel_error(out, expected) < 1e-14
+    # exp, 1 + e, a division and two products: math's exp against NumPy's, each correct to u
+    assert rel_error(out, expected) <= bounds.chain(F64, 1, depth=3)
     # no overflow warning and the right limits far out: silu(-800) = 0, silu(800) = 800
     with np.errstate(all="raise"):
         far, _ = L.swiglu_forward(np.array([-800.0, 800.0, 2.0, 2.0]))
@@ -309,9 +343,13 @@ def test_newton_schulz_pushes_singular_values_towards_one():
     # same singular vectors: o = U S' V^T, so U^T o V is diagonal
     U, _, Vt = np.linalg.svd(u, full_matrices=False)
     inner = U.T @ o @ Vt.T
-    assert np.abs(inner - np.diag(np.diag(inner))).max() < 1e-12
-    # the wide orientation gives the transpose (the iteration runs on rows <= cols)
-    assert rel_error(zeropower_via_newton_schulz(u.T), o.T) < 1e-15
+    # NS_STAGES matmuls with sums over 12, carried with NS_AMPLIFICATION, then two more matmuls
+    # (and the SVD, backward stable): off-diagonal rounding relative to ||o|| <= sqrt(7) * 1.25
+    off = np.abs(inner - np.diag(np.diag(inner))).max()
+    assert off <= bounds.chain(F64, 12, NS_STAGES + 3, NS_AMPLIFICATION) * np.linalg.norm(o)
+    # the wide orientation gives the transpose (the iteration runs on rows <= cols): the same
+    # matmuls on a transposed view, which BLAS may block and add in another order
+    assert rel_error(zeropower_via_newton_schulz(u.T), o.T) <= bounds.chain(F64, 12, NS_STAGES, NS_AMPLIFICATION)
     assert zeropower_via_newton_schulz(u.astype(np.float32)).dtype == np.float32
 
 
@@ -342,8 +380,10 @@ def test_muon_step_by_hand():
     p1 = p0 * (1 - 0.05 * 0.2) - 0.05 * math.sqrt(2) * zeropower_via_newton_schulz(0.1 * g1 + 0.9 * buf1)
     buf2 = 0.9 * buf1 + 0.1 * g2
     p2 = p1 * (1 - 0.01 * 0.2) - 0.01 * math.sqrt(2) * zeropower_via_newton_schulz(0.1 * g2 + 0.9 * buf2)
-    assert rel_error(opt.momentum_buffer["w"], buf2) < 1e-14
-    assert rel_error(w, p2) < 1e-13
+    # the buffer: two lerps, formulas rearranged; the parameter: the Nesterov input rounds
+    # differently on each side and Newton-Schulz carries it (NS_STAGES stages) into two steps
+    assert rel_error(opt.momentum_buffer["w"], buf2) <= bounds.chain(F64, 2, depth=2)
+    assert rel_error(w, p2) <= bounds.chain(F64, 6, 2 * (NS_STAGES + 2), NS_AMPLIFICATION)
     assert opt.step_count == 2
 
 
@@ -352,7 +392,9 @@ def test_muon_without_nesterov_uses_the_buffer():
     p0, g = normal(rng, (3, 5)), normal(rng, (3, 5))
     params = {"w": p0.copy()}
     Muon(params, lr=0.1, weight_decay=0.0, nesterov=False).step({"w": g})
-    assert rel_error(params["w"], p0 - 0.1 * zeropower_via_newton_schulz(0.05 * g)) < 1e-14
+    expected = p0 - 0.1 * zeropower_via_newton_schulz(0.05 * g)
+    # the buffer 0.05 g is rounded once either way; Newton-Schulz and one update carry it
+    assert rel_error(params["w"], expected) <= bounds.chain(F64, 5, NS_STAGES + 2, NS_AMPLIFICATION)
 
 
 def test_muon_state_dict_round_trip_and_npz(tmp_path):
