@@ -33,7 +33,7 @@ import torchgpt  # noqa: E402
 from npgpt.sampling import sample_next  # noqa: E402
 
 VOCAB = common.VOCAB
-TARGET = 5.0  # issue 5: npgpt with the cache at least 5x faster than without, at block 256
+TARGET = 5.0  # npgpt with the cache at least 5x faster than without, at block 256
 
 
 def shapes() -> dict:

@@ -5,32 +5,18 @@
     python bench/gpu_check.py --dry-run           # every step's command line; runs nothing
     python bench/gpu_check.py --require-gpu       # no GPU is a failure (also GPU_CHECK_REQUIRE=1)
 
-Runs from the source tree with the interpreter it is started with (make: $(PYTHON), default
-python3), creating and installing nothing. A GPU machine here has no network and no shared data
-folder: bring Tiny Shakespeare along inside the checkout, e.g. data/input.txt (data/ is ignored
-by git), and pass it as DATA= / --data.
-
-Steps, in order, each a subprocess with its output in <out>/logs/<step>.log:
-    environment           versions (python, torch, CUDA, numpy, scipy, pytest, hypothesis) and GPUs
-    parity-cuda           parity_tests/test_cuda.py with NPGPT_REQUIRE_CUDA=1 (a skip is a failure)
-    tiny-compile-bf16     train_torch.py --preset tiny on CUDA, compile on, bfloat16 autocast
-    tiny-compile-float32  ... compile on, float32 (TF32 matmuls)
-    tiny-eager-bf16       ... compile off, bfloat16
-    tiny-eager-float32    ... compile off, float32
-    resume-save-cuda      tiny on CUDA for 40 steps, checkpoint saved
-    resume-on-cuda        --resume on CUDA to step 60
-    resume-on-cpu         --resume --device cpu to step 80 (a CUDA run continued on the CPU)
-    torchrun-nccl         2 processes under torchrun, NCCL, when 2 GPUs exist (else skipped, said so)
-    gpu-bench             bench/gpu.py: the shakespeare-char recipe to val <= 1.50 and <= 1.47, then
-                          the ablations (no compile, no SDPA, no bf16) for a fixed number of steps
-The whole check keeps to --budget_s (default 480 s = 8 minutes): each step gets at most its own
-cap and never more than the budget leaves (the bench's share is kept for it); a step cut short is
-a failure. A failing step makes the check exit 1, with the step named; later steps still run.
-Every figure goes to <out>/gpu_check.json and a readable <out>/gpu_check.md (a new run first
-removes the previous run's files there: runs/, logs/ and the reports).
-
-Without a GPU it says so and exits 0, unless --require-gpu or GPU_CHECK_REQUIRE=1 (exit 2). An
-NVIDIA GPU that torch cannot use (a CPU-only torch build, a driver mismatch) is always a failure.
+Runs from the source tree with the interpreter it is started with, creating and installing nothing. A
+GPU machine here has no network and no shared data folder: bring Tiny Shakespeare along inside the
+checkout, e.g. data/input.txt (ignored by git), and pass it as DATA= / --data. The steps (the
+environment, the CUDA parity tests, tiny runs with compile on/off x bf16/float32, save and resume on
+CUDA and on the CPU, a 2-process NCCL torchrun when 2 GPUs exist, and `bench/time_to_loss.py gpu` to
+val <= 1.50 and 1.47 with fixed-step ablations; docs/training.md, "First run on a GPU") run one after
+the other, each a subprocess with its output in <out>/logs/<step>.log, within --budget_s (default
+480 s): each step gets at most its own cap and never more than the budget leaves (the bench's share is
+kept for it); a step cut short or failing makes the check exit 1, with the step named; later steps
+still run. Every figure goes to <out>/gpu_check.json and <out>/gpu_check.md (a new run first removes
+the previous run's runs/, logs/ and reports there). Without a GPU it says so and exits 0, unless
+--require-gpu or GPU_CHECK_REQUIRE=1 (exit 2); an NVIDIA GPU that torch cannot use is a failure.
 """
 from __future__ import annotations
 
@@ -45,7 +31,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
-BUDGET_S = 480  # issue 13: at most 8 minutes on one GPU
+BUDGET_S = 480  # at most 8 minutes on one GPU
 BENCH_RESERVE_S = 300  # kept for gpu-bench while the earlier steps run
 ABLATION_ITERS = 150  # steps of each ablation in gpu-bench (speed only, not to the targets)
 REQUIRE_ENV = "GPU_CHECK_REQUIRE"
@@ -201,7 +187,7 @@ def plan(python: str, data: str, out: str, device_count: int | None, budget_s: f
     if device_count is not None and device_count < 2:
         torchrun.skip = f"{device_count} GPU here; a 2-process NCCL run needs 2"
     steps.append(torchrun)
-    steps.append(Step("gpu-bench", [python, "bench/gpu.py", "--targets", "1.50,1.47", "--ablation_iters",
+    steps.append(Step("gpu-bench", [python, "bench/time_to_loss.py", "gpu", "--targets", "1.50,1.47", "--ablation_iters",
                                     str(ablation_iters), "--data", data, "--json", os.path.join(out, "gpu.json"),
                                     "--log_dir", os.path.join(out, "logs"), "--budget_s", "{budget_s}"],
                       budget_s, bench=True))
@@ -220,54 +206,24 @@ def shown(step: Step) -> str:
 
 def run_step(step: Step, timeout_s: float, log_path: str) -> dict:
     cmd = [c.replace("{budget_s}", f"{max(timeout_s - 15, 30):.0f}") for c in step.cmd]
-    env = dict(os.environ, PYTHONPATH=common.ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONUNBUFFERED="1", **step.env)
-    print(f"\n== {step.name} (at most {timeout_s:.0f} s)\n$ {shown(step)}", flush=True)
-    t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        log.write(f"$ {shlex.join(cmd)}\n")
-        log.flush()
-        # its own process group, so that a step cut short takes its children (torchrun's workers) along
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=common.ROOT,
-                                start_new_session=True)
-        try:
-            rc, timed_out = proc.wait(timeout=timeout_s), False
-        except subprocess.TimeoutExpired:
-            rc, timed_out = None, True
-            stop_group(proc)
-    seconds = time.perf_counter() - t0
+    env = dict(os.environ, PYTHONPATH=common.ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **step.env)
+    print(f"\n== {step.name} (at most {timeout_s:.0f} s): {shown(step)}", flush=True)
+    run = common.run_script(cmd, float("-inf"), step.name, env=env, max_wall_s=timeout_s, log_path=log_path)
     with open(log_path) as f:
-        lines = f.read().splitlines()
-    res = {"status": "pass", "command": shlex.join(cmd), "returncode": rc, "seconds": round(seconds, 1),
-           "log": log_path, **step_figures(lines)}
+        lines = f.read().splitlines()[1:]
+    res = {"status": "pass", "command": shlex.join(cmd), "returncode": run["returncode"],
+           "seconds": round(run["wall_s"], 1), "log": log_path, **step_figures(lines)}
     missing = [e for e in step.expect if not any(e in line for line in lines)]
-    if timed_out:
+    if run["ended"] == "time limit":
         res.update(status="FAIL", why=f"cut at {timeout_s:.0f} s (the budget)")
-    elif rc != 0:
-        res.update(status="FAIL", why=f"exit code {rc}")
+    elif run["returncode"] != 0:
+        res.update(status="FAIL", why=f"exit code {run['returncode']}")
     elif missing:
         res.update(status="FAIL", why=f"output lacks {missing}")
     if res["status"] != "pass":
         res["last_lines"] = lines[-15:]
-    print(f"   {res['status']} in {seconds:.1f} s" + (f": {res['why']}" if res.get("why") else ""), flush=True)
-    if res["status"] != "pass":
-        print("   " + "\n   ".join(res["last_lines"]), flush=True)
+    print(f"   {res['status']} in {res['seconds']:.1f} s" + (f": {res['why']}" if res.get("why") else ""), flush=True)
     return res
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the step's process group (train_torch.py saves and exits), SIGKILL after 20 s."""
-    import signal
-    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def step_figures(lines: list) -> dict:
@@ -311,7 +267,7 @@ def markdown(report: dict) -> str:
         md.append(f"| {name} | {r['status']} | {r.get('seconds', '-')} | {'; '.join(figs)} |")
     bench = report.get("gpu_bench")
     if bench:
-        md += ["", "## gpu-bench (bench/gpu.py)", "", "```"]
+        md += ["", "## gpu-bench (bench/time_to_loss.py gpu)", "", "```"]
         md += bench.get("table", [])
         md += ["```"]
         for p in bench.get("problems", []):
@@ -386,7 +342,7 @@ def main(argv=None) -> int:
     if os.path.exists(bench_json):
         with open(bench_json) as f:
             bench = json.load(f)
-        report["gpu_bench"] = bench  # bench/gpu.py's own JSON, with its summary table
+        report["gpu_bench"] = bench  # the race's own JSON, with its summary table
     report["seconds"] = time.perf_counter() - t_start
     machine["load average (1 min) at end"] = os.getloadavg()[0]
     report["verdict"] = "FAILED: " + ", ".join(report["failed"]) if report["failed"] else "passed"
