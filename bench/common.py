@@ -1,12 +1,11 @@
-"""What the bench/ scripts share: thread limits, the machine, the configs, running a training script
-and reading its log, and the epilogue (verdicts, load average, JSON).
-
-`limit_threads()` must run before numpy or torch is imported (the BLAS and OpenMP runtimes read
-their thread counts when they load), so this module imports neither at the top.
-The scripts import this module and nothing else of bench/ (no script imports another script).
+"""What the bench/ scripts share: thread limits, the machine, running a training script
+and reading its log, the epilogue. It imports neither numpy nor torch at the top: `limit_threads()` must
+run before they load (their BLAS and OpenMP runtimes read their thread counts then). The scripts import
+this module and nothing else of bench/.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -16,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
+from statistics import median
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from anywhere: `python bench/step_time.py`
@@ -27,23 +26,16 @@ DEFAULT_DATA = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "in
 VOCAB = 65  # Tiny Shakespeare's characters
 
 
-def threads_from_argv(default: int | None = None) -> int:
-    """The value of --threads N in sys.argv (before argparse runs), else `default` or all cores."""
-    argv = sys.argv[1:]
-    for i, a in enumerate(argv):
-        if a == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if a.startswith("--threads="):
-            return int(a.split("=", 1)[1])
-    return default or os.cpu_count() or 1
+def threads_from_argv() -> int:
+    """--threads N of sys.argv (before the script's own parser runs), else all cores."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--threads", type=int)
+    return p.parse_known_args()[0].threads or os.cpu_count() or 1
 
 
 def limit_threads(n: int) -> str:
-    """Give every BLAS/OpenMP runtime n threads (this process and its children); returns how.
-
-    Environment variables before the import are the portable way; threadpoolctl, when installed,
-    also caps runtimes already loaded (and its report names each one).
-    """
+    """Give every BLAS/OpenMP runtime n threads (this process and its children); returns how. threadpoolctl,
+    when installed, also caps runtimes already loaded."""
     for var in THREAD_VARS:
         os.environ[var] = str(n)
     how = "env " + " ".join(f"{v}={n}" for v in THREAD_VARS)
@@ -55,9 +47,11 @@ def limit_threads(n: int) -> str:
     return how + " + threadpoolctl"
 
 
-def torch_threads(n: int) -> None:
-    import torch
-    torch.set_num_threads(n)
+def why_no_cuda(torch_version: str, cuda_build: str | None, devices: int) -> str | None:
+    """Why torch cannot use a GPU here, or None when it can."""
+    if cuda_build is None:
+        return f"torch {torch_version} is a CPU-only build (torch.version.cuda is None)"
+    return None if devices else f"torch {torch_version} (CUDA {cuda_build}) sees no CUDA device"
 
 
 def lscpu() -> dict:
@@ -72,14 +66,10 @@ def machine_info(threads: int, how: str, with_torch: bool = True) -> dict:
     """The CPU, the versions, each library's BLAS and the thread settings, for the report."""
     import numpy as np
     import scipy
-    try:
-        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-        numpy_blas = f"{blas.get('name')} {blas.get('version')}"
-    except Exception:  # older numpy
-        numpy_blas = "unknown"
+    blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
     info = {"cpu": lscpu().get("Model name", platform.processor() or "unknown").strip(), "cores": os.cpu_count(),
             "python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__,
-            "numpy BLAS": numpy_blas, "threads": threads, "thread limits": how,
+            "numpy BLAS": f"{blas.get('name')} {blas.get('version')}", "threads": threads, "thread limits": how,
             "load average (1 min) at start": os.getloadavg()[0]}
     if with_torch:
         import torch
@@ -96,28 +86,10 @@ def machine_info(threads: int, how: str, with_torch: bool = True) -> dict:
 
 
 def print_info(title: str, info: dict) -> None:
-    print(f"== {title}")
-    for k, v in info.items():
-        print(f"   {k}: {v}")
-    load = os.getloadavg()[0]
-    if load > (info.get("cores") or 1) + 0.5:
-        print(f"   WARNING: load average {load:.1f} > {info.get('cores')} cores: other processes share the CPU, "
-              "absolute times are inflated (ratios from interleaved runs hold up better)")
-    sys.stdout.flush()
-
-
-def presets() -> dict:
-    """The training presets of the app (gptapp.settings), imported only when a script needs them."""
-    from gptapp.settings import PRESETS
-    return PRESETS
-
-
-def configs() -> dict:
-    """The benchmark shapes: the `cpu` preset, a larger one (6 layers, 256 channels, block 128) and
-    the `modern-cpu` preset (the cpu size with the modern block, trained with Muon + AdamW)."""
-    cpu = presets()["cpu"]
-    return {"cpu": cpu, "large": replace(cpu, n_layer=6, n_embd=256, block_size=128),
-            "modern-cpu": presets()["modern-cpu"]}
+    print(f"== {title}", *[f"   {k}: {v}" for k, v in info.items()], sep="\n", flush=True)
+    if os.getloadavg()[0] > (info.get("cores") or 1) + 0.5:
+        print(f"   WARNING: load average {os.getloadavg()[0]:.1f} > {info.get('cores')} cores: other processes share "
+              "the CPU, absolute times are inflated (ratios from interleaved runs hold up better)", flush=True)
 
 
 def describe(cfg) -> str:
@@ -128,21 +100,12 @@ def describe(cfg) -> str:
             f"{'tied' if cfg.tie_weights else 'untied'} head{modern}")
 
 
-def median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
-
-
 def quartiles(xs):
     xs = sorted(xs)
     return xs[len(xs) // 4], xs[(3 * len(xs)) // 4]
 
 
-# --------------------------------------------------------------------------------------------
-# A training script as a subprocess, and what its log lines say
-# --------------------------------------------------------------------------------------------
-
+# --- A training script as a subprocess, and what its log lines say ---------------------------
 EVAL_RE = re.compile(r"^step (\d+): train loss ([\d.naif]+), val loss ([\d.naif]+)")
 ITER_RE = re.compile(r"^iter (\d+): loss [^,]+, lr [^,]+, time ([\d.]+)ms")
 SKIP_ITER_LINES = 5  # the first iter lines hold compilation and warm-up (nanoGPT skips 5 for MFU)
@@ -150,10 +113,8 @@ SKIP_ITER_LINES = 5  # the first iter lines hold compilation and warm-up (nanoGP
 
 class LogReader:
     """A training script's output, fed one line at a time: the iter lines as (iteration, ms per step,
-    steps the line covers, tok/s, mfu %) and the evaluations as (step, val, seconds since t0).
-
-    An iter line gives the mean time of the steps since the previous line (or since the last
-    evaluation, which resets the clock). feed() says whether an evaluation's val <= stop_below."""
+    steps the line covers: it times those since the previous line or evaluation, tok/s, mfu %), the
+    evaluations as (step, val, seconds since t0). feed() says whether an evaluation's val <= stop_below."""
 
     def __init__(self, stop_below: float = float("-inf"), t0: float | None = None):
         self.stop_below, self.t0 = stop_below, time.perf_counter() if t0 is None else t0
@@ -177,21 +138,17 @@ class LogReader:
 
 def run_script(cmd: list, stop_below: float, label: str, verbose: bool = False, env: dict | None = None,
                max_wall_s: float | None = None, log_path: str | None = None) -> dict:
-    """Run a command in its own process group, echo its lines (iter lines with verbose), stop it
-    (SIGTERM to the group, SIGKILL 30 s later) at the first val <= stop_below or once max_wall_s
-    have passed. Every line goes to log_path when given, after the command.
-
-    Returns the iter lines and evaluations (see LogReader), the return code, why it ended ("target",
-    "time limit" or "exited"), whether it crashed (a non-zero exit not caused by a stop) and then
-    its last 20 lines.
-    """
+    """Run a command in its own process group, echo its lines (iter lines with verbose), log them to
+    log_path (after the command), stop it (SIGTERM to the group, then SIGKILL) at the first val <=
+    stop_below or after max_wall_s. Returns the iter lines and evaluations (see LogReader), the return
+    code, why it ended ("target", "time limit" or "exited"), whether it crashed (a non-zero exit not
+    caused by a stop) and then its last 20 lines."""
     env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
     print(f"\n$ {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     reader = LogReader(stop_below, t0)
-    log = open(log_path, "w") if log_path else None
-    if log:
-        log.write(f"$ {' '.join(cmd)}\n")
+    log = open(log_path or os.devnull, "w")
+    log.write(f"$ {' '.join(cmd)}\n")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
                             start_new_session=True)  # a stop takes its children (torchrun's workers) along
     ended, tail = ["exited"], []
@@ -212,8 +169,7 @@ def run_script(cmd: list, stop_below: float, label: str, verbose: bool = False, 
     try:
         for line in proc.stdout:
             line = line.rstrip()
-            if log:
-                log.write(line + "\n")
+            log.write(line + "\n")
             tail = (tail + [line])[-20:]
             hit = reader.feed(line)
             if line and (verbose or not ITER_RE.match(line)):
@@ -226,8 +182,7 @@ def run_script(cmd: list, stop_below: float, label: str, verbose: bool = False, 
             timer.cancel()
         stop(ended[0])
         proc.wait()
-        if log:
-            log.close()
+        log.close()
     crashed = proc.returncode != 0 and ended[0] == "exited"
     return {"iters": reader.iters, "evals": reader.evals, "returncode": proc.returncode, "ended": ended[0],
             "crashed": crashed, "wall_s": time.perf_counter() - t0, "tail": tail if crashed else []}
@@ -256,10 +211,7 @@ def summary(run: dict, skip: int = SKIP_ITER_LINES) -> dict:
             "iter_lines": len(run["iters"]), "iter_lines_skipped": len(run["iters"]) - len(later)}
 
 
-# --------------------------------------------------------------------------------------------
-# Epilogue: verdicts, the load average at the end, the JSON file
-# --------------------------------------------------------------------------------------------
-
+# --- Epilogue: verdicts, the load average at the end, the JSON file ----------------------------
 def verdict(value: float, target: float, at_least: bool = False) -> str:
     """'met' or 'NOT met': value <= target (or >= with at_least)."""
     ok = value >= target if at_least else value <= target
@@ -267,16 +219,11 @@ def verdict(value: float, target: float, at_least: bool = False) -> str:
 
 
 def finish(results: dict, json_path: str | None) -> int:
-    """Prints the load average at the end, writes `results` to json_path (if given); returns 0."""
+    """Prints the load average at the end and writes `results` to json_path (if given); returns 0."""
     results["load average (1 min) at end"] = os.getloadavg()[0]
     print(f"\nload average (1 min) at end: {results['load average (1 min) at end']:.1f}")
-    write_json(json_path, results)
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=2)
     return 0
-
-
-def write_json(path: str | None, results: dict) -> None:
-    if not path:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)

@@ -1,6 +1,5 @@
 """Race the training scripts to a validation loss: train_np.py and train_torch.py, unchanged, as
-subprocesses one after the other, in three configurations (the first argument) that differ only in
-their defaults (every option works in each):
+subprocesses one after the other, in three configurations that differ only in their defaults:
 
     python bench/time_to_loss.py                   # cpu: numpy,torch x preset cpu, 2 repeats, to val 2.0, 1.95,
         # 1.89, --eval_interval 100 --eval_iters 100 (20 batches: a val that wanders by +-0.03) --log_interval 1
@@ -12,16 +11,14 @@ their defaults (every option works in each):
     python bench/time_to_loss.py gpu               # torch on CUDA x shakespeare-char x VARIANTS, to 1.50, 1.47
     python bench/time_to_loss.py gpu --variants default,no_compile --ablation_iters 300 --allow-no-gpu
 
-The runs go repeats x backends x presets x variants, the backends reversed every second repeat (A B B
-A), each with the same data, --seed and threads (none set with gpu), no sample, its own --out_dir and
-empty compile caches, --extra last; a run stops at its first evaluation at or below the lowest target
-(with --ablation_iters N the variants other than default run N steps instead). Reported per run: final
-and best val, wall s (launch to exit), train s (the logged step times), steps/s, the median step ms,
-tok/s and MFU after the first 5 iter lines, and per target the first evaluation reaching it; with both
-backends numpy / torch of the fastest run of each per target; with modern its verdicts (torch
-modern-cpu at val 1.78, stretch 1.74, no later than torch cpu's whole run; numpy modern-cpu's final val
-within 0.01 of torch's). Exit 1 when a run crashed, logged no step or missed the first target outside a
-fixed-step run; 2 for bad options, and with gpu for no usable GPU (--allow-no-gpu: 0).
+Runs: repeats x backends (reversed every second repeat) x presets x variants, each with the same data,
+seed and threads (gpu: unset), no sample, its own --out_dir and compile caches, --extra last, stopped at
+the first evaluation at or below the lowest target (with --ablation_iters N the variants other than
+default run N steps). Reported per run and in --json: its val, wall and training time, speed, and each
+target's first evaluation; numpy / torch of the fastest run of each; modern's verdicts (torch modern-cpu
+at val 1.78, stretch 1.74, no later than torch cpu's whole run; numpy modern-cpu's final val within 0.01
+of torch's). Exit 1 when a run crashed, logged no step or missed the first target outside a fixed-step
+run; 2 for bad options and, with gpu, for no usable GPU (--allow-no-gpu: 0). Method: bench/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -33,13 +30,14 @@ import tempfile
 import textwrap
 import time
 
-import common  # bench/common.py (sets sys.path)
-from gptapp.cli import OneLineArgumentParser
+import common  # sets sys.path
+from gptapp.cli import OneLineArgumentParser, UsageError, train_config_from_args, train_parser
+from gptapp.settings import PRESETS
 
 SCRIPTS = {"torch": os.path.join(common.ROOT, "train_torch.py"), "numpy": os.path.join(common.ROOT, "train_np.py")}
 VARIANTS = {"default": [], "no_compile": ["--compile", "false"], "no_sdpa": ["--attention", "explicit"],
             "no_bf16": ["--dtype", "float32"]}
-CONFIGS = {  # the defaults of each configuration, on top of DEFAULTS
+CONFIGS = {  # each configuration's defaults, on top of DEFAULTS
     "cpu": dict(backends=["numpy", "torch"], presets=["cpu"], targets=[2.0, 1.95, 1.89], repeats=2,
                 eval_interval=100, eval_iters=100, log_interval=1),
     "modern": dict(backends=["torch", "numpy"], presets=["cpu", "modern-cpu"], eval_interval=250),
@@ -48,10 +46,8 @@ CONFIGS = {  # the defaults of each configuration, on top of DEFAULTS
 }
 DEFAULTS = dict(backends=["torch"], targets=[], repeats=1, variants=["default"], device="cpu",
                 threads=os.cpu_count() or 1)
-TARGET_VAL, STRETCH_VAL = 1.78, 1.74  # modern: torch modern-cpu, in no more wall time than torch cpu
-BACKEND_GAP = 0.01  # modern: numpy modern-cpu's final val against torch modern-cpu's
-ABLATION_EVAL_ITERS = 20
-EXIT_FAILED, NO_GPU_EXIT = 1, 2
+MODERN_TARGETS, BACKEND_GAP = (1.78, 1.74), 0.01  # the modern verdicts' val (target, stretch) and final-val gap
+ABLATION_EVAL_ITERS, NO_GPU_EXIT = 20, 2
 
 
 def names(text: str, allowed, what: str) -> list:
@@ -65,55 +61,45 @@ def names(text: str, allowed, what: str) -> list:
 def parse_targets(text: str) -> list:
     """'1.50,1.47' -> [1.5, 1.47]: validation losses, highest (the first target) first."""
     try:
-        targets = [float(t) for t in text.split(",") if t.strip()]
+        targets = sorted({float(t) for t in text.split(",") if t.strip()}, reverse=True)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--targets {text!r}: expected comma-separated numbers, e.g. 1.50,1.47")
+        targets = []
     if not targets or any(not 0 < t < 100 for t in targets):
-        raise argparse.ArgumentTypeError(f"--targets {text!r}: expected positive validation losses, e.g. 1.50,1.47")
-    return sorted(set(targets), reverse=True)
-
-
-def positive_int(text: str) -> int:
-    value = int(text) if text.strip().isdigit() else 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
+        raise argparse.ArgumentTypeError(f"--targets {text!r}: expected comma-separated validation losses, e.g. "
+                                         "1.50,1.47")
+    return targets
 
 
 def parse_args(argv=None):
-    """The options, with the configuration's defaults where not given."""
+    """The parser and the options, with the configuration's defaults where not given."""
     p = OneLineArgumentParser(prog="bench/time_to_loss.py", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("race", nargs="?", choices=CONFIGS, default="cpu", help="the configuration (default cpu)")
     p.add_argument("--backends", type=lambda t: names(t, SCRIPTS, "backends"), help="of torch,numpy")
-    p.add_argument("--presets", type=lambda t: [n.strip() for n in t.split(",") if n.strip()],
-                   help="comma-separated preset names of gptapp.settings")
+    p.add_argument("--presets", type=lambda t: names(t, PRESETS, "presets"), help="of gptapp.settings' presets")
     p.add_argument("--variants", type=lambda t: names(t, VARIANTS, "variants"), help=f"of {','.join(VARIANTS)}")
     p.add_argument("--targets", type=parse_targets, help="validation losses to reach, comma-separated")
-    p.add_argument("--repeats", type=positive_int, help="runs of each, in the order A B B A ...")
-    p.add_argument("--max_iters", type=positive_int, help="steps of every run (default: the presets')")
-    p.add_argument("--eval_interval", type=positive_int, help="(default: the presets')")
-    p.add_argument("--eval_iters", type=positive_int, help="batches per evaluation (default: the presets')")
-    p.add_argument("--log_interval", type=positive_int, help="(default: the presets')")
+    counts = ("repeats", "max_iters", "eval_interval", "eval_iters", "log_interval", "threads")
+    for flag in counts:
+        p.add_argument(f"--{flag}", type=int, help="runs of each backend" if flag == "repeats" else
+                       "threads of every run" if flag == "threads" else "for every run (default: the presets')")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--threads", type=positive_int, help="BLAS/OpenMP threads of every run (default: all cores)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="train_torch.py's --device")
-    p.add_argument("--data", default=None, help="the training text (default: $NPGPT_DATA, else "
-                   "../shared/data/tinyshakespeare/input.txt)")
+    p.add_argument("--data", help="the training text (default: $NPGPT_DATA, else ../shared/data/tinyshakespeare/"
+                   "input.txt)")
     p.add_argument("--extra", default="", help='more flags for every run, e.g. "--muon_lr 0.04"')
     p.add_argument("--ablation_iters", type=int, default=0,
                    help="run the variants other than default for exactly this many steps (0: to the targets)")
-    p.add_argument("--budget_s", type=float, default=None,
-                   help="wall-clock budget of the whole race; the runs to the targets get what the others leave")
-    p.add_argument("--ablation_reserve_s", type=float, default=50.0,
-                   help="with --budget_s: seconds kept for each fixed-step run")
-    p.add_argument("--allow-no-gpu", dest="allow_no_gpu", action="store_true",
-                   help="with --device cuda and no usable GPU say so and exit 0 instead of 2")
-    p.add_argument("--json", default=None, metavar="PATH")
-    p.add_argument("--png", default=None, metavar="PATH", help="the loss curves of all runs in one picture")
-    p.add_argument("--log_dir", default=None, help="keep each run's full output here")
+    p.add_argument("--budget_s", type=float, help="wall-clock budget; runs to the targets get what the others leave")
+    p.add_argument("--ablation_reserve_s", type=float, default=50.0, help="with --budget_s: kept per fixed-step run")
+    p.add_argument("--allow-no-gpu", dest="allow_no_gpu", action="store_true", help="no usable GPU: exit 0, not 2")
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--png", metavar="PATH", help="the loss curves of all runs in one picture")
+    p.add_argument("--log_dir", help="keep each run's full output here")
     p.add_argument("--verbose", action="store_true", help="echo every log line, not just evaluations")
     args = p.parse_args(argv)
+    for flag in (f for f in counts if getattr(args, f) is not None and getattr(args, f) <= 0):
+        p.error(f"--{flag} {getattr(args, flag)}: expected a positive integer")
     for k, v in {**DEFAULTS, **CONFIGS[args.race]}.items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     try:
@@ -126,42 +112,34 @@ def parse_args(argv=None):
     return p, args
 
 
-# --------------------------------------------------------------------------------------------
-# The runs: one command each, checked by the app's own parser before any run starts
-# --------------------------------------------------------------------------------------------
-
+# --- The runs: one command each, checked by the app's own parser before any run starts ---------------
 def plan(args, tmp: str) -> list:
-    """Every run in order: label, backend, preset, variant, fixed (a fixed number of steps), cmd, dir."""
+    """Every run in order: label, backend, preset, variant, fixed (a fixed number of steps), cmd, dir and
+    the val it stops at (the lowest target)."""
     runs = []
     for r in range(args.repeats):
         for backend in args.backends if r % 2 == 0 else args.backends[::-1]:
             for preset, variant in [(p, v) for p in args.presets for v in args.variants]:
                 label = " ".join([backend, preset] + [variant] * (variant != "default")
                                  + [f"run {r + 1}"] * (args.repeats > 1))
+                fixed = variant != "default" and args.ablation_iters > 0
                 run_dir = os.path.join(tmp, label.replace(" ", "-"))
                 cmd = [sys.executable, SCRIPTS[backend], "--preset", preset, "--data", args.data, "--seed",
                        str(args.seed), "--max_new_tokens", "0", "--progress", "false", "--out_dir",
                        os.path.join(run_dir, "out")] + VARIANTS[variant]
                 for flag in ("max_iters", "eval_interval", "eval_iters", "log_interval"):
                     cmd += [f"--{flag}", str(getattr(args, flag))] if getattr(args, flag) is not None else []
-                fixed = variant != "default" and args.ablation_iters > 0
-                if fixed:
-                    n = str(args.ablation_iters)
-                    cmd += ["--max_iters", n, "--eval_interval", n, "--eval_iters", str(ABLATION_EVAL_ITERS)]
-                cmd += args.extra + (["--device", args.device] if backend == "torch" else [])
-                runs.append(dict(label=label, backend=backend, preset=preset, variant=variant, fixed=fixed,
-                                 cmd=cmd, dir=run_dir))
+                n = str(args.ablation_iters)
+                cmd += ["--max_iters", n, "--eval_interval", n, "--eval_iters", str(ABLATION_EVAL_ITERS)] * fixed
+                cmd += args.extra + ["--device", args.device] * (backend == "torch")
+                stop_below = float("-inf") if fixed or not args.targets else args.targets[-1]  # the lowest
+                runs.append(dict(label=label, backend=backend, preset=preset, variant=variant, fixed=fixed, cmd=cmd,
+                                 dir=run_dir, stop_below=stop_below))
     return runs
 
 
 def check_flags(parser, args, runs: list) -> None:
-    """The preset names, and every run's flags through the training scripts' own parser and settings
-    check: a bad --extra is one line here, before any run starts, not a crash minutes later."""
-    from gptapp.cli import UsageError, train_config_from_args, train_parser
-    unknown = [n for n in args.presets if n not in common.presets()]
-    if unknown or not args.presets:
-        parser.error(f"--presets {','.join(args.presets)!r}: unknown {unknown}; choose from "
-                     f"{','.join(sorted(common.presets()))}")
+    """Every run's flags through the training scripts' own parser and checks: a bad --extra fails here."""
     for run in runs:
         script = os.path.basename(run["cmd"][1])
         app = train_parser(f"{script} (from bench/time_to_loss.py --extra)", "",
@@ -172,23 +150,9 @@ def check_flags(parser, args, runs: list) -> None:
             parser.error(f"{script} --preset {run['preset']} {' '.join(args.extra)}: {err}")
 
 
-def fresh_cache_env(root: str) -> dict:
-    """The environment of a run: its own, empty compile caches under root."""
+def fresh_cache_env(root: str) -> dict:  # a run's environment: its own, empty compile caches
     os.makedirs(os.path.join(root, "triton"), exist_ok=True)
     return dict(os.environ, TORCHINDUCTOR_CACHE_DIR=root, TRITON_CACHE_DIR=os.path.join(root, "triton"))
-
-
-def cuda_or_reason():
-    """(torch, None) when CUDA works, else (None or torch, why not)."""
-    try:
-        import torch
-    except ImportError as err:
-        return None, f"torch cannot be imported ({err})"
-    if torch.version.cuda is None:
-        return torch, f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)"
-    if not torch.cuda.is_available():
-        return torch, f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device"
-    return torch, None
 
 
 def run_result(run: dict, targets=(), fixed_steps: bool = False) -> dict:
@@ -196,23 +160,16 @@ def run_result(run: dict, targets=(), fixed_steps: bool = False) -> dict:
     evals, iters = run["evals"], run["iters"]
     logged_steps, train_s = sum(n for _, _, n, _, _ in iters), sum(ms * n for _, ms, n, _, _ in iters) / 1e3
     best = min(evals, key=lambda e: e[1]) if evals else (None, None, None)
-    res = {"returncode": run["returncode"], "ended": run["ended"], "crashed": run["crashed"], "evals": evals,
-           "steps": evals[-1][0] if evals else None, "final_val": evals[-1][1] if evals else None,
-           "best_val": best[1], "best_step": best[0], "wall_s": run["wall_s"], "train_s": train_s,
-           "logged_steps": logged_steps, "steps_per_s": logged_steps / train_s if train_s > 0 else None,
-           "fixed_steps": fixed_steps, **common.summary(run),
-           "targets": {} if fixed_steps else {f"{t:.2f}": common.reach(run, t) for t in targets}}
-    if run.get("tail"):
-        res["last_lines"] = run["tail"]
-    return res
+    return {"returncode": run["returncode"], "ended": run["ended"], "crashed": run["crashed"], "evals": evals,
+            "steps": evals[-1][0] if evals else None, "final_val": evals[-1][1] if evals else None,
+            "best_val": best[1], "best_step": best[0], "wall_s": run["wall_s"], "train_s": train_s,
+            "logged_steps": logged_steps, "steps_per_s": logged_steps / train_s if train_s > 0 else None,
+            "fixed_steps": fixed_steps, **common.summary(run), "last_lines": run["tail"],
+            "targets": {} if fixed_steps else {f"{t:.2f}": common.reach(run, t) for t in targets}}
 
 
-# --------------------------------------------------------------------------------------------
-# Table, verdicts and problems (pure: the runs' figures in, lines out)
-# --------------------------------------------------------------------------------------------
-
-def fmt(value, spec: str) -> str:
-    """value in spec, or "-" in its width."""
+# --- Table, verdicts and problems (pure: the runs' figures in, lines out) ----------------------------
+def fmt(value, spec: str) -> str:  # "-" for None, in the spec's width
     return format(value, spec) if value is not None else format("-", f">{spec.split('.')[0].rstrip(',')}")
 
 
@@ -221,25 +178,22 @@ def table(results: dict, targets=()) -> list:
     w = max([24] + [len(label) for label in results])
     lines = [f"{'run':{w}s} {'final val':>9s} {'best val':>9s} {'wall s':>8s} {'train s':>8s} {'steps/s':>8s}"]
     for label, r in results.items():
-        note = f"   CRASHED (exit code {r['returncode']})" if r["crashed"] else ""
-        lines.append(f"{label:{w}s} {fmt(r['final_val'], '9.4f')} {fmt(r['best_val'], '9.4f')} "
-                     f"{fmt(r['wall_s'], '8.1f')} {fmt(r['train_s'], '8.1f')} {fmt(r['steps_per_s'], '8.2f')}{note}")
+        lines.append(f"{label:{w}s} {fmt(r['final_val'], '9.4f')} {fmt(r['best_val'], '9.4f')} {r['wall_s']:8.1f} "
+                     f"{r['train_s']:8.1f} {fmt(r['steps_per_s'], '8.2f')}"
+                     + f"   CRASHED (exit code {r['returncode']})" * r["crashed"])
     lines += ["", f"{'run':{w}s} {'step ms':>8s} {'tok/s':>11s} {'MFU %':>6s} {'exit':>5s}  ended"]
-    for label, r in results.items():
-        lines.append(f"{label:{w}s} {fmt(r.get('median_step_ms'), '8.1f')} "
-                     f"{fmt(r.get('median_tokens_per_s'), '11,.0f')} {fmt(r.get('median_mfu_percent'), '6.1f')} "
-                     f"{r['returncode']:>5d}  {'CRASHED' if r['crashed'] else r['ended']}")
+    lines += [f"{label:{w}s} {fmt(r['median_step_ms'], '8.1f')} {fmt(r['median_tokens_per_s'], '11,.0f')} "
+              f"{fmt(r['median_mfu_percent'], '6.1f')} {r['returncode']:>5d}  {'CRASHED' * r['crashed'] or r['ended']}"
+              for label, r in results.items()]
     if targets:
         lines += ["", f"{'run':{w}s} {'target':>6s} {'reached':>8s} {'steps':>6s} {'val':>7s} {'wall s':>8s} "
                       f"{'train s':>8s}"]
     for label, r in results.items():
-        for t, h in r.get("targets", {}).items():
-            if h["reached"]:
-                lines.append(f"{label:{w}s} {t:>6s} {'yes':>8s} {h['steps']:6d} {h['val']:7.4f} {h['wall_s']:8.1f} "
-                             f"{h['train_s']:8.1f}")
-            else:
-                best = "-" if h["best_val"] is None else f"{h['best_val']:.4f} at step {h['best_step']}"
-                lines.append(f"{label:{w}s} {t:>6s} {'no':>8s} best {best}, {h['train_s_total']:.1f} s of training")
+        for t, h in r["targets"].items():
+            best = "-" if h.get("best_val") is None else f"{h['best_val']:.4f} at step {h['best_step']}"
+            lines.append(f"{label:{w}s} {t:>6s} " + (f"{'yes':>8s} {h['steps']:6d} {h['val']:7.4f} {h['wall_s']:8.1f} "
+                         f"{h['train_s']:8.1f}" if h["reached"] else
+                         f"{'no':>8s} best {best}, {h['train_s_total']:.1f} s of training"))
     return lines
 
 
@@ -250,53 +204,40 @@ def ratios(results: dict, targets) -> list:
         for preset in dict.fromkeys(r["preset"] for r in results.values()):
             hits = {b: [r["targets"][t] for r in results.values() if (r["backend"], r["preset"]) == (b, preset)
                         and not r["fixed_steps"]] for b in ("numpy", "torch")}
-            if not all(hits.values()):
-                continue
             what = f"val <= {t}, {preset}: numpy / torch, fastest run of each"
-            if not all(h["reached"] for hs in hits.values() for h in hs):
-                out.append({"what": what, "met": None, "line": f"{what}: not reached by every run, no ratio"})
-                continue
-            ratio = min(h["train_s"] for h in hits["numpy"]) / min(h["train_s"] for h in hits["torch"])
-            out.append({"what": what, "met": None, "ratio": ratio, "line": f"{what}: {ratio:.2f}"})
+            if all(hits.values()) and all(h["reached"] for hs in hits.values() for h in hs):
+                ratio = min(h["train_s"] for h in hits["numpy"]) / min(h["train_s"] for h in hits["torch"])
+                out.append({"what": what, "ratio": ratio, "line": f"{what}: {ratio:.2f}"})
+            elif all(hits.values()):
+                out.append({"what": what, "line": f"{what}: not reached by every run, no ratio"})
     return out
-
-
-def first_reach(r: dict, target: float):
-    """(step, val, wall s) of the first evaluation at or below target, else None."""
-    return next((e for e in r["evals"] if e[1] <= target), None)
 
 
 def modern_verdicts(runs: dict) -> list:
     """The modern configuration's verdicts, one dict each: what, met (True, False, or None for n/a), line."""
+    cpu, modern, numpy_modern = (runs.get(k) for k in ("torch cpu", "torch modern-cpu", "numpy modern-cpu"))
     out = []
-    cpu, modern = runs.get("torch cpu"), runs.get("torch modern-cpu")
-    for name, target in (("target", TARGET_VAL), ("stretch", STRETCH_VAL)):
-        what = f"torch modern-cpu val <= {target} in no more wall time than torch cpu ({name})"
+    for name, target in zip(("target", "stretch"), MODERN_TARGETS):
+        v = {"what": f"torch modern-cpu val <= {target} in no more wall time than torch cpu ({name})", "met": None}
+        hit = next((e for e in modern["evals"] if e[1] <= target), None) if modern else None
         if not cpu or not modern or cpu["crashed"] or modern["crashed"]:
-            out.append({"what": what, "met": None, "line": f"{what}: n/a (needs both torch runs, uncrashed)"})
-            continue
-        hit = first_reach(modern, target)
-        if hit is None:
-            best = f"best {fmt(modern['best_val'], '.4f')} at step {modern['best_step']}"
-            out.append({"what": what, "met": False, "line": f"{what}: NOT met (never reached; {best})"})
-            continue
-        met = hit[2] <= cpu["wall_s"]
-        out.append({"what": what, "met": met, "step": hit[0], "val": hit[1], "wall_s": hit[2],
-                    "cpu_wall_s": cpu["wall_s"],
-                    "line": f"{what}: {'met' if met else 'NOT met'} (val {hit[1]:.4f} at step {hit[0]}, "
-                            f"{hit[2]:.1f} s; torch cpu took {cpu['wall_s']:.1f} s for {cpu['steps']} steps, "
-                            f"final val {fmt(cpu['final_val'], '.4f')})"})
-    what = f"numpy modern-cpu final val within {BACKEND_GAP} of torch modern-cpu"
-    numpy_modern = runs.get("numpy modern-cpu")
-    if not modern or not numpy_modern or modern["final_val"] is None or numpy_modern["final_val"] is None:
-        out.append({"what": what, "met": None, "line": f"{what}: n/a (needs both modern-cpu runs, with evaluations)"})
-    else:
+            v["line"] = "n/a (needs both torch runs, uncrashed)"
+        elif hit is None:
+            v.update(met=False, line=f"NOT met (never reached; best {fmt(modern['best_val'], '.4f')} at step "
+                                     f"{modern['best_step']})")
+        else:
+            v.update(met=hit[2] <= cpu["wall_s"], step=hit[0], val=hit[1], wall_s=hit[2], cpu_wall_s=cpu["wall_s"],
+                     line=f"{common.verdict(hit[2], cpu['wall_s'])} (val {hit[1]:.4f} at step {hit[0]}, "
+                          f"{hit[2]:.1f} s; torch cpu took {cpu['wall_s']:.1f} s for {cpu['steps']} steps, final val "
+                          f"{fmt(cpu['final_val'], '.4f')})")
+        out.append(v)
+    v = {"what": f"numpy modern-cpu final val within {BACKEND_GAP} of torch modern-cpu", "met": None,
+         "line": "n/a (needs both modern-cpu runs, with evaluations)"}
+    if modern and numpy_modern and modern["final_val"] is not None and numpy_modern["final_val"] is not None:
         gap = abs(numpy_modern["final_val"] - modern["final_val"])
-        met = gap <= BACKEND_GAP
-        out.append({"what": what, "met": met, "gap": gap,
-                    "line": f"{what}: {'met' if met else 'NOT met'} (numpy {numpy_modern['final_val']:.4f}, "
-                            f"torch {modern['final_val']:.4f}, gap {gap:.4f})"})
-    return out
+        v.update(met=gap <= BACKEND_GAP, gap=gap, line=f"{common.verdict(gap, BACKEND_GAP)} (numpy "
+                 f"{numpy_modern['final_val']:.4f}, torch {modern['final_val']:.4f}, gap {gap:.4f})")
+    return [dict(v, line=f"{v['what']}: {v['line']}") for v in out + [v]]
 
 
 def problems(results: dict, targets) -> list:
@@ -304,14 +245,14 @@ def problems(results: dict, targets) -> list:
     logged step, a run to the targets short of the first one."""
     out = []
     for label, r in results.items():
+        first = r["targets"].get(f"{targets[0]:.2f}", {"reached": True}) if targets else {"reached": True}
         if r["crashed"]:
             out.append(f"{label} crashed with exit code {r['returncode']}")
         elif not r["iter_lines"]:
             out.append(f"{label} logged no training step ({r['ended']}, exit code {r['returncode']})")
-        elif targets and not r["fixed_steps"] and not r["targets"][f"{targets[0]:.2f}"]["reached"]:
-            h = r["targets"][f"{targets[0]:.2f}"]
-            out.append(f"{label} did not reach val <= {targets[0]:.2f} (best {h['best_val']} at step "
-                       f"{h['best_step']}, {r['ended']})")
+        elif not first["reached"]:
+            out.append(f"{label} did not reach val <= {targets[0]:.2f} (best {first['best_val']} at step "
+                       f"{first['best_step']}, {r['ended']})")
     return out
 
 
@@ -321,19 +262,18 @@ def plot(runs: dict, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     colours = {}
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for label, r in runs.items():
-        if r["evals"]:
-            steps, vals, walls = zip(*r["evals"])
-            style = dict(color=colours.setdefault(r["preset"], f"C{len(colours)}"), marker=".", label=label)
-            by_step.plot(steps, vals, "-" if r["backend"] == "torch" else "--", **style)
-            by_time.plot(walls, vals, "-" if r["backend"] == "torch" else "--", **style)
-    by_step.set_xlabel("step")
-    by_time.set_xlabel("wall seconds since launch")
-    by_step.set_ylabel("val loss")
-    for ax in (by_step, by_time):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for label, r in ((label, r) for label, r in runs.items() if r["evals"]):
+        steps, vals, walls = zip(*r["evals"])
+        style = dict(color=colours.setdefault(r["preset"], f"C{len(colours)}"), marker=".", label=label,
+                     linestyle="-" if r["backend"] == "torch" else "--")
+        axes[0].plot(steps, vals, **style)
+        axes[1].plot(walls, vals, **style)
+    for ax, xlabel in zip(axes, ("step", "wall seconds since launch")):
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    by_step.legend()
+    axes[0].set_ylabel("val loss")
+    axes[0].legend()
     fig.suptitle("\n".join(textwrap.fill(line, 110) for line in title.splitlines()), fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -341,15 +281,15 @@ def plot(runs: dict, path: str, title: str) -> None:
     plt.close(fig)
 
 
-# --------------------------------------------------------------------------------------------
-# main
-# --------------------------------------------------------------------------------------------
-
 def main(argv=None) -> int:
     parser, args = parse_args(argv)
     t_start = time.perf_counter()
     if args.device == "cuda":
-        torch, why = cuda_or_reason()
+        try:
+            import torch
+            why = common.why_no_cuda(torch.__version__, torch.version.cuda, torch.cuda.is_available())
+        except ImportError as err:
+            why = f"torch cannot be imported ({err})"
         if why:
             print(f"time_to_loss.py: no usable CUDA GPU: {why}. Run it on a machine with an NVIDIA GPU and a CUDA "
                   f"build of torch{'' if args.allow_no_gpu else ' (or pass --allow-no-gpu to accept this)'}.",
@@ -357,7 +297,7 @@ def main(argv=None) -> int:
             return 0 if args.allow_no_gpu else NO_GPU_EXIT
     if not os.path.isfile(args.data):
         parser.error(f"--data {args.data}: no such file; pass --data PATH to Tiny Shakespeare's input.txt")
-    how = common.limit_threads(args.threads) if args.threads else "default"  # before numpy loads
+    how = common.limit_threads(args.threads) if args.threads else "default"
     results = {}
     with tempfile.TemporaryDirectory(prefix="npgpt-race-") as tmp:
         runs = plan(args, tmp)
@@ -367,17 +307,13 @@ def main(argv=None) -> int:
             info.update(gpu=torch.cuda.get_device_name(0), gpus=torch.cuda.device_count(), cuda=torch.version.cuda)
         common.print_info(f"time_to_loss {args.race}: {','.join(args.backends)} x {','.join(args.presets)} x "
                           f"{','.join(args.variants)}, val <= {args.targets or '-'}", info)
-        for i, run in enumerate(runs):
-            max_wall = None
-            if args.budget_s is not None:
-                left = args.budget_s - (time.perf_counter() - t_start)
-                max_wall = max(left - sum(r["fixed"] for r in runs[i + 1:]) * args.ablation_reserve_s, 1.0)
-            if args.log_dir:
-                os.makedirs(args.log_dir, exist_ok=True)
-            log = os.path.join(args.log_dir, run["label"].replace(" ", "-") + ".log") if args.log_dir else None
-            out = common.run_script(run["cmd"], float("-inf") if run["fixed"] else min(args.targets, default=float(
-                "-inf")), run["label"], args.verbose, env=fresh_cache_env(os.path.join(run["dir"], "cache")),
-                max_wall_s=max_wall, log_path=log)
+        os.makedirs(args.log_dir or tmp, exist_ok=True)
+        for i, run in enumerate(runs):  # with --budget_s, each later fixed-step run keeps its reserve
+            reserve = sum(r["fixed"] for r in runs[i + 1:]) * args.ablation_reserve_s
+            max_wall = args.budget_s and max(1.0, args.budget_s - (time.perf_counter() - t_start) - reserve)
+            log = os.path.join(args.log_dir, os.path.basename(run["dir"]) + ".log") if args.log_dir else None
+            out = common.run_script(run["cmd"], run["stop_below"], run["label"], args.verbose,
+                                    fresh_cache_env(os.path.join(run["dir"], "cache")), max_wall, log)
             results[run["label"]] = {**{k: run[k] for k in ("backend", "preset", "variant")}, "command": run["cmd"],
                                      **run_result(out, args.targets, run["fixed"])}
 
@@ -389,24 +325,19 @@ def main(argv=None) -> int:
     failed = problems(results, args.targets)
     for line in lines + [""] + [v["line"] for v in checks]:
         print(("   " + line).rstrip())
-    for label, r in results.items():
-        if r["crashed"]:
-            print(f"   {label} CRASHED with exit code {r['returncode']}; its last lines:")
-            print("\n".join(f"      {line}" for line in r.get("last_lines", [])))
-    for line in failed:
-        print(f"FAILED: {line}")
-    settings = ("backends", "presets", "variants", "targets", "repeats", "max_iters", "eval_interval", "eval_iters",
-                "log_interval", "seed", "threads", "device", "extra", "data", "ablation_iters", "budget_s")
-    out = {"machine": info, "command": " ".join(sys.argv), "race": args.race,
-           "settings": {k: getattr(args, k) for k in settings}, "runs": results, "verdicts": checks,
-           "crashed": [label for label, r in results.items() if r["crashed"]], "problems": failed, "table": lines,
-           "wall_s": time.perf_counter() - t_start}
+    for label, r in ((label, r) for label, r in results.items() if r["crashed"]):
+        print(f"   {label} CRASHED with exit code {r['returncode']}; its last lines:", *r["last_lines"], sep="\n      ")
+    print("".join(f"FAILED: {line}\n" for line in failed), end="")
+    settings = {k: v for k, v in vars(args).items() if k not in ("race", "json", "png", "log_dir", "verbose")}
+    out = {"machine": info, "command": " ".join(sys.argv), "race": args.race, "settings": settings, "runs": results,
+           "verdicts": checks, "crashed": [label for label, r in results.items() if r["crashed"]], "problems": failed,
+           "table": lines, "wall_s": time.perf_counter() - t_start}
     if args.png:
         plot(results, args.png, f"val loss, {' vs '.join(args.presets)} (torch solid, numpy dashed)\n{info['cpu']}, "
                                 f"{args.threads} thread(s){'; ' + ' '.join(args.extra) if args.extra else ''}")
         print(f"   picture: {args.png}")
     common.finish(out, args.json)
-    return EXIT_FAILED if failed else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
