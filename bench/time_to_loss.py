@@ -206,8 +206,9 @@ def ratios(results: dict, targets) -> list:
                         and not r["fixed_steps"]] for b in ("numpy", "torch")}
             what = f"val <= {t}, {preset}: numpy / torch, fastest run of each"
             if all(hits.values()) and all(h["reached"] for hs in hits.values() for h in hs):
-                ratio = min(h["train_s"] for h in hits["numpy"]) / min(h["train_s"] for h in hits["torch"])
-                out.append({"what": what, "ratio": ratio, "line": f"{what}: {ratio:.2f}"})
+                best = {b: min(h["train_s"] for h in hs) for b, hs in hits.items()}
+                ratio = best["numpy"] / best["torch"] if best["torch"] > 0 else None  # None: reached at step 0
+                out.append({"what": what, "ratio": ratio, "line": f"{what}: {fmt(ratio, '.2f')}"})
             elif all(hits.values()):
                 out.append({"what": what, "line": f"{what}: not reached by every run, no ratio"})
     return out
@@ -242,13 +243,13 @@ def modern_verdicts(runs: dict) -> list:
 
 def problems(results: dict, targets) -> list:
     """What fails the race, one line each: a crashed run (with its exit code), a run without a single
-    logged step, a run to the targets short of the first one."""
+    logged step short of its target, a run to the targets short of the first one."""
     out = []
     for label, r in results.items():
         first = r["targets"].get(f"{targets[0]:.2f}", {"reached": True}) if targets else {"reached": True}
         if r["crashed"]:
             out.append(f"{label} crashed with exit code {r['returncode']}")
-        elif not r["iter_lines"]:
+        elif not r["iter_lines"] and r["ended"] != "target":
             out.append(f"{label} logged no training step ({r['ended']}, exit code {r['returncode']})")
         elif not first["reached"]:
             out.append(f"{label} did not reach val <= {targets[0]:.2f} (best {first['best_val']} at step "
