@@ -63,14 +63,14 @@ parity-report: $(STAMP)
 # CPU benchmarks, npgpt beside torchgpt in one run each (bench/RESULTS.md has the latest figures).
 bench: $(STAMP)
 	$(PY) bench/step_time.py
-	$(PY) bench/memory.py
-	$(PY) bench/generate.py
+	$(PY) bench/step_time.py --mode memory
+	$(PY) bench/step_time.py --mode generate
 
 clean:
 	rm -rf $(VENV) out* .pytest_cache .hypothesis
 
 # On a CUDA machine, one command: the CUDA parity tests, tiny runs (compile on/off, bf16/float32),
-# save and resume on CUDA and on the CPU, torchrun with 2 GPUs, and bench/gpu.py; figures in
+# save and resume on CUDA and on the CPU, torchrun with 2 GPUs, and bench/time_to_loss.py gpu; figures in
 # out/gpu-check/. Runs the source tree with $(PYTHON) (PYTHONPATH=.), installing nothing. Without a
 # GPU it says so and exits 0 (GPU_CHECK_ARGS=--require-gpu or GPU_CHECK_REQUIRE=1: exit 2);
 # GPU_CHECK_ARGS=--dry-run prints the steps. docs/training.md, "First run on a GPU".

@@ -5,47 +5,29 @@
     python bench/gpu_check.py --dry-run           # every step's command line; runs nothing
     python bench/gpu_check.py --require-gpu       # no GPU is a failure (also GPU_CHECK_REQUIRE=1)
 
-Runs from the source tree with the interpreter it is started with (make: $(PYTHON), default
-python3), creating and installing nothing. A GPU machine here has no network and no shared data
-folder: bring Tiny Shakespeare along inside the checkout, e.g. data/input.txt (data/ is ignored
-by git), and pass it as DATA= / --data.
-
-Steps, in order, each a subprocess with its output in <out>/logs/<step>.log:
-    environment           versions (python, torch, CUDA, numpy, scipy, pytest, hypothesis) and GPUs
-    parity-cuda           parity_tests/test_cuda.py with NPGPT_REQUIRE_CUDA=1 (a skip is a failure)
-    tiny-compile-bf16     train_torch.py --preset tiny on CUDA, compile on, bfloat16 autocast
-    tiny-compile-float32  ... compile on, float32 (TF32 matmuls)
-    tiny-eager-bf16       ... compile off, bfloat16
-    tiny-eager-float32    ... compile off, float32
-    resume-save-cuda      tiny on CUDA for 40 steps, checkpoint saved
-    resume-on-cuda        --resume on CUDA to step 60
-    resume-on-cpu         --resume --device cpu to step 80 (a CUDA run continued on the CPU)
-    torchrun-nccl         2 processes under torchrun, NCCL, when 2 GPUs exist (else skipped, said so)
-    gpu-bench             bench/gpu.py: the shakespeare-char recipe to val <= 1.50 and <= 1.47, then
-                          the ablations (no compile, no SDPA, no bf16) for a fixed number of steps
-The whole check keeps to --budget_s (default 480 s = 8 minutes): each step gets at most its own
-cap and never more than the budget leaves (the bench's share is kept for it); a step cut short is
-a failure. A failing step makes the check exit 1, with the step named; later steps still run.
-Every figure goes to <out>/gpu_check.json and a readable <out>/gpu_check.md (a new run first
-removes the previous run's files there: runs/, logs/ and the reports).
-
-Without a GPU it says so and exits 0, unless --require-gpu or GPU_CHECK_REQUIRE=1 (exit 2). An
-NVIDIA GPU that torch cannot use (a CPU-only torch build, a driver mismatch) is always a failure.
+It runs the source tree with the interpreter it is started with, installing nothing; a GPU machine
+has no network: bring Tiny Shakespeare inside the checkout (data/ is ignored by git). The steps
+(docs/training.md, "First run on a GPU") run one after the other within --budget_s, each a subprocess
+logged to <out>/logs/<step>.log; a failing or cut step makes it exit 1, later steps still run. Figures:
+<out>/gpu_check.json and .md (a new run first removes the previous run's files there). Without a GPU
+it exits 0, unless --require-gpu (exit 2); an NVIDIA GPU that torch cannot use is a failure.
 """
 from __future__ import annotations
 
-import common  # noqa: E402  (sets sys.path)
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import shlex  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+import common  # sets sys.path
 
-BUDGET_S = 480  # issue 13: at most 8 minutes on one GPU
+BUDGET_S = 480  # at most 8 minutes on one GPU
 BENCH_RESERVE_S = 300  # kept for gpu-bench while the earlier steps run
 ABLATION_ITERS = 150  # steps of each ablation in gpu-bench (speed only, not to the targets)
 REQUIRE_ENV = "GPU_CHECK_REQUIRE"
@@ -66,10 +48,7 @@ class Step:
     bench: bool = False  # the gpu-bench step: gets the rest of the budget
 
 
-# --------------------------------------------------------------------------------------------
-# What is there: the probe (in a subprocess of the same interpreter) and the verdict on it
-# --------------------------------------------------------------------------------------------
-
+# --- What is there: the probe (in a subprocess of the same interpreter) and the verdict on it -----
 PROBE = r"""
 import importlib, json, platform, sys
 out = {"python": platform.python_version(), "executable": sys.executable, "modules": {}}
@@ -81,15 +60,13 @@ for name in NEEDED:
         out.setdefault("import_errors", {})[name] = f"{type(err).__name__}: {err}"
 try:
     import torch
-    out["cuda_build"] = torch.version.cuda
-    out["cuda_available"] = bool(torch.cuda.is_available())
-    out["device_count"] = torch.cuda.device_count() if out["cuda_available"] else 0
-    out["devices"] = [torch.cuda.get_device_name(i) for i in range(out["device_count"])]
-    if out["device_count"]:
-        out["capability"] = list(torch.cuda.get_device_capability(0))
-        out["bf16_supported"] = bool(torch.cuda.is_bf16_supported())
-        out["memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    out["new_tf32_api"] = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    out.update(cuda_build=torch.version.cuda, cuda_available=torch.cuda.is_available(), device_count=n,
+               devices=[torch.cuda.get_device_name(i) for i in range(n)],
+               new_tf32_api=hasattr(torch.backends.cuda.matmul, "fp32_precision"))
+    if n:
+        out.update(capability=list(torch.cuda.get_device_capability(0)), bf16_supported=torch.cuda.is_bf16_supported(),
+                   memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
 except Exception as err:
     out["torch_error"] = f"{type(err).__name__}: {err}"
 print(json.dumps(out))
@@ -111,10 +88,8 @@ def probe(python: str) -> dict:
 def nvidia_hardware() -> str | None:
     """A description of the NVIDIA GPU the OS sees (whatever torch says), or None."""
     gpus = "/proc/driver/nvidia/gpus"
-    if os.path.isdir(gpus) and os.listdir(gpus):
-        return f"{len(os.listdir(gpus))} NVIDIA GPU(s) in {gpus}"
-    if os.path.exists("/dev/nvidia0"):
-        return "/dev/nvidia0 exists"
+    if os.path.isdir(gpus) and os.listdir(gpus) or os.path.exists("/dev/nvidia0"):
+        return f"{len(os.listdir(gpus)) if os.path.isdir(gpus) else 1} NVIDIA GPU(s) ({gpus}, /dev/nvidia0)"
     try:
         res = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
@@ -124,27 +99,18 @@ def nvidia_hardware() -> str | None:
 
 
 def version_tuple(text: str | None) -> tuple:
-    nums = []
-    for part in (text or "").split("+")[0].split("."):
-        digits = "".join(ch for ch in part if ch.isdigit())
-        if not digits:
-            break
-        nums.append(int(digits))
-    return tuple(nums)
+    """'2.11.0a0+git1234' -> (2, 11, 0)."""
+    return tuple(int(x) for x in re.findall(r"\d+", (text or "").split("+")[0])[:3])
 
 
 def gpu_verdict(info: dict, hardware: str | None, require: bool):
     """(exit code or None to go on, message). None: CUDA is really there and the versions are fine."""
     mods = info.get("modules", {})
-    if info.get("probe_error"):
-        why = f"the interpreter could not be probed ({info['probe_error']})"
-    elif not mods.get("torch"):
-        why = f"torch cannot be imported ({info.get('import_errors', {}).get('torch', 'missing')})"
-    elif info.get("cuda_build") is None:
-        why = f"torch {mods['torch']} is a CPU-only build (torch.version.cuda is None)"
-    elif not info.get("cuda_available") or not info.get("device_count"):
-        why = f"torch {mods['torch']} (CUDA {info['cuda_build']}) sees no CUDA device"
-    else:
+    torch_error = info.get("import_errors", {}).get("torch", "missing")
+    why = (f"the interpreter could not be probed ({info['probe_error']})" if info.get("probe_error") else
+           f"torch cannot be imported ({torch_error})" if not mods.get("torch") else common.why_no_cuda(
+               mods["torch"], info.get("cuda_build"), info.get("cuda_available") and info.get("device_count")))
+    if why is None:
         missing = [m for m in NEEDED_MODULES if not mods.get(m)]
         old = [f"{name} {'.'.join(map(str, have))} < {'.'.join(map(str, need))}"
                for name, need in MIN_VERSIONS.items()
@@ -164,10 +130,7 @@ def gpu_verdict(info: dict, hardware: str | None, require: bool):
     return 0, f"gpu-check: no GPU here ({why}); nothing to check. On a CUDA machine: make gpu-check DATA=..."
 
 
-# --------------------------------------------------------------------------------------------
-# The plan
-# --------------------------------------------------------------------------------------------
-
+# --- The plan -------------------------------------------------------------------------------------
 def plan(python: str, data: str, out: str, device_count: int | None, budget_s: float,
          ablation_iters: int = ABLATION_ITERS) -> list:
     """The steps, in order. device_count None (dry run): the torchrun step is shown as it would run."""
@@ -201,10 +164,10 @@ def plan(python: str, data: str, out: str, device_count: int | None, budget_s: f
     if device_count is not None and device_count < 2:
         torchrun.skip = f"{device_count} GPU here; a 2-process NCCL run needs 2"
     steps.append(torchrun)
-    steps.append(Step("gpu-bench", [python, "bench/gpu.py", "--targets", "1.50,1.47", "--ablation_iters",
-                                    str(ablation_iters), "--data", data, "--json", os.path.join(out, "gpu.json"),
-                                    "--log_dir", os.path.join(out, "logs"), "--budget_s", "{budget_s}"],
-                      budget_s, bench=True))
+    steps.append(Step("gpu-bench", [python, "bench/time_to_loss.py", "gpu", "--targets", "1.50,1.47",
+                                    "--ablation_iters", str(ablation_iters), "--data", data, "--json",
+                                    os.path.join(out, "gpu.json"), "--log_dir", os.path.join(out, "logs"),
+                                    "--budget_s", "{budget_s}"], budget_s, bench=True))
     return steps
 
 
@@ -214,60 +177,27 @@ def shown(step: Step) -> str:
     return (env + " " if env else "") + cmd
 
 
-# --------------------------------------------------------------------------------------------
-# Running it
-# --------------------------------------------------------------------------------------------
-
+# --- Running it -----------------------------------------------------------------------------------
 def run_step(step: Step, timeout_s: float, log_path: str) -> dict:
     cmd = [c.replace("{budget_s}", f"{max(timeout_s - 15, 30):.0f}") for c in step.cmd]
-    env = dict(os.environ, PYTHONPATH=common.ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONUNBUFFERED="1", **step.env)
-    print(f"\n== {step.name} (at most {timeout_s:.0f} s)\n$ {shown(step)}", flush=True)
-    t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        log.write(f"$ {shlex.join(cmd)}\n")
-        log.flush()
-        # its own process group, so that a step cut short takes its children (torchrun's workers) along
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=common.ROOT,
-                                start_new_session=True)
-        try:
-            rc, timed_out = proc.wait(timeout=timeout_s), False
-        except subprocess.TimeoutExpired:
-            rc, timed_out = None, True
-            stop_group(proc)
-    seconds = time.perf_counter() - t0
+    env = dict(os.environ, PYTHONPATH=common.ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **step.env)
+    print(f"\n== {step.name} (at most {timeout_s:.0f} s)", flush=True)
+    run = common.run_script(cmd, float("-inf"), step.name, env=env, max_wall_s=timeout_s, log_path=log_path)
     with open(log_path) as f:
-        lines = f.read().splitlines()
-    res = {"status": "pass", "command": shlex.join(cmd), "returncode": rc, "seconds": round(seconds, 1),
-           "log": log_path, **step_figures(lines)}
+        lines = f.read().splitlines()[1:]
+    res = {"status": "pass", "command": shlex.join(cmd), "returncode": run["returncode"],
+           "seconds": round(run["wall_s"], 1), "log": log_path, **step_figures(lines)}
     missing = [e for e in step.expect if not any(e in line for line in lines)]
-    if timed_out:
+    if run["ended"] == "time limit":
         res.update(status="FAIL", why=f"cut at {timeout_s:.0f} s (the budget)")
-    elif rc != 0:
-        res.update(status="FAIL", why=f"exit code {rc}")
+    elif run["returncode"] != 0:
+        res.update(status="FAIL", why=f"exit code {run['returncode']}")
     elif missing:
         res.update(status="FAIL", why=f"output lacks {missing}")
     if res["status"] != "pass":
         res["last_lines"] = lines[-15:]
-    print(f"   {res['status']} in {seconds:.1f} s" + (f": {res['why']}" if res.get("why") else ""), flush=True)
-    if res["status"] != "pass":
-        print("   " + "\n   ".join(res["last_lines"]), flush=True)
+    print(f"   {res['status']} in {res['seconds']:.1f} s" + (f": {res['why']}" if res.get("why") else ""), flush=True)
     return res
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the step's process group (train_torch.py saves and exits), SIGKILL after 20 s."""
-    import signal
-    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def step_figures(lines: list) -> dict:
@@ -286,9 +216,7 @@ def step_figures(lines: list) -> dict:
              and line.strip().startswith(("=", "1", "2", "3", "4", "5", "6", "7", "8", "9"))]
     if tally:
         figures["pytest"] = tally[-1].strip("= ")
-    for line in lines:
-        if line.startswith("device "):
-            figures["setup"] = line
+    figures.update({"setup": line for line in lines if line.startswith("device ")})
     return figures
 
 
@@ -297,25 +225,19 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     md = ["# gpu-check", "", f"- verdict: **{report['verdict']}**", f"- {report['gpu']}",
           f"- CPU {m['cpu']}, {m['cores']} cores, load average {m['load average (1 min) at start']:.1f} at start, "
-          f"{m.get('load average (1 min) at end', float('nan')):.1f} at end",
+          f"{report.get('load average (1 min) at end', float('nan')):.1f} at end",
           f"- python {env.get('python')} ({env.get('executable')}), modules: "
           + ", ".join(f"{k} {v}" for k, v in env.get("modules", {}).items()),
           f"- budget {report['budget_s']:.0f} s, used {report['seconds']:.0f} s", "",
           "| step | status | seconds | figures |", "|---|---|---|---|"]
     for name, r in report["steps"].items():
-        figs = []
-        for key in ("pytest", "last_val", "median_step_ms", "median_tokens_per_s", "why", "skipped"):
-            if r.get(key) is not None:
-                v = r[key]
-                figs.append(f"{key} {v:.4g}" if isinstance(v, float) else f"{key}: {v}")
+        figs = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k in ("pytest", "last_val",
+                "median_step_ms", "median_tokens_per_s", "why", "skipped") if (v := r.get(k)) is not None]
         md.append(f"| {name} | {r['status']} | {r.get('seconds', '-')} | {'; '.join(figs)} |")
-    bench = report.get("gpu_bench")
+    bench = report.get("gpu_bench") or {}
     if bench:
-        md += ["", "## gpu-bench (bench/gpu.py)", "", "```"]
-        md += bench.get("table", [])
-        md += ["```"]
-        for p in bench.get("problems", []):
-            md.append(f"- FAILED: {p}")
+        md += ["", "## gpu-bench (bench/time_to_loss.py gpu)", "", "```", *bench.get("table", []), "```"]
+    md += [f"- FAILED: {p}" for p in bench.get("problems", [])]
     if report["failed"]:
         md += ["", "Failed steps: " + ", ".join(report["failed"])]
     return "\n".join(md) + "\n"
@@ -355,7 +277,6 @@ def main(argv=None) -> int:
               f"Tiny Shakespeare into the checkout (e.g. data/input.txt, ignored by git) and pass DATA=data/input.txt",
               flush=True)
         return 1
-    import shutil
     for old in ("runs", "logs", "gpu.json", "gpu_check.json", "gpu_check.md"):  # this check's own earlier output
         path = os.path.join(out, old)
         if os.path.isdir(path):
@@ -365,7 +286,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     machine = {"cpu": common.lscpu().get("Model name", "unknown").strip(), "cores": os.cpu_count(),
                "load average (1 min) at start": os.getloadavg()[0]}
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()), flush=True)
     report = {"gpu": message, "machine": machine, "environment": info, "data": os.path.abspath(data),
               "budget_s": args.budget_s, "steps": {}, "failed": []}
     for step in plan(python, os.path.abspath(data), out, info["device_count"], args.budget_s, args.ablation_iters):
@@ -382,15 +303,12 @@ def main(argv=None) -> int:
             report["steps"][step.name] = run_step(step, timeout, os.path.join(out, "logs", f"{step.name}.log"))
         if report["steps"][step.name]["status"] == "FAIL":
             report["failed"].append(step.name)
-    bench_json = os.path.join(out, "gpu.json")
-    if os.path.exists(bench_json):
-        with open(bench_json) as f:
-            bench = json.load(f)
-        report["gpu_bench"] = bench  # bench/gpu.py's own JSON, with its summary table
+    if os.path.exists(os.path.join(out, "gpu.json")):
+        with open(os.path.join(out, "gpu.json")) as f:
+            report["gpu_bench"] = json.load(f)  # the race's own JSON, with its summary table
     report["seconds"] = time.perf_counter() - t_start
-    machine["load average (1 min) at end"] = os.getloadavg()[0]
     report["verdict"] = "FAILED: " + ", ".join(report["failed"]) if report["failed"] else "passed"
-    common.write_json(os.path.join(out, "gpu_check.json"), report)
+    common.finish(report, os.path.join(out, "gpu_check.json"))
     with open(os.path.join(out, "gpu_check.md"), "w") as f:
         f.write(markdown(report))
     print(f"\n{markdown(report)}\nfigures: {os.path.join(out, 'gpu_check.json')}, {os.path.join(out, 'gpu_check.md')}")

@@ -1,4 +1,4 @@
-"""bench/modern.py (issue 11): preset cpu against modern-cpu in both backends, at tiny sizes only.
+"""bench/time_to_loss.py modern (issue 11): preset cpu against modern-cpu in both backends, at tiny sizes only.
 
 One real run of the benchmark (4 training subprocesses, 10 steps of a 2-layer, 32-channel model on a
 small synthetic text), a crashed run failing it (stand-in training scripts), the verdicts on canned
@@ -19,7 +19,7 @@ BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
-import modern  # noqa: E402
+import time_to_loss as modern  # noqa: E402  (the race driver; its configuration modern)
 
 # The tiny preset's shape and evaluation on top of both presets, so each keeps its own block
 # (modern-cpu: RMSNorm, RoPE, QK-norm, SwiGLU, Muon) at a size that trains in a second.
@@ -42,7 +42,7 @@ def text_file(tmp_path_factory) -> Path:
 
 def run_bench(*args, timeout=120):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(BENCH / "modern.py"), *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, str(BENCH / "time_to_loss.py"), "modern", *map(str, args)], capture_output=True,
                           text=True, cwd=ROOT, env=env, timeout=timeout)
 
 
@@ -121,7 +121,7 @@ def test_a_crashed_run_fails_the_benchmark_and_is_reported(tmp_path, text_file, 
     for var in common.THREAD_VARS:  # main() sets them; monkeypatch puts the test's values back
         monkeypatch.setenv(var, "1")
     out_json = tmp_path / "crash.json"
-    rc = modern.main(["--max_iters", "10", "--eval_interval", "5", "--threads", "1", "--data", str(text_file),
+    rc = modern.main(["modern", "--max_iters", "10", "--eval_interval", "5", "--threads", "1", "--data", str(text_file),
                       "--json", str(out_json)])
     out = capsys.readouterr().out
     assert rc == 1, out
@@ -150,19 +150,19 @@ def test_the_verdicts_compare_time_to_the_target_with_the_whole_cpu_run():
     modern_torch = canned("torch", "modern-cpu", [(0, 4.2, 1.0), (1500, 1.775, 55.0), (2000, 1.75, 72.0)], 74.0)
     modern_np = canned("numpy", "modern-cpu", [(0, 4.2, 1.0), (2000, 1.7585, 95.0)], 96.0)
     runs = {"torch cpu": cpu, "torch modern-cpu": modern_torch, "numpy modern-cpu": modern_np}
-    target, stretch, gap = modern.verdicts(runs)
+    target, stretch, gap = modern.modern_verdicts(runs)
     # 1.78 first reached at 55 s, inside torch cpu's 70 s, although the whole modern run took longer
     assert target["met"] is True and (target["step"], target["wall_s"]) == (1500, 55.0)
     assert stretch["met"] is False and "never reached" in stretch["line"]  # best 1.75 > 1.74
     assert gap["met"] is True and gap["gap"] == pytest.approx(0.0085)
 
     late = dict(modern_torch, evals=[(0, 4.2, 1.0), (2000, 1.73, 72.0)])
-    target, stretch, _ = modern.verdicts({**runs, "torch modern-cpu": late})
+    target, stretch, _ = modern.modern_verdicts({**runs, "torch modern-cpu": late})
     assert target["met"] is False and stretch["met"] is False and "NOT met (val 1.7300 at step 2000, 72.0 s" in \
         target["line"]
     far = dict(modern_np, evals=[(0, 4.2, 1.0), (2000, 1.7615, 95.0)], final_val=1.7615)
-    assert modern.verdicts({**runs, "numpy modern-cpu": far})[2]["met"] is False  # 0.0115 apart
-    assert [v["met"] for v in modern.verdicts({"torch cpu": cpu})] == [None, None, None]
+    assert modern.modern_verdicts({**runs, "numpy modern-cpu": far})[2]["met"] is False  # 0.0115 apart
+    assert [v["met"] for v in modern.modern_verdicts({"torch cpu": cpu})] == [None, None, None]
 
 
 @pytest.mark.parametrize("args, words", [

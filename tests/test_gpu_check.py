@@ -1,4 +1,4 @@
-"""make gpu-check and bench/gpu.py on a machine without a GPU: what they say, what they would run,
+"""make gpu-check and bench/time_to_loss.py gpu on a machine without a GPU: what they say, what they would run,
 and their verdicts on canned train_torch.py output (no GPU, no training)."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
-import gpu  # noqa: E402
+import time_to_loss as gpu  # noqa: E402  (the race driver; its configuration gpu)
 import gpu_check  # noqa: E402
 
 STEPS = ["parity-cuda", "tiny-compile-bf16", "tiny-compile-float32", "tiny-eager-bf16", "tiny-eager-float32",
@@ -83,7 +83,7 @@ def test_dry_run_lists_every_step_in_order():
     assert "--device cpu --resume" in commands["resume-on-cpu"]
     assert "torch.distributed.run" in commands["torchrun-nccl"] and "--nproc_per_node 2" in commands["torchrun-nccl"]
     assert "only when 2 GPUs exist" in out
-    assert "bench/gpu.py --targets 1.50,1.47" in commands["gpu-bench"]
+    assert "bench/time_to_loss.py gpu --targets 1.50,1.47" in commands["gpu-bench"]
     assert "--ablation_iters" in commands["gpu-bench"]
     assert all("--data data/input.txt" in commands[s] for s in STEPS if s.startswith(("tiny", "resume")))
 
@@ -150,7 +150,7 @@ def test_version_tuple():
 
 
 # --------------------------------------------------------------------------------------------
-# bench/gpu.py: targets, the log parser, the verdict (canned train_torch.py output)
+# bench/time_to_loss.py gpu: targets, the log parser, the verdict (canned train_torch.py output)
 # --------------------------------------------------------------------------------------------
 
 def canned_log(vals, mfu_first=0.1, mfu_later=41.0, every=250):
@@ -183,12 +183,12 @@ def fake_run(lines, returncode=0, ended="exited"):
 def test_parse_targets():
     assert gpu.parse_targets("1.50,1.47") == [1.5, 1.47]
     assert gpu.parse_targets("1.47,1.50") == [1.5, 1.47]  # the target first, then the stretch
-    assert list(gpu.DEFAULT_TARGETS) == [1.50, 1.47]
+    assert list(gpu.CONFIGS["gpu"]["targets"]) == [1.50, 1.47]
     for bad in ("", "x", "1.5,-1"):
         with pytest.raises(Exception, match="--targets"):
             gpu.parse_targets(bad)
     with pytest.raises(Exception, match="unknown"):
-        gpu.parse_variants("default,no_flash")
+        gpu.names("default,no_flash", gpu.VARIANTS, "variants")
 
 
 def test_log_reader_reads_train_torch_lines():
@@ -205,42 +205,43 @@ def test_mfu_and_tokens_skip_the_first_five_iter_lines():
 
 
 def test_both_targets_reported():
-    r = gpu.variant_result(fake_run(canned_log([4.2, 1.8, 1.52, 1.49, 1.46]), ended="target"), [1.50, 1.47], False)
+    r = gpu.run_result(fake_run(canned_log([4.2, 1.8, 1.52, 1.49, 1.46]), ended="target"), [1.50, 1.47], False)
     assert r["targets"]["1.50"]["reached"] and r["targets"]["1.50"]["steps"] == 750
     assert r["targets"]["1.47"]["reached"] and r["targets"]["1.47"]["steps"] == 1000
     assert r["targets"]["1.50"]["wall_s"] < r["targets"]["1.47"]["wall_s"]
-    assert gpu.verdict({"default": r}, [1.50, 1.47]) == []
+    assert gpu.problems({"default": r}, [1.50, 1.47]) == []
 
 
 def test_stretch_target_missed_is_reported_not_failed():
-    r = gpu.variant_result(fake_run(canned_log([4.2, 1.8, 1.49, 1.48])), [1.50, 1.47], False)
+    r = gpu.run_result(fake_run(canned_log([4.2, 1.8, 1.49, 1.48])), [1.50, 1.47], False)
     assert r["targets"]["1.50"]["reached"] and not r["targets"]["1.47"]["reached"]
     assert r["targets"]["1.47"]["best_val"] == 1.48
-    assert gpu.verdict({"default": r}, [1.50, 1.47]) == []
+    assert gpu.problems({"default": r}, [1.50, 1.47]) == []
     assert any("1.47" in line and "no" in line for line in gpu.table({"default": r}, [1.50, 1.47]))
 
 
 def test_default_short_of_the_target_fails():
-    r = gpu.variant_result(fake_run(canned_log([4.2, 1.8, 1.6]), ended="time limit"), [1.50, 1.47], False)
-    problems = gpu.verdict({"default": r}, [1.50, 1.47])
+    r = gpu.run_result(fake_run(canned_log([4.2, 1.8, 1.6]), ended="time limit"), [1.50, 1.47], False)
+    problems = gpu.problems({"default": r}, [1.50, 1.47])
     assert len(problems) == 1 and "did not reach val <= 1.50" in problems[0] and "time limit" in problems[0]
 
 
 def test_crashed_variant_fails_with_its_exit_code():
-    ok = gpu.variant_result(fake_run(canned_log([4.2, 1.49, 1.46]), ended="target"), [1.50, 1.47], False)
-    crashed = gpu.variant_result(fake_run(canned_log([4.2])[:3] + ["Traceback (most recent call last):"],
+    ok = gpu.run_result(fake_run(canned_log([4.2, 1.49, 1.46]), ended="target"), [1.50, 1.47], False)
+    crashed = gpu.run_result(fake_run(canned_log([4.2])[:3] + ["Traceback (most recent call last):"],
                                           returncode=1), [1.50, 1.47], True)
-    stopped = gpu.variant_result(fake_run(canned_log([4.2, 3.0]), returncode=130, ended="time limit"),
+    stopped = gpu.run_result(fake_run(canned_log([4.2, 3.0]), returncode=130, ended="time limit"),
                                  [1.50, 1.47], True)
-    problems = gpu.verdict({"default": ok, "no_sdpa": crashed, "no_bf16": stopped}, [1.50, 1.47])
-    assert problems == ["variant no_sdpa crashed with exit code 1"]
+    problems = gpu.problems({"default": ok, "no_sdpa": crashed, "no_bf16": stopped}, [1.50, 1.47])
+    assert problems == ["no_sdpa crashed with exit code 1"]
     assert crashed["last_lines"][-1].startswith("Traceback")
     assert any("CRASHED" in line for line in gpu.table({"no_sdpa": crashed}, [1.50, 1.47]))
 
 
 def test_variant_commands():
-    d = gpu.variant_command("default", "/o", "data/input.txt", 150)
-    a = gpu.variant_command("no_bf16", "/o", "data/input.txt", 150)
+    runs = {r["variant"]: r["cmd"] for r in gpu.plan(gpu.parse_args(["gpu", "--data", "data/input.txt",
+                                                                     "--ablation_iters", "150"])[1], "/o")}
+    d, a = runs["default"], runs["no_bf16"]
     assert "--max_iters" not in d and d[d.index("--preset") + 1] == "shakespeare-char"
     assert a[a.index("--dtype") + 1] == "float32" and a[a.index("--max_iters") + 1] == "150"
     assert a[a.index("--eval_interval") + 1] == "150"
@@ -251,9 +252,9 @@ def test_variant_commands():
 
 @no_gpu_here
 def test_gpu_py_without_cuda_exits_nonzero_unless_allowed(capsys):
-    assert gpu.main([]) == gpu.NO_GPU_EXIT != 0
+    assert gpu.main(["gpu"]) == gpu.NO_GPU_EXIT != 0
     assert "no usable CUDA GPU" in capsys.readouterr().err
-    assert gpu.main(["--allow-no-gpu"]) == 0
+    assert gpu.main(["gpu", "--allow-no-gpu"]) == 0
     assert "no usable CUDA GPU" in capsys.readouterr().err
 
 
