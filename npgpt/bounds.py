@@ -68,7 +68,7 @@ def unit_roundoff(dtype) -> float:
 
 def gamma(dtype, n: int) -> float:
     """Higham's gamma_n = n u / (1 - n u): the worst case of n roundings, deterministic (Higham,
-    Lemma 3.1). sum_error takes it where it is the smaller (n < LAMBDA^2 = 64)."""
+    Lemma 3.1): for short chains of correctly rounded elementwise operations."""
     if n < 1:
         raise ValueError(f"gamma: n must be >= 1, got {n}")
     u = unit_roundoff(dtype)
@@ -76,12 +76,14 @@ def gamma(dtype, n: int) -> float:
 
 
 def sum_error(dtype, n: int) -> float:
-    """The error of a sum or dot product of n terms added in any order, relative to its largest
-    partial sum: LAMBDA sqrt(n) u (Azuma-Hoeffding on the first-order error; see the module
-    docstring), or the worst case gamma_n where that is smaller (short sums)."""
+    """LAMBDA sqrt(n) u: the error of a sum or dot product of n terms added in any order, relative to
+    its largest partial sum (Azuma-Hoeffding on the first-order error; see the module docstring).
+    For n < LAMBDA^2 = 64 this exceeds the worst case gamma_n; that margin is kept on purpose: the
+    few operations of such short chains include exp, tanh, erf and sigmoid, which libm, SLEEF and
+    numba's vector code round to within a few ulps (up to ~4 u) rather than to u."""
     if n < 1:
         raise ValueError(f"sum_error: n must be >= 1, got {n}")
-    return min(gamma(dtype, n), LAMBDA * math.sqrt(n) * unit_roundoff(dtype))
+    return LAMBDA * math.sqrt(n) * unit_roundoff(dtype)
 
 
 def bitwise(why: str) -> float:

@@ -227,7 +227,7 @@ def test_checkpoint_round_trip_carries_the_modern_fields(tmp_path):
     config = small_config(**SWITCHES["modern"], mlp_hidden=12)
     model = random_model(config, seed=9, dtype=np.float32)
     ckpt = Checkpoint(backend="numpy", model="gpt", gpt_config=config, vocab="abcdefg", params=model.params,
-                      train_config={}, iter_num=1, best_val_loss=math.inf, optimizer={}, rng={})
+                      train_config={}, iter_num=1, best_val_loss=math.inf, optimizer={}, rng=None)
     save_npz(tmp_path / "modern.npz", ckpt)
     back = load_npz(tmp_path / "modern.npz")
     assert back.gpt_config == config and back.gpt_config.pos_emb == "rope" and back.gpt_config.mlp_hidden == 12
@@ -240,6 +240,6 @@ def test_checkpoint_round_trip_carries_the_modern_fields(tmp_path):
     lecture = GPT(GPTConfig.from_dict(old), seed=1)
     ckpt_old = Checkpoint(backend="numpy", model="gpt", gpt_config=GPTConfig.from_dict(old), vocab="abcdefg",
                           params=lecture.params, train_config={}, iter_num=1, best_val_loss=math.inf,
-                          optimizer={}, rng={})
+                          optimizer={}, rng=None)
     save_npz(tmp_path / "old.npz", ckpt_old)
     assert load_npz(tmp_path / "old.npz").gpt_config == small_config()
