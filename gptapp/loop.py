@@ -137,8 +137,8 @@ def write_failed_message(err: WriteError, last_saved, resumed: bool) -> str:
         return (f"cannot write the plot {err.path} ({err.cause}); the run is saved ({last_saved[0]}, step "
                 f"{last_saved[1]}) and its metrics are in {err.path.with_name(METRICS_NAME)}; {fix}")
     if last_saved:
-        return (f"cannot write {kind} {err.path} ({err.cause}); stopped, {last_saved[0]} (step {last_saved[1]}) is "
-                f"the last checkpoint and is whole; {fix}, then --resume")
+        return (f"cannot write {kind} {err.path} ({err.cause}); stopped, the last checkpoint {last_saved[0]} (step "
+                f"{last_saved[1]}) is unchanged; {fix}, then --resume")
     return (f"cannot write {kind} {err.path} ({err.cause}); stopped, and no checkpoint of this run was written; "
             f"{fix}, then start again with --overwrite (or --move_aside to keep {METRICS_NAME})")
 

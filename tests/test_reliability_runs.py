@@ -261,6 +261,21 @@ def test_contradictory_flags_are_refused_in_one_line(flags, finished, text, tmp_
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize("args,move_aside", [("--resume --max_iters 30", False), ("--overwrite", False),
+                                             ("--max_iters 30", True), ("--move_aside", False)])
+def test_make_train_passes_move_aside_only_where_it_agrees_with_args(args, move_aside, text):
+    env = {k: v for k, v in SUBPROCESS_ENV.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEFILES")}
+    for target in ("train", "train-torch"):
+        p = subprocess.run(["make", "-n", "--no-print-directory", f"PY={sys.executable}", "BASE_STAMP=", "TRAIN_STAMP=",
+                            "STAMP=", f"DATA={text}", target, f"ARGS={args}"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        command = [line for line in p.stdout.splitlines() if ".py" in line][-1]
+        assert command.split().count("--move_aside") == (1 if move_aside or args == "--move_aside" else 0), command
+        assert command.endswith(args), command
+
+
 def test_a_flag_given_twice_keeps_the_last_value_and_the_settings_line_says_so(text, tmp_path, capsys):
     res = train("np", text, tmp_path / "out", "--max_iters", 3, "--max_iters", 2, "--move_aside", "--move_aside",
                 capsys=capsys)
