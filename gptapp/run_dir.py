@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .checkpoint import WriteError, ensure_writable_dir, guarded_write
+from .checkpoint import CheckpointError, WriteError, ensure_writable_dir, guarded_write
 from .errors import TrainingError, UsageError
 
 RUN_FILES = ("ckpt_best.npz", "ckpt_last.npz", "ckpt_best.pt", "ckpt_last.pt", "metrics.jsonl", "loss.png")
@@ -170,8 +170,10 @@ class OutDirLock:
                 os.fsync(fd)
                 _flock(fd)
                 try:
-                    os.link(tmp, self.path)
-                    self.fd, fd = fd, None
+                    held = _link(tmp, self.path, fd, owner)
+                    if held is None:
+                        continue
+                    self.fd, fd = held, (None if held == fd else fd)
                     return None
                 except FileExistsError:
                     note = self._take_over_stale(tmp)
@@ -208,7 +210,10 @@ class OutDirLock:
                 return False
             if not _same_file(fd, self.path):
                 return False
-            os.rename(tmp, self.path)  # ours (flocked) replaces the stale one in one step
+            try:
+                os.rename(tmp, self.path)  # ours (flocked) replaces the stale one in one step
+            except FileNotFoundError:  # another run's cleanup removed our temporary name: again
+                return False
             return (f"note: {self.path}: took over the stale lock of {_describe(owner)}, a run that ended without "
                     "releasing it")
         finally:
@@ -246,6 +251,10 @@ def lock_out_dir(out_dir) -> OutDirLock:
     lock = OutDirLock(out_dir, created)
     try:
         note = lock.acquire()
+    except OSError as err:
+        _remove_created(out_dir, created)
+        raise CheckpointError(f"--out_dir {out_dir}: cannot take its lock {lock.path} ({err.strerror or err}); "
+                              "choose a directory on a local, writable file system with --out_dir") from None
     except BaseException:
         _remove_created(out_dir, created)
         raise
@@ -266,6 +275,31 @@ def _remove_created(out_dir: Path, created: Path | None) -> None:
             if d == created:
                 break
             d = d.parent
+
+
+def _link(tmp: str, path: Path, fd: int, owner: str) -> int | None:
+    """Give the finished, flocked lock file `tmp` (open as fd) the lock's name: the fd that holds the
+    lock; FileExistsError if the name is taken. Where the file system has no hard links, the name is
+    created with O_EXCL, flocked, then filled (a reader may see it empty for a moment and name "an
+    unknown process"); None if a taker won that moment (try again)."""
+    try:
+        os.link(tmp, path)
+        return fd
+    except (FileExistsError, FileNotFoundError):
+        raise
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+            raise
+    new = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _flock(new)
+        if _same_file(new, path):
+            os.write(new, owner.encode())
+            return new
+    except BlockingIOError:
+        pass
+    os.close(new)
+    return None
 
 
 def _flock(fd: int) -> None:

@@ -231,6 +231,33 @@ def test_a_refused_run_leaves_no_directory_and_no_lock_behind(text, tmp_path, ca
     from gptapp.run_dir import LOCK_NAME  # noqa: F401 (the lock exists at all)
 
 
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_the_lock_refuses_a_second_holder_until_released(hard_links, tmp_path, monkeypatch, capsys):
+    """In one process too (an flock belongs to an open file, not to a process); with and without hard
+    links (some network and FUSE file systems have none)."""
+    from gptapp.errors import UsageError
+    from gptapp.run_dir import LOCK_NAME, lock_out_dir
+    if not hard_links:
+        import errno
+
+        def no_link(src, dst):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_link)
+    out = tmp_path / "out"
+    first = lock_out_dir(out)
+    owner = json.loads((out / LOCK_NAME).read_text())
+    assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+    with pytest.raises(UsageError, match=f"locked by another run \\(pid {os.getpid()} on "):
+        lock_out_dir(out)
+    first.release()
+    assert not (out / LOCK_NAME).exists() and not out.exists(), "the directory the lock created stays"
+    second = lock_out_dir(out)
+    (out / "metrics.jsonl").write_text("")
+    second.release()
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
+    assert capsys.readouterr().err == ""
+
+
 # --------------------------------------------------------------------------- 2. flags
 
 
@@ -333,6 +360,22 @@ def test_a_full_disk_at_the_first_save_is_one_line_with_true_advice(backend, tex
     line = assert_one_error_line(res, "cannot write", f"ckpt_last{EXT[backend]}", rc=1)
     assert "unchanged" not in line and "--resume" not in line and "no checkpoint" in line, line
     assert "--overwrite" in line or "--move_aside" in line, line
+    assert not list(out.glob(".*.tmp")) and not list(out.glob("ckpt_*"))
+
+
+def test_torchs_serialisation_error_is_one_line_naming_the_checkpoint(text, tmp_path, capsys, monkeypatch):
+    """torch.save reports a failed write of its zip container as a RuntimeError, not an OSError."""
+    load_script("torch")
+    import torch
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"PK")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 6464 vs 6352")
+    monkeypatch.setattr(torch, "save", failing_save)
+    out = tmp_path / "out"
+    res = train("torch", text, out, capsys=capsys)
+    line = assert_one_error_line(res, "cannot write checkpoint", "ckpt_last.pt", "unexpected pos 6464", rc=1)
+    assert "enforce fail" not in line and "no checkpoint" in line, line
     assert not list(out.glob(".*.tmp")) and not list(out.glob("ckpt_*"))
 
 
