@@ -128,7 +128,7 @@ def write_checkpoint(path, write: Callable[[], None]) -> None:
     guarded_write(path, write)
 
 
-def write_failed_message(err: WriteError, last_saved, resumed: bool) -> str:
+def write_failed_message(err: WriteError, last_saved) -> str:
     """One line for a failed write during a run: the file, the cause, and advice that is true of what
     is on disk (the newest checkpoint of the run, if any)."""
     fix = "free disk space or fix permissions"
@@ -252,7 +252,7 @@ def train_loop(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend
     try:
         return run_steps(args, cfg, ckpt, backend, tokenizer, out_dir, paths, n_train, n_val, state)
     except WriteError as err:  # metrics.jsonl, loss.png or a checkpoint
-        raise TrainingError(write_failed_message(err, state["last_saved"], args.resume)) from None
+        raise TrainingError(write_failed_message(err, state["last_saved"])) from None
 
 
 def run_steps(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend, tokenizer: CharTokenizer,

@@ -202,7 +202,7 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            if not self.forwarded:  # a second signal: stop now, without saving
+            if not self.forwarded:  # a second signal: stop at once, without saving
                 raise Interrupted(signum, "a second stop signal ends the run at once, without saving (every "
                                           "checkpoint written so far is whole)")
             return
