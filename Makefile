@@ -34,12 +34,14 @@ $(STAMP): $(BASE_STAMP)
 # DATA=path given here must exist; the default is used only where it exists (else: NPGPT_DATA, the
 # cache, or a download).
 ARGS ?=
+# --move_aside unless ARGS says what to do with the earlier run (the three exclude each other)
+MOVE_ASIDE = $(if $(filter --resume --overwrite --move_aside,$(ARGS)),,--move_aside)
 DATA_FLAG = $(if $(wildcard $(DATA)),--data $(DATA),$(if $(filter file,$(origin DATA)),,$(error DATA=$(DATA): no such file; pass the path of the training text, e.g. make train DATA=path/to/input.txt)))
 train: check-data $(TRAIN_STAMP)
-	$(PY) train_np.py $(DATA_FLAG) --move_aside $(ARGS)
+	$(PY) train_np.py $(DATA_FLAG) $(MOVE_ASIDE) $(ARGS)
 
 train-torch: check-data $(TRAIN_STAMP)
-	$(PY) train_torch.py $(DATA_FLAG) --move_aside $(ARGS)
+	$(PY) train_torch.py $(DATA_FLAG) $(MOVE_ASIDE) $(ARGS)
 
 check-data:  # first, so that a wrong DATA= stops make before any install
 	@: $(DATA_FLAG)

@@ -256,6 +256,36 @@ def checkpoint_paths(out_dir: str | os.PathLike, ext: str) -> dict[str, Path]:
 
 # --------------------------------------------------------------------------- atomic writes
 
+class WriteError(Exception):
+    """A write of the app that failed: the file and the cause, one line (the caller adds the advice)."""
+
+    def __init__(self, path, cause: str):
+        super().__init__(f"cannot write {path} ({cause})")
+        self.path, self.cause = Path(path), cause
+
+
+def guarded_write(path: str | os.PathLike, write: Callable[[], object]):
+    """Run `write` (which writes `path`) and return what it returns; any failure of the write is a
+    WriteError naming the file and the cause: an OSError (a full disk, permissions, a directory of that
+    name) or torch's serialisation RuntimeError ("[enforce fail at inline_container.cc] ...")."""
+    try:
+        return write()
+    except WriteError:
+        raise
+    except OSError as err:
+        raise WriteError(path, err.strerror or first_sentence(err)) from None
+    except RuntimeError as err:
+        raise WriteError(path, _write_cause(err)) from None
+
+
+def _write_cause(err: RuntimeError) -> str:
+    """torch's writer errors without their "[enforce fail at file.cc:N] . " prefix."""
+    text = " ".join(str(err).split())
+    if text.startswith("[enforce fail"):
+        text = text.split("]", 1)[-1].lstrip(" .")
+    return first_sentence(text) or type(err).__name__
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Call write(f) on a temporary file beside `path`, fsync it, then os.replace it over `path`.
 

@@ -12,16 +12,27 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 from dataclasses import fields, replace
 
 from npgpt.config import GPTConfig
 from npgpt.data import DataError
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, WriteError
 from .errors import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_USAGE, TrainingError, UsageError, one_line
-from .settings import (FIELD_HELP, GPT_ONLY_FIELDS, MAX_SEED, PRESET_HELP, PRESETS, SHAPE_FIELDS, TORCH_ONLY_FIELDS,
-                       TrainConfig)
+from .settings import (
+    FIELD_HELP,
+    GPT_ONLY_FIELDS,
+    MAX_SEED,
+    MIN_TEMPERATURE,
+    PRESET_HELP,
+    PRESETS,
+    SHAPE_FIELDS,
+    TORCH_ONLY_FIELDS,
+    SettingError,
+    TrainConfig,
+)
 
 DEFAULT_OUT_DIR = "out"
 
@@ -81,8 +92,26 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
+def _temperature(text: str) -> float:
+    value = _nonneg_float(text)
+    if 0.0 < value < MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"expected 0 (greedy) or a number >= {MIN_TEMPERATURE:.3g}, got {text!r}: "
+                                         "the logits divided by a smaller one overflow")
+    return value
+
+
+def _path(text: str) -> str:
+    """A path flag: `~` and `~user` expanded, as a shell would (also in --flag=~/x, which shells leave)."""
+    return os.path.expanduser(text)
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr ("error: ...; see --help"), exit status 2."""
+    """argparse, but a bad flag is one line on stderr ("error: ...; see --help"), exit status 2; and no
+    prefix abbreviations (--over is an unknown flag, not --overwrite)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"error: {message}; see {self.prog} --help\n")
@@ -123,9 +152,9 @@ def train_parser(prog: str, description: str, default_preset: str = "cpu", torch
     p = OneLineArgumentParser(prog=prog, description=description, usage=usage_lines(prog),
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=f"The sample command's flags: {prog} sample --help")
-    p.add_argument("--data", default=None, metavar="PATH", help="path to the training text (default: NPGPT_DATA, "
-                   "the cache, or a download of Tiny Shakespeare)")
-    p.add_argument("--out_dir", default=DEFAULT_OUT_DIR, metavar="DIR",
+    p.add_argument("--data", type=_path, default=None, metavar="PATH", help="path to the training text (default: "
+                   "NPGPT_DATA, the cache, or a download of Tiny Shakespeare)")
+    p.add_argument("--out_dir", type=_path, default=DEFAULT_OUT_DIR, metavar="DIR",
                    help=f"where checkpoints, metrics.jsonl and loss.png go (default {DEFAULT_OUT_DIR}); a "
                         "fresh run refuses a directory that holds a run, unless --overwrite or --move_aside")
     p.add_argument("--resume", action="store_true",
@@ -137,10 +166,10 @@ def train_parser(prog: str, description: str, default_preset: str = "cpu", torch
     p.add_argument("--move_aside", action="store_true",
                    help="start a new run in an --out_dir that holds one after moving that run into "
                         "<out_dir>/run-<date>-<time>/ (default off: refuse; `make train` turns it on)")
-    p.add_argument("--init_from", default=None, metavar="PATH",
+    p.add_argument("--init_from", type=_path, default=None, metavar="PATH",
                    help="start from the weights of any checkpoint (.npz, .pt, nanoGPT ckpt.pt) with a "
                         "fresh optimiser; the model shape comes from the checkpoint (default: random weights)")
-    p.add_argument("--vocab", default=None, metavar="PATH",
+    p.add_argument("--vocab", type=_path, default=None, metavar="PATH",
                    help="with --init_from a nanoGPT ckpt.pt (it carries no vocabulary): the text whose "
                         "characters are its vocabulary (default: the training text)")
     p.add_argument("--progress", type=_bool, default=None, metavar="{true,false}",
@@ -157,27 +186,27 @@ def sample_parser(prog: str, description: str, torch_flags: bool = False, numpy_
                   ) -> OneLineArgumentParser:
     """The `sample` command: autocomplete a prompt from a checkpoint."""
     p = OneLineArgumentParser(prog=f"{prog} sample", description=description)
-    p.add_argument("--ckpt", required=True, metavar="PATH",
+    p.add_argument("--ckpt", type=_path, required=True, metavar="PATH",
                    help="checkpoint to sample from: ckpt_*.npz, ckpt_*.pt or a nanoGPT ckpt.pt (required)")
     p.add_argument("--prompt", default=None, metavar="TEXT", help="text to continue (default a newline)")
-    p.add_argument("--prompt_file", default=None, metavar="PATH",
+    p.add_argument("--prompt_file", type=_path, default=None, metavar="PATH",
                    help="read the text to continue from this UTF-8 file instead (default: use --prompt)")
     p.add_argument("--num_samples", type=_positive_int, default=1, metavar="N",
                    help="how many continuations: the i-th (from 0) uses seed + i, a line of dashes between "
                         "them (default 1)")
     p.add_argument("--max_new_tokens", type=_nonneg_int, default=500, metavar="N",
                    help="characters to add to the prompt (default 500)")
-    p.add_argument("--temperature", type=_nonneg_float, default=0.8, metavar="X",
+    p.add_argument("--temperature", type=_temperature, default=0.8, metavar="X",
                    help="divide the logits by this; 0 means greedy decoding (default 0.8)")
     p.add_argument("--top_k", type=_nonneg_int, default=0, metavar="N",
                    help="sample from the k most likely tokens only; 0: all of them (default 0)")
     p.add_argument("--seed", type=_seed, default=1337, metavar="N",
                    help=f"seed of the sampler, in [0, {MAX_SEED}]: the same seed, the same text in either "
                         "script (default 1337)")
-    p.add_argument("--vocab", default=None, metavar="PATH",
+    p.add_argument("--vocab", type=_path, default=None, metavar="PATH",
                    help="for a nanoGPT ckpt.pt: the text whose characters are its vocabulary "
                         "(default: Tiny Shakespeare from --data / NPGPT_DATA / the cache)")
-    p.add_argument("--data", default=None, metavar="PATH",
+    p.add_argument("--data", type=_path, default=None, metavar="PATH",
                    help="where to find Tiny Shakespeare for --vocab's default (default: NPGPT_DATA, the cache, "
                         "or a download)")
     if torch_flags:
@@ -273,7 +302,16 @@ def resumed_train_config(saved: dict, args: argparse.Namespace, where) -> TrainC
         return cfg
     overrides = explicit_flags(args)
     _refuse_shape_change(base, overrides, fix)
-    return _validated(replace(base, **overrides))
+    cfg = replace(base, **overrides)
+    try:
+        cfg.validate()
+    except SettingError as err:
+        if err.name in overrides:
+            raise UsageError(str(err)) from None
+        raise CheckpointError(f"{where}: the checkpoint's setting {err.name}={getattr(cfg, err.name)!r} is invalid "
+                              f"({err.why}); the file was edited or written by another program: give that setting "
+                              "on the command line to override it, or start a new run instead of --resume") from None
+    return cfg
 
 
 def init_from_train_config(args: argparse.Namespace, model: str, gpt_config: GPTConfig | None,
@@ -314,12 +352,15 @@ def run_cli(argv, train_command, sample_command) -> int:
     except (UsageError, DataError, CheckpointError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
-    except TrainingError as err:
+    except (TrainingError, WriteError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return EXIT_FAULT
-    except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as err:  # Ctrl-C, or a stop signal that ends the command at once (run_log.Interrupted)
+        signum = getattr(err, "signum", signal.SIGINT)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        detail = getattr(err, "detail", "")
+        print(f"error: interrupted ({name}){'; ' + detail if detail else ''}", file=sys.stderr)
+        return EXIT_INTERRUPTED if signum == signal.SIGINT else 128 + signum
     except BrokenPipeError:  # the reader went away (`... | head`): no traceback, and none at exit either
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAULT

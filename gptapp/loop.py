@@ -8,6 +8,7 @@ everything the loop asks of it. Both backends print the same log lines (gptapp.r
 from __future__ import annotations
 
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -18,12 +19,19 @@ from npgpt.optim import cosine_lr
 
 from .autocomplete import autocomplete, check_prompt, read_prompt
 from .budget import check_training_budget
-from .checkpoint import Checkpoint, CheckpointError, checkpoint_paths, ensure_writable_dir, link_or_copy
+from .checkpoint import Checkpoint, CheckpointError, WriteError, checkpoint_paths, guarded_write, link_or_copy
 from .cli import init_from_train_config, resumed_train_config, train_config_from_args
 from .data import checkpoint_tokenizer, load_text, training_splits
 from .errors import TrainingError, UsageError, one_line
-from .run_dir import check_out_dir_flags, make_room, refuse_used_out_dir
-from .run_log import RunLog, StopRequest
+from .run_dir import (
+    check_out_dir_flags,
+    lock_out_dir,
+    make_room,
+    only_a_log,
+    refuse_used_out_dir,
+    refuse_what_is_no_file,
+)
+from .run_log import METRICS_NAME, PLOT_NAME, RunLog, StopRequest, stop_at_once
 from .settings import MAX_SEED, TrainConfig
 
 
@@ -50,7 +58,8 @@ class Backend(Protocol):
     def session(self): ...  # context manager around the loop (torch: the DDP process group)
     def errstate(self): ...  # context manager around the steps
     def warm_up(self) -> float | None: ...  # compile before step 0: seconds, or None (nothing to compile)
-    def estimate_loss(self, it: int) -> dict: ...
+    def estimate_loss(self, it: int, stop: Callable[[], bool] | None = None) -> dict | None: ...
+    # None when stop() turned true between two batches (a stop signal: the evaluation is dropped)
     def step(self, it: int, lr: float): ...  # one update (its gradient_accumulation_steps micro-batches);
     # returns their mean loss (maybe still on the device)
     def poll(self, stop_requested: bool, force: bool) -> tuple[bool, int]: ...
@@ -115,12 +124,24 @@ def local_accumulation_steps(global_steps: int, world_size: int) -> int:
 
 
 def write_checkpoint(path, write: Callable[[], None]) -> None:
-    """Run `write` (an atomic save of `path`); a failed write is a TrainingError that says what is kept."""
-    try:
-        write()
-    except OSError as err:
-        raise TrainingError(f"cannot write checkpoint {path} ({err.strerror or err}); the previous one is "
-                            "unchanged; free disk space or fix permissions, then --resume") from None
+    """Run `write` (an atomic save of `path`) through the app's guarded write: a failure is a WriteError
+    naming the file and the cause, which the loop turns into one line with what is kept."""
+    guarded_write(path, write)
+
+
+def write_failed_message(err: WriteError, last_saved) -> str:
+    """One line for a failed write during a run: the file, the cause, and advice that is true of what
+    is on disk (the newest checkpoint of the run, if any)."""
+    fix = "free disk space or fix permissions"
+    kind = "checkpoint" if err.path.name.startswith("ckpt_") else "file"
+    if err.path.name == PLOT_NAME and last_saved:
+        return (f"cannot write the plot {err.path} ({err.cause}); the run is saved ({last_saved[0]}, step "
+                f"{last_saved[1]}) and its metrics are in {err.path.with_name(METRICS_NAME)}; {fix}")
+    if last_saved:
+        return (f"cannot write {kind} {err.path} ({err.cause}); stopped, the last checkpoint {last_saved[0]} (step "
+                f"{last_saved[1]}) is unchanged; {fix}, then --resume")
+    return (f"cannot write {kind} {err.path} ({err.cause}); stopped, and no checkpoint of this run was written; "
+            f"{fix}, then start again with --overwrite (or --move_aside to keep {METRICS_NAME})")
 
 
 def restore_or_refuse(ckpt: Checkpoint, restore: Callable[[], None]) -> None:
@@ -137,8 +158,15 @@ def resume_checkpoint(paths: dict, backend: Backend) -> Checkpoint:
     last = paths["last"]
     if not last.exists():
         other = last.with_suffix(backend.other_ext)
-        hint = (f"; {other} is {backend.other_prog}'s: resume it with {backend.other_prog}, or start from its "
-                f"weights with --init_from {other}") if other.exists() else "; train without --resume first"
+        log = only_a_log(last.parent)
+        if other.exists():
+            hint = (f"; {other} is {backend.other_prog}'s: resume it with {backend.other_prog}, or start from its "
+                    f"weights with --init_from {other}")
+        elif log:
+            hint = (f"; the run there saved none (it left only {', '.join(p.name for p in log)}): start a new run "
+                    "there with --overwrite or --move_aside instead of --resume")
+        else:
+            hint = "; train without --resume first"
         raise CheckpointError(f"--resume: no checkpoint {last} in --out_dir{hint}")
     ckpt = backend.read_checkpoint(last, any_kind=False)  # its own kind: the optimiser and RNG state are its own
     if ckpt.backend != backend.name or ckpt.train_config is None:
@@ -173,22 +201,33 @@ def run_training(args, backend: Backend) -> int:
     if args.vocab and not args.init_from:
         raise UsageError("--vocab applies only with --init_from a nanoGPT ckpt.pt (its file has no vocabulary); "
                          "drop --vocab")
-    refuse_used_out_dir(args)
     backend.start(args)
+    # one writer per run directory: rank 0 holds the lock from before it reads anything there to the end
+    lock = lock_out_dir(args.out_dir) if backend.is_main else None
+    try:
+        return locked_training(args, backend)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def locked_training(args, backend: Backend) -> int:
+    refuse_used_out_dir(args)
     paths = checkpoint_paths(args.out_dir, backend.ext)
+    # a name the run writes that is taken by a directory would fail only after the work
+    refuse_what_is_no_file(args.out_dir, [p.name for p in paths.values()] + [METRICS_NAME, PLOT_NAME])
     cfg, ckpt = run_settings(args, backend, paths)
     if args.vocab and ckpt.vocab is not None:
         raise UsageError(f"--vocab: {ckpt.path} carries its own vocabulary; drop --vocab")
     local_accumulation_steps(cfg.gradient_accumulation_steps, backend.world_size)  # UsageError before any work
-    # before any work that a failed save would waste
-    out_dir = ensure_writable_dir(args.out_dir) if backend.is_main else Path(args.out_dir)
+    out_dir = Path(args.out_dir)
 
     text = load_text(args.data)
     check_text_length(text, cfg.block_size)
     tokenizer = (checkpoint_tokenizer(ckpt, args.vocab, lambda: text) if ckpt is not None
                  else CharTokenizer.from_text(text))
     train_data, val_data = training_splits(text, tokenizer, cfg.block_size)
-    check_prompt(tokenizer, cfg.prompt)  # the sample at the end must not fail after the whole run
+    check_final_prompt(tokenizer, cfg.prompt, args, text)  # the sample at the end must not fail after the run
     check_training_budget(cfg, tokenizer.vocab_size, backend.name, str(getattr(backend, "device", "cpu")),
                           getattr(args, "attention", "explicit"))  # BudgetError before anything is built
     with backend.session():
@@ -199,12 +238,33 @@ def run_training(args, backend: Backend) -> int:
         return train_loop(args, cfg, ckpt, backend, tokenizer, out_dir, paths, len(train_data), len(val_data))
 
 
+def check_final_prompt(tokenizer: CharTokenizer, prompt: str, args, text: str) -> None:
+    """UsageError unless the sample after training can encode its prompt. When the prompt is the default
+    newline (no --prompt given) and the text has none, the error is about the text."""
+    if getattr(args, "prompt", None) is None and prompt == "\n" and "\n" not in tokenizer.chars:
+        where = f" {args.data}" if args.data else ""
+        raise UsageError(f"the training text{where} has no newline, and the sample printed after training starts "
+                         "from one (the default --prompt '\\n'); give the text line breaks, or pass a --prompt made "
+                         f"of its characters, e.g. --prompt {shlex.quote(text[:1])}")
+    check_prompt(tokenizer, prompt)
+
+
 def train_loop(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend, tokenizer: CharTokenizer,
                out_dir: Path, paths: dict, n_train: int, n_val: int) -> int:
+    state = {"last_saved": None}  # (path, step) of the newest checkpoint: the advice after a failure names it
+    try:
+        return run_steps(args, cfg, ckpt, backend, tokenizer, out_dir, paths, n_train, n_val, state)
+    except WriteError as err:  # metrics.jsonl, loss.png or a checkpoint
+        raise TrainingError(write_failed_message(err, state["last_saved"])) from None
+
+
+def run_steps(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend, tokenizer: CharTokenizer,
+              out_dir: Path, paths: dict, n_train: int, n_val: int, state: dict) -> int:
     start, best_val, last_saved = 0, math.inf, None  # last_saved: (path, step) of the newest checkpoint
     if args.resume:
         restore_or_refuse(ckpt, lambda: backend.restore(ckpt))
         start, best_val, last_saved = ckpt.iter_num, ckpt.best_val_loss, (ckpt.path, ckpt.iter_num)
+        state["last_saved"] = last_saved
     if backend.is_main:
         print(f"{backend.label}: {backend.num_params() / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, "
               f"{n_train:,} train / {n_val:,} val tokens")
@@ -238,23 +298,28 @@ def train_loop(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend
                     raise TrainingError(non_finite_message(first_bad, last_saved))
                 just_logged = False
                 if is_eval:
-                    losses = backend.estimate_loss(it)
-                    log.log_eval(it, losses["train"], losses["val"])
-                    if not math.isfinite(losses["val"]):
-                        raise TrainingError(non_finite_message(it, last_saved, "val loss", losses["val"]))
-                    if it > 0:
-                        improved = losses["val"] < best_val
-                        best_val = min(best_val, losses["val"])
-                        backend.save(paths["last"], it, best_val)  # written once per evaluation
-                        last_saved = (paths["last"], it)
-                        if improved and backend.is_main:  # the same bytes: a hard link, not a second write
-                            write_checkpoint(paths["best"], lambda: link_or_copy(paths["last"], paths["best"]))
-                    t_last, steps_since_log = time.perf_counter(), 0  # evaluation time is not step time
-                if it == cfg.max_iters:
+                    # a stop signal ends the evaluation between two batches (then the step is saved unevaluated)
+                    losses = backend.estimate_loss(it, stop=lambda: stop.requested)
+                    if losses is None:
+                        stop_now = True
+                    else:
+                        log.log_eval(it, losses["train"], losses["val"])
+                        if not math.isfinite(losses["val"]):
+                            raise TrainingError(non_finite_message(it, last_saved, "val loss", losses["val"]))
+                        if it > 0:
+                            improved = losses["val"] < best_val
+                            best_val = min(best_val, losses["val"])
+                            backend.save(paths["last"], it, best_val)  # written once per evaluation
+                            last_saved = state["last_saved"] = (paths["last"], it)
+                            if improved and backend.is_main:  # the same bytes: a hard link, not a second write
+                                write_checkpoint(paths["best"], lambda: link_or_copy(paths["last"], paths["best"]))
+                        t_last, steps_since_log = time.perf_counter(), 0  # evaluation time is not step time
+                if it == cfg.max_iters and not stop_now:
                     break
                 if stop_now:  # after the evaluation, so a resumed run need not repeat it
                     if last_saved != (paths["last"], it):
                         backend.save(paths["last"], it, best_val)
+                        last_saved = state["last_saved"] = (paths["last"], it)
                     if backend.is_main:
                         log.info(f"saved {paths['last']} at step {it}")
                         print(f"error: interrupted ({stop.name if stop.requested else 'by another rank'}) "
@@ -274,7 +339,7 @@ def train_loop(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend
                     mfu = backend.mfu(dt) if it - start >= MFU_FROM_STEP else None
                     log.log_iter(it, loss_value, lr, dt * 1000, tokens_per_iter / dt, mfu)
                     t_last, steps_since_log, just_logged = now, 0, True
-    except TrainingError:
+    except BaseException:  # nothing more is written after a failure (a second signal, a failed write)
         plot = False
         raise
     finally:
@@ -284,8 +349,9 @@ def train_loop(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend
         saved = (f"best val loss {best_val:.4f}; checkpoints in {out_dir}" if last_saved else
                  "nothing was saved: checkpoints are written at evaluations after step 0")
         print(f"done: {cfg.max_iters - start} steps in {time.perf_counter() - t_run:.1f}s, {saved}")
-        print(autocomplete(backend.generate_fn(), tokenizer, cfg.prompt, backend.block_size(), cfg.max_new_tokens,
-                           cfg.temperature, cfg.top_k, cfg.seed))
+        with stop_at_once():  # nothing left to save: a stop signal ends the sample at once
+            print(autocomplete(backend.generate_fn(), tokenizer, cfg.prompt, backend.block_size(),
+                               cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed))
     return 0
 
 
@@ -299,10 +365,11 @@ def run_sample(args, read_checkpoint: Callable, build_generate: Callable) -> int
     tokenizer = checkpoint_tokenizer(ckpt, args.vocab, lambda: load_text(args.data))
     check_prompt(tokenizer, prompt)
     generate, block_size = build_generate(ckpt)
-    for i in range(args.num_samples):  # the i-th with seed + i: the first is the one of a single sample
-        if i:
-            sys.stdout.write("---------------\n")
-        text = autocomplete(generate, tokenizer, prompt, block_size, args.max_new_tokens, args.temperature,
-                            args.top_k, (args.seed + i) % (MAX_SEED + 1))
-        sys.stdout.write(text + "\n")
+    with stop_at_once():  # SIGINT or SIGTERM: one line, between two generated tokens
+        for i in range(args.num_samples):  # the i-th with seed + i: the first is the one of a single sample
+            if i:
+                sys.stdout.write("---------------\n")
+            text = autocomplete(generate, tokenizer, prompt, block_size, args.max_new_tokens, args.temperature,
+                                args.top_k, (args.seed + i) % (MAX_SEED + 1))
+            sys.stdout.write(text + "\n")
     return 0

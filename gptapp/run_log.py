@@ -8,15 +8,17 @@ only shows when stderr is a terminal (or --progress true). tqdm for the bar, mat
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, guarded_write
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
@@ -52,13 +54,15 @@ class RunLog:
         if not enabled:
             self.bar = tqdm(disable=True)
             return
+        path = self.metrics_path
         if resume_from is not None:
-            keep = [r for r in read_metrics(self.metrics_path)
+            keep = [r for r in read_metrics(path)
                     if r["iter"] < resume_from or (r["iter"] == resume_from and r["kind"] == "eval")]
-            atomic_write(self.metrics_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in keep).encode()))
-            self._file = open(self.metrics_path, "a", encoding="utf-8")
+            guarded_write(path, lambda: atomic_write(path, lambda f: f.write(
+                "".join(json.dumps(r) + "\n" for r in keep).encode())))
+            self._file = guarded_write(path, lambda: open(path, "a", encoding="utf-8"))
         else:
-            self._file = open(self.metrics_path, "w", encoding="utf-8")
+            self._file = guarded_write(path, lambda: open(path, "w", encoding="utf-8"))
         disable = None if progress is None else not progress  # None: tqdm shows it only on a terminal
         self.bar = tqdm(total=max_iters, initial=start_iter, disable=disable, dynamic_ncols=True,
                         unit="it", leave=False, file=sys.stderr)
@@ -71,8 +75,8 @@ class RunLog:
     def record(self, **fields) -> None:
         if self._file is not None:
             fields["time_s"] = round(time.time() - self.t_start, 3)
-            self._file.write(json.dumps(fields) + "\n")
-            self._file.flush()
+            line = json.dumps(fields) + "\n"
+            guarded_write(self.metrics_path, lambda: (self._file.write(line), self._file.flush()))
 
     def log_iter(self, it: int, loss: float, lr: float, dt_ms: float, tokens_per_s: float,
                  mfu: float | None = None) -> None:
@@ -89,10 +93,16 @@ class RunLog:
         self.bar.update(1)
 
     def close(self, plot: bool = True) -> None:
+        """Close metrics.jsonl and draw loss.png (WriteError if either fails; the file is closed anyway)."""
         self.bar.close()
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            f, self._file = self._file, None
+            try:
+                guarded_write(self.metrics_path, f.close)
+            except Exception:
+                with contextlib.suppress(OSError):
+                    f.close()  # a failed flush leaves the file open
+                raise
             if plot:
                 plot_losses(self.metrics_path, self.plot_path)
 
@@ -139,8 +149,10 @@ def plot_losses(metrics_path: Path, png_path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    atomic_write(png_path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+    try:
+        guarded_write(png_path, lambda: atomic_write(png_path, lambda f: fig.savefig(f, format="png")))
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -148,10 +160,20 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop signal that ends the command at once: a second one while training, or any during `sample`.
+    gptapp.cli.run_cli prints "error: interrupted (<signal>)[; detail]" and exits 128 + signum."""
+
+    def __init__(self, signum: int, detail: str = ""):
+        super().__init__(signum)
+        self.signum, self.detail = signum, detail
+
+
 class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM while training: remember it, so the loop can save and stop at the
-    next step boundary (never halfway through an update). A second Ctrl-C raises KeyboardInterrupt
-    at once. Use as a context manager around the loop; the old handlers come back on exit.
+    next step boundary (never halfway through an update), or between the batches of an evaluation.
+    A second one (either signal) raises Interrupted at once: nothing is half-written, since every
+    save is atomic. Use as a context manager around the loop; the old handlers come back on exit.
 
     forwarded=True (a rank under torchrun): the terminal's Ctrl-C reaches every rank, and torchrun
     passes it on once more, so a repeated signal is the same request, not a second Ctrl-C; and once
@@ -176,19 +198,17 @@ class StopRequest:
 
     @property
     def name(self) -> str:
-        import signal
         return signal.Signals(self.signum).name if self.signum else "?"
 
     def _handle(self, signum, frame):
-        import signal
         if self.signum is not None:
-            if signum == signal.SIGINT and not self.forwarded:
-                raise KeyboardInterrupt  # second Ctrl-C: stop now
+            if not self.forwarded:  # a second signal: stop at once, without saving
+                raise Interrupted(signum, "a second stop signal ends the run at once, without saving (every "
+                                          "checkpoint written so far is whole)")
             return
         self.signum = signum
 
     def __enter__(self) -> "StopRequest":
-        import signal
         import threading
         if threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
@@ -197,7 +217,26 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc) -> None:
-        import signal
         for sig, old in self._old.items():
             signal.signal(sig, signal.SIG_IGN if self.forwarded and self.requested else old)
         self._old.clear()
+
+
+@contextlib.contextmanager
+def stop_at_once():
+    """Around work with nothing to save (sampling): SIGINT and SIGTERM raise Interrupted at once, so the
+    command ends with one line (run_cli) between two generated tokens, whichever signal it is."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise Interrupted(signum)
+
+    old = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

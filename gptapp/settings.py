@@ -25,6 +25,17 @@ GPT_ONLY_FIELDS = ("n_layer", "n_head", "n_embd", "bias", "activation", "tie_wei
                    "rope_theta", "qk_norm", "mlp_hidden")
 # Seeds both backends take everywhere they use one (torch generators, NumPy's default_rng).
 MAX_SEED = 2 ** 32 - 1
+# The smallest sampling temperature above 0: the sampler divides float32 logits by it in float64, and
+# any float32 logit divided by this stays finite (float32's max / float64's max, about 1.9e-270).
+MIN_TEMPERATURE = 3.4028234663852886e38 / 1.7976931348623157e308
+
+
+class SettingError(ValueError):
+    """A setting with a bad value: `name` (the TrainConfig field) and `why`; the message names its flag."""
+
+    def __init__(self, name: str, value, why: str):
+        super().__init__(f"--{name}={value!r} is invalid: {why}")
+        self.name, self.why = name, why
 
 
 @dataclass(frozen=True)
@@ -76,7 +87,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ValueError naming the flag and its bad value."""
         def bad(name, why):
-            raise ValueError(f"--{name}={getattr(self, name)!r} is invalid: {why}")
+            raise SettingError(name, getattr(self, name), why)
 
         if self.model not in ("gpt", "bigram"):
             bad("model", "use gpt or bigram")
@@ -111,6 +122,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not value >= 0.0 or value != value or value == float("inf"):
                 bad(name, "must be a finite number >= 0")
+        if 0.0 < self.temperature < MIN_TEMPERATURE:
+            bad("temperature", f"use 0 (greedy) or a number >= {MIN_TEMPERATURE:.3g}: the logits divided by a "
+                               "smaller one overflow")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 bad(name, "must lie in [0, 1)")

@@ -148,18 +148,24 @@ class NumpyBackend:
     def warm_up(self) -> None:
         return None  # nothing to compile
 
-    def estimate_loss(self, it: int) -> dict:
-        """Mean loss over eval_iters batches of each split (see loop.eval_seed), in eval mode (no dropout)."""
+    def estimate_loss(self, it: int, stop=None) -> dict | None:
+        """Mean loss over eval_iters batches of each split (see loop.eval_seed), in eval mode (no dropout);
+        None as soon as stop() is true between two batches."""
         cfg = self.cfg
         self.model.eval()
-        out = {}
-        for k, (name, data) in enumerate(self.splits.items()):
-            rng = np.random.default_rng(eval_seed(cfg.seed, it, k))
-            losses = [self.model.forward(*get_batch(data, cfg.batch_size, cfg.block_size, rng))[1]
-                      for _ in range(cfg.eval_iters)]
-            out[name] = float(np.mean(losses))
-        self.model.train()
-        return out
+        try:
+            out = {}
+            for k, (name, data) in enumerate(self.splits.items()):
+                rng = np.random.default_rng(eval_seed(cfg.seed, it, k))
+                losses = []
+                for _ in range(cfg.eval_iters):
+                    if stop is not None and stop():
+                        return None
+                    losses.append(self.model.forward(*get_batch(data, cfg.batch_size, cfg.block_size, rng))[1])
+                out[name] = float(np.mean(losses))
+            return out
+        finally:
+            self.model.train()
 
     def step(self, it: int, lr: float) -> float:
         cfg = self.cfg

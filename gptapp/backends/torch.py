@@ -179,7 +179,13 @@ class TorchBackend:
 
     def restore(self, ckpt: Checkpoint) -> None:
         check_optimizer_state(self.optimizer, ckpt.optimizer, ckpt.path)  # torch checks only the group sizes
+        # The saved param_groups carry the hyperparameters of the run that wrote them; this run's come
+        # from its settings (the checkpoint's, with the flags given on --resume): put them back after
+        # the load, so --weight_decay, --beta1, --beta2, --learning_rate and --muon_lr apply.
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         load_optimizer_state(self.optimizer, ckpt.optimizer)
+        for group, own in zip(self.optimizer.param_groups, settings):
+            group.update(own)
         note = restore_generator_state(self.batches["train"].generator, ckpt.rng["data"])
         if note and self.info.is_main:  # saved on another device type (a GPU run resumed on a CPU, or back)
             print(f"note: {ckpt.path}: {note}", file=sys.stderr)
@@ -199,8 +205,10 @@ class TorchBackend:
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def estimate_loss(self, it: int) -> dict:
-        """Mean loss over eval_iters batches of each split (see loop.eval_seed), in eval mode.
+    def estimate_loss(self, it: int, stop=None) -> dict | None:
+        """Mean loss over eval_iters batches of each split (see loop.eval_seed), in eval mode; None as
+        soon as stop() is true between two batches (one process only: under DDP every rank must reach
+        the all-reduce, so the evaluation ends first and the loop's poll stops the ranks together).
 
         Under DDP the ranks split the batches (DeviceBatches.rank_share: each evaluates about
         eval_iters / world_size of them) and the sum is all-reduced, so evaluating takes 1/world_size
@@ -208,18 +216,24 @@ class TorchBackend:
         One host sync per split (the .item()).
         """
         cfg = self.cfg
+        if self.info.enabled:
+            stop = None
         self.model.eval()
-        out = {}
-        for k, (name, batches) in enumerate(self.batches.items()):
-            gen = batches.new_generator(eval_seed(cfg.seed, it, k))
-            total = torch.zeros((), dtype=torch.float32, device=batches.device)
-            for x, y in batches.rank_share(gen, cfg.eval_iters):
-                with self.amp:
-                    _, loss = self.model(x, y)
-                total += loss.float()
-            out[name] = all_sum(total, self.info).item() / cfg.eval_iters
-        self.model.train()
-        return out
+        try:
+            out = {}
+            for k, (name, batches) in enumerate(self.batches.items()):
+                gen = batches.new_generator(eval_seed(cfg.seed, it, k))
+                total = torch.zeros((), dtype=torch.float32, device=batches.device)
+                for x, y in batches.rank_share(gen, cfg.eval_iters):
+                    if stop is not None and stop():
+                        return None
+                    with self.amp:
+                        _, loss = self.model(x, y)
+                    total += loss.float()
+                out[name] = all_sum(total, self.info).item() / cfg.eval_iters
+            return out
+        finally:
+            self.model.train()
 
     def warm_up(self) -> float | None:
         """Compile the training and evaluation graphs before step 0, and return the seconds it took
