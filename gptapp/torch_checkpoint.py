@@ -130,17 +130,18 @@ def _check_torch_state(optimizer, rng, path: Path) -> None:
         raise CheckpointError(f"{path}: {what}; the file was edited or written by another program")
 
     if optimizer not in (None, {}):
-        if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
-                and isinstance(optimizer.get("param_groups"), list)):
+        saved_optimizers = optimizer_state_dicts(optimizer)
+        if saved_optimizers is None:
             bad("its optimizer entry is not a torch optimizer state_dict (state, param_groups)")
-        for key, st in optimizer["state"].items():
-            if not isinstance(st, dict):
-                bad(f"the optimizer state of parameter {key!r} is not a mapping")
-            if "step" in st:
-                step = _plain(st["step"])  # torch keeps it as a float tensor
-                if isinstance(step, float) and step.is_integer():
-                    step = int(step)
-                check_count(step, f"the optimizer's step of parameter {key!r}", path)
+        for saved in saved_optimizers.values():
+            for key, st in saved["state"].items():
+                if not isinstance(st, dict):
+                    bad(f"the optimizer state of parameter {key!r} is not a mapping")
+                if "step" in st:
+                    step = _plain(st["step"])  # torch keeps it as a float tensor
+                    if isinstance(step, float) and step.is_integer():
+                        step = int(step)
+                    check_count(step, f"the optimizer's step of parameter {key!r}", path)
     if rng not in (None, {}):
         if not isinstance(rng, dict):
             bad("its rng entry is not a mapping")
@@ -157,27 +158,48 @@ def _check_torch_state(optimizer, rng, path: Path) -> None:
                 bad(f"its rng state {name} is not a generator state (a non-empty 1-D uint8 tensor)")
 
 
-def check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, path) -> None:
-    """CheckpointError unless a saved optimizer state_dict fits `optimizer`'s parameters: the same
-    groups, as many parameters in each, and every per-parameter buffer of its parameter's shape.
-    torch's load_state_dict checks only the group sizes; a buffer of another shape fails in the first step."""
+def _is_state_dict(state) -> bool:
+    return isinstance(state, dict) and isinstance(state.get("state"), dict) and isinstance(state.get("param_groups"), list)
+
+
+def optimizer_state_dicts(state) -> dict | None:
+    """A saved optimizer entry as {name: torch state_dict}: {"": sd} for one optimizer, and the
+    entry itself for --optimizer muon's {"adamw": sd, "muon": sd}; None when it is neither."""
+    if _is_state_dict(state):
+        return {"": state}
+    if isinstance(state, dict) and state and all(_is_state_dict(v) for v in state.values()):
+        return state
+    return None
+
+
+def check_optimizer_state(optimizer, state: dict, path) -> None:
+    """CheckpointError unless a saved optimizer state fits `optimizer`'s parameters (a torch optimizer,
+    or MuonAdamW's pair): the same optimizers and groups, as many parameters in each, and every
+    per-parameter buffer of its parameter's shape. torch's load_state_dict checks only the group
+    sizes; a buffer of another shape fails in the first step."""
     def bad(what: str):
         raise CheckpointError(f"{path}: its optimizer state does not fit the model ({what}); the file was edited "
                               "or mixes two runs: start a new run, or --init_from it for its weights only")
 
-    if not (isinstance(state, dict) and isinstance(state.get("state"), dict)
-            and isinstance(state.get("param_groups"), list)):
+    own_optimizers = getattr(optimizer, "optimizers", {"": optimizer})
+    saved_optimizers = optimizer_state_dicts(state)
+    if saved_optimizers is None:
         bad("not a torch optimizer state_dict")
-    if len(state["param_groups"]) != len(optimizer.param_groups):
-        bad(f"{len(state['param_groups'])} parameter groups, the optimizer has {len(optimizer.param_groups)}")
-    for saved, own in zip(state["param_groups"], optimizer.param_groups):
-        ids = saved.get("params") if isinstance(saved, dict) else None
-        if not isinstance(ids, list) or len(ids) != len(own["params"]):
-            bad("a parameter group of another size")
-        for pid, p in zip(ids, own["params"]):
-            for key, value in state["state"].get(pid, {}).items():
-                if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != tuple(p.shape):
-                    bad(f"{key} of parameter {pid} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}")
+    if sorted(saved_optimizers) != sorted(own_optimizers):
+        bad(f"optimizers {sorted(saved_optimizers)}, this run has {sorted(own_optimizers)}")
+    for name, own_optimizer in own_optimizers.items():
+        saved_state = saved_optimizers[name]
+        if len(saved_state["param_groups"]) != len(own_optimizer.param_groups):
+            bad(f"{len(saved_state['param_groups'])} parameter groups, the optimizer has "
+                f"{len(own_optimizer.param_groups)}")
+        for saved, own in zip(saved_state["param_groups"], own_optimizer.param_groups):
+            ids = saved.get("params") if isinstance(saved, dict) else None
+            if not isinstance(ids, list) or len(ids) != len(own["params"]):
+                bad("a parameter group of another size")
+            for pid, p in zip(ids, own["params"]):
+                for key, value in saved_state["state"].get(pid, {}).items():
+                    if torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) != tuple(p.shape):
+                        bad(f"{key} of parameter {pid} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}")
 
 
 def _to_numpy(sd: dict, path: Path) -> dict[str, np.ndarray]:
