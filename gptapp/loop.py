@@ -17,10 +17,10 @@ from npgpt.data import CharTokenizer, check_text_length
 from npgpt.optim import cosine_lr
 
 from .autocomplete import autocomplete, check_prompt, read_prompt
-from .checkpoint import Checkpoint, CheckpointError, checkpoint_paths, ensure_writable_dir, link_or_copy
+from .checkpoint import TORCH_EXT, Checkpoint, CheckpointError, checkpoint_paths, ensure_writable_dir, link_or_copy
 from .cli import init_from_train_config, resumed_train_config, train_config_from_args
 from .data import checkpoint_tokenizer, load_text, training_splits
-from .errors import TrainingError, UsageError, one_line
+from .errors import INSTALL_TORCH, TrainingError, UsageError, one_line, torch_installed
 from .run_dir import check_out_dir_flags, make_room, refuse_used_out_dir
 from .run_log import RunLog, StopRequest
 from .settings import MAX_SEED, TrainConfig
@@ -136,8 +136,9 @@ def resume_checkpoint(paths: dict, backend: Backend) -> Checkpoint:
     last = paths["last"]
     if not last.exists():
         other = last.with_suffix(backend.other_ext)
+        needs = f" (both need torch: {INSTALL_TORCH})" if other.suffix == TORCH_EXT and not torch_installed() else ""
         hint = (f"; {other} is {backend.other_prog}'s: resume it with {backend.other_prog}, or start from its "
-                f"weights with --init_from {other}") if other.exists() else "; train without --resume first"
+                f"weights with --init_from {other}{needs}") if other.exists() else "; train without --resume first"
         raise CheckpointError(f"--resume: no checkpoint {last} in --out_dir{hint}")
     ckpt = backend.read_checkpoint(last, any_kind=False)  # its own kind: the optimiser and RNG state are its own
     if ckpt.backend != backend.name or ckpt.train_config is None:
