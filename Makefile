@@ -7,6 +7,9 @@ TORCH_SPEC ?= torch>=2.2
 VENV       := .venv
 PY         := $(VENV)/bin/python
 DATA       ?= ../shared/data/tinyshakespeare/input.txt
+# --no-compile: Python writes the bytecode of the modules a run imports, not of every installed file
+# (about 100 MB less in a .venv that `make train` made).
+PIP        := -m pip install --quiet --no-compile
 # One stamp per set of extras; each target installs on top of the one before it. torch comes first
 # from TORCH_SPEC, so that the torch extra's range finds it installed rather than picking a build.
 VENV_STAMP  := $(VENV)/.created
@@ -20,20 +23,20 @@ setup: $(STAMP)
 
 $(VENV_STAMP):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) $(PIP) --upgrade pip
 	touch $@
 
 $(TRAIN_STAMP): $(VENV_STAMP) pyproject.toml Makefile
-	$(PY) -m pip install --quiet -e ".[train]"
+	$(PY) $(PIP) -e ".[train]"
 	touch $@
 
 $(TORCH_STAMP): $(TRAIN_STAMP)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[torch,train]"
+	$(PY) $(PIP) "$(TORCH_SPEC)"
+	$(PY) $(PIP) -e ".[torch,train]"
 	touch $@
 
 $(STAMP): $(TORCH_STAMP)
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) $(PIP) -e ".[test]"
 	touch $@
 
 # Train the NumPy GPT with the default (nanoGPT CPU) recipe, then print a sample. ARGS="..." adds
@@ -73,7 +76,7 @@ BASE_ABSENT := torch numba tqdm matplotlib
 
 $(BASE_STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(BASE_VENV)
-	$(BASE_PY) -m pip install --quiet -e . pytest hypothesis pytest-xdist
+	$(BASE_PY) $(PIP) -e . pytest hypothesis pytest-xdist
 	touch $@
 
 test-base: $(BASE_STAMP)
