@@ -41,6 +41,16 @@ SENSITIVE = ["tests/test_layers.py", "tests/test_modern_layers.py", "tests/test_
              "tests/test_modern_model.py", "tests/test_fastpath.py", "tests/test_fast_modern.py",
              "tests/test_numba_kernels.py", "tests/test_optim.py", "tests/test_bounds.py", "parity_tests"]
 IGNORE = ["parity_tests/test_cuda.py"]
+# Tests of how processes start (numba's thread pool, its disk cache, a switch read at import): each runs
+# fresh interpreters with an environment of its own and checks no number the kernels compute; `make
+# test` runs them. Here they would only add most of a variant's time (and, with a cold cache, compile
+# the kernels again in every interpreter they start).
+DESELECT = [f"tests/test_numba_kernels.py::{name}" for name in (
+    "test_with_openmp_already_loaded_the_pool_is_numbas_workqueue",
+    "test_a_second_process_loads_the_kernels_from_the_disk_cache",
+    "test_thread_count_follows_omp_num_threads_unless_numba_num_threads_is_set",
+    "test_the_thread_pool_starts_passive_without_leaving_the_setting_behind",
+    "test_npgpt_numba_0_keeps_the_fast_path_on_numpy")]
 
 # OpenBLAS's x86-64 families (its names, as OPENBLAS_CORETYPE takes them) and the /proc/cpuinfo flags
 # their kernels execute, each family needing what the one before it needs (driver/others/dynamic.c
@@ -283,7 +293,7 @@ def run_variant(v: Variant, tests: list[str], cache: Path, pytest_args: list[str
     workers = max(1, min(8, (os.cpu_count() or 1) // v.threads))
     with tempfile.TemporaryDirectory(prefix="portability-") as tmp:
         junit, report_path = Path(tmp) / "junit.xml", Path(tmp) / "report.json"
-        args = [*tests, *(f"--ignore={p}" for p in IGNORE), "-q", "-p", "no:cacheprovider",
+        args = [*tests, *(f"--ignore={p}" for p in IGNORE), *(f"--deselect={d}" for d in DESELECT), "-q", "-p", "no:cacheprovider",
                 f"--junitxml={junit}", "-n", str(workers if workers > 1 else 0), *pytest_args]
         print(f"\n=== {v.name}: OPENBLAS_CORETYPE={v.family if v.family != DEFAULT else '(unset)'}, "
               f"numba for {v.numba}, {v.threads} thread(s), {workers} pytest worker(s)", flush=True)
