@@ -1,32 +1,43 @@
-# Everything runs from a local virtual environment, created on first use.
+# Everything runs from a local virtual environment, created on first use, holding what the target
+# needs and no more: `make train` the NumPy side (numpy, scipy, numba, tqdm, matplotlib; no torch),
+# `make train-torch` and `make test` torch as well.
 # TORCH_SPEC picks the torch build: users get the plain range; CI pins the CPU wheel.
 PYTHON     ?= python3
 TORCH_SPEC ?= torch>=2.2
 VENV       := .venv
 PY         := $(VENV)/bin/python
 DATA       ?= ../shared/data/tinyshakespeare/input.txt
-# One stamp per set of extras: torch first from TORCH_SPEC, then the extras a target needs.
-BASE_STAMP  := $(VENV)/.installed-torch
+# --no-compile: Python writes the bytecode of the modules a run imports, not of every installed file
+# (about 100 MB less in a .venv that `make train` made).
+PIP        := -m pip install --quiet --no-compile
+# One stamp per set of extras; each target installs on top of the one before it. torch comes first
+# from TORCH_SPEC, so that the torch extra's range finds it installed rather than picking a build.
+VENV_STAMP  := $(VENV)/.created
 TRAIN_STAMP := $(VENV)/.installed-train
+TORCH_STAMP := $(VENV)/.installed-torch
 STAMP       := $(VENV)/.installed-test
 
-.PHONY: setup train train-torch check-data test test-slow parity-report bench figures clean
+.PHONY: setup train train-torch check-data test test-slow test-base test-portability parity-report bench figures clean
 
 setup: $(STAMP)
 
-$(BASE_STAMP): pyproject.toml Makefile
+$(VENV_STAMP):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) $(PIP) --upgrade pip
 	touch $@
 
-$(TRAIN_STAMP): $(BASE_STAMP)
-	$(PY) -m pip install --quiet -e ".[torch,train]"
+$(TRAIN_STAMP): $(VENV_STAMP) pyproject.toml Makefile
+	$(PY) $(PIP) -e ".[train]"
 	touch $@
 
-$(STAMP): $(BASE_STAMP)
-	$(PY) -m pip install --quiet -e ".[test]"
-	touch $@ $(TRAIN_STAMP)
+$(TORCH_STAMP): $(TRAIN_STAMP)
+	$(PY) $(PIP) "$(TORCH_SPEC)"
+	$(PY) $(PIP) -e ".[torch,train]"
+	touch $@
+
+$(STAMP): $(TORCH_STAMP)
+	$(PY) $(PIP) -e ".[test]"
+	touch $@
 
 # Train the NumPy GPT with the default (nanoGPT CPU) recipe, then print a sample. ARGS="..." adds
 # flags (ARGS=--resume continues the run in out/). A fresh run moves an earlier one in out/ aside into
@@ -40,7 +51,7 @@ DATA_FLAG = $(if $(wildcard $(DATA)),--data $(DATA),$(if $(filter file,$(origin 
 train: check-data $(TRAIN_STAMP)
 	$(PY) train_np.py $(DATA_FLAG) $(MOVE_ASIDE) $(ARGS)
 
-train-torch: check-data $(TRAIN_STAMP)
+train-torch: check-data $(TORCH_STAMP)
 	$(PY) train_torch.py $(DATA_FLAG) $(MOVE_ASIDE) $(ARGS)
 
 check-data:  # first, so that a wrong DATA= stops make before any install
@@ -54,6 +65,32 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q -n 2 -m slow
+
+# The NumPy side's own tests in .venv-base, which holds the base install (`pip install -e .`: numpy,
+# scipy) and the test runner only: no torch, no numba (npgpt.fast runs on NumPy), no tqdm, no matplotlib.
+BASE_VENV  := .venv-base
+BASE_PY    := $(BASE_VENV)/bin/python
+BASE_STAMP := $(BASE_VENV)/.installed-base
+BASE_TESTS := tests/test_layers.py tests/test_modern_layers.py tests/test_model.py tests/test_modern_model.py \
+              tests/test_fastpath.py tests/test_fast_modern.py tests/test_optim.py tests/test_data.py \
+              tests/test_config.py $(wildcard tests/test_bounds.py)
+BASE_ABSENT := torch numba tqdm matplotlib
+
+$(BASE_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(BASE_VENV)
+	$(BASE_PY) $(PIP) -e . pytest hypothesis pytest-xdist
+	touch $@
+
+test-base: $(BASE_STAMP)
+	@$(BASE_PY) -c "import importlib.util as u, sys; extra = [m for m in sys.argv[1:] if u.find_spec(m)]; \
+		sys.exit(f'$(BASE_VENV) holds {extra}: not the base install; make clean, then make test-base') if extra else None" $(BASE_ABSENT)
+	$(TEST_ENV) $(BASE_PY) -m pytest -q -n 2 $(BASE_TESTS)
+
+# The numerically sensitive tests under each OpenBLAS kernel family this CPU can run, numba compiled
+# for this CPU and for a generic x86-64, on 1 and 2 threads (tools/portability.py --list: the matrix).
+# VARIANT=nehalem-generic-1 runs one variant (family-numba-threads).
+test-portability: $(STAMP)
+	$(if $(wildcard $(DATA)),NPGPT_DATA=$(abspath $(DATA))) $(PY) tools/portability.py $(if $(VARIANT),--variant $(VARIANT))
 
 # The README's pictures (loss curves, attention maps, parity errors) into docs/figures/.
 figures: $(STAMP)
@@ -69,7 +106,7 @@ bench: $(STAMP)
 	$(PY) bench/step_time.py --mode generate
 
 clean:
-	rm -rf $(VENV) out* .pytest_cache .hypothesis
+	rm -rf $(VENV) $(BASE_VENV) build/portability out* .pytest_cache .hypothesis
 
 # On a CUDA machine, one command: the CUDA parity tests, tiny runs (compile on/off, bf16/float32),
 # save and resume on CUDA and on the CPU, torchrun with 2 GPUs, and bench/time_to_loss.py gpu; figures in

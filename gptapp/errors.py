@@ -2,7 +2,21 @@
 stderr, "error: <problem>; <fix>"; run_cli (gptapp.cli) maps each kind to its exit status."""
 from __future__ import annotations
 
+import importlib.util
+
 EXIT_FAULT, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+# The fix for "this needs torch" (train_np.py's install, `make train`, has no torch).
+INSTALL_TORCH = 'install it with pip install -e ".[torch]" or make train-torch'
+
+
+def torch_installed() -> bool:
+    """Whether `import torch` can find torch, without importing it."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 class UsageError(Exception):

@@ -19,10 +19,10 @@ from npgpt.optim import cosine_lr
 
 from .autocomplete import autocomplete, check_prompt, read_prompt
 from .budget import check_training_budget
-from .checkpoint import Checkpoint, CheckpointError, WriteError, checkpoint_paths, guarded_write, link_or_copy
+from .checkpoint import TORCH_EXT, Checkpoint, CheckpointError, WriteError, checkpoint_paths, guarded_write, link_or_copy
 from .cli import init_from_train_config, resumed_train_config, train_config_from_args
 from .data import checkpoint_tokenizer, load_text, training_splits
-from .errors import TrainingError, UsageError, one_line
+from .errors import INSTALL_TORCH, TrainingError, UsageError, one_line, torch_installed
 from .run_dir import (
     check_out_dir_flags,
     lock_out_dir,
@@ -160,8 +160,9 @@ def resume_checkpoint(paths: dict, backend: Backend) -> Checkpoint:
         other = last.with_suffix(backend.other_ext)
         log = only_a_log(last.parent)
         if other.exists():
+            needs = f" (both need torch: {INSTALL_TORCH})" if other.suffix == TORCH_EXT and not torch_installed() else ""
             hint = (f"; {other} is {backend.other_prog}'s: resume it with {backend.other_prog}, or start from its "
-                    f"weights with --init_from {other}")
+                    f"weights with --init_from {other}{needs}")
         elif log:
             hint = (f"; the run there saved none (it left only {', '.join(p.name for p in log)}): start a new run "
                     "there with --overwrite or --move_aside instead of --resume")

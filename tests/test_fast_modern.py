@@ -45,6 +45,7 @@ def numpy_only(monkeypatch):
 
 @pytest.fixture
 def kernels_on(monkeypatch):
+    pytest.importorskip("numba")  # the base install (`make test-base`) has none; with numba, no excuse
     assert K.AVAILABLE, K.UNAVAILABLE_REASON
     monkeypatch.setattr(K, "ENABLED", True)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -152,10 +153,75 @@ def test_torchgpt_source_imports_torch_numpy_and_npgpt_core(module):
 
 
 def test_the_app_loads_no_torch_for_the_numpy_backend():
-    """train_np.py without a .pt checkpoint: the app and the NumPy backend never load torch."""
-    loaded = top_level(loaded_by("gptapp", "gptapp.cli", "gptapp.loop", "gptapp.data", "gptapp.run_log",
-                                 "gptapp.checkpoint", "gptapp.backends.numpy"))
+    """train_np.py without a .pt checkpoint: the script, the app and the NumPy backend never load torch
+    (`make train` installs no torch)."""
+    loaded = top_level(loaded_by("train_np", "gptapp", "gptapp.cli", "gptapp.loop", "gptapp.data",
+                                 "gptapp.run_log", "gptapp.checkpoint", "gptapp.backends.numpy"))
     assert "torch" not in loaded and "torchgpt" not in loaded, sorted(loaded)
+
+
+# --------------------------------------------------------------------------- train_np.py without torch
+
+# A sitecustomize that makes `import torch` fail as if torch were not installed (`make train`'s .venv).
+HIDE_TORCH = """
+import sys
+class HideTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise ImportError(f"No module named {name!r}")
+        return None
+sys.meta_path.insert(0, HideTorch())
+"""
+
+
+def run_without_torch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python *args` at the project root in an interpreter whose `import torch` fails."""
+    hook = tmp_path / "hide_torch"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(HIDE_TORCH, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=os.pathsep.join([str(hook), str(ROOT)]), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_hook_really_hides_torch(tmp_path):
+    """Guards the test below: with the hook, `import torch` fails in that interpreter."""
+    run = run_without_torch(tmp_path, "-c", "import torch")
+    assert run.returncode != 0 and "ImportError: No module named 'torch'" in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("case", ["sample --ckpt", "--init_from", "--resume"])
+def test_train_np_asked_for_a_pt_without_torch_says_how_to_install_it(tmp_path, case):
+    """One `error:` line naming the install command, exit 2, no traceback, nothing written."""
+    torch = pytest.importorskip("torch")
+    from gptapp.torch_checkpoint import save_torch_checkpoint
+    from npgpt.config import GPTConfig
+    from npgpt.model import init_params
+
+    config = GPTConfig(vocab_size=3, block_size=4, n_layer=1, n_head=1, n_embd=4)
+    payload = {"format": "npgpt-checkpoint", "version": 1, "backend": "torch", "model": "gpt",
+               "gpt_config": config.to_dict(), "train_config": {}, "vocab": "abc",
+               "model_state": {k: torch.from_numpy(v) for k, v in init_params(config, seed=0).items()},
+               "optimizer": {}, "iter_num": 0, "best_val_loss": 2.5, "rng": {}}
+    run_dir = tmp_path / "torch_run"
+    run_dir.mkdir()
+    ckpt = run_dir / "ckpt_last.pt"
+    save_torch_checkpoint(ckpt, payload)
+    text = tmp_path / "input.txt"
+    text.write_text("abcabcabcab\n" * 200, encoding="utf-8")
+    train = ["--preset", "tiny", "--data", str(text), "--max_iters", "2"]
+    argv = {"sample --ckpt": ["sample", "--ckpt", str(ckpt), "--max_new_tokens", "3"],
+            "--init_from": [*train, "--init_from", str(ckpt), "--out_dir", str(tmp_path / "out")],
+            "--resume": [*train, "--resume", "--out_dir", str(run_dir)]}[case]
+    before = sorted(p.name for p in run_dir.iterdir())
+    run = run_without_torch(tmp_path, "train_np.py", *argv)
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    print(run.stderr)
+    assert "Traceback" not in run.stderr + run.stdout
+    assert run.returncode == 2, (run.returncode, run.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert 'pip install -e ".[torch]"' in lines[0] and "make train-torch" in lines[0], lines[0]
+    assert sorted(p.name for p in run_dir.iterdir()) == before and not (tmp_path / "out").exists()
 
 
 def test_the_checks_fail_on_a_broken_rule(tmp_path):

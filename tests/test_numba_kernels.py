@@ -21,7 +21,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numba
 import numpy as np
 import pytest
 
@@ -241,6 +240,8 @@ def test_softmax(dtype):
 
 def scalar_function_over(function, z):
     """function (one of the kernels' scalar helpers, as numba compiles it for z's dtype) at each z."""
+    import numba  # here, not at the top: test_fast_modern.py imports this module's helpers without numba
+
     @numba.njit
     def each(z, out):
         for i in range(z.shape[0]):

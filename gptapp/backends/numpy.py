@@ -12,6 +12,7 @@ import numpy as np
 from npgpt.data import get_batch
 
 from ..checkpoint import NUMPY_EXT, TORCH_EXT, Checkpoint, CheckpointError, load_checkpoint, save_npz
+from ..errors import INSTALL_TORCH
 from ..loop import NonFiniteLoss, eval_seed, write_checkpoint
 from ..optimizers import MuonAdamW
 
@@ -41,7 +42,7 @@ def torch_loader(path) -> Checkpoint:
         from ..torch_checkpoint import load_torch_checkpoint
     except ImportError as err:
         raise CheckpointError(f"{path} is a PyTorch checkpoint and reading it needs torch ({err}); "
-                              "install torch, or use a .npz checkpoint") from None
+                              f"{INSTALL_TORCH}, or use a .npz checkpoint") from None
     return load_torch_checkpoint(path)
 
 
