@@ -4,7 +4,9 @@ tests/test_checkpoint.py and tests/test_cli_errors.py; its own tests check the h
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -79,6 +81,26 @@ def run_subprocess(backend: str, argv: list, cwd: Path, timeout: float = 120) ->
 def tiny_args(out_dir: Path, *extra) -> list:
     """A `tiny` run (seconds) with its output in out_dir."""
     return ["--preset", "tiny", "--data", DATA, "--out_dir", out_dir, "--max_new_tokens", 20, *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory) -> dict:
+    """A finished 20-step `tiny` run of each script (seed 1337): {"np": out_dir, "torch": out_dir}.
+
+    One pair per test process, shared by every module that imports this fixture (test_cli_errors,
+    test_reliability, test_train_cross): a test never writes into these directories, it copies one.
+    """
+    if not DATA.is_file():
+        pytest.skip(f"Tiny Shakespeare not found at {DATA}")
+    dirs = {}
+    for backend in SCRIPTS:
+        out = tmp_path_factory.mktemp(f"tiny_run_{backend}") / "out"
+        extra = ["--device", "cpu"] if backend == "torch" else []
+        with contextlib.redirect_stdout(io.StringIO()):
+            rc = load_script(backend).main([str(a) for a in tiny_args(out, "--max_iters", 20, *extra)])
+        assert rc == 0
+        dirs[backend] = out
+    return dirs
 
 
 def assert_one_error_line(res: Result, *words: str, rc: int | None = None) -> str:
