@@ -49,7 +49,7 @@ def run_bench(*args, timeout=120):
 def test_a_tiny_run_gives_the_table_the_verdicts_the_json_and_the_picture(tmp_path, text_file):
     out_json, out_png = tmp_path / "modern.json", tmp_path / "modern.png"
     res = run_bench("--max_iters", 10, "--eval_interval", 5, "--threads", 1, "--data", text_file,
-                    "--extra", TINY, "--json", out_json, "--png", out_png)
+                    "--extra", TINY, "--json", out_json, "--png", out_png, timeout=300)  # 5 processes
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr
     results = json.loads(out_json.read_text())
     runs = results["runs"]
