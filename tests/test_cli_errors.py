@@ -22,7 +22,6 @@ from test_train_helpers import (
     SCRIPTS,
     SUBPROCESS_ENV,
     assert_one_error_line,
-    load_script,
     run_main,
     run_subprocess,
     tiny_args,
