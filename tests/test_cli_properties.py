@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
-from test_train_helpers import DATA, SCRIPTS, load_script
+from test_train_helpers import DATA, SCRIPTS, load_script, working_directory
 
 try:
     from gptapp.checkpoint import Checkpoint, load_npz, save_npz
@@ -255,7 +255,7 @@ def run_in_process(backend: str, argv: list[str], cwd: Path, env: dict, command:
     """(exit status, stderr) of the command through main(argv), in `cwd` with `env` added, as
     `sys.exit(main())` would end it; an exception escaping main() fails with the command."""
     out, err = io.StringIO(), io.StringIO()
-    with environment(env), contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with environment(env), working_directory(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             rc = load_script(backend).main(argv)
         except SystemExit as exc:

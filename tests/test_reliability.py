@@ -37,6 +37,7 @@ from test_train_helpers import (
     needs_data,
     tiny_args,
     tiny_runs,  # noqa: F401  (a session fixture)
+    working_directory,
 )
 
 # The training application moves out of npgpt into gptapp (issue 9): take each name from where it is.
@@ -83,7 +84,7 @@ def run(backend: str, argv: list, cwd) -> Result:
     traceback would be an exception here, and fail the test; tests/test_cli_errors.py runs the real
     process too."""
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with working_directory(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             rc = load_script(backend).main([str(a) for a in argv])
         except SystemExit as exc:

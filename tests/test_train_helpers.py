@@ -72,6 +72,17 @@ def run_main(backend: str, argv: list, capsys) -> Result:
     return Result(rc, captured.out, captured.err)
 
 
+@contextlib.contextmanager
+def working_directory(path):
+    """os.chdir(path) for the block, then back (contextlib.chdir from Python 3.11 on)."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def run_subprocess(backend: str, argv: list, cwd: Path, timeout: float = 120) -> Result:
     cmd = [sys.executable, str(ROOT / f"{SCRIPTS[backend]}.py"), *map(str, argv)]
     p = subprocess.run(cmd, cwd=cwd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=timeout)
