@@ -7,8 +7,6 @@ the terminal, SIGINT) run the script as a subprocess.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import signal
 import subprocess
@@ -24,10 +22,10 @@ from test_train_helpers import (
     SCRIPTS,
     SUBPROCESS_ENV,
     assert_one_error_line,
-    load_script,
     run_main,
     run_subprocess,
     tiny_args,
+    tiny_runs,  # noqa: F401  (a session fixture)
 )
 
 from gptapp.checkpoint import load_checkpoint, save_npz
@@ -42,18 +40,10 @@ def cpu(backend: str) -> list:
     return ["--device", "cpu"] if backend == "torch" else []
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A finished 20-step `tiny` run of each script: {"np": out_dir, "torch": out_dir}."""
-    if not DATA.is_file():
-        pytest.skip(f"Tiny Shakespeare not found at {DATA}")
-    dirs = {}
-    for backend in BACKENDS:
-        out = tmp_path_factory.mktemp(f"good_{backend}")
-        with contextlib.redirect_stdout(io.StringIO()):
-            assert load_script(backend).main([str(a) for a in tiny_args(out, "--max_iters", 20, *cpu(backend))]) == 0
-        dirs[backend] = out
-    return dirs
+@pytest.fixture
+def runs(tiny_runs):
+    """A finished 20-step `tiny` run of each script: {"np": out_dir, "torch": out_dir} (read-only)."""
+    return tiny_runs
 
 
 def copy_run(src, dst):

@@ -1,6 +1,9 @@
 """Whatever a user types, the scripts answer like this (issue 10): random argument lists for the
 `train` and `sample` commands of both scripts, with valid and invalid values of every flag, random
-prompts, used and fresh output directories and damaged checkpoint files, each run as a subprocess:
+prompts, used and fresh output directories and damaged checkpoint files, each run as its command
+line through the script's main() in this process, in a working directory and environment of its own
+(an uncaught exception, which a real process would print as a traceback, fails the example; the
+real process is tests/test_cli_errors.py's and tests/test_train_np.py's):
 
     - the exit status is 0 or 2 (bad input), never 1 (a fault) or a crash;
     - stderr holds at most one line starting "error:" (exactly one when the status is 2), and never
@@ -19,8 +22,6 @@ import contextlib
 import io
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from datetime import timedelta
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
-from test_train_helpers import DATA, ROOT, SCRIPTS, SUBPROCESS_ENV, load_script
+from test_train_helpers import DATA, SCRIPTS, load_script, working_directory
 
 try:
     from gptapp.checkpoint import Checkpoint, load_npz, save_npz
@@ -40,8 +41,8 @@ FACTOR = max(1, int(os.environ.get("NPGPT_CLI_EXAMPLES", "1")))
 
 
 def budget(n: int):
-    """n examples (times NPGPT_CLI_EXAMPLES); no shrinking: each step of it would be another subprocess,
-    and a failing argument list reads well as it is."""
+    """n examples (times NPGPT_CLI_EXAMPLES); no shrinking: each step of it would be another run of a
+    script, and a failing argument list reads well as it is."""
     return settings(max_examples=n * FACTOR, deadline=timedelta(seconds=120), derandomize=True, print_blob=True,
                     phases=[Phase.explicit, Phase.reuse, Phase.generate],
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -235,23 +236,57 @@ def sample_argv(draw, torch_flags: bool) -> list[str]:
 
 # --------------------------------------------------------------------------- the property
 
+@contextlib.contextmanager
+def environment(changes: dict):
+    """os.environ with `changes`, restored afterwards."""
+    saved = {k: os.environ.get(k) for k in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_in_process(backend: str, argv: list[str], cwd: Path, env: dict, command: str) -> tuple[int, str]:
+    """(exit status, stderr) of the command through main(argv), in `cwd` with `env` added, as
+    `sys.exit(main())` would end it; an exception escaping main() fails with the command."""
+    out, err = io.StringIO(), io.StringIO()
+    with environment(env), working_directory(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = load_script(backend).main(argv)
+        except SystemExit as exc:
+            rc = exc.code
+        except Exception as exc:  # a real process would print its traceback
+            raise AssertionError(f"{command}\nraised {exc!r} (a traceback)\nstderr:\n{err.getvalue()}") from exc
+    if rc is None:
+        rc = 0
+    elif not isinstance(rc, int):  # sys.exit("text") prints the text and exits 1
+        err.write(f"{rc}\n")
+        rc = 1
+    return rc, err.getvalue()
+
+
 def check_command(world: Path, backend: str, template: list[str]) -> None:
     with tempfile.TemporaryDirectory(dir=world) as tmp:
         work = Path(tmp)
         places = set_up(world, work)
         argv = [str(places.get(a, a)) for a in template]
         before = run_files(work)
-        env = {**SUBPROCESS_ENV, "XDG_CACHE_HOME": str(work / "cache"), "NPGPT_DATA": str(work / "data.txt")}
-        p = subprocess.run([sys.executable, str(ROOT / f"{SCRIPTS[backend]}.py"), *argv], cwd=work, env=env,
-                           capture_output=True, text=True, timeout=180)
-        shown = f"{SCRIPTS[backend]}.py {' '.join(map(repr, argv))}\nexit {p.returncode}\nstderr:\n{p.stderr}"
-        assert "Traceback" not in p.stderr, shown
-        assert p.returncode in (0, 2), shown
-        errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+        env = {"XDG_CACHE_HOME": str(work / "cache"), "NPGPT_DATA": str(work / "data.txt")}
+        command = f"{SCRIPTS[backend]}.py {' '.join(map(repr, argv))}"
+        returncode, stderr = run_in_process(backend, argv, work, env, command)
+        shown = f"{command}\nexit {returncode}\nstderr:\n{stderr}"
+        assert "Traceback" not in stderr, shown
+        assert returncode in (0, 2), shown
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
         assert len(errors) <= 1, shown
-        assert p.returncode == 0 or len(errors) == 1, shown
+        assert returncode == 0 or len(errors) == 1, shown
         after = run_files(work)
-        ok = p.returncode == 0
+        ok = returncode == 0
         out_dir = (work / argv[argv.index("--out_dir") + 1]).resolve() if "--out_dir" in argv else None
         replaced = ok and out_dir is not None and ("--resume" in argv or "--overwrite" in argv)
         for path, data in before.items():
@@ -262,7 +297,7 @@ def check_command(world: Path, backend: str, template: list[str]) -> None:
             assert moved, f"{path.relative_to(work)} changed or went missing\n{shown}"
 
 
-@budget(10)
+@budget(20)
 @given(template=train_argv(torch_flags=False))
 @example(template=["--preset", "tiny", "--max_iters", "1", "--data", "@data", "--out_dir", "@used_np"])
 @example(template=["--preset", "tiny", "--max_iters", "1", "--out_dir", "@fresh", "--seed", "-1"])
@@ -270,14 +305,14 @@ def test_train_np(world, template):
     check_command(world, "np", template)
 
 
-@budget(10)
+@budget(20)
 @given(template=sample_argv(torch_flags=False))
 @example(template=["sample", "--ckpt", "@dup_vocab_npz", "--max_new_tokens", "5"])
 def test_sample_np(world, template):
     check_command(world, "np", template)
 
 
-@budget(4)
+@budget(10)
 @given(template=train_argv(torch_flags=True))
 @example(template=["--preset", "tiny", "--max_iters", "1", "--data", "@data", "--out_dir", "@used_torch",
                    "--device", "cpu"])
@@ -285,7 +320,7 @@ def test_train_torch(world, template):
     check_command(world, "torch", template)
 
 
-@budget(4)
+@budget(10)
 @given(template=sample_argv(torch_flags=True))
 @example(template=["sample", "--ckpt", "@good_pt", "--seed", "-1", "--max_new_tokens", "5", "--device", "cpu"])
 def test_sample_torch(world, template):

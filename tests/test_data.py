@@ -28,9 +28,12 @@ def real_data_path() -> Path:
     return Path(env) if env else SHARED_DATA
 
 
+REAL_DATA = real_data_path()  # read before any test's no_env fixture takes NPGPT_DATA away
+
+
 @pytest.fixture(scope="module")
 def shakespeare_bytes() -> bytes:
-    path = real_data_path()
+    path = REAL_DATA
     if not path.is_file():
         pytest.skip(f"Tiny Shakespeare not found at {path}; set {DATA_ENV_VAR} to run the real-data tests")
     return path.read_bytes()
@@ -71,7 +74,7 @@ def test_tokenizer_round_trip_on_tiny_shakespeare(shakespeare_bytes):
 
 
 def test_load_text_reads_the_real_file_verbatim(shakespeare_bytes, no_env):
-    text = load_text(real_data_path(), download=False, opener=no_network)
+    text = load_text(REAL_DATA, download=False, opener=no_network)
     assert text.encode("utf-8") == shakespeare_bytes   # no newline translation
 
 

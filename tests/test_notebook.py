@@ -16,6 +16,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 from gptapp.data import DATA_ENV_VAR, resolve_data_path  # noqa: E402
+from npgpt.bounds import finite_diff  # noqa: E402
 from npgpt.data import DataError  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -72,5 +73,5 @@ def test_notebook_runs(monkeypatch):
         print(f"gradcheck {title:22s} worst relative error {worst:.1e}")
     missing = EXPECTED_CHECKS - set(checks)
     assert not missing, f"the notebook no longer gradchecks {sorted(missing)}"
-    assert max(checks.values()) < 1e-6
+    assert max(checks.values()) <= finite_diff()  # float64, the gradchecks' default step h = 1e-5
     assert "ROMEO:" in stdout  # the autocomplete at the end produced its sample

@@ -1,5 +1,6 @@
 """Issue 10, "nothing lost, nothing wasted": one test per numbered problem, run as a user runs the
-scripts (a subprocess of train_np.py / train_torch.py, or `make`), asserting the fixed behaviour;
+scripts (the command line through the script's main() in the test's own process and working
+directory; `make`, and Ctrl-C under torchrun, in real processes), asserting the fixed behaviour;
 and, for problem 6, one test per guard that fails when the guard is removed.
 
     1  a fresh run never destroys an earlier one; a NaN stop's advice resumes the run that stopped
@@ -34,8 +35,9 @@ from test_train_helpers import (
     assert_one_error_line,
     load_script,
     needs_data,
-    run_subprocess,
     tiny_args,
+    tiny_runs,  # noqa: F401  (a session fixture)
+    working_directory,
 )
 
 # The training application moves out of npgpt into gptapp (issue 9): take each name from where it is.
@@ -76,8 +78,18 @@ def read_any(path):
     return load_npz(path)
 
 
-def run(backend: str, argv: list, cwd, timeout: float = 180) -> Result:
-    return run_subprocess(backend, argv, cwd=cwd, timeout=timeout)
+def run(backend: str, argv: list, cwd) -> Result:
+    """The command `train_np.py ARGV` (or train_torch.py) in the working directory cwd: main(argv) in
+    this process, its stdout, stderr and exit status (argparse's SystemExit counts as one). A
+    traceback would be an exception here, and fail the test; tests/test_cli_errors.py runs the real
+    process too."""
+    out, err = io.StringIO(), io.StringIO()
+    with working_directory(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = load_script(backend).main([str(a) for a in argv])
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return Result(rc, out.getvalue(), err.getvalue())
 
 
 def files_of_a_run(directory) -> dict:
@@ -101,19 +113,11 @@ def assert_no_training(res: Result, out_dir) -> None:
     assert not (out_dir.exists() and list(out_dir.glob("ckpt_*"))), "a checkpoint was written"
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A finished 20-step `tiny` run of each script (seed 1337): {"np": out_dir, "torch": out_dir}."""
-    if not DATA.is_file():
-        pytest.skip(f"Tiny Shakespeare not found at {DATA}")
-    dirs = {}
-    for backend in BACKENDS:
-        out = tmp_path_factory.mktemp(f"run_{backend}") / "out"
-        with contextlib.redirect_stdout(io.StringIO()):
-            rc = load_script(backend).main([str(a) for a in tiny_args(out, "--max_iters", 20, *cpu(backend))])
-        assert rc == 0
-        dirs[backend] = out
-    return dirs
+@pytest.fixture
+def runs(tiny_runs):
+    """A finished 20-step `tiny` run of each script (seed 1337): {"np": out_dir, "torch": out_dir},
+    read-only (tests that change a run copy it first)."""
+    return tiny_runs
 
 
 # --------------------------------------------------------------------------- 1. work destroyed
@@ -533,7 +537,8 @@ def test_cosine_lr_with_lr_decay_iters_not_after_warmup():
     """Without the `lr_decay_iters <= warmup_iters` guard, step 2 divides 0 by 0."""
     lrs = [cosine_lr(it, 1e-3, warmup_iters=2, lr_decay_iters=2, min_lr=1e-4) for it in range(5)]
     assert lrs == [1e-3 * 1 / 3, 1e-3 * 2 / 3, 1e-4, 1e-4, 1e-4]
-    assert cosine_lr(3, 1e-3, warmup_iters=5, lr_decay_iters=2, min_lr=1e-4) == pytest.approx(1e-3 * 4 / 6)
+    # bitwise: the warmup's own expression, learning_rate * (it + 1) / (warmup_iters + 1)
+    assert cosine_lr(3, 1e-3, warmup_iters=5, lr_decay_iters=2, min_lr=1e-4) == 1e-3 * 4 / 6
     assert cosine_lr(7, 1e-3, warmup_iters=5, lr_decay_iters=2, min_lr=1e-4) == 1e-4
 
 

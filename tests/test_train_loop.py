@@ -16,6 +16,7 @@ from gptapp.backends import numpy as numpy_backend
 from gptapp.checkpoint import load_npz
 from gptapp.loop import eval_seed, learning_rate_at, non_finite_message
 from gptapp.settings import PRESETS
+from npgpt import bounds
 from npgpt.data import CharTokenizer, train_val_split
 from npgpt.optim import cosine_lr
 
@@ -86,11 +87,17 @@ def test_evaluation_never_shifts_the_training_batches(make):
 
 @needs_data
 def test_reference_and_fast_path_train_to_the_same_weights(tmp_path, capsys):
-    """--reference and the default run the same recipe: the same weights to float32 rounding."""
+    """--reference and the default run the same recipe: the same weights to float32 rounding. The
+    fast path's kernels add their sums in other orders: a chain over the 10 steps' forward and
+    backward passes of the 2-layer `tiny` model (sums of at most 4 C = B T = 128 terms)."""
+    steps = 10
     runs = {}
     for name, extra in (("fast", []), ("reference", ["--reference"])):
-        res = run_main("np", tiny_args(tmp_path / name, "--max_iters", 10, "--eval_interval", 10, *extra), capsys)
+        res = run_main("np", tiny_args(tmp_path / name, "--max_iters", steps, "--eval_interval", steps, *extra),
+                       capsys)
         assert res.rc == 0, res.err
         runs[name] = load_npz(tmp_path / name / "ckpt_last.npz")
+    bound = bounds.chain(np.float32, n=4 * TINY.n_embd, depth=steps * bounds.PARITY_DEPTH,
+                         amplification=bounds.PARITY_AMPLIFICATION)
     for key, want in runs["reference"].params.items():
-        check(key, runs["fast"].params[key], want, 1e-4)
+        check(key, runs["fast"].params[key], want, bound)
