@@ -182,8 +182,13 @@ def start_long_run(text: Path, out: Path) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, str(ROOT / "train_np.py"), *map(str, argv)], env=SUBPROCESS_ENV,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in p.stdout:
-        if line.startswith("step 100:"):
-            return p
+        if line.startswith("step 100:"):  # the evaluation's line; its checkpoint is written just after
+            deadline = time.monotonic() + 60
+            while not (out / "ckpt_last.npz").is_file() and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if (out / "ckpt_last.npz").is_file():
+                return p
+            break
     p.kill()
     raise AssertionError(f"the long run ended: {p.communicate()[1]}")
 
