@@ -490,7 +490,7 @@ def test_block(dtype, bias, activation, dropout):
     if dropout:
         shapes = [(B, cfg.n_head, T, T), (B, T, C), (B, T, C)]
         masks = [L.dropout_mask(s, cfg.dropout, rng, dtype) for s in shapes]
-    out, cache = L.block_forward(*frozen(x, params), cfg.n_head, activation, cfg.dropout,
+    out, cache = L.block_forward(*frozen(x, params), L.BlockOptions(cfg.n_head, activation, cfg.dropout),
                                    masks=frozen(masks)[0])
     assert dropout == (L.block_dropout_masks(cache)[0] is not None)
     dout = randn(rng, out.shape, dtype)

@@ -511,8 +511,7 @@ def test_block_against_torchgpt_block(dtype, switch):
     x, dout = randn(rng, (B, T, C), dtype), randn(rng, (B, T, C), dtype)
     angles = (L.rope_angles(T, config.head_size, config.rope_theta, 0, dtype)
               if config.pos_emb == "rope" else None)
-    out, cache = L.block_forward(x, params, config.n_head, config.activation, norm=config.norm,
-                                 norm_eps=config.norm_eps, rope=angles)
+    out, cache = L.block_forward(x, params, L.BlockOptions.of(config, rope=angles))
     dx, grads = L.block_backward(dout, cache)
     x_t = torch.tensor(x, requires_grad=True)
     rope_t = None if angles is None else (torch.tensor(angles.cos), torch.tensor(angles.sin))
