@@ -577,7 +577,7 @@ def residual(x: np.ndarray, branch: np.ndarray) -> np.ndarray:
     return x + branch
 
 
-@dataclass(frozen=True)
+@dataclass
 class LayerSet:
     """Every pair block_forward and npgpt.GPT call, by the name they call it. REFERENCE holds this
     module's functions; npgpt.fast.layers.FAST is a copy with some of them replaced."""
@@ -666,7 +666,8 @@ def norm_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, options: Bl
 
 
 def norm_backward(dout: np.ndarray, cache: LayerNormCache | RMSNormCache, layers: LayerSet = REFERENCE):
-    """(dx, dw, db) of either norm, chosen by its cache; db is None for RMSNorm (no bias)."""
+    """(dx, dw, db) of either norm, chosen by its cache; db is None for RMSNorm (no bias).
+    See docs/gradients.md#layernorm and docs/gradients.md#rmsnorm."""
     if isinstance(cache, RMSNormCache):
         return (*layers.rmsnorm_backward(dout, cache), None)
     return layers.layernorm_backward(dout, cache)

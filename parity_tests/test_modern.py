@@ -1,4 +1,4 @@
-"""The modern block (issue 11) against PyTorch: each new pair, Muon, and torchgpt's switches.
+"""The modern block against PyTorch: each new pair, Muon, and torchgpt's switches.
 
 1. Each pair of npgpt.layers (rmsnorm, rope, relu2, swiglu) against torch autograd on the same
    inputs with a random upstream gradient, normwise, at npgpt.compare.bounds for each pair's sizes
@@ -299,7 +299,7 @@ SWITCHES = {
 
 
 def expected_shapes(config: GPTConfig) -> dict:
-    """Every parameter's shape, written from the contract of issue 11."""
+    """Every parameter's shape, written from the modern block's contract."""
     V, C, bs, hs, H = config.vocab_size, config.n_embd, config.block_size, config.head_size, config.mlp_hidden_size
     shapes = {"transformer.wte.weight": (V, C)}
     if config.pos_emb == "learned":
@@ -354,7 +354,7 @@ def test_torchgpt_parameter_names_and_shapes(switch):
 
 
 def test_torchgpt_default_config_is_the_lecture_model():
-    """The switches' defaults build the same modules, names and numbers as before issue 11."""
+    """The switches' defaults build the lecture's modules, names and numbers."""
     config = modern_config()
     model = tm.GPT(config)
     assert isinstance(model.transformer.ln_f, tm.LayerNorm) and model.transformer.ln_f.eps == 1e-5

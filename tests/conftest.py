@@ -69,11 +69,11 @@ def _recording_norm_stds():
         seen.append(float(np.std(x, axis=-1).min()))
         return forward(x, *args, **kwargs)
 
-    object.__setattr__(layers.REFERENCE, "layernorm_forward", recording_forward)  # the set is frozen
+    layers.REFERENCE.layernorm_forward = recording_forward
     try:
         yield seen
     finally:
-        object.__setattr__(layers.REFERENCE, "layernorm_forward", forward)
+        layers.REFERENCE.layernorm_forward = forward
 
 
 @pytest.fixture(scope="session")

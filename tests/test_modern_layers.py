@@ -1,4 +1,4 @@
-"""Unit tests of the modern block's pairs in npgpt.layers (issue 11): RMSNorm, RoPE, ReLU², SwiGLU,
+"""Unit tests of the modern block's pairs in npgpt.layers: RMSNorm, RoPE, ReLU², SwiGLU,
 and attention and the block with QK-norm, RoPE and the new norms and activations composed in.
 
 Every backward against centred finite differences in float64 (npgpt.gradcheck.gradcheck_layer, random

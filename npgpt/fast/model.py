@@ -54,8 +54,8 @@ def keep_freed_memory(trim_threshold: int = 256 << 20, mmap_threshold: int = 32 
 
     Why: a training step frees its activations and allocates the same sizes again in the next
     step. By default glibc gives large freed blocks back to the OS, and every page of the next
-    step's arrays is then a page fault (~2 us a page measured on a 2-core VM: ~25 ms of a ~65 ms
-    step of the `cpu` preset). With this the process keeps its peak memory mapped and reuses it.
+    step's arrays is then a page fault (bench/RESULTS.md has the cost). With this the process
+    keeps its peak memory mapped and reuses it.
     It changes the allocator of the whole process (torch, if loaded, shares it). fast.GPT calls
     it; later calls return the first one's result and change nothing.
     Returns False where the C library has no mallopt (macOS); nothing changes there.

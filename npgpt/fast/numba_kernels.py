@@ -141,17 +141,15 @@ def _start_threads_that_sleep_when_idle() -> None:
 
     Why: a training step alternates ~70 short kernels with BLAS calls, and OpenBLAS has its own
     threads. OpenMP's default lets idle threads spin for a while, taking the core that the next
-    BLAS call (or any other process) needs; on a 2-core machine under load a step took 1.4 s that
-    way against 0.58 s passive (1 thread: ~75 ms). A sleeping thread costs ~2 us more per kernel.
-    libgomp reads OMP_WAIT_POLICY once, when it is loaded: it is set for the moment numba's pool
-    loads it only, so libraries started later (torch's own OpenMP) keep their defaults. A policy
-    the user set is left alone.
+    BLAS call (or any other process) needs; a sleeping thread costs a few microseconds more per
+    kernel (bench/RESULTS.md has the measurements). libgomp reads OMP_WAIT_POLICY once, when it
+    is loaded: it is set for the moment numba's pool loads it only, so libraries started later
+    (torch's own OpenMP) keep their defaults. A policy the user set is left alone.
     When an OpenMP runtime is loaded already (torch imported first), numba's OpenMP pool would join
-    it with the policy it read at its own start, spinning: the cpu preset's step took 317 ms that
-    way against 46 ms (AMD EPYC, 2 cores). Then the pool is numba's own "workqueue" layer instead,
-    whose idle threads sleep, unless NUMBA_THREADING_LAYER says otherwise or the kernels run on one
-    thread (OMP_NUM_THREADS=1, as in `make test`): OpenMP runs a one-thread kernel inline (~5 us a
-    call) where workqueue still hands it to its pool (~120 us), and nothing is left to spin.
+    it with the policy it read at its own start, spinning. Then the pool is numba's own "workqueue"
+    layer instead, whose idle threads sleep, unless NUMBA_THREADING_LAYER says otherwise or the
+    kernels run on one thread (OMP_NUM_THREADS=1, as in `make test`): OpenMP runs a one-thread
+    kernel inline where workqueue still hands it to its pool, and nothing is left to spin.
     """
     if "OMP_WAIT_POLICY" in os.environ:
         return
@@ -630,8 +628,8 @@ def softmax_backward(dout: np.ndarray, cache):
 # Causal self-attention, one (batch, head) pair per task
 # --------------------------------------------------------------------------------------------
 # q, k, v are the reference's head views (B, nh, T, hs) of qkv (B, T, 3C). One task per (batch,
-# head) copies its head into contiguous scratch, multiplies with BLAS (numba's np.dot: ~2x faster
-# here than hand-written loops over so short a head size), and runs the scale, the causal mask
+# head) copies its head into contiguous scratch, multiplies with BLAS (numba's np.dot: faster
+# than hand-written loops over so short a head size), and runs the scale, the causal mask
 # and the softmax over its (T, T) scores while they sit in L1/L2. Query i sees keys
 # 0..i: the softmax runs over j <= i only and writes exact zeros above the diagonal.
 
@@ -642,7 +640,7 @@ def _attention_forward_heads(q, k, v, scale, use_mask, mask, att, y):
     for task in prange(B * n_head):
         b, h = task // n_head, task % n_head
         # this head's q and v (T, hs) and k transposed (hs, T), contiguous, for BLAS; plain copy
-        # loops (np.ascontiguousarray on these strided views compiles ~4x slower)
+        # loops (np.ascontiguousarray on these strided views compiles to slower code)
         qh, kt, vh = np.empty((T, hs), q.dtype), np.empty((hs, T), q.dtype), np.empty((T, hs), q.dtype)
         for t in range(T):
             for d in range(hs):
