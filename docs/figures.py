@@ -48,6 +48,7 @@ from gptapp.data import load_text  # noqa: E402
 from npgpt.data import CharTokenizer, DataError, get_batch, train_val_split  # noqa: E402
 from npgpt.compare import rel_error  # noqa: E402
 from npgpt.layers import (  # noqa: E402
+    BlockOptions,
     attention_probs,
     block_forward,
     embedding_forward,
@@ -260,7 +261,7 @@ def attention_maps(model: GPT, idx: np.ndarray) -> np.ndarray:
         qkv, _ = linear_forward(h, p["attn.c_attn.weight"], p.get("attn.c_attn.bias"))  # (1, T, 3C)
         q, k, _ = (split_heads(part, cfg.n_head) for part in np.split(qkv, 3, axis=-1))  # (1, nh, T, hs)
         maps.append(attention_probs(q, k, 1.0 / np.sqrt(cfg.head_size))[0])  # (nh, T, T)
-        x, _ = block_forward(x, p, cfg.n_head, cfg.activation)
+        x, _ = block_forward(x, p, BlockOptions.of(cfg))
     return np.stack(maps)  # (L, nh, T, T)
 
 

@@ -20,7 +20,8 @@ functions, rewritten for speed, and is tested equal to these.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import numpy as np
 from scipy.special import erf  # the error function itself; every derivative below is ours
@@ -276,12 +277,15 @@ def softmax_backward(dout: np.ndarray, cache: SoftmaxCache):
     return (y * (dout - (dout * y).sum(axis=-1, keepdims=True)),)
 
 
+
 # --------------------------------------------------------------------------------------------
-# Causal multi-head self-attention (all heads in one batched computation)
+# Causal self-attention: the head split, the attention core, the KV slot, all heads batched
 # --------------------------------------------------------------------------------------------
+# The block chains these with QK-norm (rmsnorm_forward over hs) and RoPE (rope_forward) between
+# the split and the core: split_qkv, [q_norm, k_norm], [rope], [kv_append], causal_attention, merge_heads.
 
 def split_heads(x: np.ndarray, n_head: int) -> np.ndarray:
-    """(B, T, C) -> (B, nh, T, hs): head j owns channels [j*hs, (j+1)*hs)."""
+    """(B, T, C) -> (B, nh, T, hs): head j owns channels [j*hs, (j+1)*hs). A view."""
     B, T, C = x.shape
     return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
 
@@ -290,6 +294,16 @@ def merge_heads(x: np.ndarray) -> np.ndarray:
     """(B, nh, T, hs) -> (B, T, C): the inverse of split_heads."""
     B, nh, T, hs = x.shape
     return x.transpose(0, 2, 1, 3).reshape(B, T, nh * hs)
+
+
+def split_qkv(qkv: np.ndarray, n_head: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The fused qkv (B, T, 3C) -> q, k, v, each (B, nh, T, hs), views of it."""
+    return tuple(split_heads(part, n_head) for part in np.split(qkv, 3, axis=-1))
+
+
+def merge_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The inverse of split_qkv: q, k, v (B, nh, T, hs) -> (B, T, 3C). The backward uses it for dq, dk, dv."""
+    return np.concatenate([merge_heads(q), merge_heads(k), merge_heads(v)], axis=-1)
 
 
 def causal_mask(T_query: int, T_key: int) -> np.ndarray:
@@ -312,16 +326,6 @@ def attention_probs(q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
     return att
 
 
-class KVSlot(NamedTuple):
-    """One layer's keys and values for decoding: the first `length` positions of k, v are filled.
-
-    attention_forward writes the new positions' keys and values after them and attends over all.
-    """
-    k: np.ndarray  # (B, nh, block_size, hs)
-    v: np.ndarray  # (B, nh, block_size, hs)
-    length: int
-
-
 class AttentionCache(NamedTuple):
     q: np.ndarray  # (B, nh, T, hs) as the scores see it (after QK-norm and RoPE, if any)
     k: np.ndarray  # (B, nh, T, hs)
@@ -329,80 +333,60 @@ class AttentionCache(NamedTuple):
     att: np.ndarray  # (B, nh, T, T) the attention probabilities
     att_mask: np.ndarray | None  # their dropout mask, None without dropout
     scale: float  # 1 / sqrt(hs)
-    q_norm: RMSNormCache | None = None  # QK-norm of q and of k; None without qk_norm
-    k_norm: RMSNormCache | None = None
-    q_rope: RopeCache | None = None  # RoPE of q and of k; None with learned positions
-    k_rope: RopeCache | None = None
 
 
-def attention_forward(qkv: np.ndarray, n_head: int, dropout_p: float = 0.0,
-                      rng: np.random.Generator | None = None, mask: np.ndarray | None = None,
-                      kv: KVSlot | None = None, q_norm: np.ndarray | None = None,
-                      k_norm: np.ndarray | None = None, norm_eps: float = 1e-5, rope=None):
-    """Causal self-attention on the fused qkv (B, T, 3C) -> y (B, T, C).
+def causal_attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, dropout_p: float = 0.0,
+                             rng: np.random.Generator | None = None, mask: np.ndarray | None = None):
+    """y = dropout(att) v, att = softmax(q k^T / sqrt(hs) with the future masked to -inf), per head.
 
-    att = softmax(q k^T / sqrt(hs) with the future masked to -inf); y = dropout(att) v, per head.
-    Dropout (applied to att when dropout_p > 0) takes `mask` if given, else draws from `rng`.
-    With `kv` (decoding) the T new keys and values are stored after the kv.length cached ones and
-    the queries attend over all of them; the cache then serves no backward.
-    The modern block (issue 11), between the head split and the scores: q_norm, k_norm (hs,)
-    gains: QK-norm, rmsnorm_forward over hs with norm_eps; then rope (RopeAngles of the T new
-    positions, from rope_angles): q and k rotated. Keys enter the KV cache normed and rotated.
+    q (B, nh, Tq, hs), k and v (B, nh, Tk, hs) -> y (B, nh, Tq, hs); Tq < Tk when decoding with a
+    KV cache. Dropout on att runs when dropout_p > 0 or `mask` is given (else drawn from `rng`).
     """
-    C = qkv.shape[-1] // 3
-    q, k, v = (split_heads(part, n_head) for part in np.split(qkv, 3, axis=-1))  # (B, nh, T, hs)
-    c_qnorm = c_knorm = c_qrope = c_krope = None
-    if q_norm is not None:  # QK-norm, before RoPE (Qwen3's order)
-        q, c_qnorm = rmsnorm_forward(q, q_norm, norm_eps)
-        k, c_knorm = rmsnorm_forward(k, k_norm, norm_eps)
-    if rope is not None:
-        q, c_qrope = rope_forward(q, rope.cos, rope.sin)
-        k, c_krope = rope_forward(k, rope.cos, rope.sin)
-    if kv is not None:
-        end = kv.length + q.shape[2]
-        kv.k[:, :, kv.length:end] = k
-        kv.v[:, :, kv.length:end] = v
-        k, v = kv.k[:, :, :end], kv.v[:, :, :end]  # (B, nh, Tk, hs), every position so far
-    scale = 1.0 / math.sqrt(C // n_head)
-    att = attention_probs(q, k, scale)  # (B, nh, T, Tk)
-    att_mask = None
-    att_used = att
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    att = attention_probs(q, k, scale)  # (B, nh, Tq, Tk)
+    att_used, att_mask = att, None
     if dropout_p > 0.0 or mask is not None:
-        att_used, drop_cache = dropout_forward(att, dropout_p, rng, mask)
-        att_mask = drop_cache.mask
-    y = merge_heads(att_used @ v)  # (B, nh, T, Tk) @ (B, nh, Tk, hs) -> (B, nh, T, hs) -> (B, T, C)
-    return y, AttentionCache(q, k, v, att, att_mask, scale, c_qnorm, c_knorm, c_qrope, c_krope)
+        att_used, c_drop = dropout_forward(att, dropout_p, rng, mask)
+        att_mask = c_drop.mask
+    y = att_used @ v  # (B, nh, Tq, Tk) @ (B, nh, Tk, hs) -> (B, nh, Tq, hs)
+    return y, AttentionCache(q, k, v, att, att_mask, scale)
 
 
-def attention_backward(dout: np.ndarray, cache: AttentionCache):
-    """Gradient of the fused qkv, (B, T, 3C) = concat(dq, dk, dv) along channels.
-
-    dV = A^T dY;  dA = dY V^T (through dropout);  dS = softmax_backward(dA);
+def causal_attention_backward(dout: np.ndarray, cache: AttentionCache):
+    """dV = A^T dY;  dA = dY V^T (through dropout);  dS = softmax_backward(dA);
     dQ = dS K * scale;  dK = dS^T Q * scale. Masked entries have A = 0, so they pass nothing back.
-    With RoPE, dQ and dK are rotated back (rope_backward); with QK-norm they then go through
-    rmsnorm_backward, and the result is (dqkv, dq_norm, dk_norm), the gains' gradients included.
-    See docs/gradients.md#attention and docs/gradients.md#qk-norm.
+
+    Returns (dq, dk, dv), each (B, nh, T, hs). See docs/gradients.md#attention.
     """
-    q, k, v, att, att_mask, scale = cache.q, cache.k, cache.v, cache.att, cache.att_mask, cache.scale
-    n_head = q.shape[1]
-    dy = split_heads(dout, n_head)  # (B, nh, T, hs)
+    q, k, v, att, att_mask, scale = cache
     att_used = att if att_mask is None else att * att_mask
-    dv = att_used.transpose(0, 1, 3, 2) @ dy  # (B, nh, T, hs)
-    datt = dy @ v.transpose(0, 1, 3, 2)  # (B, nh, T, T)
+    dv = att_used.transpose(0, 1, 3, 2) @ dout  # (B, nh, T, hs)
+    datt = dout @ v.transpose(0, 1, 3, 2)  # (B, nh, T, T)
     if att_mask is not None:
         datt = datt * att_mask
     (dscores,) = softmax_backward(datt, SoftmaxCache(att))  # (B, nh, T, T)
     dq = (dscores @ k) * scale  # (B, nh, T, hs)
     dk = (dscores.transpose(0, 1, 3, 2) @ q) * scale  # (B, nh, T, hs)
-    if cache.q_rope is not None:  # RoPE: the rotation by -angle
-        (dq,) = rope_backward(dq, cache.q_rope)
-        (dk,) = rope_backward(dk, cache.k_rope)
-    if cache.q_norm is not None:  # QK-norm: rmsnorm_backward, and the gains' gradients
-        dq, dq_norm = rmsnorm_backward(dq, cache.q_norm)
-        dk, dk_norm = rmsnorm_backward(dk, cache.k_norm)
-        dqkv = np.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)  # (B, T, 3C)
-        return dqkv, dq_norm, dk_norm
-    return (np.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1),)
+    return dq, dk, dv
+
+
+class KVSlot(NamedTuple):
+    """One layer's keys and values for decoding: the first `length` positions of k, v are filled."""
+    k: np.ndarray  # (B, nh, block_size, hs)
+    v: np.ndarray  # (B, nh, block_size, hs)
+    length: int
+
+
+def kv_append(slot: KVSlot, k: np.ndarray, v: np.ndarray):
+    """Store the T new keys and values k, v (B, nh, T, hs) after the slot's `length` cached ones.
+
+    Returns the keys and values of every position so far, (B, nh, length + T, hs) views of the
+    slot. Decoding only: nothing here has a backward.
+    """
+    end = slot.length + k.shape[2]
+    slot.k[:, :, slot.length:end] = k
+    slot.v[:, :, slot.length:end] = v
+    return slot.k[:, :, :end], slot.v[:, :, :end]
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,112 +423,6 @@ def cross_entropy_backward(dloss, cache: CrossEntropyCache):
     one_hot[np.arange(n), t] = 1.0
     dlogits = (probs - one_hot) * probs.dtype.type(dloss / n)
     return (dlogits.reshape(cache.logits_shape),)
-
-
-# --------------------------------------------------------------------------------------------
-# The transformer block (a composite "sandwich" layer: its cache names the caches of its parts)
-# --------------------------------------------------------------------------------------------
-
-class BlockCache(NamedTuple):
-    activation: str  # which of ACTIVATION_FUNCTIONS the MLP used
-    ln_1: LayerNormCache | RMSNormCache
-    c_attn: LinearCache  # h -> qkv (B, T, 3C)
-    attention: AttentionCache
-    attn_c_proj: LinearCache
-    attn_dropout: DropoutCache | None  # on the attention branch, None without dropout
-    ln_2: LayerNormCache | RMSNormCache
-    c_fc: LinearCache  # h -> (B, T, H), (B, T, 2H) for swiglu
-    act: ReluCache | GeluCache | GeluTanhCache | Relu2Cache | SwigluCache
-    mlp_c_proj: LinearCache
-    mlp_dropout: DropoutCache | None  # on the MLP branch
-
-
-def block_forward(x: np.ndarray, p: dict, n_head: int, activation: str = "gelu",
-                  dropout_p: float = 0.0, rng: np.random.Generator | None = None,
-                  masks: list | None = None, kv: KVSlot | None = None, norm: str = "layernorm",
-                  norm_eps: float = LAYERNORM_EPS, rope=None):
-    """x = x + drop(c_proj(attn(ln_1(x)))); x = x + drop(mlp_c_proj(act(c_fc(ln_2(x))))).
-
-    `p` holds this block's parameters under nanoGPT's local names ("ln_1.weight", "attn.c_attn.weight",
-    ...; ".bias" entries optional). Dropout runs when dropout_p > 0 or masks are given; `masks` is
-    [attention probabilities, attention residual, mlp residual]. `kv` (decoding, no dropout) is
-    passed to attention_forward. Returns (out, BlockCache).
-    The modern block: norm "layernorm" or "rmsnorm" (ln_1, ln_2, eps norm_eps); QK-norm when p has
-    "attn.q_norm.weight"; rope (RopeAngles) for RoPE; activation "relu2" or "swiglu".
-    """
-    act_forward, _ = ACTIVATION_FUNCTIONS[activation]
-    m_att, m_res1, m_res2 = masks if masks is not None else (None, None, None)
-    use_dropout = dropout_p > 0.0 or masks is not None
-
-    # attention branch
-    h, c_ln1 = _norm_forward(x, p, "ln_1", norm, norm_eps)
-    qkv, c_attn = linear_forward(h, p["attn.c_attn.weight"], p.get("attn.c_attn.bias"))  # (B, T, 3C)
-    a, c_att = attention_forward(qkv, n_head, dropout_p, rng, m_att, kv, p.get("attn.q_norm.weight"),
-                                 p.get("attn.k_norm.weight"), norm_eps, rope)  # (B, T, C)
-    a, c_aproj = linear_forward(a, p["attn.c_proj.weight"], p.get("attn.c_proj.bias"))
-    c_drop1 = None
-    if use_dropout:
-        a, c_drop1 = dropout_forward(a, dropout_p, rng, m_res1)
-    x_mid = x + a  # residual
-
-    # MLP branch
-    h, c_ln2 = _norm_forward(x_mid, p, "ln_2", norm, norm_eps)
-    h, c_fc = linear_forward(h, p["mlp.c_fc.weight"], p.get("mlp.c_fc.bias"))  # (B, T, H) or (B, T, 2H)
-    h, c_act = act_forward(h)  # (B, T, H)
-    h, c_mproj = linear_forward(h, p["mlp.c_proj.weight"], p.get("mlp.c_proj.bias"))  # (B, T, C)
-    c_drop2 = None
-    if use_dropout:
-        h, c_drop2 = dropout_forward(h, dropout_p, rng, m_res2)
-    out = x_mid + h  # residual
-
-    return out, BlockCache(activation, c_ln1, c_attn, c_att, c_aproj, c_drop1,
-                           c_ln2, c_fc, c_act, c_mproj, c_drop2)
-
-
-def block_dropout_masks(cache: BlockCache) -> list:
-    """The three dropout masks a block_forward used (attention, attn residual, mlp residual)."""
-    return [cache.attention.att_mask,
-            None if cache.attn_dropout is None else cache.attn_dropout.mask,
-            None if cache.mlp_dropout is None else cache.mlp_dropout.mask]
-
-
-def block_backward(dout: np.ndarray, cache: BlockCache):
-    """Returns (dx, grads): grads keyed by the block's local parameter names.
-
-    The residual stream x -> x + f(x) splits the gradient: dx = dout + (df/dx)^T dout, so each
-    branch's input gradient is added to the gradient flowing straight through.
-    See docs/gradients.md#transformer-block and docs/gradients.md#residual-stream.
-    """
-    _, act_backward = ACTIVATION_FUNCTIONS[cache.activation]
-    grads = {}
-
-    def put(prefix, dw, db):
-        grads[prefix + ".weight"] = dw
-        if db is not None:
-            grads[prefix + ".bias"] = db
-
-    # MLP branch: out = x_mid + h
-    dh = dout
-    if cache.mlp_dropout is not None:
-        (dh,) = dropout_backward(dh, cache.mlp_dropout)
-    dh, dw, db = linear_backward(dh, cache.mlp_c_proj); put("mlp.c_proj", dw, db)
-    (dh,) = act_backward(dh, cache.act)
-    dh, dw, db = linear_backward(dh, cache.c_fc); put("mlp.c_fc", dw, db)
-    dh, dw, db = _norm_backward(dh, cache.ln_2); put("ln_2", dw, db)
-    dx_mid = dout + dh  # residual fan-in: straight path + MLP branch
-
-    # attention branch: x_mid = x + a
-    da = dx_mid
-    if cache.attn_dropout is not None:
-        (da,) = dropout_backward(da, cache.attn_dropout)
-    da, dw, db = linear_backward(da, cache.attn_c_proj); put("attn.c_proj", dw, db)
-    dqkv, *dqk_norm = attention_backward(da, cache.attention)
-    if dqk_norm:  # QK-norm's gains
-        grads["attn.q_norm.weight"], grads["attn.k_norm.weight"] = dqk_norm
-    dh, dw, db = linear_backward(dqkv, cache.c_attn); put("attn.c_attn", dw, db)
-    dh, dw, db = _norm_backward(dh, cache.ln_1); put("ln_1", dw, db)
-    dx = dx_mid + dh  # residual fan-in
-    return dx, grads
 
 
 # --------------------------------------------------------------------------------------------
@@ -690,16 +568,222 @@ ACTIVATION_FUNCTIONS["relu2"] = (relu2_forward, relu2_backward)
 ACTIVATION_FUNCTIONS["swiglu"] = (swiglu_forward, swiglu_backward)
 
 
-def _norm_forward(x: np.ndarray, p: dict, prefix: str, norm: str, eps: float):
-    """The block's ln_1 / ln_2: layernorm_forward (bias if p has one) or rmsnorm_forward."""
-    if norm == "rmsnorm":
-        return rmsnorm_forward(x, p[prefix + ".weight"], eps)
-    return layernorm_forward(x, p[prefix + ".weight"], p.get(prefix + ".bias"), eps)
+# --------------------------------------------------------------------------------------------
+# The layer set: the pairs the block and the model compose
+# --------------------------------------------------------------------------------------------
+
+def residual(x: np.ndarray, branch: np.ndarray) -> np.ndarray:
+    """x + branch: the residual stream's sum. Its backward hands dout to both terms."""
+    return x + branch
 
 
-def _norm_backward(dout: np.ndarray, cache):
-    """(dx, dw, db) of either norm, chosen by its cache; db is None for RMSNorm (no bias)."""
+@dataclass
+class LayerSet:
+    """Every pair block_forward and npgpt.GPT call, by the name they call it. REFERENCE holds this
+    module's functions; npgpt.fast.layers.FAST is a copy with some of them replaced."""
+    embedding_forward: Callable
+    embedding_backward: Callable
+    linear_forward: Callable
+    linear_backward: Callable
+    layernorm_forward: Callable
+    layernorm_backward: Callable
+    activations: dict  # name -> (forward, backward), as ACTIVATION_FUNCTIONS
+    dropout_forward: Callable
+    dropout_backward: Callable
+    split_heads: Callable
+    merge_heads: Callable
+    split_qkv: Callable
+    merge_qkv: Callable
+    causal_attention_forward: Callable
+    causal_attention_backward: Callable
+    kv_append: Callable
+    cross_entropy_forward: Callable
+    cross_entropy_backward: Callable
+    rmsnorm_forward: Callable
+    rmsnorm_backward: Callable
+    rope_forward: Callable
+    rope_backward: Callable
+    residual: Callable
+    # activation name -> its output rebuilt from its cache. An activation listed here lets the
+    # block drop the MLP's hidden activation (B, T, H) after the forward and rebuild it in the
+    # backward; the reference keeps it (empty).
+    activation_output_from_cache: dict = field(default_factory=dict)
+
+
+REFERENCE = LayerSet(
+    embedding_forward, embedding_backward, linear_forward, linear_backward,
+    layernorm_forward, layernorm_backward, ACTIVATION_FUNCTIONS, dropout_forward, dropout_backward,
+    split_heads, merge_heads, split_qkv, merge_qkv, causal_attention_forward, causal_attention_backward,
+    kv_append, cross_entropy_forward, cross_entropy_backward, rmsnorm_forward, rmsnorm_backward,
+    rope_forward, rope_backward, residual)
+
+
+# --------------------------------------------------------------------------------------------
+# Compositions over a layer set: the lecture's attention, the norms, the transformer block
+# --------------------------------------------------------------------------------------------
+
+def attention_forward(qkv: np.ndarray, n_head: int, dropout_p: float = 0.0,
+                      rng: np.random.Generator | None = None, mask: np.ndarray | None = None,
+                      layers: LayerSet = REFERENCE):
+    """The lecture's attention on the fused qkv (B, T, 3C) -> y (B, T, C): split_qkv,
+    causal_attention_forward, merge_heads. Returns (y, AttentionCache)."""
+    q, k, v = layers.split_qkv(qkv, n_head)  # 3 x (B, nh, T, hs)
+    y, cache = layers.causal_attention_forward(q, k, v, dropout_p, rng, mask)  # (B, nh, T, hs)
+    return layers.merge_heads(y), cache  # (B, T, C)
+
+
+def attention_backward(dout: np.ndarray, cache: AttentionCache, layers: LayerSet = REFERENCE):
+    """(dqkv,), the gradient of the fused qkv (B, T, 3C): attention_forward's steps reversed.
+    See docs/gradients.md#attention."""
+    dy = layers.split_heads(dout, cache.q.shape[1])  # (B, nh, T, hs)
+    dq, dk, dv = layers.causal_attention_backward(dy, cache)
+    return (layers.merge_qkv(dq, dk, dv),)  # (B, T, 3C)
+
+
+class BlockOptions(NamedTuple):
+    """What a block's forward needs besides its input and parameters, set per call."""
+    n_head: int
+    activation: str = "gelu"  # a key of ACTIVATION_FUNCTIONS
+    dropout_p: float = 0.0  # dropout runs when > 0 or when block_forward gets masks
+    rng: np.random.Generator | None = None  # draws the dropout masks not given
+    norm: str = "layernorm"  # ln_1, ln_2 (and the model's ln_f): "layernorm" or "rmsnorm"
+    norm_eps: float = LAYERNORM_EPS  # every norm's eps, QK-norm's too
+    rope: RopeAngles | None = None  # RoPE's cos, sin (T, hs) of the T positions; None: no RoPE
+
+    @classmethod
+    def of(cls, config, dropout_p: float = 0.0, rng: np.random.Generator | None = None,
+           rope: RopeAngles | None = None) -> "BlockOptions":
+        """The options a GPTConfig sets, with this call's dropout and RoPE angles."""
+        return cls(config.n_head, config.activation, dropout_p, rng, config.norm, config.norm_eps, rope)
+
+
+def norm_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, options: BlockOptions,
+                 layers: LayerSet = REFERENCE):
+    """ln_1, ln_2, ln_f: layernorm_forward (with bias b if given) or rmsnorm_forward, by options.norm."""
+    if options.norm == "rmsnorm":
+        return layers.rmsnorm_forward(x, w, options.norm_eps)
+    return layers.layernorm_forward(x, w, b, options.norm_eps)
+
+
+def norm_backward(dout: np.ndarray, cache: LayerNormCache | RMSNormCache, layers: LayerSet = REFERENCE):
+    """(dx, dw, db) of either norm, chosen by its cache; db is None for RMSNorm (no bias).
+    See docs/gradients.md#layernorm and docs/gradients.md#rmsnorm."""
     if isinstance(cache, RMSNormCache):
-        dx, dw = rmsnorm_backward(dout, cache)
-        return dx, dw, None
-    return layernorm_backward(dout, cache)
+        return (*layers.rmsnorm_backward(dout, cache), None)
+    return layers.layernorm_backward(dout, cache)
+
+
+class BlockCache(NamedTuple):
+    layers: LayerSet  # the pairs the forward ran; the backward runs the same
+    activation: str  # which of ACTIVATION_FUNCTIONS the MLP used
+    ln_1: LayerNormCache | RMSNormCache
+    c_attn: LinearCache  # h -> qkv (B, T, 3C)
+    q_norm: RMSNormCache | None  # QK-norm of q and of k; None without it
+    k_norm: RMSNormCache | None
+    q_rope: RopeCache | None  # RoPE of q and of k; None with learned positions
+    k_rope: RopeCache | None
+    attention: AttentionCache
+    attn_c_proj: LinearCache
+    attn_dropout: DropoutCache | None  # on the attention branch, None without dropout
+    ln_2: LayerNormCache | RMSNormCache
+    c_fc: LinearCache  # h -> (B, T, H), (B, T, 2H) for swiglu
+    act: ReluCache | GeluCache | GeluTanhCache | Relu2Cache | SwigluCache
+    mlp_c_proj: LinearCache  # its x is None when the layer set rebuilds it from `act`
+    mlp_dropout: DropoutCache | None  # on the MLP branch
+
+
+def block_forward(x: np.ndarray, p: dict, options: BlockOptions, masks: list | None = None,
+                  kv: KVSlot | None = None, layers: LayerSet = REFERENCE):
+    """x = x + drop(c_proj(attn(ln_1(x)))); x = x + drop(mlp_c_proj(act(c_fc(ln_2(x))))).
+
+    `p` holds this block's parameters under nanoGPT's local names ("ln_1.weight", "attn.c_attn.weight",
+    ...; ".bias" entries optional; QK-norm when it has "attn.q_norm.weight"). `masks` is [attention
+    probabilities, attention residual, mlp residual] (dropout runs with them, or when
+    options.dropout_p > 0). With `kv` (decoding, no dropout) the new keys and values join the slot
+    and the queries attend over all of them; the cache then serves no backward.
+    Returns (out, BlockCache). See docs/gradients.md#transformer-block.
+    """
+    L, o, n_head = layers, options, options.n_head
+    act_forward, _ = L.activations[o.activation]
+    m_att, m_res1, m_res2 = masks if masks is not None else (None, None, None)
+    dropout = o.dropout_p > 0.0 or masks is not None
+    qk_norm = "attn.q_norm.weight" in p
+
+    # attention branch
+    h, c_ln1 = norm_forward(x, p["ln_1.weight"], p.get("ln_1.bias"), o, L)  # (B, T, C)
+    qkv, c_attn = L.linear_forward(h, p["attn.c_attn.weight"], p.get("attn.c_attn.bias"))  # (B, T, 3C)
+    q, k, v = L.split_qkv(qkv, n_head)  # 3 x (B, nh, T, hs)
+    q, c_qnorm = L.rmsnorm_forward(q, p["attn.q_norm.weight"], o.norm_eps) if qk_norm else (q, None)
+    k, c_knorm = L.rmsnorm_forward(k, p["attn.k_norm.weight"], o.norm_eps) if qk_norm else (k, None)
+    q, c_qrope = L.rope_forward(q, *o.rope) if o.rope is not None else (q, None)
+    k, c_krope = L.rope_forward(k, *o.rope) if o.rope is not None else (k, None)
+    k, v = L.kv_append(kv, k, v) if kv is not None else (k, v)  # (B, nh, Tk, hs), keys normed and rotated
+    y, c_att = L.causal_attention_forward(q, k, v, o.dropout_p, o.rng, m_att)  # (B, nh, T, hs)
+    a = L.merge_heads(y)  # (B, T, C)
+    a, c_aproj = L.linear_forward(a, p["attn.c_proj.weight"], p.get("attn.c_proj.bias"))
+    a, c_drop1 = L.dropout_forward(a, o.dropout_p, o.rng, m_res1) if dropout else (a, None)
+    x_mid = L.residual(x, a)
+
+    # MLP branch
+    h, c_ln2 = norm_forward(x_mid, p["ln_2.weight"], p.get("ln_2.bias"), o, L)
+    h, c_fc = L.linear_forward(h, p["mlp.c_fc.weight"], p.get("mlp.c_fc.bias"))  # (B, T, H) or (B, T, 2H)
+    h, c_act = act_forward(h)  # (B, T, H)
+    h, c_mproj = L.linear_forward(h, p["mlp.c_proj.weight"], p.get("mlp.c_proj.bias"))  # (B, T, C)
+    if o.activation in L.activation_output_from_cache:  # keep c_act only: saves (B, T, H)
+        c_mproj = c_mproj._replace(x=None)
+    h, c_drop2 = L.dropout_forward(h, o.dropout_p, o.rng, m_res2) if dropout else (h, None)
+    out = L.residual(x_mid, h)
+
+    return out, BlockCache(L, o.activation, c_ln1, c_attn, c_qnorm, c_knorm, c_qrope, c_krope, c_att,
+                           c_aproj, c_drop1, c_ln2, c_fc, c_act, c_mproj, c_drop2)
+
+
+def block_dropout_masks(cache: BlockCache) -> list:
+    """The three dropout masks a block_forward used (attention, attn residual, mlp residual)."""
+    return [cache.attention.att_mask,
+            None if cache.attn_dropout is None else cache.attn_dropout.mask,
+            None if cache.mlp_dropout is None else cache.mlp_dropout.mask]
+
+
+def block_backward(dout: np.ndarray, cache: BlockCache):
+    """Returns (dx, grads): grads keyed by the block's local parameter names.
+
+    block_forward's steps in reverse. The residual stream x -> x + f(x) splits the gradient:
+    dx = dout + (df/dx)^T dout, so each branch's input gradient is added to the gradient flowing
+    straight through. See docs/gradients.md#transformer-block and docs/gradients.md#residual-stream.
+    """
+    L, c = cache.layers, cache
+    _, act_backward = L.activations[c.activation]
+    n_head = c.attention.q.shape[1]
+    grads = {}
+
+    def put(prefix, dw, db=None):
+        if dw is not None:
+            grads[prefix + ".weight"] = dw
+        if db is not None:
+            grads[prefix + ".bias"] = db
+
+    # MLP branch: out = x_mid + h
+    (dh,) = L.dropout_backward(dout, c.mlp_dropout) if c.mlp_dropout is not None else (dout,)
+    c_mproj = c.mlp_c_proj if c.mlp_c_proj.x is not None else c.mlp_c_proj._replace(
+        x=L.activation_output_from_cache[c.activation](c.act))  # the dropped activation, rebuilt
+    dh, dw, db = L.linear_backward(dh, c_mproj); put("mlp.c_proj", dw, db)
+    (dh,) = act_backward(dh, c.act)
+    dh, dw, db = L.linear_backward(dh, c.c_fc); put("mlp.c_fc", dw, db)
+    dh, dw, db = norm_backward(dh, c.ln_2, L); put("ln_2", dw, db)
+    dx_mid = L.residual(dout, dh)  # residual fan-in: straight path + MLP branch
+
+    # attention branch: x_mid = x + a
+    (da,) = L.dropout_backward(dx_mid, c.attn_dropout) if c.attn_dropout is not None else (dx_mid,)
+    da, dw, db = L.linear_backward(da, c.attn_c_proj); put("attn.c_proj", dw, db)
+    dy = L.split_heads(da, n_head)  # (B, nh, T, hs)
+    dq, dk, dv = L.causal_attention_backward(dy, c.attention)
+    (dk,) = L.rope_backward(dk, c.k_rope) if c.k_rope is not None else (dk,)
+    (dq,) = L.rope_backward(dq, c.q_rope) if c.q_rope is not None else (dq,)
+    dk, dw = L.rmsnorm_backward(dk, c.k_norm) if c.k_norm is not None else (dk, None); put("attn.k_norm", dw)
+    dq, dw = L.rmsnorm_backward(dq, c.q_norm) if c.q_norm is not None else (dq, None); put("attn.q_norm", dw)
+    dqkv = L.merge_qkv(dq, dk, dv)  # (B, T, 3C)
+    dh, dw, db = L.linear_backward(dqkv, c.c_attn); put("attn.c_attn", dw, db)
+    dh, dw, db = norm_backward(dh, c.ln_1, L); put("ln_1", dw, db)
+    dx = L.residual(dx_mid, dh)  # residual fan-in
+    return dx, grads

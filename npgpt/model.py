@@ -13,14 +13,14 @@ import numpy as np
 
 from .config import GPTConfig
 from . import layers as reference_layers
-from .layers import KVSlot
+from .layers import REFERENCE, BlockOptions, KVSlot, LayerSet, block_backward, block_forward, norm_backward, norm_forward
 from .sampling import sample_next
 
 BLOCK_PARAM_NAMES = (  # one block's parameters, local names, in nanoGPT order
     "ln_1.weight", "ln_1.bias",
     "attn.c_attn.weight", "attn.c_attn.bias",
     "attn.c_proj.weight", "attn.c_proj.bias",
-    "attn.q_norm.weight", "attn.k_norm.weight",  # QK-norm only (issue 11)
+    "attn.q_norm.weight", "attn.k_norm.weight",  # QK-norm only
     "ln_2.weight", "ln_2.bias",
     "mlp.c_fc.weight", "mlp.c_fc.bias",
     "mlp.c_proj.weight", "mlp.c_proj.bias",
@@ -121,7 +121,7 @@ class GPTCache(NamedTuple):
 class GPT:
     """The character-level GPT of the lecture, in nanoGPT's form, with hand-written backprop."""
 
-    layers = reference_layers  # the layer pairs it composes; npgpt.fast.GPT swaps in the fast ones
+    layers: LayerSet = REFERENCE  # the pairs it composes; npgpt.fast.GPT hands in npgpt.fast's set
 
     def __init__(self, config: GPTConfig, seed: int = 0, dtype=np.float32):
         self.config = config
@@ -153,11 +153,6 @@ class GPT:
         prefix = f"transformer.h.{i}."
         return {k[len(prefix):]: v for k, v in self.params.items() if k.startswith(prefix)}
 
-    def block_options(self, rope) -> dict:
-        """The keyword arguments of block_forward that the config's switches set."""
-        cfg = self.config
-        return dict(norm=cfg.norm, norm_eps=cfg.norm_eps, rope=rope)
-
     def rope(self, T: int, start: int = 0):
         """RoPE's cos and sin (T, hs) for positions start .. start + T - 1, or None (learned wpe)."""
         cfg = self.config
@@ -165,13 +160,10 @@ class GPT:
             return None
         return reference_layers.rope_angles(T, cfg.head_size, cfg.rope_theta, start, self.dtype)
 
-    def ln_f_forward(self, x: np.ndarray):
+    def ln_f_forward(self, x: np.ndarray, options: BlockOptions):
         """The final norm: layernorm (bias optional) or RMSNorm, as the config says."""
-        cfg, P, L = self.config, self.params, self.layers
-        if cfg.norm == "rmsnorm":
-            return L.rmsnorm_forward(x, P["transformer.ln_f.weight"], cfg.norm_eps)
-        return L.layernorm_forward(x, P["transformer.ln_f.weight"], P.get("transformer.ln_f.bias"),
-                                   cfg.norm_eps)
+        P = self.params
+        return norm_forward(x, P["transformer.ln_f.weight"], P.get("transformer.ln_f.bias"), options, self.layers)
 
     @property
     def head_weight(self) -> np.ndarray:
@@ -212,16 +204,17 @@ class GPT:
         c_drop = None
         if use_dropout:
             x, c_drop = L.dropout_forward(x, p, self.rng, masks[0] if masks else None)
+        options = BlockOptions.of(cfg, p, self.rng, rope)
         c_blocks = []
         for i in range(cfg.n_layer):
             block_masks = masks[1 + 3 * i: 4 + 3 * i] if masks else None
-            x, c = L.block_forward(x, self.block_params(i), cfg.n_head, cfg.activation, p, self.rng,
-                                   block_masks, **self.block_options(rope))
+            x, c = block_forward(x, self.block_params(i), options, block_masks, None, L)
             c_blocks.append(c)
-        x, c_lnf = self.ln_f_forward(x)
+        x, c_lnf = self.ln_f_forward(x, options)
         logits, c_head = L.linear_forward(x, self.head_weight)  # (B, T, V)
 
-        self.last_dropout_masks = ([c_drop.mask] + [m for c in c_blocks for m in L.block_dropout_masks(c)]
+        self.last_dropout_masks = ([c_drop.mask] + [m for c in c_blocks
+                                                    for m in reference_layers.block_dropout_masks(c)]
                                    if use_dropout else [])
         loss, c_loss = None, None
         if targets is not None:
@@ -248,14 +241,11 @@ class GPT:
 
         (dlogits,) = L.cross_entropy_backward(1.0, cache.loss)  # (B, T, V)
         dx, dhead, _ = L.linear_backward(dlogits, cache.lm_head)  # dhead (V, C)
-        if cfg.norm == "rmsnorm":
-            dx, grads["transformer.ln_f.weight"] = L.rmsnorm_backward(dx, cache.ln_f)
-        else:
-            dx, grads["transformer.ln_f.weight"], db = L.layernorm_backward(dx, cache.ln_f)
-            if db is not None:
-                grads["transformer.ln_f.bias"] = db
+        dx, grads["transformer.ln_f.weight"], db = norm_backward(dx, cache.ln_f, L)
+        if db is not None:
+            grads["transformer.ln_f.bias"] = db
         for i in reversed(range(cfg.n_layer)):
-            dx, block_grads = L.block_backward(dx, cache.blocks[i])
+            dx, block_grads = block_backward(dx, cache.blocks[i])
             for name, g in block_grads.items():
                 grads[f"transformer.h.{i}.{name}"] = g
         if cache.embedding_dropout is not None:
@@ -295,13 +285,12 @@ class GPT:
         # are those of the same positions (the cached keys were rotated at theirs)
         wpe = P["transformer.wpe.weight"][start:] if "transformer.wpe.weight" in P else None
         x, _ = L.embedding_forward(idx_new, P["transformer.wte.weight"], wpe)
-        rope = self.rope(Tn, start)
+        options = BlockOptions.of(cfg, rope=self.rope(Tn, start))
         for i in range(cfg.n_layer):  # each block stores its new keys and values in its slot
             slot = KVSlot(kv.k[i], kv.v[i], start)
-            x, _ = L.block_forward(x, self.block_params(i), cfg.n_head, cfg.activation, kv=slot,
-                                   **self.block_options(rope))
+            x, _ = block_forward(x, self.block_params(i), options, None, slot, L)
         kv.length = start + Tn
-        x, _ = self.ln_f_forward(x)
+        x, _ = self.ln_f_forward(x, options)
         logits, _ = L.linear_forward(x, self.head_weight)  # (B, Tn, V)
         return logits
 

@@ -163,4 +163,4 @@ def cosine_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: 
     return min_lr + coeff * (learning_rate - min_lr)
 
 
-from .muon import Muon  # noqa: E402,F401  (issue 11: npgpt.optim.Muon)
+from .muon import Muon  # noqa: E402,F401  npgpt.optim.Muon

@@ -219,7 +219,7 @@ TORCH_ACTIVATIONS = {
     "relu": F.relu,
     "gelu": lambda x: F.gelu(x),  # exact erf form, nn.GELU()
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu2": lambda x: F.relu(x).square(),  # issue 11's; parity_tests/test_modern.py has more cases
+    "relu2": lambda x: F.relu(x).square(),  # the modern block's; parity_tests/test_modern.py has more cases
     "swiglu": lambda x: F.silu(x[..., :x.shape[-1] // 2]) * x[..., x.shape[-1] // 2:],
 }
 
@@ -490,7 +490,7 @@ def test_block(dtype, bias, activation, dropout):
     if dropout:
         shapes = [(B, cfg.n_head, T, T), (B, T, C), (B, T, C)]
         masks = [L.dropout_mask(s, cfg.dropout, rng, dtype) for s in shapes]
-    out, cache = L.block_forward(*frozen(x, params), cfg.n_head, activation, cfg.dropout,
+    out, cache = L.block_forward(*frozen(x, params), L.BlockOptions(cfg.n_head, activation, cfg.dropout),
                                    masks=frozen(masks)[0])
     assert dropout == (L.block_dropout_masks(cache)[0] is not None)
     dout = randn(rng, out.shape, dtype)

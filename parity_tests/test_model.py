@@ -88,7 +88,7 @@ def test_planted_bug_fails_the_bound(monkeypatch, dtype, term):
     cfg = small_config(dropout=0.0)
     n, depth = parity_sizes(cfg, 3)
     check_model_parity(cfg, dtype, "explicit")  # the right backward passes
-    monkeypatch.setattr(L, "layernorm_backward", layernorm_backward_dropping(term))
+    monkeypatch.setattr(L.REFERENCE, "layernorm_backward", layernorm_backward_dropping(term))
     with pytest.raises(AssertionError, match="over the bound") as failure:
         check_model_parity(cfg, dtype, "explicit")
     assert "transformer.wte.weight" in str(failure.value)  # upstream of every layernorm

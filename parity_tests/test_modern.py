@@ -1,4 +1,4 @@
-"""The modern block (issue 11) against PyTorch: each new pair, Muon, and torchgpt's switches.
+"""The modern block against PyTorch: each new pair, Muon, and torchgpt's switches.
 
 1. Each pair of npgpt.layers (rmsnorm, rope, relu2, swiglu) against torch autograd on the same
    inputs with a random upstream gradient, normwise, at npgpt.compare.bounds for each pair's sizes
@@ -299,7 +299,7 @@ SWITCHES = {
 
 
 def expected_shapes(config: GPTConfig) -> dict:
-    """Every parameter's shape, written from the contract of issue 11."""
+    """Every parameter's shape, written from the modern block's contract."""
     V, C, bs, hs, H = config.vocab_size, config.n_embd, config.block_size, config.head_size, config.mlp_hidden_size
     shapes = {"transformer.wte.weight": (V, C)}
     if config.pos_emb == "learned":
@@ -354,7 +354,7 @@ def test_torchgpt_parameter_names_and_shapes(switch):
 
 
 def test_torchgpt_default_config_is_the_lecture_model():
-    """The switches' defaults build the same modules, names and numbers as before issue 11."""
+    """The switches' defaults build the lecture's modules, names and numbers."""
     config = modern_config()
     model = tm.GPT(config)
     assert isinstance(model.transformer.ln_f, tm.LayerNorm) and model.transformer.ln_f.eps == 1e-5
@@ -511,8 +511,7 @@ def test_block_against_torchgpt_block(dtype, switch):
     x, dout = randn(rng, (B, T, C), dtype), randn(rng, (B, T, C), dtype)
     angles = (L.rope_angles(T, config.head_size, config.rope_theta, 0, dtype)
               if config.pos_emb == "rope" else None)
-    out, cache = L.block_forward(x, params, config.n_head, config.activation, norm=config.norm,
-                                 norm_eps=config.norm_eps, rope=angles)
+    out, cache = L.block_forward(x, params, L.BlockOptions.of(config, rope=angles))
     dx, grads = L.block_backward(dout, cache)
     x_t = torch.tensor(x, requires_grad=True)
     rope_t = None if angles is None else (torch.tensor(angles.cos), torch.tensor(angles.sin))

@@ -36,7 +36,7 @@ from torchgpt.model import LayerNorm
 def model_cases(draw, n_embd_choices=None):
     """(config, attention, idx, head_scale, seed); n_embd >= 4 unless n_embd_choices is given.
 
-    With n_embd >= 4 the modern block's fields (issue 11) are drawn too: norm, pos_emb (RoPE
+    With n_embd >= 4 the modern block's fields are drawn too: norm, pos_emb (RoPE
     needs an even head size), rope_theta, qk_norm (over hs >= 2: an RMSNorm over one channel is
     x / |x|, as ill-conditioned as layernorm's narrow rows), activation relu2/swiglu, mlp_hidden.
     The narrow cases keep the lecture's block, whose layernorm their bounds are derived for.

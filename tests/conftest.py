@@ -59,20 +59,21 @@ def _recording_relu():
 
 @contextmanager
 def _recording_norm_stds():
-    """Within the block, the smallest standard deviation of any row that reaches layernorm_forward
+    """Within the block, the smallest standard deviation of any row that reaches the reference
+    layer set's layernorm_forward
     is appended to the list (see npgpt.gradcheck.NORM_STD_MIN)."""
     seen: list[float] = []
-    forward = layers.layernorm_forward
+    forward = layers.REFERENCE.layernorm_forward
 
     def recording_forward(x, *args, **kwargs):
         seen.append(float(np.std(x, axis=-1).min()))
         return forward(x, *args, **kwargs)
 
-    layers.layernorm_forward = recording_forward
+    layers.REFERENCE.layernorm_forward = recording_forward
     try:
         yield seen
     finally:
-        layers.layernorm_forward = forward
+        layers.REFERENCE.layernorm_forward = forward
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,9 @@ from npgpt import muon as ref_muon
 from npgpt.muon import Muon
 from test_fastpath import IN_PLACE, arrays_of, batch, block_params, compare_pair, noisy_pair, randn, small_config
 from test_numba_kernels import check, compare_to_reference, exact_twin
+from test_modern_layers import qk_attention_backward, qk_attention_forward
+
+NP = fl.layer_set(kernels=False)
 
 DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")]
 MODERN = dict(norm="rmsnorm", pos_emb="rope", qk_norm=True, activation="swiglu", bias=False, rope_theta=100.0)
@@ -51,56 +54,35 @@ def kernels_on(monkeypatch):
 
 
 def test_the_fast_layers_cover_every_switch():
-    """fast.GPT no longer falls back to the plain layers for the modern block."""
+    """fast.GPT runs npgpt.fast's layer set for the modern block too."""
     for name, config in CONFIGS.items():
-        assert fl.covers_config(config), name
-        assert fast.GPT(config).layers is fl, name
+        assert fast.GPT(config).layers == fl.FAST, name
 
 
 # --------------------------------------------------------------------------------------------
 # The pairs, NumPy only: bit for bit
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_rmsnorm_in_place_equals_reference_bit_for_bit(dtype, numpy_only):
-    rng = np.random.default_rng(1)
-    x, w = randn(rng, (3, 5, 16), dtype, 3.0) + dtype(0.5), randn(rng, 16, dtype)
-    compare_pair("rmsnorm", (fl.rmsnorm_forward, fl.rmsnorm_backward),
-                 (ref.rmsnorm_forward, ref.rmsnorm_backward), (x, w, 0.1), dtype, IN_PLACE)
-
-
-ROPE_HALVES = bitwise("x1 cos - x2 sin and x2 cos + x1 sin: the reference's products and sums, a negation "
-                      "folded into the sign of the sum, which IEEE arithmetic does exactly")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_half_by_half_equals_reference_bit_for_bit(dtype, numpy_only):
-    """No rotate_half copy: the halves computed in place, negations folded into the sums."""
-    rng = np.random.default_rng(2)
-    B, nh, T, hs = 2, 3, 7, 8
-    x = randn(rng, (B, nh, T, hs), dtype)
-    angles = ref.rope_angles(T, hs, 100.0, offset=3, dtype=dtype)
-    compare_pair("rope", (fl.rope_forward, fl.rope_backward), (ref.rope_forward, ref.rope_backward),
-                 (x, angles.cos, angles.sin), dtype, ROPE_HALVES)
-    out = np.empty_like(x)
-    result, _ = fl.rope_forward(x, angles.cos, angles.sin, out=out)
-    assert result is out and np.array_equal(out, ref.rope_forward(x, angles.cos, angles.sin)[0])
-
-
 @pytest.mark.parametrize("activation", ["relu2", "swiglu"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_modern_activations_equal_reference_bit_for_bit(dtype, activation, numpy_only):
     x = randn(np.random.default_rng(3), (4, 6, 32), dtype, 3.0)
-    compare_pair(activation, fl.ACTIVATION_FUNCTIONS[activation], ref.ACTIVATION_FUNCTIONS[activation],
+    compare_pair(activation, NP.activations[activation], ref.ACTIVATION_FUNCTIONS[activation],
                  (x,), dtype, IN_PLACE)
-    out, cache = fl.ACTIVATION_FUNCTIONS[activation][0](x)  # the block rebuilds the output from the cache
+    out, cache = NP.activations[activation][0](x)  # the block rebuilds the output from the cache
     assert np.array_equal(fl.ACTIVATION_OUTPUT_FROM_CACHE[activation](cache), out)
 
 
 def qk_kwargs(rng, dtype, hs, T, qk_norm=True, rope=True, offset=0):
     return dict(q_norm=randn(rng, hs, dtype, 0.5) + dtype(1.0) if qk_norm else None,
                 k_norm=randn(rng, hs, dtype, 0.5) + dtype(1.0) if qk_norm else None,
-                norm_eps=0.01, rope=ref.rope_angles(T, hs, 50.0, offset, dtype) if rope else None)
+                eps=0.01, rope=ref.rope_angles(T, hs, 50.0, offset, dtype) if rope else None)
+
+
+def qk_attention_pair(layers):
+    """The block's attention steps (test_modern_layers.qk_attention_forward) on a layer set."""
+    return (lambda qkv, nh, **kw: qk_attention_forward(layers, qkv, nh, **kw),
+            lambda dout, cache: qk_attention_backward(layers, dout, cache))
 
 
 QK_PREPARED = bitwise("QK-norm and RoPE run the reference's operations in its order, in place; then the "
@@ -121,8 +103,8 @@ def test_attention_with_qk_norm_and_rope_equals_reference_bit_for_bit(dtype, dro
     if dropout:
         kwargs["mask"] = ref.dropout_mask((B, nh, T, T), 0.25, rng, dtype)
     before = qkv.copy()
-    compare_pair("attention qk", (fl.attention_forward, fl.attention_backward),
-                 (ref.attention_forward, ref.attention_backward), (qkv, nh), dtype, QK_PREPARED, **kwargs)
+    compare_pair("attention qk", qk_attention_pair(NP), qk_attention_pair(ref.REFERENCE), (qkv, nh), dtype,
+                 QK_PREPARED, **kwargs)
     assert np.array_equal(qkv, before)  # the input is not written
 
 
@@ -135,9 +117,9 @@ def test_attention_with_qk_norm_rope_and_a_kv_slot_equals_reference(dtype, numpy
     qkv = randn(rng, (B, 3, 3 * C), dtype)
     kwargs = qk_kwargs(rng, dtype, C // nh, 3, offset=4)
     results = {}
-    for name, layers in (("fast", fl), ("reference", ref)):
+    for name, layers in (("fast", NP), ("reference", ref.REFERENCE)):
         slot = ref.KVSlot(past[0].copy(), past[1].copy(), 4)
-        y, _ = layers.attention_forward(qkv, nh, kv=slot, **kwargs)
+        y, _ = qk_attention_forward(layers, qkv, nh, kv=slot, **kwargs)
         results[name] = {"y": y, "slot.k": slot.k, "slot.v": slot.v}
     compare_all(results["fast"], results["reference"], rtol=QK_PREPARED,
                 header=f"attention qk kv [{np.dtype(dtype).name}]")
@@ -151,13 +133,13 @@ def modern_block_case(config, dtype, dropout, seed=10):
     masks = ([ref.dropout_mask(s, 0.2, rng, dtype) for s in [(B, nh, T, T), (B, T, C), (B, T, C)]]
              if dropout else None)
     rope = ref.rope_angles(T, C // nh, config.rope_theta, 0, dtype) if config.pos_emb == "rope" else None
-    kwargs = dict(norm=config.norm, norm_eps=config.norm_eps, rope=rope)
-    return (x, p, nh, config.activation, 0.2 if dropout else 0.0, None, masks), kwargs, dout
+    options = ref.BlockOptions.of(config, 0.2 if dropout else 0.0, None, rope)
+    return (x, p, options, masks), {}, dout
 
 
 def run_block(layers, args, kwargs, dout):
-    out, cache = layers.block_forward(*args, **kwargs)
-    dx, grads = layers.block_backward(dout, cache)
+    out, cache = ref.block_forward(*args, **kwargs, layers=layers)
+    dx, grads = ref.block_backward(dout, cache)
     return {"out": out, "dx": dx, **grads}, cache
 
 
@@ -169,8 +151,8 @@ def test_modern_block_equals_reference(dtype, name, dropout, numpy_only):
     gains included. The MLP's hidden activation is dropped after the forward for relu2 and swiglu as
     for gelu."""
     args, kwargs, dout = modern_block_case(CONFIGS[name], dtype, dropout)
-    ours, f_cache = run_block(fl, args, kwargs, dout)
-    theirs, _ = run_block(ref, args, kwargs, dout)
+    ours, f_cache = run_block(NP, args, kwargs, dout)
+    theirs, _ = run_block(ref.REFERENCE, args, kwargs, dout)
     assert list(ours) == list(theirs)
     bound = fast_model(dtype, dataclasses.replace(CONFIGS[name], n_layer=1), numpy_only=True, blocks_only=True)
     compare_all(ours, theirs, rtol=bound, header=f"block {name} [{np.dtype(dtype).name}]")
@@ -257,8 +239,8 @@ def test_swiglu_kernel(dtype, kernels_on):
     x = randn(rng, (3, 5, 2 * 24), dtype, 3.0)
     x[0, 0, :6] = np.array([-100.0, -30.0, 0.0, 30.0, 100.0, -0.0], dtype)  # gates at the extremes
     dout = randn(rng, (3, 5, 24), dtype)
-    out, cache = fl.swiglu_forward(x)
-    (dx,) = fl.swiglu_backward(dout, cache)
+    out, cache = K.swiglu_forward(x)
+    (dx,) = K.swiglu_backward(dout, cache)
     ref_out, ref_cache = ref.swiglu_forward(x.astype(np.float64))
     (ref_dx,) = ref.swiglu_backward(dout.astype(np.float64), ref_cache)
     assert type(cache) is ref.SwigluCache and np.isfinite(out).all() and np.isfinite(dx).all()
@@ -282,12 +264,9 @@ def test_rope_kernel_is_bit_for_bit_the_reference(dtype, kernels_on, monkeypatch
     qkv = randn(rng, (B, T, 3 * nh * hs), dtype)
     x = ref.split_heads(qkv[..., nh * hs:2 * nh * hs], nh)  # k's heads: not contiguous
     angles = ref.rope_angles(T, hs, 100.0, offset=5, dtype=dtype)
-    compare_pair("rope kernel", (fl.rope_forward, fl.rope_backward), (ref.rope_forward, ref.rope_backward),
+    compare_pair("rope kernel", (K.rope_forward, K.rope_backward), (ref.rope_forward, ref.rope_backward),
                  (x, angles.cos, angles.sin), dtype,
                  bitwise("the kernel's loop runs ROPE_HALVES' products and sums, FMA contraction off"))
-    out = np.zeros((B, nh, T, hs), dtype)
-    result, _ = fl.rope_forward(x, angles.cos, angles.sin, out)
-    assert result is out and np.array_equal(out, ref.rope_forward(x, angles.cos, angles.sin)[0])
     assert set(calls) == {"rope_forward", "rope_backward"}, calls
 
 

@@ -16,7 +16,7 @@ import figures  # noqa: E402  (docs/figures.py)
 from npgpt import GPT, GPTConfig, bounds  # noqa: E402
 from gptapp.data import DATA_ENV_VAR, resolve_data_path  # noqa: E402
 from npgpt.data import CharTokenizer, DataError, train_val_split  # noqa: E402
-from npgpt.layers import block_forward, embedding_forward  # noqa: E402
+from npgpt.layers import BlockOptions, block_forward, embedding_forward  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -106,7 +106,7 @@ def test_attention_maps_are_the_models_attention():
 
     x, _ = embedding_forward(idx, model.params["transformer.wte.weight"], model.params["transformer.wpe.weight"])
     for i in range(config.n_layer):
-        x, cache = block_forward(x, model.block_params(i), config.n_head, config.activation)
+        x, cache = block_forward(x, model.block_params(i), BlockOptions.of(config))
         att = cache.attention.att[0]  # (nh, T, T), batch row 0
         np.testing.assert_array_equal(maps[i], att)  # bitwise: attention_probs, on the same q and k
 

@@ -149,7 +149,7 @@ def block_case(B, T, C, n_head, activation="gelu", bias=True, dropout_p=0.0):
                      for shape in ((B, n_head, T, T), (B, T, C), (B, T, C))]
 
         def forward(x, *arrays):
-            return L.block_forward(x, dict(zip(names, arrays)), n_head, activation, dropout_p, None, masks)
+            return L.block_forward(x, dict(zip(names, arrays)), L.BlockOptions(n_head, activation, dropout_p), masks)
 
         def backward(dout, cache):
             dx, grads = L.block_backward(dout, cache)
@@ -482,12 +482,12 @@ def test_block_dropout_masks_reproduce_a_drawn_forward(assert_close):
     B, T, C, n_head = 2, 4, 4, 2
     x = rng.standard_normal((B, T, C))
     p = random_block_params(rng, C, True, np.float64)
-    out, cache = L.block_forward(x, p, n_head, "gelu", 0.4, np.random.default_rng(11))
+    out, cache = L.block_forward(x, p, L.BlockOptions(n_head, "gelu", 0.4, np.random.default_rng(11)))
     masks = L.block_dropout_masks(cache)
     assert [m.shape for m in masks] == [(B, n_head, T, T), (B, T, C), (B, T, C)]
     assert all((m == 0).any() for m in masks)
-    out2, _ = L.block_forward(x, p, n_head, "gelu", 0.4, None, masks)
+    out2, _ = L.block_forward(x, p, L.BlockOptions(n_head, "gelu", 0.4), masks)
     assert_close("block with its own masks", out2, out,
                  bounds.bitwise("the same forward on the same inputs and the same masks"))
-    out_nodrop, _ = L.block_forward(x, p, n_head, "gelu")
+    out_nodrop, _ = L.block_forward(x, p, L.BlockOptions(n_head, "gelu"))
     assert not np.allclose(out, out_nodrop)

@@ -1,4 +1,4 @@
-"""Unit tests of the modern block's pairs in npgpt.layers (issue 11): RMSNorm, RoPE, ReLU², SwiGLU,
+"""Unit tests of the modern block's pairs in npgpt.layers: RMSNorm, RoPE, ReLU², SwiGLU,
 and attention and the block with QK-norm, RoPE and the new norms and activations composed in.
 
 Every backward against centred finite differences in float64 (npgpt.gradcheck.gradcheck_layer, random
@@ -11,6 +11,7 @@ Muon's own unit tests are at the end.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -65,6 +66,41 @@ def swiglu_case(shape, scale=2.0):
     return make
 
 
+class QKAttentionCache(NamedTuple):
+    q_norm: object
+    k_norm: object
+    q_rope: object
+    k_rope: object
+    attention: object
+
+
+def qk_attention_forward(layers, qkv, n_head, q_norm, k_norm, rope, mask=None, kv=None, eps=1e-5):
+    """The block's attention steps from qkv (B, T, 3C) to y (B, T, C): split, QK-norm (gains given),
+    RoPE (angles given), the KV slot (given), the causal core, merge. Returns (y, caches)."""
+    q, k, v = layers.split_qkv(qkv, n_head)
+    q, c_qn = layers.rmsnorm_forward(q, q_norm, eps) if q_norm is not None else (q, None)
+    k, c_kn = layers.rmsnorm_forward(k, k_norm, eps) if k_norm is not None else (k, None)
+    q, c_qr = layers.rope_forward(q, *rope) if rope is not None else (q, None)
+    k, c_kr = layers.rope_forward(k, *rope) if rope is not None else (k, None)
+    k, v = layers.kv_append(kv, k, v) if kv is not None else (k, v)
+    y, c_att = layers.causal_attention_forward(q, k, v, 0.0, None, mask)
+    return layers.merge_heads(y), QKAttentionCache(c_qn, c_kn, c_qr, c_kr, c_att)
+
+
+def qk_attention_backward(layers, dout, caches):
+    """qk_attention_forward's steps reversed: (dqkv,), then the gains' gradients if QK-norm ran."""
+    c_qn, c_kn, c_qr, c_kr, c_att = caches
+    dq, dk, dv = layers.causal_attention_backward(layers.split_heads(dout, c_att.q.shape[1]), c_att)
+    (dq,) = layers.rope_backward(dq, c_qr) if c_qr is not None else (dq,)
+    (dk,) = layers.rope_backward(dk, c_kr) if c_kr is not None else (dk,)
+    gains = []
+    if c_qn is not None:
+        dq, dgq = layers.rmsnorm_backward(dq, c_qn)
+        dk, dgk = layers.rmsnorm_backward(dk, c_kn)
+        gains = [dgq, dgk]
+    return (layers.merge_qkv(dq, dk, dv), *gains)
+
+
 def attention_case(B, T, C, n_head, qk_norm=True, rope=True, theta=50.0):
     """QK-norm and RoPE inside attention: gradients of qkv and of both gains."""
     def make(rng):
@@ -75,9 +111,9 @@ def attention_case(B, T, C, n_head, qk_norm=True, rope=True, theta=50.0):
             inputs["k_norm"] = 1.0 + normal(rng, (hs,), 0.3)
         def forward(qkv, q_norm=None, k_norm=None):
             angles = L.rope_angles(T, hs, theta, dtype=qkv.dtype) if rope else None
-            return L.attention_forward(qkv, n_head, q_norm=q_norm, k_norm=k_norm, norm_eps=1e-5, rope=angles)
+            return qk_attention_forward(L.REFERENCE, qkv, n_head, q_norm, k_norm, angles)
 
-        return forward, L.attention_backward, inputs, {}
+        return forward, lambda dout, cache: qk_attention_backward(L.REFERENCE, dout, cache), inputs, {}
     return make
 
 
@@ -100,8 +136,8 @@ def block_case(B, T, C, n_head, activation, bias, norm="rmsnorm", qk_norm=True, 
                   + normal(rng, shape, 0.4) for n, shape in shapes.items()}
         def forward(x, *arrays):
             angles = L.rope_angles(T, hs, 100.0, dtype=x.dtype) if rope else None
-            return L.block_forward(x, dict(zip(names, arrays)), n_head, activation, norm=norm,
-                                   norm_eps=1e-5, rope=angles)
+            return L.block_forward(x, dict(zip(names, arrays)),
+                                   L.BlockOptions(n_head, activation, norm=norm, norm_eps=1e-5, rope=angles))
 
         def backward(dout, cache):
             dx, grads = L.block_backward(dout, cache)

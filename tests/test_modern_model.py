@@ -1,4 +1,4 @@
-"""npgpt.GPT with the modern block's switches (issue 11): gradients, shapes, init, KV cache.
+"""npgpt.GPT with the modern block's switches: gradients, shapes, init, KV cache.
 
 Every switch alone and all together: the whole model's gradients against centred finite
 differences (float64, each to its finite_diff bound); parameter names and shapes from the contract; the init
@@ -67,7 +67,7 @@ def batch(config, B, T, seed=0):
 
 
 def contract_shapes(config: GPTConfig) -> dict:
-    """Every parameter's shape, written out from issue 11's contract (independently of model.py)."""
+    """Every parameter's shape, written out from the modern block's contract (independently of model.py)."""
     V, C, hs, Hd = config.vocab_size, config.n_embd, config.head_size, config.mlp_hidden_size
     fc = 2 * Hd if config.activation == "swiglu" else Hd
     norm_bias = config.bias and config.norm == "layernorm"
@@ -142,7 +142,7 @@ def test_init_gains_are_ones_and_swiglu_rows():
 
 
 def test_default_config_is_the_lecture_model():
-    """A config dict from before issue 11 builds the lecture's parameters, in nanoGPT's order."""
+    """A config dict without the modern fields builds the lecture's parameters, in nanoGPT's order."""
     old = dict(vocab_size=7, block_size=6, n_layer=1, n_head=2, n_embd=8, dropout=0.0, bias=True,
                activation="gelu", tie_weights=True)
     model = GPT(GPTConfig.from_dict(old), seed=4)
@@ -202,7 +202,7 @@ def test_fast_gpt_equals_reference_on_the_switches(switch):
     logits_r, loss_r = ref.forward(idx, targets)
     logits_f, loss_f = quick.forward(idx, targets)
     grads_r, grads_f = ref.backward(), quick.backward()
-    assert quick.layers is fast.layers
+    assert quick.layers == fast.layers.FAST
     # the same formulas with other summation orders (numba loops, 2-D matmuls, in-place sums): the
     # forward is a chain; the backward adds as many stages again
     n, depth = longest_sum(config, 2, 6), bounds.forward_depth(config.n_layer)
@@ -217,7 +217,7 @@ def test_fast_gpt_equals_reference_on_the_switches(switch):
 def test_checkpoint_round_trip_carries_the_modern_fields(tmp_path):
     """A modern model's .npz checkpoint: the config's new fields and the params (no wpe, q_norm,
     (2H, C) c_fc) come back, and torchgpt loads the params strictly. A checkpoint config saved
-    before issue 11 (no modern keys) loads as the lecture's model."""
+    without the modern keys loads as the lecture's model."""
     import math
 
     pytest.importorskip("torch")  # torchgpt's strict load; the rest runs in the base install too

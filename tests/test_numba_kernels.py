@@ -37,6 +37,11 @@ from npgpt.fast import layers as fast_layers
 from npgpt.fast import numba_kernels as K
 from npgpt.gradcheck import rel_error
 from npgpt.optim import AdamW
+
+# the kernels' own attention core, split, merge and the rest the reference's
+KERNELS = L.LayerSet(**{**vars(L.REFERENCE), "causal_attention_forward": K.causal_attention_forward,
+                         "causal_attention_backward": K.causal_attention_backward})
+from functools import partial
 from test_fastpath import arrays_of, batch, block_params, compare_pair, noisy_pair, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,9 +288,22 @@ def test_float32_normal_cdf_and_pdf():
     assert np.all(rel <= bound), f"worst at x = {x[np.argmax(rel)]}"
 
 
-def test_float32_erf_coefficients_are_the_fast_layers_ones():
-    assert [np.float32(c) for c in fast_layers.ERF32_P] == list(K._ERF32_P)
-    assert [np.float32(c) for c in fast_layers.ERF32_Q] == list(K._ERF32_Q)
+def test_erf_float32_within_its_max_error_of_scipy_everywhere():
+    """Establishes bounds.ERF32_MAX_ERROR (the kernels' float32 erf, written once, in
+    numba_kernels), which the float32 GELU's bounds build on."""
+    # every 101st float32 in [0, 6], both signs, plus the edges
+    bits = np.arange(0, np.float32(6.0).view(np.int32) + 1, 101, dtype=np.int32)
+    x = bits.view(np.float32)
+    x = np.concatenate([x, -x, np.float32([0.0, 4.0, -4.0, 1e30, -1e30, np.inf, -np.inf])])
+    got = scalar_function_over(K.erf_, x)
+    exact = scipy_erf(x.astype(np.float64))
+    err = np.abs(got.astype(np.float64) - exact)
+    print(f"  float32 erf: max abs error {err.max():.3e} at x = {x[err.argmax()]}")
+    assert got.dtype == np.float32
+    assert err.max() <= ERF32_MAX_ERROR
+    assert np.array_equal(got[-4:], np.float32([1, -1, 1, -1])), "saturates to +-1"
+    assert np.array_equal(scalar_function_over(K.erf_, -x), -got), "odd"
+    assert np.isnan(scalar_function_over(K.erf_, np.float32([np.nan]))).all()
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,8 +315,8 @@ def test_float32_erf_coefficients_are_the_fast_layers_ones():
 def test_attention(dtype, B, T, C, n_head):
     rng = np.random.default_rng(7)
     qkv, dout = random(rng, (B, T, 3 * C), dtype, 1.5), random(rng, (B, T, C), dtype)
-    y, cache = K.attention_forward(qkv, n_head)
-    (dqkv,) = K.attention_backward(dout, cache)
+    y, cache = L.attention_forward(qkv, n_head, layers=KERNELS)
+    (dqkv,) = L.attention_backward(dout, cache, layers=KERNELS)
     ref_y, ref_cache = L.attention_forward(*as64(qkv), n_head)
     (ref_dqkv,) = L.attention_backward(*as64(dout), ref_cache)
     check("y", y, ref_y, dtype, attention_bound(dtype, T, C // n_head, backward=False))
@@ -314,15 +332,15 @@ def test_attention_with_dropout(dtype):
     qkv, dout = random(rng, (B, T, 3 * C), dtype), random(rng, (B, T, C), dtype)
     mask = L.dropout_mask((B, n_head, T, T), p, rng, dtype)
     for kwargs in (dict(mask=mask), dict(rng=np.random.default_rng(9))):
-        y, cache = K.attention_forward(qkv, n_head, p, **kwargs)
-        (dqkv,) = K.attention_backward(dout, cache)
+        y, cache = L.attention_forward(qkv, n_head, p, **kwargs, layers=KERNELS)
+        (dqkv,) = L.attention_backward(dout, cache, layers=KERNELS)
         ref_kwargs = dict(mask=mask.astype(np.float64)) if "mask" in kwargs else dict(rng=np.random.default_rng(9))
         ref_y, ref_cache = L.attention_forward(*as64(qkv), n_head, p, **ref_kwargs)
         (ref_dqkv,) = L.attention_backward(*as64(dout), ref_cache)
         check("y", y, ref_y, dtype, attention_bound(dtype, T, C // n_head, backward=False))
         check("dqkv", dqkv, ref_dqkv, dtype, attention_bound(dtype, T, C // n_head))
     with pytest.raises(ValueError, match="rng or mask"):
-        K.attention_forward(qkv, n_head, p)
+        L.attention_forward(qkv, n_head, p, layers=KERNELS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,7 +450,7 @@ def test_large_heads_take_the_batched_attention_and_equal_the_reference(dtype, k
     """Above FUSED_ATTENTION_MAX_T2HS the fused per-head kernel is skipped (nested BLAS threads);
     the batched path with the numba softmax must give the reference's attention too."""
     calls = []
-    for name in ("attention_forward", "attention_backward", "softmax_forward", "softmax_backward"):
+    for name in ("causal_attention_forward", "causal_attention_backward", "softmax_forward", "softmax_backward"):
         original = getattr(K, name)
         monkeypatch.setattr(K, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
     rng = np.random.default_rng(21)
@@ -440,9 +458,11 @@ def test_large_heads_take_the_batched_attention_and_equal_the_reference(dtype, k
     assert fast_layers._fused_attention_pays(T, C // nh)
     monkeypatch.setattr(fast_layers, "FUSED_ATTENTION_MAX_T2HS", T * T * (C // nh) - 1)
     qkv = random(rng, (B, T, 3 * C), dtype)
-    compare_pair("attention (batched)", (fast_layers.attention_forward, fast_layers.attention_backward),
+    fast_set = fast_layers.layer_set(kernels=True)
+    compare_pair("attention (batched)", (partial(L.attention_forward, layers=fast_set),
+                                         partial(L.attention_backward, layers=fast_set)),
                  (L.attention_forward, L.attention_backward), (qkv, nh), dtype, attention_bound(dtype, T, C // nh))
-    assert "attention_forward" not in calls and "attention_backward" not in calls, calls
+    assert "causal_attention_forward" not in calls and "causal_attention_backward" not in calls, calls
     assert "softmax_forward" in calls and "softmax_backward" in calls, calls
 
 
@@ -450,37 +470,39 @@ def test_large_heads_take_the_batched_attention_and_equal_the_reference(dtype, k
 def test_fast_layers_call_the_kernels_and_equal_the_reference(dtype, kernels_on, monkeypatch):
     rng = np.random.default_rng(20)
     calls = []
-    for name in ("layernorm_forward", "gelu_forward", "softmax_forward", "attention_forward",
+    for name in ("layernorm_forward", "gelu_forward", "softmax_forward", "causal_attention_forward",
                  "cross_entropy_forward"):
         original = getattr(K, name)
         monkeypatch.setattr(K, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    fl = fast_layers.layer_set(kernels=True)  # built after the patching above: it holds the recorders
+    attention = (partial(L.attention_forward, layers=fl), partial(L.attention_backward, layers=fl))
     B, T, C, nh = 3, 7, 12, 3
     x, w, b = random(rng, (B, T, C), dtype, 2.0, 1.0), random(rng, C, dtype), random(rng, C, dtype)
     qkv = random(rng, (B, T, 3 * C), dtype)
     mask = L.dropout_mask((B, nh, T, T), 0.25, rng, dtype)
     pairs = {  # name: (fast pair, reference pair, args, kwargs, bound)
-        "layernorm": ((fast_layers.layernorm_forward, fast_layers.layernorm_backward),
+        "layernorm": ((fl.layernorm_forward, fl.layernorm_backward),
                       (L.layernorm_forward, L.layernorm_backward), (x, w, b), {}, chain(dtype, max(C, B * T), 5)),
-        "gelu": (fast_layers.ACTIVATION_FUNCTIONS["gelu"], L.ACTIVATION_FUNCTIONS["gelu"], (x,), {},
+        "gelu": (fl.activations["gelu"], L.ACTIVATION_FUNCTIONS["gelu"], (x,), {},
                  gelu_bound(dtype, "dx")),
-        "softmax": ((fast_layers.softmax_forward, fast_layers.softmax_backward),
+        "softmax": ((K.softmax_forward, K.softmax_backward),
                     (L.softmax_forward, L.softmax_backward), (x,), {}, chain(dtype, C, 5) + exp_error(dtype)),
-        "attention": ((fast_layers.attention_forward, fast_layers.attention_backward),
+        "attention": (attention,
                       (L.attention_forward, L.attention_backward), (qkv, nh), {}, attention_bound(dtype, T, C // nh)),
-        "attention+dropout": ((fast_layers.attention_forward, fast_layers.attention_backward),
+        "attention+dropout": (attention,
                               (L.attention_forward, L.attention_backward), (qkv, nh), {"mask": mask},
                               attention_bound(dtype, T, C // nh)),
     }
     for name, (fast_pair, ref_pair, args, kwargs, bound) in pairs.items():
         compare_pair(name, fast_pair, ref_pair, args, dtype, bound, **kwargs)
     logits, targets = random(rng, (B, T, 11), dtype, 4.0), rng.integers(0, 11, (B, T))
-    f_loss, f_cache = fast_layers.cross_entropy_forward(logits, targets)
+    f_loss, f_cache = fl.cross_entropy_forward(logits, targets)
     r_loss, r_cache = L.cross_entropy_forward(logits, targets)
     assert type(f_cache) is type(r_cache)
-    compare_all({"loss": f_loss, **arrays_of("cache", f_cache), "dlogits": fast_layers.cross_entropy_backward(0.7, f_cache)[0]},
+    compare_all({"loss": f_loss, **arrays_of("cache", f_cache), "dlogits": fl.cross_entropy_backward(0.7, f_cache)[0]},
                 {"loss": r_loss, **arrays_of("cache", r_cache), "dlogits": L.cross_entropy_backward(0.7, r_cache)[0]},
                 rtol=cross_entropy_bound(dtype, 11, B * T), header=f"cross-entropy [{np.dtype(dtype).name}]")
-    assert set(calls) == {"layernorm_forward", "gelu_forward", "softmax_forward", "attention_forward",
+    assert set(calls) == {"layernorm_forward", "gelu_forward", "softmax_forward", "causal_attention_forward",
                           "cross_entropy_forward"}, calls
 
 
@@ -494,15 +516,16 @@ def test_fast_block_with_kernels_equals_reference(dtype, activation, dropout, ke
     rng = np.random.default_rng(21)
     x, dout = random(rng, (B, T, C), dtype), random(rng, (B, T, C), dtype)
     masks = [L.dropout_mask(s, 0.2, rng, dtype) for s in [(B, nh, T, T), (B, T, C), (B, T, C)]] if dropout else None
-    f_out, f_cache = fast_layers.block_forward(x, p, nh, activation, 0.2 if dropout else 0.0, None, masks)
-    r_out, r_cache = L.block_forward(x, p, nh, activation, 0.2 if dropout else 0.0, None, masks)
-    f_dx, f_grads = fast_layers.block_backward(dout, f_cache)
+    options = L.BlockOptions(nh, activation, 0.2 if dropout else 0.0)
+    f_out, f_cache = L.block_forward(x, p, options, masks, layers=fast_layers.layer_set(kernels=True))
+    r_out, r_cache = L.block_forward(x, p, options, masks)
+    f_dx, f_grads = L.block_backward(dout, f_cache)
     r_dx, r_grads = L.block_backward(dout, r_cache)
     compare_all({"out": f_out, "dx": f_dx, **f_grads}, {"out": r_out, "dx": r_dx, **r_grads},
                 rtol=fast_model(dtype, config, numpy_only=False, blocks_only=True),
                 header=f"block {activation} dropout={dropout} [{np.dtype(dtype).name}]")
     if activation == "gelu":  # the dropped activation is rebuilt bit for bit from the kernel's cache
-        act_out, _ = fast_layers.gelu_forward(f_cache.act.x)
+        act_out, _ = K.gelu_forward(f_cache.act.x)
         assert np.array_equal(fast_layers.ACTIVATION_OUTPUT_FROM_CACHE["gelu"](f_cache.act), act_out)
 
 
@@ -745,6 +768,7 @@ HIDE_NUMBA = """
 
 FALLBACK_RUN = """
     import numpy as np
+    from npgpt import layers as L
     from npgpt.fast import numba_kernels as K
     assert not K.AVAILABLE and "numba" in K.UNAVAILABLE_REASON, K.UNAVAILABLE_REASON
     assert "numba" not in sys.modules and K.threads() == 1 and K.CACHE_DIR is None
@@ -754,7 +778,8 @@ FALLBACK_RUN = """
     out["ln_dx"], out["ln_dw"], out["ln_db"] = K.layernorm_backward(x["dx_up"], c)
     o, c = K.gelu_forward(x["h"]); out["gelu"] = o; (out["gelu_dx"],) = K.gelu_backward(x["dh"], c)
     o, c = K.softmax_forward(x["h"]); out["sm"] = o; (out["sm_dx"],) = K.softmax_backward(x["dh"], c)
-    o, c = K.attention_forward(x["qkv"], 2); out["att"] = o; (out["att_dqkv"],) = K.attention_backward(x["dy"], c)
+    q, k, v = L.split_qkv(x["qkv"], 2); o, c = K.causal_attention_forward(q, k, v); out["att"] = L.merge_heads(o)
+    out["att_dqkv"] = L.merge_qkv(*K.causal_attention_backward(L.split_heads(x["dy"], 2), c))
     o, c = K.cross_entropy_forward(x["logits"], x["targets"]); out["ce"] = np.asarray(o)
     (out["ce_dlogits"],) = K.cross_entropy_backward(0.5, c)
     p, m, v = x["p"].copy(), np.zeros_like(x["p"]), np.zeros_like(x["p"])
@@ -801,7 +826,8 @@ def test_without_numba_the_module_imports_and_computes_the_same_results(tmp_path
     ours["ln_dx"], ours["ln_dw"], ours["ln_db"] = K.layernorm_backward(x["dx_up"], c)
     o, c = K.gelu_forward(x["h"]); ours["gelu"] = o; (ours["gelu_dx"],) = K.gelu_backward(x["dh"], c)
     o, c = K.softmax_forward(x["h"]); ours["sm"] = o; (ours["sm_dx"],) = K.softmax_backward(x["dh"], c)
-    o, c = K.attention_forward(x["qkv"], 2); ours["att"] = o; (ours["att_dqkv"],) = K.attention_backward(x["dy"], c)
+    q, k, v = L.split_qkv(x["qkv"], 2); o, c = K.causal_attention_forward(q, k, v); ours["att"] = L.merge_heads(o)
+    ours["att_dqkv"] = L.merge_qkv(*K.causal_attention_backward(L.split_heads(x["dy"], 2), c))
     o, c = K.cross_entropy_forward(x["logits"], x["targets"]); ours["ce"] = np.asarray(o)
     (ours["ce_dlogits"],) = K.cross_entropy_backward(0.5, c)
     p, m, v = x["p"].copy(), np.zeros_like(x["p"]), np.zeros_like(x["p"])

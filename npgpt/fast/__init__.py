@@ -5,9 +5,10 @@
     opt = fast.AdamW(model.params, ...)   # state_dict loadable by npgpt.optim.AdamW and back
     muon = fast.Muon(matrices, ...)       # npgpt.optim.Muon's update bit for bit, in place
 
-npgpt/layers.py is the plain reference that docs/gradients.md derives; npgpt.fast.layers has the
-same functions rewritten for speed (in place, float32 erf, one 2-D matmul per linear), and
-fast.GPT tunes the allocator itself. tests/test_fastpath.py compares every piece with the reference.
+npgpt/layers.py is the plain reference that docs/gradients.md derives; npgpt.fast.layers.FAST is
+its layer set with some pairs replaced (numba kernels, NumPy rewrites: one 2-D matmul per linear,
+in-place sums), and fast.GPT tunes the allocator itself. tests/test_fastpath.py compares every
+replaced pair with the reference.
 """
 from ..model import BigramLanguageModel  # nothing in it to speed up
 from . import layers

@@ -2,9 +2,8 @@
 
 fast.GPT is a drop-in for npgpt.GPT: the same constructor, methods, params dict (names, shapes,
 order) and checkpoints. It differs in three ways, none visible to a caller:
-- it composes npgpt.fast.layers instead of npgpt.layers, for the lecture's block and the modern
-  one of issue 11 alike (a config those layers do not cover would run on npgpt.layers, see
-  covers_config);
+- it composes npgpt.fast.layers' layer set (FAST: the reference's pairs with some replaced)
+  instead of npgpt.layers.REFERENCE;
 - its parameter arrays are views into one contiguous buffer (pack_params), so fast.AdamW can
   update each parameter group as one flat vector with no gather or scatter;
 - its constructor asks glibc's malloc to keep freed memory (keep_freed_memory), once per process.
@@ -15,11 +14,11 @@ import ctypes
 
 import numpy as np
 
-from .. import layers as reference_layers
 from ..config import GPTConfig
 from ..model import GPT as ReferenceGPT
 from ..optim import decays
 from . import layers as fast_layers
+from . import numba_kernels
 
 
 def pack_params(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -55,8 +54,8 @@ def keep_freed_memory(trim_threshold: int = 256 << 20, mmap_threshold: int = 32 
 
     Why: a training step frees its activations and allocates the same sizes again in the next
     step. By default glibc gives large freed blocks back to the OS, and every page of the next
-    step's arrays is then a page fault (~2 us a page measured on a 2-core VM: ~25 ms of a ~65 ms
-    step of the `cpu` preset). With this the process keeps its peak memory mapped and reuses it.
+    step's arrays is then a page fault (bench/RESULTS.md has the cost). With this the process
+    keeps its peak memory mapped and reuses it.
     It changes the allocator of the whole process (torch, if loaded, shares it). fast.GPT calls
     it; later calls return the first one's result and change nothing.
     Returns False where the C library has no mallopt (macOS); nothing changes there.
@@ -74,13 +73,12 @@ def keep_freed_memory(trim_threshold: int = 256 << 20, mmap_threshold: int = 32 
 
 
 class GPT(ReferenceGPT):
-    """npgpt.GPT on npgpt.fast.layers, parameters packed into one buffer (see the module doc)."""
+    """npgpt.GPT on npgpt.fast's layer set, parameters packed into one buffer (see the module doc)."""
 
-    layers = fast_layers
+    layers = fast_layers.FAST
 
     def __init__(self, config: GPTConfig, seed: int = 0, dtype=np.float32):
         super().__init__(config, seed, dtype)
-        if not fast_layers.covers_config(config):  # a block the fast layers lack: the plain ones
-            self.layers = reference_layers
+        self.layers = fast_layers.layer_set(numba_kernels.ENABLED)  # equal to FAST unless ENABLED changed
         self.params = pack_params(self.params)  # the same values, as views of one buffer
         keep_freed_memory()

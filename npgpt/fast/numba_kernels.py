@@ -6,14 +6,14 @@ intermediates in registers or in a scratch row that stays in L1, and spreads the
 cores with `prange`. The formulas are those of npgpt.layers; tests/test_numba_kernels.py checks
 every kernel against them (float64 within 1e-13 normwise, float32 within 1e-6 of the exact result).
 
-Public functions have the reference's signatures, conventions and cache types (npgpt.layers'
-NamedTuples, same fields and shapes), so a cache from a kernel forward goes into a NumPy backward
-and back:
+Public functions are npgpt.layers' pairs of the same names, in its order, with its signatures,
+conventions and cache types (the reference's NamedTuples, same fields and shapes), so a cache from
+a kernel forward goes into a reference backward and back:
     name_forward(inputs...) -> (out, cache)      name_backward(dout, cache) -> grads (a tuple)
-Without numba (AVAILABLE False: not installed, or failed to load) each of them is npgpt.layers'
-function, so a caller gets correct results either way. npgpt.fast.layers calls these functions
-when ENABLED (numba available and the environment variable NPGPT_NUMBA is not "0") and its own
-NumPy code otherwise.
+npgpt.fast.layers.layer_set puts them into npgpt.fast's layer set when ENABLED (numba available and
+the environment variable NPGPT_NUMBA is not "0"); otherwise npgpt.fast runs the reference's pairs.
+Without numba (AVAILABLE False: not installed, or failed to load) the module still imports, and
+its functions run as plain Python loops: correct, and slow.
 
 Dimension letters as in npgpt.layers: B batch, T time, C channels, nh heads, hs head size,
 N rows (B*T), V vocabulary.
@@ -141,17 +141,15 @@ def _start_threads_that_sleep_when_idle() -> None:
 
     Why: a training step alternates ~70 short kernels with BLAS calls, and OpenBLAS has its own
     threads. OpenMP's default lets idle threads spin for a while, taking the core that the next
-    BLAS call (or any other process) needs; on a 2-core machine under load a step took 1.4 s that
-    way against 0.58 s passive (1 thread: ~75 ms). A sleeping thread costs ~2 us more per kernel.
-    libgomp reads OMP_WAIT_POLICY once, when it is loaded: it is set for the moment numba's pool
-    loads it only, so libraries started later (torch's own OpenMP) keep their defaults. A policy
-    the user set is left alone.
+    BLAS call (or any other process) needs; a sleeping thread costs a few microseconds more per
+    kernel (bench/RESULTS.md has the measurements). libgomp reads OMP_WAIT_POLICY once, when it
+    is loaded: it is set for the moment numba's pool loads it only, so libraries started later
+    (torch's own OpenMP) keep their defaults. A policy the user set is left alone.
     When an OpenMP runtime is loaded already (torch imported first), numba's OpenMP pool would join
-    it with the policy it read at its own start, spinning: the cpu preset's step took 317 ms that
-    way against 46 ms (AMD EPYC, 2 cores). Then the pool is numba's own "workqueue" layer instead,
-    whose idle threads sleep, unless NUMBA_THREADING_LAYER says otherwise or the kernels run on one
-    thread (OMP_NUM_THREADS=1, as in `make test`): OpenMP runs a one-thread kernel inline (~5 us a
-    call) where workqueue still hands it to its pool (~120 us), and nothing is left to spin.
+    it with the policy it read at its own start, spinning. Then the pool is numba's own "workqueue"
+    layer instead, whose idle threads sleep, unless NUMBA_THREADING_LAYER says otherwise or the
+    kernels run on one thread (OMP_NUM_THREADS=1, as in `make test`): OpenMP runs a one-thread
+    kernel inline where workqueue still hands it to its pool, and nothing is left to spin.
     """
     if "OMP_WAIT_POLICY" in os.environ:
         return
@@ -198,7 +196,7 @@ def set_threads(n: int) -> None:
 # --------------------------------------------------------------------------------------------
 # Scalar math, one version per dtype (numba picks by the argument's type when compiling)
 # --------------------------------------------------------------------------------------------
-# exp_, normal_cdf_, normal_pdf_ are called only inside kernels; their Python bodies are the
+# exp_, erf_, normal_cdf_, normal_pdf_ are called only inside kernels; their Python bodies are the
 # float64 versions and say what they mean.
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
@@ -207,6 +205,10 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 def exp_(x):
     return math.exp(x)
+
+
+def erf_(x):
+    return math.erf(x)
 
 
 def normal_cdf_(x):
@@ -229,8 +231,7 @@ _F32 = np.float32
 _HALF32, _ONE32 = _F32(0.5), _F32(1.0)
 _INV_SQRT2_32, _INV_SQRT_2PI_32 = _F32(_INV_SQRT2), _F32(_INV_SQRT_2PI)
 # erf(x) ~= x P(x^2) / Q(x^2) on x clamped to [-4, 4] (erf(4) is 1 in float32): the rational
-# approximation of Eigen and XLA, the coefficients of npgpt.fast.layers.ERF32_P and ERF32_Q
-# (a test checks they agree), error below 5e-7.
+# approximation of Eigen and XLA (their float32 erf), error below bounds.ERF32_MAX_ERROR.
 _ERF32_CLAMP = _F32(4.0)
 _ERF32_P = tuple(_F32(c) for c in (
     -2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
@@ -304,6 +305,7 @@ if AVAILABLE:
             return None
 
     _by_dtype(exp_, _exp32)
+    _by_dtype(erf_, _erf32)
     _by_dtype(normal_cdf_, _normal_cdf32)
     _by_dtype(normal_pdf_, _normal_pdf32)
 
@@ -367,8 +369,6 @@ def _layernorm_backward_rows(dout, xhat, rstd, w, dx, dw_parts, db_parts):
 def layernorm_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
                       eps: float = _reference.LAYERNORM_EPS):
     """out = (x - mean) / sqrt(var + eps) * w + b over the last axis, one pass per row."""
-    if not AVAILABLE:
-        return _reference.layernorm_forward(x, w, b, eps)
     C = x.shape[-1]
     x2 = np.ascontiguousarray(x).reshape(-1, C)  # (N, C)
     out, xhat = np.empty_like(x2), np.empty_like(x2)
@@ -381,8 +381,6 @@ def layernorm_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None,
 
 def layernorm_backward(dout: np.ndarray, cache):
     """(dx, dw, db): dx = rstd (g - mean g - xhat mean(g xhat)), g = dout w; db None without bias."""
-    if not AVAILABLE:
-        return _reference.layernorm_backward(dout, cache)
     C = dout.shape[-1]
     d2 = np.ascontiguousarray(dout).reshape(-1, C)  # (N, C)
     dx = np.empty_like(d2)
@@ -437,8 +435,6 @@ def _rmsnorm_backward_rows(dout, xhat, rstd, w, dx, dw_parts):
 
 def rmsnorm_forward(x: np.ndarray, w: np.ndarray, eps: float = _reference.RMSNORM_EPS):
     """out = x / sqrt(mean(x^2) + eps) * w over the last axis, one pass per row."""
-    if not AVAILABLE:
-        return _reference.rmsnorm_forward(x, w, eps)
     C = x.shape[-1]
     x2 = np.ascontiguousarray(x).reshape(-1, C)  # (N, C); a copy for a strided view (QK-norm's heads)
     out, xhat = np.empty_like(x2), np.empty_like(x2)
@@ -450,8 +446,6 @@ def rmsnorm_forward(x: np.ndarray, w: np.ndarray, eps: float = _reference.RMSNOR
 
 def rmsnorm_backward(dout: np.ndarray, cache):
     """(dx, dw): dx = rstd (g - xhat mean(g xhat)), g = dout w; dw = sum of dout xhat over rows."""
-    if not AVAILABLE:
-        return _reference.rmsnorm_backward(dout, cache)
     C = dout.shape[-1]
     d2 = np.ascontiguousarray(dout).reshape(-1, C)  # (N, C)
     dx = np.empty_like(d2)
@@ -483,8 +477,6 @@ def _gelu_backward_flat(dout, x, phi, dx):  # (n,)
 
 def gelu_forward(x: np.ndarray):
     """out = x Phi(x) (nn.GELU()) in one pass; the cache is the reference's (x, Phi(x))."""
-    if not AVAILABLE:
-        return _reference.gelu_forward(x)
     x = np.ascontiguousarray(x)
     out, phi = np.empty_like(x), np.empty_like(x)
     _gelu_forward_flat(x.reshape(-1), out.reshape(-1), phi.reshape(-1))
@@ -493,8 +485,6 @@ def gelu_forward(x: np.ndarray):
 
 def gelu_backward(dout: np.ndarray, cache):
     """(dx,): dx = dout * (Phi(x) + x pdf(x)), one pass."""
-    if not AVAILABLE:
-        return _reference.gelu_backward(dout, cache)
     x, phi = np.ascontiguousarray(cache.x), np.ascontiguousarray(cache.phi)
     dx = np.empty_like(x)
     _gelu_backward_flat(np.ascontiguousarray(dout).reshape(-1), x.reshape(-1), phi.reshape(-1), dx.reshape(-1))
@@ -536,8 +526,6 @@ def _rows(a: np.ndarray) -> np.ndarray:
 
 def swiglu_forward(x: np.ndarray):
     """out = silu(gate) * up, gate, up = x[..., :H], x[..., H:], in one pass; the reference's cache."""
-    if not AVAILABLE:
-        return _reference.swiglu_forward(x)
     x = np.ascontiguousarray(x)
     H = x.shape[-1] // 2
     gate, up = x[..., :H], x[..., H:]  # views, as the reference's cache holds them
@@ -549,8 +537,6 @@ def swiglu_forward(x: np.ndarray):
 
 def swiglu_backward(dout: np.ndarray, cache):
     """(dx,): dgate = dout up silu'(gate), dup = dout silu(gate), written into the halves of dx."""
-    if not AVAILABLE:
-        return _reference.swiglu_backward(dout, cache)
     gate, up, sig = cache
     H = gate.shape[-1]
     dx = np.empty(dout.shape[:-1] + (2 * H,), dtype=dout.dtype)
@@ -573,23 +559,16 @@ def _rope_heads(x, cos, sin, sign, out):  # x, out (B, nh, T, hs), any strides; 
                 out[b, h, t, half + i] = x2 * cos[t, half + i] + sign * (x1 * sin[t, half + i])
 
 
-def rope_forward(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarray | None = None):
-    """out = x * cos + rotate_half(x) * sin, x (B, nh, T, hs) of any strides (heads of qkv), in one
-    pass, into `out` if given; bit for bit the reference's. The cache is the reference's."""
-    if not AVAILABLE:
-        result, cache = _reference.rope_forward(x, cos, sin)
-        if out is not None:
-            out[...] = result
-        return (result if out is None else out), cache
-    out = np.empty(x.shape, dtype=x.dtype) if out is None else out
+def rope_forward(x: np.ndarray, cos: np.ndarray, sin: np.ndarray):
+    """npgpt.layers.rope_forward: out = x * cos + rotate_half(x) * sin, x (B, nh, T, hs) of any
+    strides (heads of qkv), in one pass; bit for bit the reference's. The cache is the reference's."""
+    out = np.empty(x.shape, dtype=x.dtype)
     _rope_heads(x, np.ascontiguousarray(cos), np.ascontiguousarray(sin), x.dtype.type(1.0), out)
     return out, _reference.RopeCache(cos, sin)
 
 
 def rope_backward(dout: np.ndarray, cache):
     """(dx,): dx = dout * cos - rotate_half(dout) * sin, the rotation by -angle, in one pass."""
-    if not AVAILABLE:
-        return _reference.rope_backward(dout, cache)
     dx = np.empty(dout.shape, dtype=dout.dtype)
     _rope_heads(dout, np.ascontiguousarray(cache.cos), np.ascontiguousarray(cache.sin), dout.dtype.type(-1.0), dx)
     return (dx,)
@@ -629,8 +608,6 @@ def _softmax_backward_rows(dout, y, dx):  # (N, K)
 
 def softmax_forward(x: np.ndarray):
     """out = exp(x - max x) / sum exp(x - max x) over the last axis."""
-    if not AVAILABLE:
-        return _reference.softmax_forward(x)
     x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
     y = np.empty_like(x2)
     _softmax_forward_rows(x2, y)
@@ -640,8 +617,6 @@ def softmax_forward(x: np.ndarray):
 
 def softmax_backward(dout: np.ndarray, cache):
     """(dx,): dx = y * (dout - sum(dout * y))."""
-    if not AVAILABLE:
-        return _reference.softmax_backward(dout, cache)
     y = np.ascontiguousarray(cache.y)
     K = y.shape[-1]
     dx = np.empty_like(y)
@@ -653,8 +628,8 @@ def softmax_backward(dout: np.ndarray, cache):
 # Causal self-attention, one (batch, head) pair per task
 # --------------------------------------------------------------------------------------------
 # q, k, v are the reference's head views (B, nh, T, hs) of qkv (B, T, 3C). One task per (batch,
-# head) copies its head into contiguous scratch, multiplies with BLAS (numba's np.dot: ~2x faster
-# here than hand-written loops over so short a head size), and runs the scale, the causal mask
+# head) copies its head into contiguous scratch, multiplies with BLAS (numba's np.dot: faster
+# than hand-written loops over so short a head size), and runs the scale, the causal mask
 # and the softmax over its (T, T) scores while they sit in L1/L2. Query i sees keys
 # 0..i: the softmax runs over j <= i only and writes exact zeros above the diagonal.
 
@@ -665,7 +640,7 @@ def _attention_forward_heads(q, k, v, scale, use_mask, mask, att, y):
     for task in prange(B * n_head):
         b, h = task // n_head, task % n_head
         # this head's q and v (T, hs) and k transposed (hs, T), contiguous, for BLAS; plain copy
-        # loops (np.ascontiguousarray on these strided views compiles ~4x slower)
+        # loops (np.ascontiguousarray on these strided views compiles to slower code)
         qh, kt, vh = np.empty((T, hs), q.dtype), np.empty((hs, T), q.dtype), np.empty((T, hs), q.dtype)
         for t in range(T):
             for d in range(hs):
@@ -740,47 +715,47 @@ def _attention_backward_heads(dy, q, k, v, att, scale, use_mask, mask, dq, dk, d
                 dv[b, h, t, d] = dvh[t, d]
 
 
-def attention_forward(qkv: np.ndarray, n_head: int, dropout_p: float = 0.0,
-                      rng: np.random.Generator | None = None, mask: np.ndarray | None = None):
-    """Causal self-attention on the fused qkv (B, T, 3C) -> y (B, T, C), as npgpt.layers'.
+def new_heads_buffer(B: int, n_head: int, T: int, hs: int, parts: int, dtype) -> tuple:
+    """`parts` arrays (B, nh, T, hs), head views of one fresh (B, T, parts * C) array: merge_heads
+    of one is a view of its channels, and npgpt.fast's merge_qkv of three is the array itself."""
+    C = n_head * hs
+    buffer = np.empty((B, T, parts * C), dtype=dtype)
+    return tuple(_reference.split_heads(buffer[..., i * C:(i + 1) * C], n_head) for i in range(parts))
 
-    att = softmax(q k^T / sqrt(hs), future masked); y = dropout(att) v. Dropout runs when
-    dropout_p > 0 or a mask (B, nh, T, T) is given; the mask is drawn from `rng` otherwise
-    (the same draw as the reference's). The cache is the reference's AttentionCache.
+
+def causal_attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, dropout_p: float = 0.0,
+                             rng: np.random.Generator | None = None, mask: np.ndarray | None = None):
+    """npgpt.layers.causal_attention_forward, one task per (batch, head): q, k, v (B, nh, T, hs)
+    of any strides (views of qkv) -> y (B, nh, T, hs), a head view of a fresh (B, T, C) array.
+
+    Queries and keys cover the same T positions (no KV cache). Dropout runs when dropout_p > 0 or
+    a mask (B, nh, T, T) is given; the mask is drawn from `rng` otherwise (the reference's draw).
+    The cache is the reference's AttentionCache.
     """
-    if not AVAILABLE:
-        return _reference.attention_forward(qkv, n_head, dropout_p, rng, mask)
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    q, k, v = (_reference.split_heads(part, n_head) for part in np.split(qkv, 3, axis=-1))  # views
-    scale = 1.0 / math.sqrt(C // n_head)
+    B, n_head, T, hs = q.shape
+    scale = 1.0 / math.sqrt(hs)
     if mask is None and dropout_p > 0.0:
         if rng is None:
-            raise ValueError("attention_forward needs either rng or mask for dropout")
-        mask = _reference.dropout_mask((B, n_head, T, T), dropout_p, rng, qkv.dtype)
+            raise ValueError("causal_attention_forward needs either rng or mask for dropout")
+        mask = _reference.dropout_mask((B, n_head, T, T), dropout_p, rng, q.dtype)
     use_mask = mask is not None
-    mask_arg = np.ascontiguousarray(mask, dtype=qkv.dtype) if use_mask else np.ones((1, 1, 1, 1), qkv.dtype)
-    att = np.empty((B, n_head, T, T), dtype=qkv.dtype)
-    y = np.empty((B, T, C), dtype=qkv.dtype)
-    _attention_forward_heads(q, k, v, qkv.dtype.type(scale), use_mask, mask_arg, att,
-                             _reference.split_heads(y, n_head))
+    mask_arg = np.ascontiguousarray(mask, dtype=q.dtype) if use_mask else np.ones((1, 1, 1, 1), q.dtype)
+    att = np.empty((B, n_head, T, T), dtype=q.dtype)
+    (y,) = new_heads_buffer(B, n_head, T, hs, 1, q.dtype)
+    _attention_forward_heads(q, k, v, q.dtype.type(scale), use_mask, mask_arg, att, y)
     return y, _reference.AttentionCache(q, k, v, att, mask_arg if use_mask else None, scale)
 
 
-def attention_backward(dout: np.ndarray, cache):
-    """(dqkv,): the gradient of the fused qkv (B, T, 3C), as npgpt.layers' attention_backward."""
-    if not AVAILABLE:
-        return _reference.attention_backward(dout, cache)
+def causal_attention_backward(dout: np.ndarray, cache):
+    """npgpt.layers.causal_attention_backward: (dq, dk, dv), each (B, nh, T, hs), head views of
+    one fresh (B, T, 3C) array (new_heads_buffer)."""
     q = cache.q
-    n_head = q.shape[1]
     use_mask = cache.att_mask is not None
     mask_arg = cache.att_mask if use_mask else np.ones((1, 1, 1, 1), q.dtype)
-    dqkv = np.empty(dout.shape[:-1] + (3 * dout.shape[-1],), dtype=dout.dtype)  # (B, T, 3C)
-    dq, dk, dv = (_reference.split_heads(part, n_head) for part in np.split(dqkv, 3, axis=-1))  # views
-    _attention_backward_heads(_reference.split_heads(dout, n_head), q, cache.k, cache.v,
-                              np.ascontiguousarray(cache.att), q.dtype.type(cache.scale), use_mask,
-                              np.ascontiguousarray(mask_arg), dq, dk, dv)
-    return (dqkv,)
+    dq, dk, dv = new_heads_buffer(*q.shape, 3, dout.dtype)
+    _attention_backward_heads(dout, q, cache.k, cache.v, np.ascontiguousarray(cache.att),
+                              q.dtype.type(cache.scale), use_mask, np.ascontiguousarray(mask_arg), dq, dk, dv)
+    return dq, dk, dv
 
 
 # --------------------------------------------------------------------------------------------
@@ -817,8 +792,6 @@ def _cross_entropy_backward_rows(probs, targets, coef, dlogits):  # (N, V), (N,)
 def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray):
     """loss = mean over positions of -log softmax(logits)[target], one pass over the logits.
     The loss is summed in float64; the cache is the reference's (softmax, targets, shape)."""
-    if not AVAILABLE:
-        return _reference.cross_entropy_forward(logits, targets)
     V = logits.shape[-1]
     flat = np.ascontiguousarray(logits).reshape(-1, V)  # (N, V)
     t = np.asarray(targets).reshape(-1)  # (N,)
@@ -835,8 +808,6 @@ def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray):
 
 def cross_entropy_backward(dloss, cache):
     """(dlogits,): dlogits = (softmax(logits) - onehot(target)) / N * dloss."""
-    if not AVAILABLE:
-        return _reference.cross_entropy_backward(dloss, cache)
     probs = np.ascontiguousarray(cache.probs)
     dlogits = np.empty_like(probs)
     coef = probs.dtype.type(dloss / probs.shape[0])
@@ -889,15 +860,6 @@ def adamw_update(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, *, 
         raise ValueError("adamw_update: g, m and v must be contiguous and of p's dtype")
     bias_correction1 = 1.0 - beta1 ** step
     bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** step)
-    if not AVAILABLE:
-        if weight_decay:
-            p *= 1.0 - lr * weight_decay
-        m *= beta1
-        m += (1.0 - beta1) * g
-        v *= beta2
-        v += (1.0 - beta2) * (g * g)
-        p -= (lr / bias_correction1) * (m / (np.sqrt(v) / bias_correction2_sqrt + eps))
-        return
     s = p.dtype.type  # scalars in the buffers' dtype, so float32 stays float32 (as torch)
     _adamw_flat(p, g, m, v, s(beta1), s(1.0 - beta1), s(beta2), s(1.0 - beta2), s(eps),
                 s(1.0 - lr * weight_decay), s(lr / bias_correction1), s(bias_correction2_sqrt))
@@ -905,14 +867,12 @@ def adamw_update(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, *, 
 
 def sum_of_squares(a: np.ndarray) -> float:
     """sum(a^2) over a contiguous buffer, accumulated in float64 (for the global gradient norm)."""
-    if not AVAILABLE:
-        return float(np.vdot(a.astype(np.float64, copy=False), a))
     return float(_sum_of_squares(np.ascontiguousarray(a).reshape(-1)))
 
 
 def scale_in_place(a: np.ndarray, factor: float) -> None:
     """a *= factor for a contiguous buffer (gradient clipping)."""
-    if not AVAILABLE or not a.flags.c_contiguous:
+    if not a.flags.c_contiguous:
         a *= a.dtype.type(factor)
         return
     _scale_in_place(a.reshape(-1), a.dtype.type(factor))
