@@ -22,7 +22,7 @@ import npgpt.fast
 from gptapp.backends.numpy import accumulate_gradients as numpy_accumulate
 from gptapp.backends.torch import accumulate_gradients as torch_accumulate
 from gptapp.errors import UsageError
-from gptapp.loop import local_accumulation_steps
+from gptapp.backend import local_accumulation_steps
 from gptapp.torch_checkpoint import load_torch_checkpoint
 from npgpt.config import GPTConfig
 from torchgpt.convert import load_params
@@ -98,13 +98,13 @@ def test_two_process_gradients_equal_one_process_on_the_whole_batch(tmp_path):
 
 
 # One rank of a step with gradient accumulation, through the torch backend's own accumulate_gradients;
-# and that backend's estimate_loss with the ranks splitting the evaluation batches.
+# and that backend's evaluate with the ranks splitting the evaluation batches.
 ACCUM_WORKER = textwrap.dedent(f"""
-    import argparse, contextlib, sys
+    import contextlib, sys
     import numpy as np, torch
     torch.set_num_threads(1)
     from dataclasses import replace
-    from gptapp.backends.torch import TorchBackend, accumulate_gradients
+    from gptapp.backends.torch import TorchBackend, TorchOptions, accumulate_gradients
     from gptapp.settings import PRESETS
     from npgpt.config import GPTConfig
     from npgpt.data import CharTokenizer, train_val_split
@@ -122,19 +122,18 @@ ACCUM_WORKER = textwrap.dedent(f"""
     micro = int(sys.argv[2]) // world  # --gradient_accumulation_steps, shared among the ranks
     loss = accumulate_gradients(wrap_ddp(model, cpu, info), batches, micro, contextlib.nullcontext(), info.enabled)
 
-    # estimate_loss of the backend itself, in float64, eval_iters=5 shared by the ranks
+    # evaluate of the backend itself, in float64, eval_iters=5 shared by the ranks
     text = "".join(np.random.default_rng(1).choice(list("abcdefgh \\n"), size=3000))
     tok = CharTokenizer.from_text(text)
     train, val = train_val_split(tok.encode(text))
-    args = argparse.Namespace(device="cpu", dtype="float32", compile=False, attention="sdpa")
-    backend = TorchBackend()
-    backend.start(args)
-    backend.info = info
-    backend.setup(args, replace(PRESETS["tiny"], eval_iters=5, gradient_accumulation_steps=2), tok, train, val, None)
+    backend = TorchBackend(TorchOptions(device="cpu", dtype="float32", compile=False, attention="sdpa"))
+    backend.dist = info
+    backend.build(replace(PRESETS["tiny"], eval_iters=5, gradient_accumulation_steps=2), tok, train, val, None,
+                  resume=False)
     backend.raw.double()
     forwards = []
     backend.raw.register_forward_hook(lambda *a: forwards.append(1))
-    losses = backend.estimate_loss(20)
+    losses = backend.evaluate(20)
     torch.save({{"x": [x for x, _ in drawn], "y": [y for _, y in drawn], "loss": loss, "losses": losses,
                 "forwards": len(forwards), "grads": {{n: p.grad for n, p in model.named_parameters()}}}}, sys.argv[1])
     shutdown_distributed(info)
@@ -175,7 +174,7 @@ def test_two_ranks_with_accumulation_equal_one_process_on_the_combined_batch(tmp
     one = run_ranks(tmp_path / "one", ACCUM_WORKER, 1, 4)[0]
     assert len(one["x"]) == 4 and one["forwards"] == 2 * 5
     assert [r["forwards"] for r in ranks] == [2 * 3, 2 * 2], "the ranks must split the evaluation batches"
-    # estimate_loss sums the batch losses in float32 (as on a GPU): the 2 ranks add them in another
+    # evaluate sums the batch losses in float32 (as on a GPU): the 2 ranks add them in another
     # order than one process, a few float32 roundings (~1e-7) apart; the batches are the same
     for split in ("train", "val"):
         for r in (0, 1):
