@@ -409,8 +409,14 @@ def test_link_or_copy_survives_the_next_write_and_copies_without_hard_links(tmp_
 
 @needs_data
 def test_compile_time_is_its_own_line_and_mfu_starts_at_step_5(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(TorchBackend, "warm_up", lambda self: 12.5)
-    monkeypatch.setattr(TorchBackend, "mfu", lambda self, dt: 0.25)
+    class Quarter(float):  # a step's seconds at peak that makes every step's MFU 25%
+        def __truediv__(self, dt):
+            return 0.25
+
+    build = TorchBackend.build
+    monkeypatch.setattr(TorchBackend, "_warm_up", lambda self: 12.5)
+    monkeypatch.setattr(TorchBackend, "build", lambda self, *a, **kw: build(self, *a, **kw)._replace(
+        peak_step_s=Quarter(1.0)))
     out = tmp_path / "out"
     res = run_main("torch", tiny_args(out, "--max_iters", 8, "--log_interval", 1, "--eval_interval", 8,
                                       "--max_new_tokens", 0, "--device", "cpu"), capsys)
