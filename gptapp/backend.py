@@ -68,7 +68,7 @@ class Backend(Protocol):
     # one update (gradient_accumulation_steps micro-batches); their mean loss when log, else None.
     # A non-finite loss skips the update and shows in the next poll.
     def poll(self, stop_requested: bool, force: bool) -> tuple[bool, int]: ...
-    # (stop now, the first step whose loss was not finite or -1), the same on every rank; where reading
+    # (stop now, the first step with a non-finite loss or -1), the same on every rank; where reading
     # the device is a sync, only when force
     def state(self) -> TrainingState | None: ...  # None on ranks other than 0
     def generator(self) -> Callable: ...  # generate(ids, max_new_tokens, **sampling) of the trained model

@@ -287,7 +287,7 @@ def resumed_train_config(saved: dict, args: argparse.Namespace, where) -> TrainC
     """The settings of a resumed run; the model shape must stay that of the checkpoint.
 
     Without --preset: the checkpoint's settings with the flags given on top (--max_iters alone then
-    keeps the saved lr_decay_iters, so the schedule goes on as it was). With --preset: the preset and
+    keeps the saved lr_decay_iters, so the schedule goes on unchanged). With --preset: the preset and
     flags as for a fresh run (the same command line plus --resume continues the same run).
     """
     try:

@@ -169,7 +169,7 @@ def locked_training(args, backend: Backend) -> int:
                           backend.attention)  # BudgetError before anything is built
     with backend.session():
         built = backend.build(cfg, tokenizer, train_data, val_data, ckpt, resume=args.resume)
-        note = make_room(args) if backend.is_main else None  # every input is good: now the earlier run goes
+        note = make_room(args) if backend.is_main else None  # every input is good: only then the earlier run goes
         if note:
             print(note)
         return train_loop(args, cfg, ckpt, backend, built, tokenizer, out_dir, paths, len(train_data),

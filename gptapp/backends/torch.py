@@ -147,7 +147,7 @@ class TorchBackend:
                 # The DDP wrapper sits in a reference cycle: left to the garbage collector, it (and its
                 # reducer's hold on the process group) can outlive destroy_process_group and be freed
                 # during interpreter shutdown, a known cause of "terminate called without an active
-                # exception". Drop it and collect now, while the group still exists.
+                # exception". Drop it and collect here, while the group still exists.
                 self.train_model = None
                 gc.collect()
             shutdown_distributed(self.dist)
