@@ -25,7 +25,7 @@ DEFAULT_PRESET = NumpyBackend.default_preset
 
 def train_command(argv: list[str]) -> int:
     args = train_parser(PROG, __doc__, DEFAULT_PRESET, numpy_flags=True).parse_args(argv)
-    return run_training(args, NumpyBackend(reference=args.reference))
+    return run_training(args, lambda: NumpyBackend(reference=args.reference))
 
 
 def sample_command(argv: list[str]) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from gptapp.backends.torch import TorchBackend, device_from_flag, read_any_checkpoint, sample_model
+from gptapp.backends.torch import TorchBackend, TorchOptions, device_from_flag, read_any_checkpoint, sample_model
 from gptapp.cli import run_cli, sample_parser, train_parser
 from gptapp.loop import run_sample, run_training
 
@@ -25,7 +25,8 @@ PROG = "train_torch.py"
 
 def train_command(argv: list[str]) -> int:
     args = train_parser(PROG, __doc__, "cpu, or shakespeare-char with CUDA", torch_flags=True).parse_args(argv)
-    return run_training(args, TorchBackend())
+    options = TorchOptions(device=args.device, dtype=args.dtype, compile=args.compile, attention=args.attention)
+    return run_training(args, lambda: TorchBackend(options))
 
 
 def sample_command(argv: list[str]) -> int:

@@ -27,8 +27,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
-from npgpt.config import GPTConfig
-
 from .errors import UsageError
 
 FLOAT_BYTES = 4
@@ -115,7 +113,7 @@ def estimate(cfg, vocab_size: int, flash_attention: bool = False) -> Estimate:
         flops = 6 * P * B * T  # a lookup forward, but count it as a matmul: an upper bound
         return Estimate(4 * P * FLOAT_BYTES, activations, 0, flops * cfg.gradient_accumulation_steps,
                         2 * cfg.eval_iters * flops // 3)
-    c = _gpt_config(cfg, V)
+    c = cfg.gpt_config(V)
     C, L, nh, H = c.n_embd, c.n_layer, c.n_head, c.mlp_hidden_size
     F = 2 * H if c.activation == "swiglu" else H
     P = parameter_count(c)
@@ -142,12 +140,6 @@ def estimate(cfg, vocab_size: int, flash_attention: bool = False) -> Estimate:
                     attention=attention * FLOAT_BYTES,
                     step_flops=3 * forward_flops * cfg.gradient_accumulation_steps,
                     eval_flops=2 * cfg.eval_iters * forward_flops)
-
-
-def _gpt_config(cfg, vocab_size: int) -> GPTConfig:
-    return GPTConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                     n_embd=cfg.n_embd, bias=cfg.bias, activation=cfg.activation, tie_weights=cfg.tie_weights,
-                     norm=cfg.norm, pos_emb=cfg.pos_emb, qk_norm=cfg.qk_norm, mlp_hidden=cfg.mlp_hidden or None)
 
 
 # --------------------------------------------------------------------------- the machine

@@ -341,13 +341,13 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     A hard link to `src` under a temporary name, renamed over `dst`: the checkpoint is written and
     fsynced once (ckpt_last), and ckpt_best becomes a second name for it. Safe because checkpoints
     are only ever replaced (atomic_write renames a new file over the old name), never rewritten in
-    place: when ckpt_last is next written, ckpt_best keeps the file it names now. Where the file
+    place: when ckpt_last is next written, ckpt_best keeps the file it named. Where the file
     system has no hard links, a copy through atomic_write.
     """
     src, dst = Path(src), Path(dst)
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     os.close(fd)
-    os.unlink(tmp)  # only its unique name was wanted: os.link makes the file
+    os.unlink(tmp)  # only its unique name is wanted: os.link makes the file
     try:
         os.link(src, tmp)
     except OSError:  # no hard links here (some network and FUSE file systems, FAT)
@@ -564,7 +564,7 @@ def _check_headers(path: Path, z: zipfile.ZipFile, ckpt: Checkpoint, params: dic
     if problem:
         raise CheckpointError(f"{problem}; the file was edited or is not a checkpoint of this app")
     if want is None:
-        want = ckpt.expected_shapes()  # bounded now: as many entries as the file has
+        want = ckpt.expected_shapes()  # bounded here: as many entries as the file has
     n_params = 0
     for name, info in params.items():
         shape, dtype, header = _read_npy_header(z, info)

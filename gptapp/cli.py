@@ -32,6 +32,7 @@ from .settings import (
     TORCH_ONLY_FIELDS,
     SettingError,
     TrainConfig,
+    model_settings,
 )
 
 DEFAULT_OUT_DIR = "out"
@@ -286,7 +287,7 @@ def resumed_train_config(saved: dict, args: argparse.Namespace, where) -> TrainC
     """The settings of a resumed run; the model shape must stay that of the checkpoint.
 
     Without --preset: the checkpoint's settings with the flags given on top (--max_iters alone then
-    keeps the saved lr_decay_iters, so the schedule goes on as it was). With --preset: the preset and
+    keeps the saved lr_decay_iters, so the schedule goes on unchanged). With --preset: the preset and
     flags as for a fresh run (the same command line plus --resume continues the same run).
     """
     try:
@@ -320,14 +321,7 @@ def init_from_train_config(args: argparse.Namespace, model: str, gpt_config: GPT
     if model == "bigram":
         _refuse_gpt_only_flags(explicit_flags(args), f"--init_from {args.init_from}, a bigram model")
     cfg = train_config_from_args(args, default_preset)
-    if model == "bigram":
-        shape = {"model": "bigram"}
-    else:
-        shape = {k: getattr(gpt_config, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "bias",
-                                                      "activation", "tie_weights", "norm", "pos_emb",
-                                                      "rope_theta", "qk_norm")}
-        shape["mlp_hidden"] = gpt_config.mlp_hidden or 0  # the app writes 4C as 0
-        shape["model"] = "gpt"
+    shape = {"model": "bigram"} if model == "bigram" else model_settings(gpt_config)
     _refuse_shape_change(TrainConfig(**{**cfg.to_dict(), **shape}), explicit_flags(args),
                          "--init_from takes the model shape from the checkpoint: drop the flag")
     return _validated(replace(cfg, **shape))

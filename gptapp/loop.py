@@ -2,8 +2,8 @@
 
 The loop owns the bookkeeping: the settings of the run (fresh, --resume or --init_from), the text,
 which step evaluates, saves, logs or stops, and the final sample. The backend (gptapp.backends.numpy
-or gptapp.backends.torch) owns the model, the optimiser and the random streams; `Backend` below is
-everything the loop asks of it. Both backends print the same log lines (gptapp.run_log).
+or gptapp.backends.torch) owns the model, the optimiser and the random streams; `Backend` (gptapp.backend)
+is everything the loop asks of it; the checkpoint's contents are put together here (save_checkpoint). Both backends print the same log lines (gptapp.run_log).
 """
 from __future__ import annotations
 
@@ -12,17 +12,18 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 from npgpt.data import CharTokenizer, check_text_length
 from npgpt.optim import cosine_lr
 
 from .autocomplete import autocomplete, check_prompt, read_prompt
+from .backend import Backend, Built, eval_seed, local_accumulation_steps  # noqa: F401 (eval_seed: the loop's rule too)
 from .budget import check_training_budget
 from .checkpoint import TORCH_EXT, Checkpoint, CheckpointError, WriteError, checkpoint_paths, guarded_write, link_or_copy
 from .cli import init_from_train_config, resumed_train_config, train_config_from_args
 from .data import checkpoint_tokenizer, load_text, training_splits
-from .errors import INSTALL_TORCH, TrainingError, UsageError, one_line, torch_installed
+from .errors import INSTALL_TORCH, TrainingError, UsageError, torch_installed
 from .run_dir import (
     check_out_dir_flags,
     lock_out_dir,
@@ -35,41 +36,6 @@ from .run_log import METRICS_NAME, PLOT_NAME, RunLog, StopRequest, stop_at_once
 from .settings import MAX_SEED, TrainConfig
 
 
-class Backend(Protocol):
-    """What the loop needs of a backend. Every rank of a DDP run calls every method."""
-
-    name: str          # the checkpoint's `backend` field: "numpy" or "torch"
-    label: str         # the first word of the first log line: "npgpt" or "torchgpt"
-    prog: str          # the script: "train_np.py"
-    ext: str           # its checkpoint suffix: ".npz"
-    other_prog: str    # the other script and its suffix, for the hint when --resume finds none
-    other_ext: str
-    is_main: bool      # rank 0: prints, logs and writes files
-    world_size: int
-    default_preset: str
-
-    def start(self, args) -> None: ...  # before the settings are resolved (torch: pick the device)
-    def read_checkpoint(self, path, any_kind: bool) -> Checkpoint: ...
-    def setup(self, args, cfg: TrainConfig, tokenizer: CharTokenizer, train_data, val_data,
-              ckpt: Checkpoint | None) -> None: ...  # model, optimiser, streams; weights from ckpt
-    def restore(self, ckpt: Checkpoint) -> None: ...  # optimiser and RNG state of a resumed run
-    def num_params(self) -> int: ...
-    def banner(self) -> list[str]: ...  # log lines after the first
-    def session(self): ...  # context manager around the loop (torch: the DDP process group)
-    def errstate(self): ...  # context manager around the steps
-    def warm_up(self) -> float | None: ...  # compile before step 0: seconds, or None (nothing to compile)
-    def estimate_loss(self, it: int, stop: Callable[[], bool] | None = None) -> dict | None: ...
-    # None when stop() turned true between two batches (a stop signal: the evaluation is dropped)
-    def step(self, it: int, lr: float): ...  # one update (its gradient_accumulation_steps micro-batches);
-    # returns their mean loss (maybe still on the device)
-    def poll(self, stop_requested: bool, force: bool) -> tuple[bool, int]: ...
-    def loss_value(self, loss) -> float: ...
-    def mfu(self, dt: float) -> float | None: ...
-    def save(self, path: Path, it: int, best_val: float) -> None: ...
-    def generate_fn(self) -> Callable: ...
-    def block_size(self) -> int | None: ...
-
-
 # --------------------------------------------------------------------------- rules both backends share
 
 def learning_rate_at(cfg: TrainConfig, it: int) -> float:
@@ -78,22 +44,19 @@ def learning_rate_at(cfg: TrainConfig, it: int) -> float:
     return cosine_lr(it, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr)
 
 
-def eval_seed(seed: int, it: int, split_index: int) -> int:
-    """The seed of the evaluation batches of one split (0 train, 1 val) at step `it`, for both backends.
-
-    Each split gets a fresh generator seeded with this at every evaluation, never the training
-    stream: evaluating does not shift the training batches, a resumed run evaluates on the same
-    batches as an uninterrupted one, and train and val are drawn independently.
-    """
-    return (seed * 1_000_003 + it) * 2 + split_index
-
-
-class NonFiniteLoss(Exception):
-    """Raised by a backend's step when it sees the loss stop being finite (the loop reports it)."""
-
-    def __init__(self, it: int, value: float):
-        super().__init__(f"non-finite loss {value} at step {it}")
-        self.it, self.value = it, value
+def save_checkpoint(backend: Backend, cfg: TrainConfig, tokenizer: CharTokenizer, path: Path, it: int,
+                    best_val: float) -> None:
+    """Write the run's checkpoint at step `it`: the settings, the vocabulary and the step from here, the
+    weights, optimiser and RNG states from the backend. Every rank calls this; rank 0 writes."""
+    state = backend.state()
+    if state is None:
+        return
+    gpt = cfg.model == "gpt"
+    ckpt = Checkpoint(backend=backend.info.name, model=cfg.model,
+                      gpt_config=cfg.gpt_config(tokenizer.vocab_size) if gpt else None,
+                      vocab=tokenizer.vocab_string(), params=state.params, train_config=cfg.to_dict(), iter_num=it,
+                      best_val_loss=best_val, optimizer=state.optimizer, rng=state.rng)
+    guarded_write(path, lambda: backend.info.write(path, ckpt))
 
 
 def non_finite_message(it: int, last_saved, what: str = "loss", value: float | None = None) -> str:
@@ -108,25 +71,6 @@ def non_finite_message(it: int, last_saved, what: str = "loss", value: float | N
 # nanoGPT reports MFU from the 5th step of a process on: the first steps hold warm-up (allocator,
 # cuDNN/cuBLAS heuristics, any compilation left), and would show a figure near 0.
 MFU_FROM_STEP = 5
-
-
-def local_accumulation_steps(global_steps: int, world_size: int) -> int:
-    """This process's micro-batches per step: --gradient_accumulation_steps counts those of the global
-    batch, shared among the processes of torchrun (nanoGPT's rule), so the tokens of a step and the
-    learning rate's meaning stay those of the recipe however many GPUs run it. UsageError if they
-    do not share evenly."""
-    if global_steps % world_size:
-        raise UsageError(f"--gradient_accumulation_steps {global_steps} does not divide among the {world_size} "
-                         "processes of torchrun: it counts the micro-batches of the whole step, shared among "
-                         f"them (nanoGPT's rule); pass a multiple of {world_size}, e.g. "
-                         f"--gradient_accumulation_steps {world_size * max(1, -(-global_steps // world_size))}")
-    return global_steps // world_size
-
-
-def write_checkpoint(path, write: Callable[[], None]) -> None:
-    """Run `write` (an atomic save of `path`) through the app's guarded write: a failure is a WriteError
-    naming the file and the cause, which the loop turns into one line with what is kept."""
-    guarded_write(path, write)
 
 
 def write_failed_message(err: WriteError, last_saved) -> str:
@@ -144,25 +88,17 @@ def write_failed_message(err: WriteError, last_saved) -> str:
             f"{fix}, then start again with --overwrite (or --move_aside to keep {METRICS_NAME})")
 
 
-def restore_or_refuse(ckpt: Checkpoint, restore: Callable[[], None]) -> None:
-    try:
-        restore()
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{ckpt.path}: its optimiser or RNG state is unusable ({one_line(err)}); "
-                              "start a new run, or --init_from it for its weights only") from None
-
-
 # --------------------------------------------------------------------------- settings of the run
 
 def resume_checkpoint(paths: dict, backend: Backend) -> Checkpoint:
     last = paths["last"]
     if not last.exists():
-        other = last.with_suffix(backend.other_ext)
+        other = last.with_suffix(backend.info.other_ext)
         log = only_a_log(last.parent)
         if other.exists():
             needs = f" (both need torch: {INSTALL_TORCH})" if other.suffix == TORCH_EXT and not torch_installed() else ""
-            hint = (f"; {other} is {backend.other_prog}'s: resume it with {backend.other_prog}, or start from its "
-                    f"weights with --init_from {other}{needs}")
+            hint = (f"; {other} is {backend.info.other_prog}'s: resume it with {backend.info.other_prog}, or start "
+                    f"from its weights with --init_from {other}{needs}")
         elif log:
             hint = (f"; the run there saved none (it left only {', '.join(p.name for p in log)}): start a new run "
                     "there with --overwrite or --move_aside instead of --resume")
@@ -170,8 +106,8 @@ def resume_checkpoint(paths: dict, backend: Backend) -> Checkpoint:
             hint = "; train without --resume first"
         raise CheckpointError(f"--resume: no checkpoint {last} in --out_dir{hint}")
     ckpt = backend.read_checkpoint(last, any_kind=False)  # its own kind: the optimiser and RNG state are its own
-    if ckpt.backend != backend.name or ckpt.train_config is None:
-        raise CheckpointError(f"--resume: {last} was not written by {backend.prog}; use --init_from to start "
+    if ckpt.backend != backend.info.name or ckpt.train_config is None:
+        raise CheckpointError(f"--resume: {last} was not written by {backend.info.prog}; use --init_from to start "
                               "from its weights")
     return ckpt
 
@@ -193,8 +129,9 @@ def run_settings(args, backend: Backend, paths: dict) -> tuple[TrainConfig, Chec
 
 # --------------------------------------------------------------------------- train
 
-def run_training(args, backend: Backend) -> int:
-    """The `train` command of either script. Every check a user can fail comes before any work."""
+def run_training(args, make_backend: Callable[[], Backend]) -> int:
+    """The `train` command of either script. Every check a user can fail comes before any work; the
+    backend is made after the checks of the flags (the torch one picks its device then)."""
     if args.resume and args.init_from:
         raise UsageError("--resume and --init_from exclude each other: --resume continues the run in "
                          "--out_dir, --init_from starts a new one from a checkpoint's weights; pick one")
@@ -202,7 +139,7 @@ def run_training(args, backend: Backend) -> int:
     if args.vocab and not args.init_from:
         raise UsageError("--vocab applies only with --init_from a nanoGPT ckpt.pt (its file has no vocabulary); "
                          "drop --vocab")
-    backend.start(args)
+    backend = make_backend()
     # one writer per run directory: rank 0 holds the lock from before it reads anything there to the end
     lock = lock_out_dir(args.out_dir) if backend.is_main else None
     try:
@@ -214,7 +151,7 @@ def run_training(args, backend: Backend) -> int:
 
 def locked_training(args, backend: Backend) -> int:
     refuse_used_out_dir(args)
-    paths = checkpoint_paths(args.out_dir, backend.ext)
+    paths = checkpoint_paths(args.out_dir, backend.info.ext)
     # a name the run writes that is taken by a directory would fail only after the work
     refuse_what_is_no_file(args.out_dir, [p.name for p in paths.values()] + [METRICS_NAME, PLOT_NAME])
     cfg, ckpt = run_settings(args, backend, paths)
@@ -229,14 +166,15 @@ def locked_training(args, backend: Backend) -> int:
                  else CharTokenizer.from_text(text))
     train_data, val_data = training_splits(text, tokenizer, cfg.block_size)
     check_final_prompt(tokenizer, cfg.prompt, args, text)  # the sample at the end must not fail after the run
-    check_training_budget(cfg, tokenizer.vocab_size, backend.name, str(getattr(backend, "device", "cpu")),
-                          getattr(args, "attention", "explicit"))  # BudgetError before anything is built
+    check_training_budget(cfg, tokenizer.vocab_size, backend.info.name, str(backend.device),
+                          backend.attention)  # BudgetError before anything is built
     with backend.session():
-        backend.setup(args, cfg, tokenizer, train_data, val_data, ckpt)
-        note = make_room(args) if backend.is_main else None  # every input is good: now the earlier run goes
+        built = backend.build(cfg, tokenizer, train_data, val_data, ckpt, resume=args.resume)
+        note = make_room(args) if backend.is_main else None  # every input is good: only then the earlier run goes
         if note:
             print(note)
-        return train_loop(args, cfg, ckpt, backend, tokenizer, out_dir, paths, len(train_data), len(val_data))
+        return train_loop(args, cfg, ckpt, backend, built, tokenizer, out_dir, paths, len(train_data),
+                          len(val_data))
 
 
 def check_final_prompt(tokenizer: CharTokenizer, prompt: str, args, text: str) -> None:
@@ -250,26 +188,25 @@ def check_final_prompt(tokenizer: CharTokenizer, prompt: str, args, text: str) -
     check_prompt(tokenizer, prompt)
 
 
-def train_loop(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend, tokenizer: CharTokenizer,
-               out_dir: Path, paths: dict, n_train: int, n_val: int) -> int:
+def train_loop(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend, built: Built,
+               tokenizer: CharTokenizer, out_dir: Path, paths: dict, n_train: int, n_val: int) -> int:
     state = {"last_saved": None}  # (path, step) of the newest checkpoint: the advice after a failure names it
     try:
-        return run_steps(args, cfg, ckpt, backend, tokenizer, out_dir, paths, n_train, n_val, state)
+        return run_steps(args, cfg, ckpt, backend, built, tokenizer, out_dir, paths, n_train, n_val, state)
     except WriteError as err:  # metrics.jsonl, loss.png or a checkpoint
         raise TrainingError(write_failed_message(err, state["last_saved"])) from None
 
 
-def run_steps(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend, tokenizer: CharTokenizer,
-              out_dir: Path, paths: dict, n_train: int, n_val: int, state: dict) -> int:
+def run_steps(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend, built: Built,
+              tokenizer: CharTokenizer, out_dir: Path, paths: dict, n_train: int, n_val: int, state: dict) -> int:
     start, best_val, last_saved = 0, math.inf, None  # last_saved: (path, step) of the newest checkpoint
     if args.resume:
-        restore_or_refuse(ckpt, lambda: backend.restore(ckpt))
         start, best_val, last_saved = ckpt.iter_num, ckpt.best_val_loss, (ckpt.path, ckpt.iter_num)
         state["last_saved"] = last_saved
     if backend.is_main:
-        print(f"{backend.label}: {backend.num_params() / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, "
+        print(f"{backend.info.label}: {built.num_params / 1e6:.2f}M parameters, vocab {tokenizer.vocab_size}, "
               f"{n_train:,} train / {n_val:,} val tokens")
-        for line in backend.banner():
+        for line in built.banner:
             print(line)
         print("settings: " + " ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items()))
         if args.resume:
@@ -280,7 +217,7 @@ def run_steps(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend,
     log = RunLog(out_dir, cfg.max_iters, start, enabled=backend.is_main, progress=args.progress,
                  resume_from=start if args.resume else None)
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps  # all processes
-    compile_s = backend.warm_up()
+    compile_s = built.compile_s
     if compile_s is not None:
         log.info(f"compile: {compile_s:.1f}s before step {start} (training and evaluation graphs; not in the "
                  "step times, nor in the done line's seconds)")
@@ -290,7 +227,7 @@ def run_steps(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend,
     plot = True
     try:
         # under torchrun a Ctrl-C reaches each rank twice (the terminal's, then torchrun's): one request
-        with StopRequest(forwarded=backend.world_size > 1) as stop, backend.errstate():
+        with StopRequest(forwarded=backend.world_size > 1) as stop:
             for it in range(start, cfg.max_iters + 1):
                 is_eval = (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not (args.resume and it == start)
                 # the same answer on every rank; where reading the loss is a sync, only when it is due anyway
@@ -300,7 +237,7 @@ def run_steps(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend,
                 just_logged = False
                 if is_eval:
                     # a stop signal ends the evaluation between two batches (then the step is saved unevaluated)
-                    losses = backend.estimate_loss(it, stop=lambda: stop.requested)
+                    losses = backend.evaluate(it, stop=lambda: stop.requested)
                     if losses is None:
                         stop_now = True
                     else:
@@ -310,16 +247,16 @@ def run_steps(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend,
                         if it > 0:
                             improved = losses["val"] < best_val
                             best_val = min(best_val, losses["val"])
-                            backend.save(paths["last"], it, best_val)  # written once per evaluation
+                            save_checkpoint(backend, cfg, tokenizer, paths["last"], it, best_val)  # once per evaluation
                             last_saved = state["last_saved"] = (paths["last"], it)
                             if improved and backend.is_main:  # the same bytes: a hard link, not a second write
-                                write_checkpoint(paths["best"], lambda: link_or_copy(paths["last"], paths["best"]))
+                                guarded_write(paths["best"], lambda: link_or_copy(paths["last"], paths["best"]))
                         t_last, steps_since_log = time.perf_counter(), 0  # evaluation time is not step time
                 if it == cfg.max_iters and not stop_now:
                     break
                 if stop_now:  # after the evaluation, so a resumed run need not repeat it
                     if last_saved != (paths["last"], it):
-                        backend.save(paths["last"], it, best_val)
+                        save_checkpoint(backend, cfg, tokenizer, paths["last"], it, best_val)
                         last_saved = state["last_saved"] = (paths["last"], it)
                     if backend.is_main:
                         log.info(f"saved {paths['last']} at step {it}")
@@ -327,17 +264,13 @@ def run_steps(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend,
                               f"at step {it}; saved {paths['last']}, continue with --resume", file=sys.stderr)
                     return stop.exit_code
                 lr = learning_rate_at(cfg, it)
-                try:
-                    loss = backend.step(it, lr)
-                except NonFiniteLoss as bad:
-                    raise TrainingError(non_finite_message(bad.it, last_saved, value=bad.value)) from None
+                loss_value = backend.step(it, lr, log=it % cfg.log_interval == 0)
                 steps_since_log += 1
                 log.step()
                 if it % cfg.log_interval == 0:
-                    loss_value = backend.loss_value(loss)  # the one sync of a log step
                     now = time.perf_counter()
                     dt = (now - t_last) / steps_since_log
-                    mfu = backend.mfu(dt) if it - start >= MFU_FROM_STEP else None
+                    mfu = built.peak_step_s / dt if built.peak_step_s and it - start >= MFU_FROM_STEP else None
                     log.log_iter(it, loss_value, lr, dt * 1000, tokens_per_iter / dt, mfu)
                     t_last, steps_since_log, just_logged = now, 0, True
     except BaseException:  # nothing more is written after a failure (a second signal, a failed write)
@@ -351,7 +284,7 @@ def run_steps(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend,
                  "nothing was saved: checkpoints are written at evaluations after step 0")
         print(f"done: {cfg.max_iters - start} steps in {time.perf_counter() - t_run:.1f}s, {saved}")
         with stop_at_once():  # nothing left to save: a stop signal ends the sample at once
-            print(autocomplete(backend.generate_fn(), tokenizer, cfg.prompt, backend.block_size(),
+            print(autocomplete(backend.generator(), tokenizer, cfg.prompt, cfg.block_size if cfg.model == "gpt" else None,
                                cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed))
     return 0
 

@@ -160,7 +160,7 @@ class OutDirLock:
         self.fd: int | None = None
 
     def acquire(self) -> str | None:
-        """Take the lock (UsageError if a live run holds it); a note if a stale lock was taken over."""
+        """Take the lock (UsageError if a live run holds it); a note if it takes over a stale lock."""
         owner = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                             "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n"
         for _ in range(100):  # each round ends in the lock, a refusal, or a race lost to a taker: then again

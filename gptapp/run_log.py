@@ -177,7 +177,7 @@ class StopRequest:
 
     forwarded=True (a rank under torchrun): the terminal's Ctrl-C reaches every rank, and torchrun
     passes it on once more, so a repeated signal is the same request, not a second Ctrl-C; and once
-    a stop was requested, the signals stay ignored after the loop (the rank is on its way out), so the
+    a stop is requested, the signals stay ignored after the loop (the rank is on its way out), so the
     forwarded copy cannot interrupt the save, the barrier or the exit.
     """
 

@@ -5,14 +5,10 @@ exec-based configuration: presets are plain dataclass instances.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
 
-from npgpt.config import ACTIVATIONS, MODERN_ACTIVATIONS, NORMS, POS_EMBS, GPTConfig
+from npgpt.config import ConfigError, GPTConfig
 
-# The settings that fix the model (its parameters, and what they compute): a resumed run or
-# --init_from keeps them. A resumed run keeps its optimizer too (--init_from starts a fresh one).
-SHAPE_FIELDS = ("model", "n_layer", "n_head", "n_embd", "block_size", "bias", "activation", "tie_weights",
-                "norm", "pos_emb", "rope_theta", "qk_norm", "mlp_hidden", "optimizer")
 OPTIMIZERS = ("adamw", "muon")
 # The dtype of Muon's Newton-Schulz iteration in train_torch.py (torchgpt.muon.NS_DTYPES).
 MUON_NS_DTYPES = ("auto", "bfloat16", "float32")
@@ -20,9 +16,6 @@ MUON_NS_DTYPES = ("auto", "bfloat16", "float32")
 # one there is argparse's one-line error, as --dtype or --compile are (NumPy's Muon iterates in the
 # parameters' own float32 or float64).
 TORCH_ONLY_FIELDS = ("muon_ns_dtype",)
-# Those of them that only the GPT has: a bigram model is its embedding table alone.
-GPT_ONLY_FIELDS = ("n_layer", "n_head", "n_embd", "bias", "activation", "tie_weights", "dropout", "norm", "pos_emb",
-                   "rope_theta", "qk_norm", "mlp_hidden")
 # Seeds both backends take everywhere they use one (torch generators, NumPy's default_rng).
 MAX_SEED = 2 ** 32 - 1
 # The smallest sampling temperature above 0: the sampler divides float32 logits by it in float64, and
@@ -38,24 +31,49 @@ class SettingError(ValueError):
         self.name, self.why = name, why
 
 
+# --------------------------------------------------------------------------- the model's settings
+
+# GPTConfig's fields that are settings (those with a help text): declared and validated in
+# npgpt.config only. A field that GPTConfig allows to be None (mlp_hidden) is an int here, 0 for None.
+GPT_FIELDS = tuple(f for f in fields(GPTConfig) if "help" in f.metadata)
+# The shape of nanoGPT's CPU recipe, where GPTConfig has no default or another one.
+_RECIPE = {"block_size": 64, "n_layer": 4, "n_head": 4, "n_embd": 128, "bias": False}
+
+
+def _app_type(f) -> str:
+    return f.type.replace(" | None", "")
+
+
+def _app_default(f):
+    if f.name in _RECIPE:
+        return _RECIPE[f.name]
+    return 0 if f.default is None else f.default
+
+
+# The settings that fix what the model is: "gpt" or "bigram", then GPTConfig's settings.
+ModelSettings = make_dataclass(
+    "ModelSettings",
+    [("model", "str", field(default="gpt", metadata={"help": "gpt, or bigram (the lecture's baseline: a token "
+                                                             "embedding table only)"}))]
+    + [(f.name, _app_type(f), field(default=_app_default(f), metadata=f.metadata)) for f in GPT_FIELDS],
+    frozen=True, namespace={"__module__": __name__})
+
+# The settings that fix the model (its parameters, and what they compute): a resumed run or
+# --init_from keeps them. A resumed run keeps its optimizer too (--init_from starts a fresh one).
+SHAPE_FIELDS = tuple(f.name for f in fields(ModelSettings) if f.name != "dropout") + ("optimizer",)
+# Those of them that only the GPT has: a bigram model is its embedding table alone (block_size is the
+# context of its batches).
+GPT_ONLY_FIELDS = tuple(f.name for f in GPT_FIELDS if f.name != "block_size")
+
+
+def model_settings(config: GPTConfig) -> dict:
+    """The settings of a GPT with `config` (its shape, as --init_from takes it from a checkpoint)."""
+    shape = {f.name: getattr(config, f.name) for f in GPT_FIELDS if f.name != "dropout"}
+    return {"model": "gpt", **{k: 0 if v is None else v for k, v in shape.items()}}
+
+
 @dataclass(frozen=True)
-class TrainConfig:
-    model: str = "gpt"  # "gpt" or "bigram"
-    # model shape
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 64
-    dropout: float = 0.0
-    bias: bool = False
-    activation: str = "gelu"
-    tie_weights: bool = True
-    # the modern block (issue 11; GPTConfig's fields of the same names)
-    norm: str = "layernorm"
-    pos_emb: str = "learned"
-    rope_theta: float = 10000.0
-    qk_norm: bool = False
-    mlp_hidden: int = 0  # the MLP's hidden width H; 0: 4 * n_embd (GPTConfig.mlp_hidden None)
+class TrainConfig(ModelSettings):
     # optimisation
     batch_size: int = 12  # per micro-batch and process
     gradient_accumulation_steps: int = 1  # micro-batches of a step, over all processes (nanoGPT's rule)
@@ -91,28 +109,19 @@ class TrainConfig:
 
         if self.model not in ("gpt", "bigram"):
             bad("model", "use gpt or bigram")
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
-                     "eval_interval", "eval_iters", "log_interval"):
+        try:
+            self.gpt_config(vocab_size=1)
+        except ConfigError as err:
+            raise SettingError(err.name, getattr(self, err.name), err.why) from None
+        for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, name) <= 0:
                 bad(name, "must be a positive integer")
-        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "max_new_tokens", "top_k", "mlp_hidden"):
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "max_new_tokens", "top_k"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
-        if self.n_embd % self.n_head:
-            bad("n_embd", f"must be divisible by --n_head={self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            bad("dropout", "must lie in [0, 1)")
-        if self.activation not in ACTIVATIONS + MODERN_ACTIVATIONS:
-            bad("activation", f"use one of {', '.join(ACTIVATIONS + MODERN_ACTIVATIONS)}")
-        for name, allowed in (("norm", NORMS), ("pos_emb", POS_EMBS), ("optimizer", OPTIMIZERS),
-                              ("muon_ns_dtype", MUON_NS_DTYPES)):
+        for name, allowed in (("optimizer", OPTIMIZERS), ("muon_ns_dtype", MUON_NS_DTYPES)):
             if getattr(self, name) not in allowed:
                 bad(name, f"use one of {', '.join(allowed)}")
-        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
-            bad("pos_emb", f"rope needs an even head size, and n_embd / n_head = {self.n_embd // self.n_head}; "
-                           "choose --n_embd and --n_head so that it is even")
-        if not self.rope_theta > 0.0 or self.rope_theta == float("inf"):
-            bad("rope_theta", "must be a finite number > 0")
         if self.optimizer == "muon" and self.model != "gpt":
             bad("optimizer", "muon trains the matrices inside the blocks; the bigram model has none, use adamw")
         if self.optimizer == "muon" and not self.learning_rate > 0.0:
@@ -132,11 +141,11 @@ class TrainConfig:
             bad("seed", f"must be an integer in [0, {MAX_SEED}]")
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
-        return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
-                         n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias,
-                         activation=self.activation, tie_weights=self.tie_weights,
-                         norm=self.norm, pos_emb=self.pos_emb, rope_theta=self.rope_theta,
-                         qk_norm=self.qk_norm, mlp_hidden=self.mlp_hidden or None)
+        """The GPT of these settings (ConfigError, a ValueError, if one is invalid)."""
+        values = {f.name: getattr(self, f.name) for f in GPT_FIELDS}
+        nullable = {f.name for f in GPT_FIELDS if "None" in f.type}
+        return GPTConfig(vocab_size=vocab_size,
+                         **{k: None if k in nullable and v == 0 else v for k, v in values.items()})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -160,20 +169,7 @@ class TrainConfig:
 
 # What each setting does: the --help text of its flag (gptapp.cli adds every preset's value).
 FIELD_HELP = {
-    "model": "gpt, or bigram (the lecture's baseline: a token embedding table only)",
-    "n_layer": "transformer blocks",
-    "n_head": "attention heads per block (n_embd must be a multiple)",
-    "n_embd": "channels of the residual stream",
-    "block_size": "context length in characters",
-    "dropout": "dropout probability in training, in [0, 1)",
-    "bias": "linears and layer norms carry a bias",
-    "activation": "the MLP's nonlinearity: relu, gelu (exact), gelu_tanh, relu2 or swiglu",
-    "tie_weights": "the output head reuses the token embedding",
-    "norm": "the blocks' normalisation: layernorm or rmsnorm",
-    "pos_emb": "positions: learned (a position embedding table) or rope (rotary, in attention)",
-    "rope_theta": "RoPE's base frequency (with --pos_emb rope)",
-    "qk_norm": "normalise queries and keys before attention",
-    "mlp_hidden": "the MLP's hidden width (0: 4 * n_embd)",
+    **{f.name: f.metadata["help"] for f in fields(ModelSettings)},
     "gradient_accumulation_steps": "micro-batches of one step, over all processes under torchrun",
     "optimizer": "adamw, or muon (Muon for the blocks' matrices, AdamW for the rest)",
     "muon_lr": "Muon's peak learning rate (with --optimizer muon; follows the same schedule)",
@@ -238,7 +234,7 @@ PRESETS: dict[str, TrainConfig] = {
         CPU, model="bigram", block_size=8, batch_size=32, max_iters=3000, learning_rate=1e-2,
         decay_lr=False, warmup_iters=0, beta2=0.999, weight_decay=0.0, grad_clip=0.0,
         eval_interval=300, eval_iters=200),
-    # The modern block (issue 11) at the cpu preset's size, batch and steps: RMSNorm, RoPE, QK-norm,
+    # The modern block at the cpu preset's size, batch and steps: RMSNorm, RoPE, QK-norm,
     # SwiGLU with H = 344 ~ 8C/3 (the MLP's parameters and FLOPs of 4C's GELU MLP), Muon for the
     # block matrices. muon_lr from a sweep of 0.04 / 0.02 / 0.01 / 0.005 (val 1.632 / 1.602 / 1.585 /
     # 1.580 at step 2000, torch; bench/RESULTS.md); AdamW's learning rate stays the cpu preset's.

@@ -36,6 +36,17 @@ def save_torch_checkpoint(path, payload: dict) -> None:
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
+def save_run_checkpoint(path, ckpt: Checkpoint) -> None:
+    """Write a run's Checkpoint as our .pt: plain containers, the weights (tensors) as model_state."""
+    save_torch_checkpoint(path, {
+        "format": FORMAT, "version": VERSION, "backend": ckpt.backend, "model": ckpt.model,
+        "gpt_config": ckpt.gpt_config.to_dict() if ckpt.gpt_config is not None else None,
+        "train_config": ckpt.train_config, "vocab": ckpt.vocab, "model_state": ckpt.params,
+        "optimizer": ckpt.optimizer, "iter_num": ckpt.iter_num, "best_val_loss": float(ckpt.best_val_loss),
+        "rng": ckpt.rng,
+    })
+
+
 def load_torch_checkpoint(path) -> Checkpoint:
     """Read our .pt or nanoGPT's ckpt.pt with torch.load(weights_only=True) into a Checkpoint.
 

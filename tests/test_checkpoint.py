@@ -241,3 +241,23 @@ def test_out_dir_that_is_a_file(tmp_path):
     with pytest.raises(CheckpointError, match="not writable"):
         ensure_writable_dir(tmp_path / "file" / "sub")
     assert ensure_writable_dir(tmp_path / "new" / "dir").is_dir()
+
+
+# The keys of a run's saved settings (train_config): checkpoints are read by other versions of the app.
+SAVED_SETTINGS = {
+    "model", "n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "activation", "tie_weights", "norm",
+    "pos_emb", "rope_theta", "qk_norm", "mlp_hidden", "batch_size", "gradient_accumulation_steps", "max_iters",
+    "learning_rate", "decay_lr", "warmup_iters", "lr_decay_iters", "min_lr", "beta1", "beta2", "weight_decay",
+    "grad_clip", "optimizer", "muon_lr", "muon_ns_dtype", "eval_interval", "eval_iters", "log_interval", "seed",
+    "max_new_tokens", "temperature", "top_k", "prompt"}
+
+
+def test_the_saved_settings_keep_their_keys_and_settings_saved_before_the_modern_block_load():
+    from gptapp.settings import PRESETS, TrainConfig
+    assert set(TrainConfig().to_dict()) == SAVED_SETTINGS
+    modern = ("norm", "pos_emb", "rope_theta", "qk_norm", "mlp_hidden", "optimizer", "muon_lr", "muon_ns_dtype")
+    older = {k: v for k, v in PRESETS["cpu"].to_dict().items() if k not in modern}
+    assert TrainConfig.from_dict(older) == PRESETS["cpu"]
+    assert PRESETS["cpu"].gpt_config(65) == GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128,
+                                                      bias=False, tie_weights=False)
+    assert PRESETS["modern-cpu"].gpt_config(65).mlp_hidden == 344 and TrainConfig().gpt_config(65).mlp_hidden is None

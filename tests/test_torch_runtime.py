@@ -5,7 +5,6 @@ and the torch backend that a CPU can reach: one kernel a step for the non-finite
 checkpoint write per evaluation, the compile warm-up and MFU from step 5, a GPU run resumed on a CPU."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -22,7 +21,7 @@ from test_train_helpers import DATA, needs_data, run_main, tiny_args
 
 import gptapp.backends.numpy
 import gptapp.backends.torch
-from gptapp.backends.torch import TorchBackend
+from gptapp.backends.torch import TorchBackend, TorchOptions
 from gptapp.checkpoint import CheckpointError, atomic_write, link_or_copy, load_checkpoint
 from gptapp.settings import PRESETS
 from gptapp.torch_checkpoint import load_torch_checkpoint, save_torch_checkpoint
@@ -338,10 +337,8 @@ def torch_backend(**settings):
     text = "".join(np.random.default_rng(0).choice(list("abcdefgh \n"), size=4000))
     tokenizer = CharTokenizer.from_text(text)
     train_data, val_data = train_val_split(tokenizer.encode(text))
-    args = argparse.Namespace(device="cpu", dtype="float32", compile=False, attention="sdpa")
-    backend = TorchBackend()
-    backend.start(args)
-    backend.setup(args, replace(PRESETS["tiny"], **settings), tokenizer, train_data, val_data, None)
+    backend = TorchBackend(TorchOptions(device="cpu", dtype="float32", compile=False, attention="sdpa"))
+    backend.build(replace(PRESETS["tiny"], **settings), tokenizer, train_data, val_data, None, resume=False)
     return backend
 
 
@@ -350,17 +347,17 @@ def test_warm_up_leaves_the_run_as_it_was():
     back the data stream, the dropout RNG and the gradients: the run goes on bit for bit as without it."""
     plain = torch_backend(dropout=0.2, gradient_accumulation_steps=2)
     warmed = torch_backend(dropout=0.2, gradient_accumulation_steps=2)
-    assert warmed.warm_up() is None, "nothing to compile: no warm-up"
+    assert warmed._warm_up() is None, "nothing to compile: no warm-up"
     warmed.use_compile = True  # the eager model stands in for the compiled one
     rng, data = torch.get_rng_state(), warmed.batches["train"].generator.get_state()
-    seconds = warmed.warm_up()
+    seconds = warmed._warm_up()
     assert seconds is not None and seconds >= 0
     assert torch.equal(torch.get_rng_state(), rng) and torch.equal(warmed.batches["train"].generator.get_state(), data)
     assert all(p.grad is None for p in warmed.raw.parameters()) and warmed.raw.training
     torch.set_rng_state(rng)
-    a = [plain.step(it, 1e-3) for it in range(3)]
+    a = [plain.step(it, 1e-3, log=True) for it in range(3)]
     torch.set_rng_state(rng)
-    b = [warmed.step(it, 1e-3) for it in range(3)]
+    b = [warmed.step(it, 1e-3, log=True) for it in range(3)]
     assert [float(x) for x in a] == [float(x) for x in b]
     for (name, p), q in zip(plain.raw.named_parameters(), warmed.raw.parameters()):
         assert torch.equal(p, q), name
@@ -371,10 +368,10 @@ def test_warm_up_leaves_the_run_as_it_was():
 def test_one_checkpoint_write_per_evaluation_best_is_a_link(tmp_path, capsys, monkeypatch, backend):
     """An improving evaluation writes ckpt_last once and makes ckpt_best a second name for it; the
     next write of ckpt_last leaves ckpt_best as it was."""
-    module, name = ((gptapp.backends.numpy, "save_npz") if backend == "np"
-                    else (gptapp.backends.torch, "save_torch_checkpoint"))
-    writes, real = [], getattr(module, name)
-    monkeypatch.setattr(module, name, lambda path, *a: writes.append(os.path.basename(path)) or real(path, *a))
+    cls = gptapp.backends.numpy.NumpyBackend if backend == "np" else gptapp.backends.torch.TorchBackend
+    writes, real = [], cls.info.write
+    monkeypatch.setattr(cls, "info", replace(cls.info, write=lambda path, ckpt: writes.append(os.path.basename(path))
+                                             or real(path, ckpt)))
     out = tmp_path / "out"
     extra = ["--device", "cpu"] if backend == "torch" else []
     res = run_main(backend, tiny_args(out, "--max_iters", 60, "--max_new_tokens", 0, *extra), capsys)
@@ -412,8 +409,14 @@ def test_link_or_copy_survives_the_next_write_and_copies_without_hard_links(tmp_
 
 @needs_data
 def test_compile_time_is_its_own_line_and_mfu_starts_at_step_5(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(TorchBackend, "warm_up", lambda self: 12.5)
-    monkeypatch.setattr(TorchBackend, "mfu", lambda self, dt: 0.25)
+    class Quarter(float):  # a step's seconds at peak that makes every step's MFU 25%
+        def __truediv__(self, dt):
+            return 0.25
+
+    build = TorchBackend.build
+    monkeypatch.setattr(TorchBackend, "_warm_up", lambda self: 12.5)
+    monkeypatch.setattr(TorchBackend, "build", lambda self, *a, **kw: build(self, *a, **kw)._replace(
+        peak_step_s=Quarter(1.0)))
     out = tmp_path / "out"
     res = run_main("torch", tiny_args(out, "--max_iters", 8, "--log_interval", 1, "--eval_interval", 8,
                                       "--max_new_tokens", 0, "--device", "cpu"), capsys)

@@ -23,7 +23,7 @@ import npgpt.fast
 from gptapp.backends.numpy import accumulate_gradients as numpy_accumulate
 from gptapp.backends.torch import accumulate_gradients as torch_accumulate
 from gptapp.errors import UsageError
-from gptapp.loop import local_accumulation_steps
+from gptapp.backend import local_accumulation_steps
 from gptapp.torch_checkpoint import load_torch_checkpoint
 from npgpt import bounds
 from npgpt.config import GPTConfig
@@ -49,12 +49,11 @@ def rank_run(path, accumulation: int) -> None:
        must broadcast rank 0's);
     2. a step of `accumulation` micro-batches (--gradient_accumulation_steps, shared among the
        ranks) through the torch backend's own accumulate_gradients;
-    3. that backend's estimate_loss, eval_iters=5 shared among the ranks.
+    3. that backend's evaluate, eval_iters=5 shared among the ranks.
     """
-    import argparse
     from dataclasses import replace
 
-    from gptapp.backends.torch import TorchBackend
+    from gptapp.backends.torch import TorchBackend, TorchOptions
     from gptapp.settings import PRESETS
     from npgpt.data import CharTokenizer, train_val_split
     from torchgpt.runtime import dist_env, init_distributed, shutdown_distributed, wrap_ddp
@@ -89,15 +88,14 @@ def rank_run(path, accumulation: int) -> None:
     text = "".join(np.random.default_rng(1).choice(list("abcdefgh \n"), size=3000))
     tok = CharTokenizer.from_text(text)
     train, val = train_val_split(tok.encode(text))
-    args = argparse.Namespace(device="cpu", dtype="float32", compile=False, attention="sdpa")
-    backend = TorchBackend()
-    backend.start(args)
-    backend.info = info
-    backend.setup(args, replace(PRESETS["tiny"], eval_iters=5, gradient_accumulation_steps=2), tok, train, val, None)
+    backend = TorchBackend(TorchOptions(device="cpu", dtype="float32", compile=False, attention="sdpa"))
+    backend.dist = info
+    backend.build(replace(PRESETS["tiny"], eval_iters=5, gradient_accumulation_steps=2), tok, train, val, None,
+                  resume=False)
     backend.raw.double()
     forwards = []
     backend.raw.register_forward_hook(lambda *a: forwards.append(1))
-    losses = backend.estimate_loss(20)
+    losses = backend.evaluate(20)
     torch.save({"step": step, "x": [x for x, _ in drawn], "y": [y for _, y in drawn], "loss": loss,
                 "losses": losses, "forwards": len(forwards),
                 "grads": {n: p.grad for n, p in model.named_parameters()}}, path)
@@ -180,7 +178,7 @@ def test_two_ranks_equal_one_process_on_the_whole_batch_with_and_without_accumul
     one = torch.load(tmp_path / "one.pt", weights_only=True)
     assert len(one["x"]) == 4 and one["forwards"] == 2 * 5
     assert [r["forwards"] for r in ranks] == [2 * 3, 2 * 2], "the ranks must split the evaluation batches"
-    # estimate_loss sums the batch losses in float32 (as on a GPU): the 2 ranks add the same 5 positive
+    # evaluate sums the batch losses in float32 (as on a GPU): the 2 ranks add the same 5 positive
     # terms in another order than one process (3 + 2, then the all-reduce); the batches are the same
     order = bounds.reordered(np.float32, n=5, cancellation=1.0)
     for split in ("train", "val"):

@@ -2,7 +2,6 @@
 (one rule for numpy and torch), the non-finite message, and what --reference picks."""
 from __future__ import annotations
 
-import argparse
 from dataclasses import replace
 
 import numpy as np
@@ -56,19 +55,17 @@ def numpy_run(reference: bool):
     tokenizer = CharTokenizer.from_text(TEXT)
     train_data, val_data = train_val_split(tokenizer.encode(TEXT))
     backend = numpy_backend.NumpyBackend(reference=reference)
-    backend.setup(argparse.Namespace(), TINY, tokenizer, train_data, val_data, None)
+    backend.build(TINY, tokenizer, train_data, val_data, None, resume=False)
     return backend, lambda: repr(backend.data_rng.bit_generator.state)
 
 
 def torch_run():
     pytest.importorskip("torch")
-    from gptapp.backends.torch import TorchBackend
+    from gptapp.backends.torch import TorchBackend, TorchOptions
     tokenizer = CharTokenizer.from_text(TEXT)
     train_data, val_data = train_val_split(tokenizer.encode(TEXT))
-    args = argparse.Namespace(device="cpu", dtype="float32", compile=False, attention="sdpa")
-    backend = TorchBackend()
-    backend.start(args)
-    backend.setup(args, TINY, tokenizer, train_data, val_data, None)
+    backend = TorchBackend(TorchOptions(device="cpu", dtype="float32", compile=False, attention="sdpa"))
+    backend.build(TINY, tokenizer, train_data, val_data, None, resume=False)
     return backend, lambda: backend.batches["train"].generator.get_state().tolist()
 
 
@@ -76,9 +73,9 @@ def torch_run():
 def test_evaluation_never_shifts_the_training_batches(make):
     backend, training_stream_state = make()
     state = training_stream_state()
-    first = backend.estimate_loss(20)
-    again = backend.estimate_loss(20)
-    later = backend.estimate_loss(40)
+    first = backend.evaluate(20)
+    again = backend.evaluate(20)
+    later = backend.evaluate(40)
     assert training_stream_state() == state, "evaluating drew from the training stream"
     assert first == again, "the same step evaluated twice gave different losses"
     assert first != later, "two steps evaluated on the same batches"

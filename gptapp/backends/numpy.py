@@ -4,16 +4,15 @@ else here does.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
 
 from npgpt.data import get_batch
 
+from ..backend import BackendInfo, Built, TrainingState, eval_seed, restore_or_refuse
 from ..checkpoint import NUMPY_EXT, TORCH_EXT, Checkpoint, CheckpointError, load_checkpoint, save_npz
 from ..errors import INSTALL_TORCH
-from ..loop import NonFiniteLoss, eval_seed, write_checkpoint
 from ..optimizers import MuonAdamW
 
 
@@ -94,25 +93,29 @@ def accumulate_gradients(model, next_batch, micro_steps: int) -> tuple[dict, lis
     return total, losses
 
 
+INFO = BackendInfo(name="numpy", label="npgpt", prog="train_np.py", ext=NUMPY_EXT, other_prog="train_torch.py",
+                   other_ext=TORCH_EXT, write=save_npz)
+
+
 class NumpyBackend:
     """One process, float32 NumPy; the data stream and dropout draw from NumPy generators."""
 
-    name, label, prog, ext = "numpy", "npgpt", "train_np.py", NUMPY_EXT
-    other_prog, other_ext = "train_torch.py", TORCH_EXT
-    is_main, world_size, default_preset = True, 1, "cpu"
+    info, is_main, world_size, default_preset, device, attention = INFO, True, 1, "cpu", "cpu", "explicit"
 
     def __init__(self, reference: bool = False):
         self.reference = reference
-
-    def start(self, args) -> None:
-        pass
+        self.first_bad = -1  # the first step with a non-finite loss, or -1
 
     def read_checkpoint(self, path, any_kind: bool) -> Checkpoint:
         return read_any_checkpoint(path) if any_kind else load_checkpoint(path)  # .npz only to resume
 
-    def setup(self, args, cfg, tokenizer, train_data, val_data, ckpt) -> None:
+    def session(self):
+        # overflow warnings are not errors here: a loss that stops being finite is (poll reports it)
+        return np.errstate(over="ignore", invalid="ignore", divide="ignore")
+
+    def build(self, cfg, tokenizer, train_data, val_data, ckpt, resume: bool) -> Built:
         GPT, BigramLanguageModel, AdamW, self.clip_grad_norm = model_classes(self.reference)
-        self.cfg, self.tokenizer = cfg, tokenizer
+        self.cfg = cfg
         self.model = (BigramLanguageModel(tokenizer.vocab_size, seed=cfg.seed) if cfg.model == "bigram"
                       else GPT(cfg.gpt_config(tokenizer.vocab_size), seed=cfg.seed))
         if ckpt is not None:
@@ -126,32 +129,19 @@ class NumpyBackend:
                                    weight_decay=cfg.weight_decay)
         self.data_rng = np.random.default_rng(cfg.seed)
         self.splits = {"train": train_data, "val": val_data}
+        if resume:
+            restore_or_refuse(ckpt, lambda: self._restore(ckpt))
+        return Built(num_params=self.model.num_params())
 
-    def restore(self, ckpt: Checkpoint) -> None:
+    def _restore(self, ckpt: Checkpoint) -> None:
         self.optimizer.load_state_dict(ckpt.optimizer)
         self.data_rng.bit_generator.state = ckpt.rng["data"]
         if self.cfg.model == "gpt":
             self.model.rng.bit_generator.state = ckpt.rng["dropout"]
 
-    def num_params(self) -> int:
-        return self.model.num_params()
-
-    def banner(self) -> list[str]:
-        return []
-
-    def session(self):
-        return contextlib.nullcontext()
-
-    def errstate(self):
-        # overflow warnings are not errors here: a loss that stops being finite is (NonFiniteLoss)
-        return np.errstate(over="ignore", invalid="ignore", divide="ignore")
-
-    def warm_up(self) -> None:
-        return None  # nothing to compile
-
-    def estimate_loss(self, it: int, stop=None) -> dict | None:
-        """Mean loss over eval_iters batches of each split (see loop.eval_seed), in eval mode (no dropout);
-        None as soon as stop() is true between two batches."""
+    def evaluate(self, it: int, stop=None) -> dict | None:
+        """Mean loss over eval_iters batches of each split (see backend.eval_seed), in eval mode (no
+        dropout); None as soon as stop() is true between two batches."""
         cfg = self.cfg
         self.model.eval()
         try:
@@ -168,39 +158,29 @@ class NumpyBackend:
         finally:
             self.model.train()
 
-    def step(self, it: int, lr: float) -> float:
+    def step(self, it: int, lr: float, log: bool) -> float | None:
         cfg = self.cfg
         next_batch = lambda: get_batch(self.splits["train"], cfg.batch_size, cfg.block_size, self.data_rng)  # noqa: E731
         grads, losses = accumulate_gradients(self.model, next_batch, cfg.gradient_accumulation_steps)
         if not math.isfinite(losses[-1]):
-            raise NonFiniteLoss(it, losses[-1])  # before the update: the weights stay those of the last good step
-        if cfg.grad_clip > 0:
-            self.clip_grad_norm(grads, cfg.grad_clip)
-        self.optimizer.step(grads, lr=lr)
-        return losses[0] if len(losses) == 1 else sum(losses) / len(losses)
+            # no update: the weights stay those of the last good step
+            self.first_bad = it if self.first_bad < 0 else self.first_bad
+        else:
+            if cfg.grad_clip > 0:
+                self.clip_grad_norm(grads, cfg.grad_clip)
+            self.optimizer.step(grads, lr=lr)
+        loss = losses[0] if len(losses) == 1 else sum(losses) / len(losses)
+        return float(loss) if log else None
 
     def poll(self, stop_requested: bool, force: bool) -> tuple[bool, int]:
-        return stop_requested, -1  # step() has checked the loss already
+        return stop_requested, self.first_bad
 
-    def loss_value(self, loss) -> float:
-        return float(loss)
+    def state(self) -> TrainingState:
+        gpt = self.cfg.model == "gpt"
+        return TrainingState(params=self.model.params, optimizer=self.optimizer.state_dict(),
+                             rng={"data": self.data_rng.bit_generator.state,
+                                  "dropout": self.model.rng.bit_generator.state if gpt else None})
 
-    def mfu(self, dt: float) -> None:
-        return None
-
-    def save(self, path, it: int, best_val: float) -> None:
-        cfg, gpt = self.cfg, self.cfg.model == "gpt"
-        ckpt = Checkpoint(
-            backend=self.name, model=cfg.model, gpt_config=cfg.gpt_config(self.tokenizer.vocab_size) if gpt else None,
-            vocab=self.tokenizer.vocab_string(), params=self.model.params, train_config=cfg.to_dict(),
-            iter_num=it, best_val_loss=best_val, optimizer=self.optimizer.state_dict(),
-            rng={"data": self.data_rng.bit_generator.state,
-                 "dropout": self.model.rng.bit_generator.state if gpt else None})
-        write_checkpoint(path, lambda: save_npz(path, ckpt))
-
-    def generate_fn(self):
+    def generator(self):
         self.model.eval()
         return self.model.generate
-
-    def block_size(self) -> int | None:
-        return self.cfg.block_size if self.cfg.model == "gpt" else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+from dataclasses import dataclass
 import sys
 import time
 
@@ -38,10 +39,10 @@ from torchgpt.runtime import (
     wrap_ddp,
 )
 
-from ..checkpoint import FORMAT, NUMPY_EXT, TORCH_EXT, VERSION, Checkpoint, CheckpointError, load_checkpoint
+from ..backend import BackendInfo, Built, TrainingState, eval_seed, local_accumulation_steps, restore_or_refuse
+from ..checkpoint import NUMPY_EXT, TORCH_EXT, Checkpoint, CheckpointError, load_checkpoint
 from ..errors import UsageError, one_line
-from ..loop import eval_seed, local_accumulation_steps, write_checkpoint
-from ..torch_checkpoint import check_optimizer_state, load_torch_checkpoint, save_torch_checkpoint
+from ..torch_checkpoint import check_optimizer_state, load_torch_checkpoint, save_run_checkpoint
 
 
 def device_from_flag(request: str, local_rank: int | None = None, world_size: int | None = None) -> torch.device:
@@ -92,29 +93,43 @@ def accumulate_gradients(train_model: torch.nn.Module, batches: DeviceBatches, m
     return total if micro_steps == 1 else total / micro_steps
 
 
+INFO = BackendInfo(name="torch", label="torchgpt", prog="train_torch.py", ext=TORCH_EXT, other_prog="train_np.py",
+                   other_ext=NUMPY_EXT, write=save_run_checkpoint)
+
+
+@dataclass(frozen=True)
+class TorchOptions:
+    """train_torch.py's own flags."""
+
+    device: str = "auto"          # auto, cpu, cuda, cuda:N or mps
+    dtype: str = "auto"           # auto, float32 or bfloat16
+    compile: bool | None = None   # None: on for CUDA, off elsewhere
+    attention: str = "sdpa"       # sdpa or explicit
+
+
 class TorchBackend:
     """torchgpt under the loop; every rank of a DDP run runs the same calls."""
 
-    name, label, prog, ext = "torch", "torchgpt", "train_torch.py", TORCH_EXT
-    other_prog, other_ext = "train_np.py", NUMPY_EXT
+    info = INFO
 
-    def start(self, args) -> None:
-        self.info = dist_env()
-        self.device = device_from_flag(args.device, self.info.local_rank, self.info.world_size)
+    def __init__(self, options: TorchOptions = TorchOptions()):
+        self.dist = dist_env()
+        self.device = device_from_flag(options.device, self.dist.local_rank, self.dist.world_size)
         self.default_preset = "shakespeare-char" if self.device.type == "cuda" else "cpu"
         try:
-            self.dtype = pick_dtype(args.dtype, self.device)
+            self.dtype = pick_dtype(options.dtype, self.device)
         except DeviceError as err:
             raise UsageError(str(err)) from None
-        self.use_compile = args.compile if args.compile is not None else self.device.type == "cuda"
+        self.use_compile = options.compile if options.compile is not None else self.device.type == "cuda"
+        self.attention = options.attention
 
     @property
     def is_main(self) -> bool:
-        return self.info.is_main
+        return self.dist.is_main
 
     @property
     def world_size(self) -> int:
-        return self.info.world_size
+        return self.dist.world_size
 
     def read_checkpoint(self, path, any_kind: bool) -> Checkpoint:
         return read_any_checkpoint(path) if any_kind else load_torch_checkpoint(path)
@@ -122,29 +137,29 @@ class TorchBackend:
     @contextlib.contextmanager
     def session(self):
         """The DDP process group, if any: joined before the model is built, left by every rank together."""
-        self.info = init_distributed(self.info, self.device)
+        self.dist = init_distributed(self.dist, self.device)
         try:
             yield
-            if self.info.enabled:  # rank 0 may still be sampling: leave together, or gloo aborts the early rank
+            if self.dist.enabled:  # rank 0 may still be sampling: leave together, or gloo aborts the early rank
                 torch.distributed.barrier()
         finally:
-            if self.info.enabled:
+            if self.dist.enabled:
                 # The DDP wrapper sits in a reference cycle: left to the garbage collector, it (and its
                 # reducer's hold on the process group) can outlive destroy_process_group and be freed
                 # during interpreter shutdown, a known cause of "terminate called without an active
-                # exception". Drop it and collect now, while the group still exists.
+                # exception". Drop it and collect here, while the group still exists.
                 self.train_model = None
                 gc.collect()
-            shutdown_distributed(self.info)
+            shutdown_distributed(self.dist)
 
-    def setup(self, args, cfg, tokenizer, train_data, val_data, ckpt) -> None:
-        device, info = self.device, self.info
-        self.cfg, self.tokenizer = cfg, tokenizer
+    def build(self, cfg, tokenizer, train_data, val_data, ckpt, resume: bool) -> Built:
+        device, info = self.device, self.dist
+        self.cfg = cfg
         if device.type == "cuda":
             set_tf32(True)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         raw = (BigramLanguageModel(tokenizer.vocab_size) if cfg.model == "bigram"
-               else GPT(cfg.gpt_config(tokenizer.vocab_size), attention=args.attention))
+               else GPT(cfg.gpt_config(tokenizer.vocab_size), attention=self.attention))
         if ckpt is not None:
             try:
                 load_params(raw, ckpt.params)
@@ -152,7 +167,6 @@ class TorchBackend:
                 raise CheckpointError(f"{ckpt.path}: {one_line(err)}") from None
         raw.to(device)
         self.raw = raw
-        self.attention = args.attention if isinstance(raw, GPT) else "-"
         if cfg.optimizer == "muon":  # torch.optim.Muon for the block matrices, AdamW for the rest
             try:
                 self.optimizer = configure_muon_adamw(raw, cfg.weight_decay, cfg.learning_rate, cfg.muon_lr,
@@ -170,14 +184,23 @@ class TorchBackend:
         self.model = torch.compile(raw) if self.use_compile else raw
         self.train_model = wrap_ddp(self.model, device, info)
         self.amp = autocast(device, self.dtype)
-        self.peak = peak_flops(device) if isinstance(raw, GPT) else None
         # nanoGPT's rule: --gradient_accumulation_steps counts the micro-batches of the global batch,
         # shared among the ranks, so the tokens of a step do not grow with the number of processes
         self.micro_steps = local_accumulation_steps(cfg.gradient_accumulation_steps, info.world_size)
         self.loss_watch = LossWatch(device, capacity=cfg.log_interval + 2)  # non-finite losses, read by poll()
         self.check_every_step = device.type == "cpu"  # reading a flag costs nothing there; on a GPU it is a sync
+        if resume:
+            restore_or_refuse(ckpt, lambda: self._restore(ckpt))
+        peak = peak_flops(device) if isinstance(raw, GPT) else None
+        # of this process's GPU: its micro-batches of a step (batch_size each)
+        peak_step_s = raw.estimate_mfu(cfg.batch_size * self.micro_steps, 1.0, peak) if peak else None
+        attention = self.attention if isinstance(raw, GPT) else "-"
+        banner = (f"device {self.device}, dtype {str(self.dtype).replace('torch.', '')}, compile "
+                  f"{'on' if self.use_compile else 'off'}, attention {attention}, world size {self.world_size}",)
+        return Built(num_params=sum(p.numel() for p in raw.parameters()), banner=banner,
+                     compile_s=self._warm_up(), peak_step_s=peak_step_s)
 
-    def restore(self, ckpt: Checkpoint) -> None:
+    def _restore(self, ckpt: Checkpoint) -> None:
         check_optimizer_state(self.optimizer, ckpt.optimizer, ckpt.path)  # torch checks only the group sizes
         # The saved param_groups carry the hyperparameters of the run that wrote them; this run's come
         # from its settings (the checkpoint's, with the flags given on --resume): put them back after
@@ -187,25 +210,15 @@ class TorchBackend:
         for group, own in zip(self.optimizer.param_groups, settings):
             group.update(own)
         note = restore_generator_state(self.batches["train"].generator, ckpt.rng["data"])
-        if note and self.info.is_main:  # saved on another device type (a GPU run resumed on a CPU, or back)
+        if note and self.dist.is_main:  # saved on another device type (a GPU run resumed on a CPU, or back)
             print(f"note: {ckpt.path}: {note}", file=sys.stderr)
-        same_world = set_rng_state(ckpt.rng["per_rank"], self.device, self.info)
-        if not same_world and self.info.is_main:
+        same_world = set_rng_state(ckpt.rng["per_rank"], self.device, self.dist)
+        if not same_world and self.dist.is_main:
             print(f"note: {ckpt.path} was saved by {len(ckpt.rng['per_rank'])} process(es), this run has "
-                  f"{self.info.world_size}; dropout streams start afresh", file=sys.stderr)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.raw.parameters())
-
-    def banner(self) -> list[str]:
-        return [f"device {self.device}, dtype {str(self.dtype).replace('torch.', '')}, compile "
-                f"{'on' if self.use_compile else 'off'}, attention {self.attention}, world size {self.world_size}"]
-
-    def errstate(self):
-        return contextlib.nullcontext()
+                  f"{self.dist.world_size}; dropout streams start afresh", file=sys.stderr)
 
     @torch.no_grad()
-    def estimate_loss(self, it: int, stop=None) -> dict | None:
+    def evaluate(self, it: int, stop=None) -> dict | None:
         """Mean loss over eval_iters batches of each split (see loop.eval_seed), in eval mode; None as
         soon as stop() is true between two batches (one process only: under DDP every rank must reach
         the all-reduce, so the evaluation ends first and the loop's poll stops the ranks together).
@@ -216,7 +229,7 @@ class TorchBackend:
         One host sync per split (the .item()).
         """
         cfg = self.cfg
-        if self.info.enabled:
+        if self.dist.enabled:
             stop = None
         self.model.eval()
         try:
@@ -230,12 +243,12 @@ class TorchBackend:
                     with self.amp:
                         _, loss = self.model(x, y)
                     total += loss.float()
-                out[name] = all_sum(total, self.info).item() / cfg.eval_iters
+                out[name] = all_sum(total, self.dist).item() / cfg.eval_iters
             return out
         finally:
             self.model.train()
 
-    def warm_up(self) -> float | None:
+    def _warm_up(self) -> float | None:
         """Compile the training and evaluation graphs before step 0, and return the seconds it took
         (None without --compile): compilation then lands in neither a step's time nor "train s".
 
@@ -249,7 +262,7 @@ class TorchBackend:
         rng = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
         batches = self.batches["train"]
         data_state = batches.generator.get_state()
-        accumulate_gradients(self.train_model, batches, self.micro_steps, self.amp, self.info.enabled)
+        accumulate_gradients(self.train_model, batches, self.micro_steps, self.amp, self.dist.enabled)
         self.optimizer.zero_grad(set_to_none=True)
         batches.generator.set_state(data_state)
         self.model.eval()
@@ -263,50 +276,33 @@ class TorchBackend:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
 
-    def step(self, it: int, lr: float) -> torch.Tensor:
+    def step(self, it: int, lr: float, log: bool) -> float | None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group: muon_lr / learning_rate
         loss = accumulate_gradients(self.train_model, self.batches["train"], self.micro_steps, self.amp,
-                                    self.info.enabled)
+                                    self.dist.enabled)
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.loss_watch.add(it, loss)  # one copy kernel, no sync: poll() reads it
-        return loss
+        return loss.float().item() if log else None  # the one sync of a log step
 
     def poll(self, stop_requested: bool, force: bool) -> tuple[bool, int]:
         if self.check_every_step or force:  # a host sync (sync_flags): the same answer on every rank
-            return sync_flags(stop_requested, self.loss_watch.first_bad_step(), self.info)
+            return sync_flags(stop_requested, self.loss_watch.first_bad_step(), self.dist)
         return False, -1
 
-    def loss_value(self, loss: torch.Tensor) -> float:
-        return loss.float().item()
+    def state(self) -> TrainingState | None:
+        """Every rank calls this (the RNG states are gathered); rank 0 gets the state, the others None."""
+        per_rank = gather_rng_states(self.device, self.dist)
+        if not self.dist.is_main:
+            return None
+        return TrainingState(params={k: v.detach() for k, v in self.raw.state_dict().items()},
+                             optimizer=self.optimizer.state_dict(),
+                             rng={"data": self.batches["train"].generator.get_state(), "per_rank": per_rank,
+                                  "world_size": self.dist.world_size})
 
-    def mfu(self, dt: float) -> float | None:
-        """Of this process's GPU: its micro-batches of a step (batch_size each) in dt seconds."""
-        return self.raw.estimate_mfu(self.cfg.batch_size * self.micro_steps, dt, self.peak) if self.peak else None
-
-    def save(self, path, it: int, best_val: float) -> None:
-        """Every rank calls this (the RNG states are gathered); rank 0 writes."""
-        cfg, info = self.cfg, self.info
-        per_rank = gather_rng_states(self.device, info)
-        if not info.is_main:
-            return
-        payload = {
-            "format": FORMAT, "version": VERSION, "backend": self.name, "model": cfg.model,
-            "gpt_config": cfg.gpt_config(self.tokenizer.vocab_size).to_dict() if cfg.model == "gpt" else None,
-            "train_config": cfg.to_dict(), "vocab": self.tokenizer.vocab_string(),
-            "model_state": {k: v.detach() for k, v in self.raw.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(), "iter_num": it, "best_val_loss": float(best_val),
-            "rng": {"data": self.batches["train"].generator.get_state(), "per_rank": per_rank,
-                    "world_size": info.world_size},
-        }
-        write_checkpoint(path, lambda: save_torch_checkpoint(path, payload))
-
-    def generate_fn(self):
+    def generator(self):
         raw = self.raw.eval()
         return lambda ids, n, **kw: raw.generate(ids, n, **kw).cpu().numpy()
-
-    def block_size(self) -> int | None:
-        return self.cfg.block_size if self.cfg.model == "gpt" else None
