@@ -369,7 +369,8 @@ def ensure_writable_dir(out_dir: str | os.PathLike) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write-test.", suffix=".tmp")
         os.close(fd)
-        os.unlink(probe)
+        with contextlib.suppress(FileNotFoundError):  # a run clearing leftovers there took it first
+            os.unlink(probe)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise CheckpointError(f"--out_dir {out_dir} is not writable ({reason}); choose a writable "

@@ -264,10 +264,11 @@ def lock_out_dir(out_dir) -> OutDirLock:
 
 
 def _remove_created(out_dir: Path, created: Path | None) -> None:
-    """Remove out_dir and its parents up to `created` (the topmost one a run created), where empty."""
+    """Remove out_dir and its parents up to `created` (the topmost one a run created), where empty.
+    Nothing inside is deleted: a run refused here leaves no file of its own, and any file there (the
+    probe or lock file of a run starting at the same moment) is another run's."""
     if created is None:
         return
-    remove_leftovers(out_dir)
     d = out_dir
     with contextlib.suppress(OSError):
         while True:
