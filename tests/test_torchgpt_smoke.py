@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from test_train_helpers import check  # the one print-then-assert comparison of tests/
+from train_helpers import check  # the one print-then-assert comparison of tests/
 
 from npgpt import bounds
 from npgpt.sampling import sample_next
