@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from npgpt import GPTConfig, fast, optim
+from npgpt import fast, optim
 from npgpt import layers as ref
 from npgpt.bounds import (EXP32_MAX_ERROR, LIBM64_MAX_ERROR, NEWTON_SCHULZ_MATMULS, approximation, bitwise, chain,
                           fast_model)
@@ -23,9 +23,9 @@ from npgpt.fast import layers as fl
 from npgpt.fast import numba_kernels as K
 from npgpt import muon as ref_muon
 from npgpt.muon import Muon
-from test_fastpath import IN_PLACE, arrays_of, batch, block_params, compare_pair, noisy_pair, randn, small_config
-from test_numba_kernels import check, compare_to_reference, exact_twin
-from test_modern_layers import qk_attention_backward, qk_attention_forward
+from fast_helpers import (IN_PLACE, batch, block_params, check, compare_pair, compare_to_reference, exact_twin, noisy_pair,
+                          randn, small_config)
+from layer_helpers import qk_attention_backward, qk_attention_forward
 
 NP = fl.layer_set(kernels=False)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import re
 
 import numpy as np
@@ -27,10 +26,11 @@ from npgpt import GPTConfig, fast, optim
 from npgpt import layers as ref
 from npgpt.bounds import (bitwise, fast_model,
                           reordered)
-from npgpt.compare import compare_all
 from npgpt.fast import layers as fl
 from npgpt.model import init_params
 from functools import partial
+
+from fast_helpers import batch, block_params, check_equal, compare_pair, noisy_pair, randn, small_config
 
 NP = fl.layer_set(kernels=False)  # npgpt.fast without numba: the reference's pairs plus the NumPy rewrites
 
@@ -41,60 +41,6 @@ DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")
 def numpy_only(monkeypatch):
     """npgpt.fast's NumPy code, which these bit-for-bit claims are about (see the docstring)."""
     monkeypatch.setattr(fast.numba_kernels, "ENABLED", False)
-
-
-IN_PLACE = bitwise("npgpt.fast's NumPy code runs the reference's elementwise operations and reductions "
-                   "in the reference's order, writing in place or with out=")
-
-
-def arrays_of(prefix: str, obj) -> dict:
-    """Every array in a result or cache (NamedTuples, tuples, lists, dicts), keyed by its path.
-    None fields are skipped (the fast block drops its MLP activation; compared separately)."""
-    if isinstance(obj, np.ndarray) or np.isscalar(obj) and not isinstance(obj, (str, bool)):
-        return {prefix: np.asarray(obj)}
-    out = {}
-    if hasattr(obj, "_fields"):
-        items = zip(obj._fields, obj)
-    elif isinstance(obj, dict):
-        items = obj.items()
-    elif isinstance(obj, (tuple, list)):
-        items = enumerate(obj)
-    else:
-        return out
-    for key, value in items:
-        out.update(arrays_of(f"{prefix}.{key}", value))
-    return out
-
-
-def check_equal(header: str, ours: dict, theirs: dict, rtol) -> list:
-    """npgpt.compare's table for every array, rtol from npgpt.bounds (0: bit for bit); prints the
-    worst error / bound ratio of a bound above 0."""
-    rows = compare_all(ours, theirs, rtol=rtol, header=header)
-    ratios = [r.rel / r.rtol for r in rows if r.rtol]
-    if ratios:
-        print(f"{header}: worst error / bound {max(ratios):.3g}")
-    return rows
-
-
-def run_pair(forward, backward, args, kwargs, rng, dtype):
-    out, cache = forward(*args, **kwargs)
-    dout = rng.standard_normal(np.shape(out)).astype(dtype)
-    return out, cache, backward(dout, cache)
-
-
-def compare_pair(name, fast_pair, ref_pair, args, dtype, rtol, **kwargs):
-    """Forward output, cache and backward of a fast pair and its reference on the same inputs,
-    within rtol (a bound from npgpt.bounds)."""
-    f_out, f_cache, f_grads = run_pair(*fast_pair, args, kwargs, np.random.default_rng(99), dtype)
-    r_out, r_cache, r_grads = run_pair(*ref_pair, args, kwargs, np.random.default_rng(99), dtype)
-    assert type(f_cache) is type(r_cache), f"{name}: cache types differ"
-    ours = {**arrays_of("out", f_out), **arrays_of("cache", f_cache), **arrays_of("grad", f_grads)}
-    theirs = {**arrays_of("out", r_out), **arrays_of("cache", r_cache), **arrays_of("grad", r_grads)}
-    check_equal(f"{name} [{np.dtype(dtype).name}]", ours, theirs, rtol)
-
-
-def randn(rng, shape, dtype, scale=1.0):
-    return (scale * rng.standard_normal(shape)).astype(dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,13 +120,6 @@ def test_attention_with_a_kv_slot_equals_reference(dtype):
                 ATTENTION_VIEWS)
 
 
-def block_params(config: GPTConfig, dtype) -> dict:
-    p = init_params(config, 1, dtype)
-    rng = np.random.default_rng(9)
-    return {k[len("transformer.h.0."):]: v + randn(rng, v.shape, dtype, 0.2)
-            for k, v in p.items() if k.startswith("transformer.h.0.")}
-
-
 @pytest.mark.parametrize("dropout", [False, True], ids=["nodrop", "dropout"])
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -233,28 +172,6 @@ def test_block_rebuilds_the_dropped_mlp_activation_exactly(activation):
 # --------------------------------------------------------------------------------------------
 # The whole model and the optimizer
 # --------------------------------------------------------------------------------------------
-
-def small_config(**kw):
-    return GPTConfig(**{**dict(vocab_size=7, block_size=6, n_layer=2, n_head=2, n_embd=8, tie_weights=False,
-                              bias=True), **kw})
-
-
-def batch(config, B=3, seed=14):
-    rng = np.random.default_rng(seed)
-    return (rng.integers(0, config.vocab_size, (B, config.block_size)),
-            rng.integers(0, config.vocab_size, (B, config.block_size)))
-
-
-def noisy_pair(config, dtype, seed=2):
-    """A reference and a fast GPT with the same (noisy, so biases matter) parameters."""
-    reference = npgpt.GPT(config, seed=seed, dtype=dtype)
-    rng = np.random.default_rng(15)
-    for p in reference.params.values():
-        p += randn(rng, p.shape, dtype, 0.2)
-    quick = fast.GPT(config, seed=seed, dtype=dtype)
-    for n, p in reference.params.items():
-        quick.params[n][...] = p
-    return reference, quick
 
 
 @pytest.mark.parametrize("config", [small_config(), small_config(tie_weights=True, bias=False, activation="relu"),

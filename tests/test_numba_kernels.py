@@ -26,7 +26,6 @@ import pytest
 
 from scipy.special import erf as scipy_erf
 
-import npgpt
 from npgpt import GPTConfig, fast, optim
 from npgpt import layers as L
 from npgpt.bounds import (ADAMW_ROUNDINGS, CANCELLATION, ERF32_MAX_ERROR, EXP32_MAX_ERROR, LIBM64_MAX_ERROR,
@@ -42,7 +41,8 @@ from npgpt.optim import AdamW
 KERNELS = L.LayerSet(**{**vars(L.REFERENCE), "causal_attention_forward": K.causal_attention_forward,
                          "causal_attention_backward": K.causal_attention_backward})
 from functools import partial
-from test_fastpath import arrays_of, batch, block_params, compare_pair, noisy_pair, small_config
+from fast_helpers import (arrays_of, batch, block_params, check, compare_pair, compare_to_reference, exact_twin,
+                          noisy_pair, small_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [np.float64, np.float32]
@@ -75,24 +75,6 @@ def test_numba_is_available():
     assert K.AVAILABLE, (f"{K.UNAVAILABLE_REASON}: the kernels are untested without numba; "
                          "install the test extra (pip install -e '.[test]')")
     assert K.threads() >= 1
-
-
-def check(name, ours, exact, dtype, bound, reference32=None):
-    """ours (in `dtype`) within `bound` (from npgpt.bounds) of `exact` (float64), normwise; prints
-    both and their ratio."""
-    ours = np.asarray(ours)
-    exact = np.asarray(exact, dtype=np.float64)
-    assert ours.shape == exact.shape, f"{name}: shape {ours.shape} != {exact.shape}"
-    assert ours.dtype == np.dtype(dtype), f"{name}: dtype {ours.dtype}, expected {np.dtype(dtype)}"
-    rel = rel_error(ours, exact)
-    max_abs = float(np.max(np.abs(ours.astype(np.float64) - exact))) if exact.size else 0.0
-    extra = ""
-    if reference32 is not None:
-        extra = f"; float32 reference {rel_error(reference32, exact):.2e}"
-    ratio = rel / bound if bound else float(rel > 0) * float("inf")
-    print(f"  {name:>10} {np.dtype(dtype).name}: rel {rel:.2e} (bound {bound:.2e}, worst error / bound "
-          f"{ratio:.3g}), max abs {max_abs:.2e}{extra}")
-    assert rel <= bound, f"{name}: normwise relative error {rel:.3e} > {bound:g} (max abs {max_abs:.3e})"
 
 
 def random(rng, shape, dtype, scale=1.0, shift=0.0):
@@ -529,36 +511,6 @@ def test_fast_block_with_kernels_equals_reference(dtype, activation, dropout, ke
         assert np.array_equal(fast_layers.ACTIVATION_OUTPUT_FROM_CACHE["gelu"](f_cache.act), act_out)
 
 
-def compare_to_reference(header, ours: dict, reference: dict, exact: dict | None, dtype, bound: float) -> None:
-    """float64: ours within `bound` (bounds.fast_model) of the reference. float32: ours and the
-    float32 reference are both compared with the exact result (the reference in float64 on the same
-    float32 inputs), ours within `bound` of it (the kernels sum in another order than the
-    reference, so neither float32 result is the other's truth); the reference's error is printed
-    beside it for scale."""
-    if np.dtype(dtype) == np.float64:
-        rows = compare_all(ours, reference, rtol=bound, header=header)
-        print(f"{header}: worst error / bound {max(r.rel / r.rtol for r in rows):.3g}")
-        return
-    print(f"\n{header}: normwise error against the exact result, ours / float32 reference")
-    bad, worst = [], 0.0
-    for name in exact:
-        mine, theirs = rel_error(ours[name], exact[name]), rel_error(reference[name], exact[name])
-        worst = max(worst, mine / bound)
-        print(f"  {name:36s} {mine:.2e} / {theirs:.2e}  (bound {bound:.1e}){'  FAIL' if not mine <= bound else ''}")
-        if not mine <= bound:
-            bad.append(name)
-    print(f"{header}: worst error / bound {worst:.3g}")
-    assert not bad, f"{header}: further from the exact result than allowed: {bad}"
-
-
-def exact_twin(model, config):
-    """A float64 reference GPT holding `model`'s (float32) parameters exactly."""
-    twin = npgpt.GPT(config, dtype=np.float64)
-    for n, p in model.params.items():
-        twin.params[n][...] = p
-    return twin
-
-
 @pytest.mark.parametrize("config", [small_config(), small_config(tie_weights=True, bias=False, activation="relu"),
                                     small_config(dropout=0.2, activation="gelu_tanh")],
                          ids=["untied-bias-gelu", "tied-nobias-relu", "dropout-gelu_tanh"])
@@ -722,7 +674,6 @@ def test_the_thread_pool_starts_passive_without_leaving_the_setting_behind():
     code = "import os; from npgpt.fast import numba_kernels as K; print(os.environ.get('OMP_WAIT_POLICY', '-'))"
     chosen = run_python(code, {"OMP_WAIT_POLICY": "ACTIVE"})
     assert chosen.returncode == 0 and chosen.stdout.split()[0] == "ACTIVE", chosen.stderr
-
 
 
 def test_with_openmp_already_loaded_the_pool_is_numbas_workqueue():
