@@ -141,3 +141,20 @@ def exact_twin(model, config):
     for n, p in model.params.items():
         twin.params[n][...] = p
     return twin
+
+
+MODERN = dict(norm="rmsnorm", pos_emb="rope", qk_norm=True, activation="swiglu", bias=False, rope_theta=100.0)
+MODERN_CONFIGS = {  # the modern block's switches, one config each
+    "modern": small_config(**MODERN),
+    "modern-relu2-bias-eps": small_config(norm="rmsnorm", pos_emb="rope", qk_norm=True, activation="relu2",
+                                          norm_eps=0.01),
+    "rope-only": small_config(pos_emb="rope"),
+    "qk_norm-layernorm": small_config(qk_norm=True, norm_eps=1e-3),
+    "swiglu-H12-tied": small_config(activation="swiglu", mlp_hidden=12, tie_weights=True),
+}
+MODEL_CONFIGS = {  # the model tables of tests/test_fastpath.py and tests/test_numba_kernels.py
+    "untied-bias-gelu": small_config(),
+    "tied-nobias-relu": small_config(tie_weights=True, bias=False, activation="relu"),
+    "dropout-gelu_tanh": small_config(dropout=0.2, activation="gelu_tanh"),
+    **MODERN_CONFIGS,
+}

@@ -1,4 +1,5 @@
-"""npgpt.fast against the reference it speeds up (npgpt.layers, npgpt.GPT, npgpt.optim.AdamW).
+"""npgpt.fast against the reference it speeds up (npgpt.layers, npgpt.GPT, npgpt.optim's AdamW and Muon),
+the modern block's switches (RMSNorm, RoPE, QK-norm, ReLU², SwiGLU) as rows of the block and model tables.
 
 Most rewrites in npgpt.fast do the same floating-point operations in the same order as the plain
 formula (in place, with out= and views), so they must give the reference's result bit for bit,
@@ -24,13 +25,18 @@ import pytest
 import npgpt
 from npgpt import GPTConfig, fast, optim
 from npgpt import layers as ref
+from npgpt import muon as ref_muon
 from npgpt.bounds import (bitwise, fast_model,
                           reordered)
+from npgpt.compare import compare_all
 from npgpt.fast import layers as fl
 from npgpt.model import init_params
+from npgpt.muon import Muon
 from functools import partial
 
-from fast_helpers import batch, block_params, check_equal, compare_pair, noisy_pair, randn, small_config
+from fast_helpers import (IN_PLACE, MODEL_CONFIGS, MODERN_CONFIGS, batch, block_params, check_equal, compare_pair,
+                          noisy_pair, randn, small_config)
+from layer_helpers import qk_attention_backward, qk_attention_forward
 
 NP = fl.layer_set(kernels=False)  # npgpt.fast without numba: the reference's pairs plus the NumPy rewrites
 
@@ -120,31 +126,44 @@ def test_attention_with_a_kv_slot_equals_reference(dtype):
                 ATTENTION_VIEWS)
 
 
-@pytest.mark.parametrize("dropout", [False, True], ids=["nodrop", "dropout"])
-@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh"])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_block_equals_reference(dtype, activation, dropout):
-    """The whole block; it holds linears, so a chain of their reordered sums (and the float32 erf).
-    The fast cache drops the MLP's hidden activation (mlp_c_proj.x None) where the activation's
-    cache rebuilds it."""
-    C, nh, B, T = 8, 2, 2, 6
-    cfg = GPTConfig(vocab_size=5, block_size=T, n_layer=1, n_head=nh, n_embd=C, bias=True)
-    p = block_params(cfg, dtype)
-    rng = np.random.default_rng(10)
+BLOCK_CONFIGS = {"relu": small_config(activation="relu"), "gelu": small_config(),
+                 "gelu_tanh": small_config(activation="gelu_tanh"), **MODERN_CONFIGS}
+
+
+def block_case(config, dtype, dropout, seed=10):
+    C, nh, B, T = config.n_embd, config.n_head, 2, config.block_size
+    p = block_params(config, dtype)
+    rng = np.random.default_rng(seed)
     x, dout = randn(rng, (B, T, C), dtype), randn(rng, (B, T, C), dtype)
-    masks = None
-    if dropout:
-        masks = [ref.dropout_mask(s, 0.2, rng, dtype) for s in [(B, nh, T, T), (B, T, C), (B, T, C)]]
-    options = ref.BlockOptions(nh, activation, 0.2 if dropout else 0.0)
-    f_out, f_cache = ref.block_forward(x, p, options, masks, layers=NP)
-    r_out, r_cache = ref.block_forward(x, p, options, masks)
-    assert (f_cache.mlp_c_proj.x is None) == (activation != "relu")
-    f_dx, f_grads = ref.block_backward(dout, f_cache)
-    r_dx, r_grads = ref.block_backward(dout, r_cache)
-    check_equal(f"block {activation} dropout={dropout} [{np.dtype(dtype).name}]",
-                {"out": f_out, "dx": f_dx, **f_grads}, {"out": r_out, "dx": r_dx, **r_grads},
-                fast_model(dtype, dataclasses.replace(cfg, activation=activation), numpy_only=True,
-                           blocks_only=True))
+    masks = ([ref.dropout_mask(s, 0.2, rng, dtype) for s in [(B, nh, T, T), (B, T, C), (B, T, C)]]
+             if dropout else None)
+    rope = ref.rope_angles(T, C // nh, config.rope_theta, 0, dtype) if config.pos_emb == "rope" else None
+    options = ref.BlockOptions.of(config, 0.2 if dropout else 0.0, None, rope)
+    return (x, p, options, masks), {}, dout
+
+
+def run_block(layers, args, kwargs, dout):
+    out, cache = ref.block_forward(*args, **kwargs, layers=layers)
+    dx, grads = ref.block_backward(dout, cache)
+    return {"out": out, "dx": dx, **grads}, cache
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["nodrop", "dropout"])
+@pytest.mark.parametrize("name", BLOCK_CONFIGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_equals_reference(dtype, name, dropout):
+    """The whole block, every switch of the modern block included; it holds linears, so a chain of
+    their reordered sums (and the float32 erf); every gradient, QK-norm's gains included. The fast
+    cache drops the MLP's hidden activation (mlp_c_proj.x None) where the activation's cache
+    rebuilds it: every activation but relu."""
+    config = BLOCK_CONFIGS[name]
+    args, kwargs, dout = block_case(config, dtype, dropout)
+    ours, f_cache = run_block(NP, args, kwargs, dout)
+    theirs, r_cache = run_block(ref.REFERENCE, args, kwargs, dout)
+    assert list(ours) == list(theirs)
+    check_equal(f"block {name} dropout={dropout} [{np.dtype(dtype).name}]", ours, theirs,
+                fast_model(dtype, dataclasses.replace(config, n_layer=1), numpy_only=True, blocks_only=True))
+    assert (f_cache.mlp_c_proj.x is None) == (config.activation != "relu")
     assert ref.block_dropout_masks(f_cache) == [] or all(
         (a is None and b is None) or np.array_equal(a, b)
         for a, b in zip(ref.block_dropout_masks(f_cache), ref.block_dropout_masks(r_cache)))
@@ -170,15 +189,87 @@ def test_block_rebuilds_the_dropped_mlp_activation_exactly(activation):
 
 
 # --------------------------------------------------------------------------------------------
+# The modern block's pairs (RMSNorm, RoPE, QK-norm, ReLU², SwiGLU)
+# --------------------------------------------------------------------------------------------
+
+def test_the_fast_layers_cover_every_switch():
+    """fast.GPT runs npgpt.fast's layer set for the modern block too (here on NumPy;
+    tests/test_numba_kernels.py: with the kernels)."""
+    for name, config in MODERN_CONFIGS.items():
+        assert fast.GPT(config).layers == NP, name
+
+
+@pytest.mark.parametrize("activation", ["relu2", "swiglu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_modern_activations_equal_reference_bit_for_bit(dtype, activation):
+    x = randn(np.random.default_rng(3), (4, 6, 32), dtype, 3.0)
+    compare_pair(activation, NP.activations[activation], ref.ACTIVATION_FUNCTIONS[activation],
+                 (x,), dtype, IN_PLACE)
+    out, cache = NP.activations[activation][0](x)  # the block rebuilds the output from the cache
+    assert np.array_equal(fl.ACTIVATION_OUTPUT_FROM_CACHE[activation](cache), out)
+
+
+def qk_kwargs(rng, dtype, hs, T, qk_norm=True, rope=True, offset=0):
+    return dict(q_norm=randn(rng, hs, dtype, 0.5) + dtype(1.0) if qk_norm else None,
+                k_norm=randn(rng, hs, dtype, 0.5) + dtype(1.0) if qk_norm else None,
+                eps=0.01, rope=ref.rope_angles(T, hs, 50.0, offset, dtype) if rope else None)
+
+
+def qk_attention_pair(layers):
+    """The block's attention steps (layer_helpers.qk_attention_forward) on a layer set."""
+    return (lambda qkv, nh, **kw: qk_attention_forward(layers, qkv, nh, **kw),
+            lambda dout, cache: qk_attention_backward(layers, dout, cache))
+
+
+QK_PREPARED = bitwise("QK-norm and RoPE run the reference's operations in its order, in place; then the "
+                      "reference's batched attention matmuls (the same shapes and operand layouts, outputs "
+                      "through head views)")
+
+
+@pytest.mark.parametrize("switches", [(True, True), (True, False), (False, True)], ids=["qk+rope", "qk", "rope"])
+@pytest.mark.parametrize("dropout", [False, True], ids=["nodrop", "dropout"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_with_qk_norm_and_rope_equals_reference_bit_for_bit(dtype, dropout, switches):
+    """q, k prepared (QK-norm, then RoPE) into a fresh qkv; the backward takes dq, dk back through
+    both in their place in dqkv and returns the gains' gradients as the reference does."""
+    rng = np.random.default_rng(4)
+    B, T, C, nh = 2, 9, 12, 3
+    qkv = randn(rng, (B, T, 3 * C), dtype)
+    kwargs = qk_kwargs(rng, dtype, C // nh, T, *switches)
+    if dropout:
+        kwargs["mask"] = ref.dropout_mask((B, nh, T, T), 0.25, rng, dtype)
+    before = qkv.copy()
+    compare_pair("attention qk", qk_attention_pair(NP), qk_attention_pair(ref.REFERENCE), (qkv, nh), dtype,
+                 QK_PREPARED, **kwargs)
+    assert np.array_equal(qkv, before)  # the input is not written
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_with_qk_norm_rope_and_a_kv_slot_equals_reference(dtype):
+    """Decoding at positions 4..6: keys enter the slot normed and rotated, as in the reference."""
+    rng = np.random.default_rng(5)
+    B, C, nh, bs = 2, 12, 3, 8
+    past = randn(rng, (B, nh, bs, C // nh), dtype), randn(rng, (B, nh, bs, C // nh), dtype)
+    qkv = randn(rng, (B, 3, 3 * C), dtype)
+    kwargs = qk_kwargs(rng, dtype, C // nh, 3, offset=4)
+    results = {}
+    for name, layers in (("fast", NP), ("reference", ref.REFERENCE)):
+        slot = ref.KVSlot(past[0].copy(), past[1].copy(), 4)
+        y, _ = qk_attention_forward(layers, qkv, nh, kv=slot, **kwargs)
+        results[name] = {"y": y, "slot.k": slot.k, "slot.v": slot.v}
+    compare_all(results["fast"], results["reference"], rtol=QK_PREPARED,
+                header=f"attention qk kv [{np.dtype(dtype).name}]")
+
+
+# --------------------------------------------------------------------------------------------
 # The whole model and the optimizer
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config", [small_config(), small_config(tie_weights=True, bias=False, activation="relu"),
-                                    small_config(dropout=0.2, activation="gelu_tanh")],
-                         ids=["untied-bias-gelu", "tied-nobias-relu", "dropout-gelu_tanh"])
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_model_forward_backward_equals_reference(dtype, config):
+def test_model_forward_backward_equals_reference(dtype, name):
+    config = MODEL_CONFIGS[name]
     reference, quick = noisy_pair(config, dtype)
     idx, targets = batch(config)
     r_logits, r_loss = reference.forward(idx, targets)
@@ -187,7 +278,7 @@ def test_model_forward_backward_equals_reference(dtype, config):
     assert len(quick.last_dropout_masks) == len(reference.last_dropout_masks)
     r_grads, f_grads = reference.backward(), quick.backward()
     assert list(f_grads) == list(r_grads) == list(reference.params)
-    check_equal(f"model [{np.dtype(dtype).name}]", {"logits": f_logits, "loss": f_loss, **f_grads},
+    check_equal(f"model {name} [{np.dtype(dtype).name}]", {"logits": f_logits, "loss": f_loss, **f_grads},
                 {"logits": r_logits, "loss": r_loss, **r_grads}, fast_model(dtype, config, numpy_only=True))
 
 
@@ -288,6 +379,34 @@ def test_adamw_state_of_another_model_is_refused_whole():
         opt.load_state_dict(other.state_dict())
     after = opt.state_dict()
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_muon_is_bit_for_bit_the_reference(dtype, nesterov):
+    """npgpt.fast.Muon's in-place Newton-Schulz: the same operations, so five steps on a tall, a wide
+    and a square matrix give npgpt.optim.Muon's parameters and buffers exactly; the state dicts load
+    into each other."""
+    rng = np.random.default_rng(10)
+    shapes = {"tall": (12, 5), "wide": (4, 9), "square": (6, 6)}
+    start = {n: randn(rng, s, dtype) for n, s in shapes.items()}
+    params = {"ours": {n: p.copy() for n, p in start.items()}, "reference": {n: p.copy() for n, p in start.items()}}
+    opts = {"ours": fast.Muon(params["ours"], lr=0.05, weight_decay=0.1, nesterov=nesterov),
+            "reference": Muon(params["reference"], lr=0.05, weight_decay=0.1, nesterov=nesterov)}
+    for step in range(5):
+        grads = {n: randn(rng, s, dtype) for n, s in shapes.items()}
+        for opt in opts.values():
+            opt.step(grads, lr=0.05 / (step + 1))
+    compare_all({**params["ours"], **{f"buf {n}": b for n, b in opts["ours"].momentum_buffer.items()}},
+                {**params["reference"], **{f"buf {n}": b for n, b in opts["reference"].momentum_buffer.items()}},
+                rtol=bitwise("fast.Muon's in-place Newton-Schulz: the reference's products and sums, in its order"),
+                header=f"fast.Muon [{np.dtype(dtype).name}]")
+    u = randn(rng, (7, 3), dtype)
+    assert np.array_equal(fast.optim.zeropower_via_newton_schulz(u), ref_muon.zeropower_via_newton_schulz(u))
+    swapped = Muon({n: p.copy() for n, p in start.items()})
+    swapped.load_state_dict(opts["ours"].state_dict())
+    assert swapped.step_count == 5 and all(np.array_equal(swapped.momentum_buffer[n], opts["ours"].momentum_buffer[n])
+                                           for n in shapes)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
