@@ -225,7 +225,7 @@ TORCH_ACTIVATIONS = {
     "relu": F.relu,
     "gelu": lambda x: F.gelu(x),  # exact erf form, nn.GELU()
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu2": lambda x: F.relu(x).square(),  # the modern block's; parity_tests/test_modern.py has more cases
+    "relu2": lambda x: F.relu(x).square(),  # the modern block's; test_relu2 below has more cases
     "swiglu": lambda x: F.silu(x[..., :x.shape[-1] // 2]) * x[..., x.shape[-1] // 2:],
 }
 

@@ -433,7 +433,7 @@ def test_whole_model_parity_with_dropout_masks(dtype):
 
 def test_npgpt_and_torchgpt_generate_the_same_tokens_with_rope():
     """KV-cache generation past block_size, both backends, the same greedy tokens as npgpt's
-    uncached forward (tests/test_modern_model.py checks npgpt's cache alone)."""
+    uncached forward (tests/test_model.py checks npgpt's cache alone)."""
     config = modern_config(**SWITCHES["modern"])
     model = make_npgpt(config, np.float64, seed=24, scale=0.5).eval()
     twin = torch_twin(model).eval()

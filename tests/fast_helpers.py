@@ -8,7 +8,7 @@ import numpy as np
 import npgpt
 from npgpt import GPTConfig, fast
 from npgpt.bounds import bitwise
-from npgpt.compare import compare_all, rel_error
+from npgpt.compare import compare_all, error_rows, format_table, rel_error
 from npgpt.model import init_params
 
 IN_PLACE = bitwise("npgpt.fast's NumPy code runs the reference's elementwise operations and reductions "
@@ -96,21 +96,15 @@ def noisy_pair(config, dtype, seed=2):
 
 
 def check(name, ours, exact, dtype, bound, reference32=None):
-    """ours (in `dtype`) within `bound` (from npgpt.bounds) of `exact` (float64), normwise; prints
-    both and their ratio."""
-    ours = np.asarray(ours)
-    exact = np.asarray(exact, dtype=np.float64)
-    assert ours.shape == exact.shape, f"{name}: shape {ours.shape} != {exact.shape}"
-    assert ours.dtype == np.dtype(dtype), f"{name}: dtype {ours.dtype}, expected {np.dtype(dtype)}"
-    rel = rel_error(ours, exact)
-    max_abs = float(np.max(np.abs(ours.astype(np.float64) - exact))) if exact.size else 0.0
-    extra = ""
-    if reference32 is not None:
-        extra = f"; float32 reference {rel_error(reference32, exact):.2e}"
-    ratio = rel / bound if bound else float(rel > 0) * float("inf")
-    print(f"  {name:>10} {np.dtype(dtype).name}: rel {rel:.2e} (bound {bound:.2e}, worst error / bound "
-          f"{ratio:.3g}), max abs {max_abs:.2e}{extra}")
-    assert rel <= bound, f"{name}: normwise relative error {rel:.3e} > {bound:g} (max abs {max_abs:.3e})"
+    """ours (in `dtype`) within `bound` (from npgpt.bounds) of `exact` (float64), normwise, through
+    npgpt.compare's row; prints it with the worst error / bound ratio (and the float32 reference's
+    error for scale)."""
+    assert np.asarray(ours).dtype == np.dtype(dtype), f"{name}: dtype {np.asarray(ours).dtype}, expected {np.dtype(dtype)}"
+    (row,) = error_rows({name: ours}, {name: exact}, rtol=bound)
+    extra = f"; float32 reference {rel_error(reference32, exact):.2e}" if reference32 is not None else ""
+    ratio = row.rel / bound if bound else float(row.rel > 0) * float("inf")
+    print(f"{format_table([row], f'{name} [{np.dtype(dtype).name}]')}  (worst error / bound {ratio:.3g}){extra}")
+    assert row.ok, f"{name}: {row.describe()}"
 
 
 def compare_to_reference(header, ours: dict, reference: dict, exact: dict | None, dtype, bound: float) -> None:

@@ -228,7 +228,7 @@ def test_softmax(dtype):
 
 def scalar_function_over(function, z):
     """function (one of the kernels' scalar helpers, as numba compiles it for z's dtype) at each z."""
-    import numba  # here, not at the top: test_fast_modern.py imports this module's helpers without numba
+    import numba  # here, not at the top: the module's other tests import without it
 
     @numba.njit
     def each(z, out):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from npgpt import compare
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"np": "train_np", "torch": "train_torch"}
 
@@ -149,12 +151,7 @@ def check_run_dir(out_dir, ext: str, max_iters: int) -> None:
 
 
 def check(name, got, want, rtol):
-    """Print the max abs and normwise relative error of one tensor, then assert it is at most rtol (a
-    bound of npgpt.bounds; bitwise(...) is 0: equal bit for bit)."""
-    import torch
-    got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    abs_err = (got - want).abs().max().item()
-    rel_err = ((got - want).norm() / want.norm().clamp_min(1e-300)).item()
-    print(f"{name}: max abs {abs_err:.3e}, rel {rel_err:.3e}")
-    assert rel_err <= rtol, f"{name}: relative error {rel_err:.3e} > {rtol:.2e}"
+    """npgpt.compare.assert_close for one tensor (torch or NumPy): print its max abs and normwise
+    relative error, then assert the latter is at most rtol (a bound of npgpt.bounds; bitwise(...)
+    is 0: equal bit for bit)."""
+    return compare.assert_close(name, got, want, rtol=rtol)
