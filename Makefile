@@ -71,8 +71,7 @@ test-slow: $(STAMP)
 BASE_VENV  := .venv-base
 BASE_PY    := $(BASE_VENV)/bin/python
 BASE_STAMP := $(BASE_VENV)/.installed-base
-BASE_TESTS := tests/test_layers.py tests/test_modern_layers.py tests/test_model.py tests/test_modern_model.py \
-              tests/test_fastpath.py tests/test_fast_modern.py tests/test_optim.py tests/test_data.py \
+BASE_TESTS := tests/test_layers.py tests/test_model.py tests/test_fastpath.py tests/test_optim.py tests/test_data.py \
               tests/test_config.py $(wildcard tests/test_bounds.py)
 BASE_ABSENT := torch numba tqdm matplotlib
 

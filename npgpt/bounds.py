@@ -236,8 +236,8 @@ def roundings(unit: float, k: int) -> float:
 
 # --- fast path and kernels
 #
-# npgpt.fast against npgpt.layers (tests/test_fastpath.py, tests/test_fast_modern.py,
-# tests/test_numba_kernels.py) and npgpt.optim against its formula (tests/test_optim.py): the sizes
+# npgpt.fast against npgpt.layers (tests/test_fastpath.py, tests/test_numba_kernels.py) and
+# npgpt.optim against its formula (tests/test_optim.py): the sizes
 # of those comparisons, counted from a GPTConfig, and the error of the float32 approximations.
 
 ERF32_MAX_ERROR = 5e-7

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from npgpt import bounds
-from parity_tests.test_model import ATTENTIONS, DTYPES, check_model_parity
-from parity_tests.twins import small_config
-from torchgpt.runtime import set_tf32
+from parity_tests.tf32 import full_precision_settings, set_tf32_settings, tf32_is_off, tf32_settings
+from parity_tests.twins import ATTENTIONS, check_model_parity, small_config
 
+DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")]
 REQUIRE_ENV = "NPGPT_REQUIRE_CUDA"
 CUDA_REQUIRED = os.environ.get(REQUIRE_ENV, "") not in ("", "0")
 
@@ -36,35 +36,6 @@ def cuda_is_there():
     if not torch.cuda.is_available():  # only reached with NPGPT_REQUIRE_CUDA set
         pytest.fail(f"{REQUIRE_ENV}=1 but torch {torch.__version__} sees no CUDA device "
                     f"(torch.version.cuda = {torch.version.cuda})", pytrace=False)
-
-
-def new_tf32_api() -> bool:
-    return hasattr(torch.backends.cuda.matmul, "fp32_precision")
-
-
-def tf32_settings():
-    """The TF32 settings of matmuls and cuDNN convolutions, through the API this torch has."""
-    if new_tf32_api():
-        return ("new", torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
-    return ("legacy", torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-
-
-def set_tf32_settings(settings) -> None:
-    """Back to `settings`, through torchgpt.runtime.set_tf32: setting the new API alone would leave
-    the legacy flags unreadable for the rest of the process (inductor reads them)."""
-    _, matmul, conv = settings
-    set_tf32(matmul in (True, "tf32") or conv in (True, "tf32"))
-
-
-def full_precision_settings():
-    return ("new", "ieee", "ieee") if new_tf32_api() else ("legacy", False, False)
-
-
-def tf32_is_off() -> bool:
-    """No TF32 anywhere. A cuDNN "none" (new API) inherits the cudnn-wide setting, which the legacy
-    setter turned off with the rest."""
-    _, matmul, conv = tf32_settings()
-    return matmul in (False, "ieee") and conv in (False, "ieee", "none")
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,9 @@ Two regimes are ill-conditioned for ANY implementation, so they get their own bo
 where they are tested: layernorm over fewer than 4 channels, and softmax / cross-entropy rows that
 are nearly one-hot (where the gradient is a difference of nearly equal numbers). Their per-element
 bounds are npgpt.bounds.elementwise of each formula's worst-case rounding analysis.
+
+The modern block's pairs (rmsnorm, rope, relu2, swiglu) at the end, against F.rms_norm, torchgpt's
+RoPE, F.relu and F.silu, at npgpt.compare.bounds for each pair's sizes.
 """
 from __future__ import annotations
 
@@ -24,7 +27,10 @@ from npgpt import bounds
 from npgpt import layers as L
 from npgpt.compare import bounds as parity_bounds
 from npgpt.compare import compare_all, compare_outputs_and_grads, rel_error
-from parity_tests.twins import block_parity_sizes, small_config
+from parity_tests.layer_twins import (cross_entropy_loss_rounding_bound, cross_entropy_rounding_bound,
+                                      softmax_backward_rounding_bound, torch_attention)
+from parity_tests.twins import TORCH_DTYPE, block_parity_sizes, small_config
+from torchgpt import model as tm
 from torchgpt.convert import load_params
 from torchgpt.model import NO_DROPOUT, Block, DropoutPlan
 
@@ -219,7 +225,7 @@ TORCH_ACTIVATIONS = {
     "relu": F.relu,
     "gelu": lambda x: F.gelu(x),  # exact erf form, nn.GELU()
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu2": lambda x: F.relu(x).square(),  # the modern block's; parity_tests/test_modern.py has more cases
+    "relu2": lambda x: F.relu(x).square(),  # the modern block's; test_relu2 below has more cases
     "swiglu": lambda x: F.silu(x[..., :x.shape[-1] // 2]) * x[..., x.shape[-1] // 2:],
 }
 
@@ -288,24 +294,6 @@ def test_softmax(dtype, regime):
     check_layer_vs_torch(f"softmax {regime}", dtype, lambda x: F.softmax(x, dim=-1), {"x": x}, out, grads, dout, V)
 
 
-def softmax_backward_rounding_bound(y: np.ndarray, dout: np.ndarray, dtype) -> np.ndarray:
-    """Per-element bound on |dx_ours - dx_torch| for dx = y (dout - s), s = sum_j dout_j y_j.
-
-    Both backends evaluate this formula. Each has error at most
-        eps_mach y_i ((V + 4) sum_j |dout_j| y_j + 6 |dout_i - s|)
-    (the sum's rounding, y's own few-ulp error, the subtraction and the product), so their
-    difference is at most twice that, plus a few of the smallest subnormal numbers (below the
-    normal range rounding is absolute, not relative). When y_i ~ 1 and dout_i ~ s the exact dx_i is
-    far smaller than these terms: a near one-hot row loses ~log10(1 / (1 - y_max)) digits in any
-    backend. With eps_mach = 2 u that is bounds.elementwise(dtype, 2 y_i (...), subnormals=8).
-    """
-    y, dout = y.astype(np.float64), dout.astype(np.float64)
-    V = y.shape[-1]
-    s = (dout * y).sum(axis=-1, keepdims=True)
-    rounded = 2 * y * ((V + 4) * (np.abs(dout) * y).sum(axis=-1, keepdims=True) + 6 * np.abs(dout - s))
-    return bounds.elementwise(dtype, rounded, subnormals=8)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_softmax_peaked_rows(dtype):
     """Rows with a gap of ~10-100 between the top logits: y_max = 1 - 1e-5 .. 1 - 1e-40.
@@ -326,42 +314,6 @@ def test_softmax_peaked_rows(dtype):
     y_t = F.softmax(torch.tensor(x), dim=-1).numpy()
     check_layer_vs_torch("softmax peaked rows", dtype, lambda x: F.softmax(x, dim=-1), {"x": x}, out, grads, dout,
                 n=x.shape[-1], atol={"dx": softmax_backward_rounding_bound(y_t, dout, dtype)})
-
-
-def cross_entropy_rounding_bound(logits: np.ndarray, targets: np.ndarray, dloss: float, dtype):
-    """Per-element bound on |dlogits_ours - dlogits_torch|, dlogits = (p - onehot(t)) dloss / N.
-
-    p_i = exp(x_i - max - log Z) has a relative error ~eps_mach (|x_i - max| + log V + 4) from the
-    rounding of its exponent; torch then forms p_i / N - 1 / N and npgpt (p_i - 1) / N, each with
-    a further eps_mach |p_i - [i == t]| / N. A confidently right row (p_t = 1 - 1e-9, say) has a
-    gradient of 1e-9 / N built from terms of size 1 / N, so it keeps only ~7 digits in float64.
-    A few of the smallest subnormals are added: below the normal range rounding is absolute.
-    Each side within eps_mach = 2 u times those terms: bounds.elementwise(dtype, 2 |dloss| / N per).
-    """
-    x = logits.astype(np.float64).reshape(-1, logits.shape[-1])  # (N, V)
-    N, V = x.shape
-    p = np.exp(x - x.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    onehot = np.zeros_like(p)
-    onehot[np.arange(N), targets.reshape(-1)] = 1.0
-    per = p * (np.abs(x - x.max(-1, keepdims=True)) + np.log(V) + 4) + 4 * np.abs(p - onehot) + 4 * onehot
-    return bounds.elementwise(dtype, 2 * abs(dloss) / N * per, subnormals=8).reshape(logits.shape)
-
-
-def cross_entropy_loss_rounding_bound(logits: np.ndarray, targets: np.ndarray, dtype) -> float:
-    """Bound on |loss_ours - loss_torch| for loss = mean over rows of log Z - (x_t - max).
-
-    Per row: x_t - max carries eps_mach |x_t - max|, log Z about eps_mach (V + 2 + log V) from the
-    exps, their sum and the log, and the subtraction eps_mach |term|; the mean adds eps_mach N |loss|.
-    Twice that bounds the difference (bounds.elementwise, with eps_mach = 2 u). It matters when
-    every row is confidently right: the loss is then ~e^-gap, far below these terms.
-    """
-    x = logits.astype(np.float64).reshape(-1, logits.shape[-1])  # (N, V)
-    N, V = x.shape
-    shifted = x - x.max(-1, keepdims=True)
-    term = np.log(np.exp(shifted).sum(-1)) - shifted[np.arange(N), targets.reshape(-1)]  # (N,)
-    per_row = np.abs(shifted[np.arange(N), targets.reshape(-1)]) + V + 2 + 2 * np.log(V) + term
-    return float(bounds.elementwise(dtype, 2 * (per_row.mean() + N * term.mean())))
 
 
 CE_REGIMES = {
@@ -411,23 +363,6 @@ def test_cross_entropy_confident_rows(dtype):
 # --------------------------------------------------------------------------------------------
 # Causal self-attention (fused qkv)
 # --------------------------------------------------------------------------------------------
-
-def torch_attention(qkv: torch.Tensor, n_head: int, mask: torch.Tensor | None = None,
-                    path: str = "explicit") -> torch.Tensor:
-    """(B, T, 3C) -> (B, T, C), written with torch ops (explicit) or F.scaled_dot_product_attention."""
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    q, k, v = (z.reshape(B, T, n_head, C // n_head).transpose(1, 2) for z in qkv.split(C, dim=2))
-    if path == "sdpa":
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    else:
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(C // n_head)  # (B, nh, T, T)
-        future = torch.ones(T, T, dtype=torch.bool).triu(1)
-        att = F.softmax(att.masked_fill(future, float("-inf")), dim=-1)
-        if mask is not None:
-            att = att * mask
-        y = att @ v  # (B, nh, T, hs)
-    return y.transpose(1, 2).reshape(B, T, C)
 
 
 @pytest.mark.parametrize("n_head,T,dropout,path", [
@@ -505,3 +440,96 @@ def test_block(dtype, bias, activation, dropout):
     compare_outputs_and_grads({"out": out}, {"out": out_t}, {"dx": dx, **grads}, theirs, dtype,
                               f"block bias={bias} {activation} dropout={dropout}",
                               *block_parity_sizes(cfg, B, T))
+
+
+def check_pair(header, dtype, forward, backward, torch_fn, inputs: dict, rng, n: int, **kwargs):
+    """npgpt's forward and backward against torch_fn's autograd, one table, at
+    npgpt.compare.bounds(dtype, n, 1): one stage whose longest sum has n terms."""
+    out, cache = forward(*inputs.values(), **kwargs)
+    dout = randn(rng, out.shape, dtype)
+    grads = backward(dout, cache)
+    t_out, t_grads = torch_vjp(torch_fn, inputs, dout)
+    ours = dict(zip(("d" + n for n in inputs), grads))
+    return compare_outputs_and_grads({"out": out}, {"out": t_out}, ours, t_grads, dtype, header, n=n, depth=1)
+
+
+# --------------------------------------------------------------------------------------------
+# The modern block's pairs against autograd: RMSNorm, RoPE, ReLU², SwiGLU
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,eps,offset", [((2, 5, 16), 1e-5, 0.0), ((3, 4), 1e-6, 2.0),
+                                               ((2, 2, 5, 8), 1e-5, 0.0), ((4, 2), 1e-5, 0.0)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rmsnorm(dtype, shape, eps, offset):
+    rng = np.random.default_rng(0)
+    C = shape[-1]
+    inputs = {"x": randn(rng, shape, dtype, 2.0, offset), "w": randn(rng, (C,), dtype, 0.5, 1.0)}
+    n = max(C, math.prod(shape[:-1]))  # a row's squares; dw sums the positions
+    check_pair(f"rmsnorm {shape}", dtype, L.rmsnorm_forward, L.rmsnorm_backward,
+               lambda x, w: F.rms_norm(x, (C,), w, eps), inputs, rng, n, eps=eps)
+
+
+@pytest.mark.parametrize("T,hs,theta,offset", [(7, 8, 10000.0, 0), (5, 4, 100.0, 3), (3, 2, 10000.0, 500)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope(dtype, T, hs, theta, offset):
+    rng = np.random.default_rng(1)
+    cos, sin = L.rope_angles(T, hs, theta, offset, dtype)
+    t_cos, t_sin = tm.rope_cos_sin(T, hs, theta, offset, TORCH_DTYPE[np.dtype(dtype)], "cpu")
+    # the angles themselves: the same float64 formula on both sides, then one rounding to dtype
+    compare_all({"cos": cos, "sin": sin}, {"cos": t_cos, "sin": t_sin},
+                atol=rope_angles_bound(T, hs, theta, offset, dtype), header=f"rope angles [{np.dtype(dtype).name}]")
+    inputs = {"x": randn(rng, (2, 3, T, hs), dtype)}
+    check_pair(f"rope T={T} hs={hs} offset={offset}", dtype, L.rope_forward, L.rope_backward,
+               lambda x: tm.apply_rope(x, t_cos, t_sin), inputs, rng, 2, cos=cos, sin=sin)  # x cos + rot(x) sin
+
+
+def rope_angles_bound(T: int, hs: int, theta: float, offset: int, dtype) -> np.ndarray:
+    """Per-element bound on |cos_ours - cos_torch| (and sin's) for angle = t * theta^(-2i / hs).
+
+    Each side computes the angle in float64 from a power (a libm's, within 1 ulp) and a product: 2
+    roundings, an absolute error 2 u |angle| that cos and sin carry unchanged (their derivatives are
+    at most 1); then cos and sin themselves (within 2 ulp, 4 u, in any libm); then one rounding to
+    dtype: bounds.elementwise(float64, 2 |angle| + 4) + bounds.elementwise(dtype, 1).
+    """
+    inv_freq = theta ** (-np.arange(0, hs, 2, dtype=np.float64) / hs)  # (hs/2,)
+    angle = np.outer(np.arange(offset, offset + T, dtype=np.float64), inv_freq)  # (T, hs/2)
+    angle = np.concatenate([angle, angle], axis=-1)  # (T, hs)
+    return bounds.elementwise(np.float64, 2 * np.abs(angle) + 4) + bounds.elementwise(dtype, np.ones_like(angle))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_against_the_rotate_half_formula(dtype):
+    """torchgpt's apply_rope is checked above; here torch's side is the contract's formula typed
+    out again, so the npgpt pair cannot share a mistake with torchgpt's."""
+    rng = np.random.default_rng(2)
+    T, hs = 6, 8
+    inv_freq = 10000.0 ** (-torch.arange(0, hs, 2, dtype=torch.float64) / hs)
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    angle = torch.cat([angle, angle], dim=-1).to(TORCH_DTYPE[np.dtype(dtype)])
+
+    def rot(x):
+        return x * angle.cos() + torch.cat([-x[..., hs // 2:], x[..., :hs // 2]], dim=-1) * angle.sin()
+
+    cos, sin = L.rope_angles(T, hs, dtype=dtype)
+    check_pair("rope (formula)", dtype, L.rope_forward, L.rope_backward, rot,
+               {"x": randn(rng, (2, 2, T, hs), dtype)}, rng, 2, cos=cos, sin=sin)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu2(dtype):
+    rng = np.random.default_rng(3)
+    check_pair("relu2", dtype, L.relu2_forward, L.relu2_backward, lambda x: F.relu(x).square(),
+               {"x": randn(rng, (2, 5, 12), dtype)}, rng, 1)  # elementwise
+
+
+@pytest.mark.parametrize("shape,scale", [((2, 5, 16), 2.0), ((3, 2), 1.0), ((4, 6), 15.0)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu(dtype, shape, scale):
+    rng = np.random.default_rng(4)
+    H = shape[-1] // 2
+
+    def swiglu(x):
+        return F.silu(x[..., :H]) * x[..., H:]
+
+    check_pair(f"swiglu {shape}", dtype, L.swiglu_forward, L.swiglu_backward, swiglu,
+               {"x": randn(rng, shape, dtype, scale)}, rng, 1)  # elementwise

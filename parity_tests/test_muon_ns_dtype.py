@@ -25,7 +25,7 @@ from npgpt.optim import Muon as NpMuon
 from torchgpt import muon as tmuon
 
 NS = (3.4445, -4.775, 2.0315)
-# tall, wide and square as parity_tests/test_modern.py's Muon, and modern-cpu's c_fc (2H, C) = (688, 128)
+# tall, wide and square as parity_tests/test_optim.py's Muon, and modern-cpu's c_fc (2H, C) = (688, 128)
 SHAPES = {"tall": (24, 8), "wide": (8, 24), "square": (12, 12), "c_fc": (688, 128)}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

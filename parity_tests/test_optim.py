@@ -5,6 +5,10 @@ Ten AdamW steps on the parameters of a real (small) GPT, with weight decay on th
 bias correction, global-norm clipping and a per-step learning rate from the cosine schedule.
 After every step each parameter and both moment buffers are compared in float64 at
 npgpt.bounds.chain over the steps, whose longest sum is the global gradient norm's (every parameter).
+
+npgpt.optim.Muon against a float64 restatement of torch.optim.Muon's step (10 steps, a chain of
+Newton-Schulz matmuls), and against torch.optim.Muon itself in float32, whose Newton-Schulz runs in
+bfloat16 (npgpt.bounds.roundings of bfloat16's unit roundoff).
 """
 from __future__ import annotations
 
@@ -15,9 +19,10 @@ import pytest
 import torch
 
 from npgpt import bounds
+from npgpt.muon import Muon, adjusted_lr
 from npgpt.optim import AdamW, clip_grad_norm, cosine_lr
 from npgpt.compare import assert_close, compare_all
-from parity_tests.twins import make_npgpt, small_config, torch_twin
+from parity_tests.twins import make_npgpt, newton_schulz_bound, randn, small_config, torch_muon_step_float64, torch_twin
 
 # The cosine schedule: a handful of elementwise operations (the ratio, the cosine, a product and
 # sums of two terms), one stage each.
@@ -121,3 +126,94 @@ def test_clip_grad_norm_not_triggered_leaves_gradients_alone():
     assert norm < 1.0 and all(np.array_equal(grads[n], before[n]) for n in grads)
     compare_all(grads, dict(zip(before, (t.grad for t in tensors))),
                 rtol=bounds.bitwise("below max_norm neither side touches the gradients"), header="unclipped grads")
+
+
+# --------------------------------------------------------------------------------------------
+# Muon: npgpt.optim.Muon against torch.optim.Muon's step
+# --------------------------------------------------------------------------------------------
+
+MUON_SHAPES = {"tall": (24, 8), "wide": (8, 24), "square": (12, 12)}
+
+
+@pytest.mark.parametrize("settings", [
+    dict(),
+    dict(lr=0.05, weight_decay=0.0, momentum=0.9, nesterov=False),
+    dict(lr=0.02, adjust_lr_fn="match_rms_adamw", ns_steps=3, eps=1e-3),
+    dict(lr=0.02, ns_coefficients=(15 / 8, -10 / 8, 3 / 8)),  # the classic quintic: converges to 1
+], ids=["defaults", "no-nesterov", "match_rms_adamw", "other-coefficients"])
+def test_muon_matches_torch_step_in_float64(settings):
+    rng = np.random.default_rng(5)
+    params = {n: randn(rng, s, np.float64, 0.5) for n, s in MUON_SHAPES.items()}
+    t_params = {n: torch.tensor(v) for n, v in params.items()}
+    opt = Muon(params, **settings)
+    full = dict(lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7, ns_steps=5, adjust_lr_fn=None)
+    full.update(settings)
+    t_bufs = {n: torch.zeros_like(v) for n, v in t_params.items()}
+    start = {n: v.copy() for n, v in params.items()}
+    for step in range(10):
+        grads = {n: randn(rng, s, np.float64) for n, s in MUON_SHAPES.items()}
+        lr = full["lr"] * (0.5 if step >= 5 else 1.0)  # a schedule: step(grads, lr=...)
+        opt.step(grads, lr=lr)
+        torch_muon_step_float64(t_params, {n: torch.tensor(g) for n, g in grads.items()}, t_bufs,
+                                **{**full, "lr": lr})
+    # the parameters carry every step's update; the buffers are elementwise lerps of the gradients
+    rtol = {**{n: newton_schulz_bound(np.float64, MUON_SHAPES.values(), full["ns_steps"],
+                                      full["ns_coefficients"], steps=10) for n in params},
+            **{f"buf.{n}": bounds.chain(np.float64, 1, 10) for n in params}}
+    compare_all({**params, **{f"buf.{n}": b for n, b in opt.momentum_buffer.items()}},
+                {**t_params, **{f"buf.{n}": b for n, b in t_bufs.items()}}, rtol=rtol,
+                header=f"Muon vs torch's step in float64, 10 steps {settings}")
+    assert all(np.linalg.norm(params[n] - start[n]) > 1e-3 for n in params)  # it moved
+
+
+def test_muon_matches_torch_optim_muon_in_float32():
+    """torch.optim.Muon itself, whose Newton-Schulz iteration runs in bfloat16.
+
+    Why the bound: bfloat16 keeps 8 significant bits, unit roundoff u = 2^-8 = 3.9e-3
+    (bounds.BFLOAT16_UNIT_ROUNDOFF). torch rounds to bfloat16 the input, its normalised copy and, in
+    each of the 5 iterations, the Gram matrix, the polynomial and the new iterate: 2 + 3 * 5 = 17
+    roundings of ~u each. Their errors add at most linearly (bounds.roundings), so the
+    orthogonalised update O differs from ours (float32, u = 6e-8: nothing by comparison) by at most
+    ~17 u = 6.6e-2 normwise; measured 1.7e-2 .. 3.2e-2. The momentum buffers do not see O, so they
+    agree at float32 rounding (elementwise lerps, bounds.chain over the steps), and every step's O
+    starts from the same input:
+    the errors do not compound. The parameters then differ by at most the sum over steps of
+    adjusted_lr * ||O_ours - O_torch||, which is checked against 17 u * sum adjusted_lr * ||O||.
+    """
+    bound = bounds.roundings(bounds.BFLOAT16_UNIT_ROUNDOFF, 2 + 3 * 5)
+    float32_alone = newton_schulz_bound(np.float32, MUON_SHAPES.values(), 5, (3.4445, -4.775, 2.0315))
+    lr, wd = 0.02, 0.1
+    rng = np.random.default_rng(6)
+    params = {n: randn(rng, s, np.float32, 0.5) for n, s in MUON_SHAPES.items()}
+    t_params = {n: torch.tensor(v, requires_grad=True) for n, v in params.items()}
+    opt = Muon(params, lr=lr, weight_decay=wd)
+    t_opt = torch.optim.Muon(list(t_params.values()), lr=lr, weight_decay=wd)
+    step_error_sum = {n: 0.0 for n in params}
+    worst = {n: 0.0 for n in params}
+    for _ in range(10):
+        grads = {n: randn(rng, s, np.float32) for n, s in MUON_SHAPES.items()}
+        before = {n: v.copy() for n, v in params.items()}
+        t_before = {n: v.detach().clone() for n, v in t_params.items()}
+        opt.step(grads)
+        for n, t in t_params.items():
+            t.grad = torch.tensor(grads[n])
+        t_opt.step()
+        for n, s in MUON_SHAPES.items():
+            adj = adjusted_lr(lr, None, s)
+            ours_o = (before[n].astype(np.float64) * (1 - lr * wd) - params[n]) / adj
+            theirs_o = (t_before[n].double() * (1 - lr * wd) - t_params[n].detach().double()).numpy() / adj
+            rel = np.linalg.norm(ours_o - theirs_o) / np.linalg.norm(theirs_o)
+            worst[n] = max(worst[n], rel)
+            step_error_sum[n] += bound * adj * np.linalg.norm(theirs_o)
+    print("worst normwise error of one step's orthogonalised update:",
+          {n: f"{e:.3e}" for n, e in worst.items()}, f"bound {bound:.3e}")
+    assert all(e <= bound for e in worst.values()), worst
+    assert all(e > float32_alone for e in worst.values())  # torch really did round to bfloat16
+    compare_all({f"buf.{n}": b for n, b in opt.momentum_buffer.items()},
+                {f"buf.{n}": t_opt.state[t_params[n]]["momentum_buffer"] for n in params},
+                rtol=bounds.chain(np.float32, 1, 10), header="Muon momentum buffers vs torch.optim.Muon [float32]")
+    for n in params:
+        drift = np.linalg.norm(params[n].astype(np.float64) - t_params[n].detach().double().numpy())
+        print(f"{n}: ||p_ours - p_torch|| {drift:.3e} <= {step_error_sum[n]:.3e}")
+        assert drift <= step_error_sum[n]

@@ -22,7 +22,7 @@ from npgpt import bounds
 from npgpt import layers as L
 from npgpt.compare import bounds as parity_bounds
 from npgpt.compare import compare_all, compare_outputs_and_grads
-from parity_tests.test_layers import (
+from parity_tests.layer_twins import (
     cross_entropy_loss_rounding_bound,
     cross_entropy_rounding_bound,
     softmax_backward_rounding_bound,

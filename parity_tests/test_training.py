@@ -6,10 +6,12 @@ from configure_optimizers (nanoGPT's two groups) + torch.nn.utils.clip_grad_norm
 lr set from the same schedule. The batches come from npgpt.data.get_batch on a synthetic text and
 on Tiny Shakespeare (when it is on disk). The loss at every step and the final parameters agree in
 float64 to twins.training_bound (20 chained parity steps); in the dropout variant npgpt draws each
-step's masks and torch replays them.
+step's masks and torch replays them. A 20-step run of the modern model with Muon (block matrices) +
+AdamW (the rest), both backends, float64, at twins.training_bound with each step's Muon update added.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +22,13 @@ import npgpt
 import npgpt.fast
 from gptapp.data import read_text_file, resolve_data_path
 from npgpt.data import CharTokenizer, DataError, get_batch
-from npgpt import optim
-from npgpt.optim import cosine_lr
+from npgpt import GPT, optim
+from npgpt.muon import Muon
+from npgpt.optim import AdamW, clip_grad_norm, cosine_lr
 from npgpt.compare import bounds as parity_bounds
 from npgpt.compare import compare_all, to_numpy64
-from parity_tests.twins import parity_sizes, torch_twin, training_bound
+from parity_tests.twins import (SWITCHES, modern_config, newton_schulz_bound, parity_sizes, torch_muon_step_float64,
+                                torch_twin, training_bound)
 
 STEPS, B, T = 20, 4, 16
 LR, MIN_LR, WARMUP, WD, BETAS, GRAD_CLIP = 1e-2, 1e-3, 4, 0.1, (0.9, 0.99), 1.0
@@ -146,3 +150,80 @@ def test_training_trajectory(implementation, source, dropout):
     init = npgpt.GPT(twin.config, seed=0, dtype=np.float64).params["transformer.wte.weight"]
     assert np.linalg.norm(params["transformer.wte.weight"] - init) > 0.1 * np.linalg.norm(init)
     print(f"clipped at steps {[i for i, c in enumerate(clipped) if c]}")
+
+
+# --------------------------------------------------------------------------------------------
+# Training with Muon + AdamW, 20 steps, npgpt against torchgpt in float64
+# --------------------------------------------------------------------------------------------
+
+def uses_muon(name: str, shape) -> bool:
+    """The speedrun split: Muon for the 2-D matrices inside the blocks; AdamW for the rest."""
+    return name.startswith("transformer.h.") and len(shape) == 2
+
+
+TRAINERS = {"reference": (GPT, AdamW, clip_grad_norm),
+            "fast": (npgpt.fast.GPT, npgpt.fast.AdamW, npgpt.fast.clip_grad_norm)}
+
+
+@pytest.mark.parametrize("impl", list(TRAINERS))
+def test_training_trajectory_with_muon_and_adamw(impl):
+    """20 steps from the same init on the same batches with the modern block: npgpt (Muon on the
+    block matrices, AdamW on embeddings, head and gains, clip_grad_norm, cosine_lr; the reference's
+    or npgpt.fast's model, AdamW and clip) against torchgpt (the float64 restatement of
+    torch.optim.Muon's step above, since torch's own rounds to bfloat16, and torch.optim.AdamW with
+    nanoGPT's two groups). Every step's loss and the final parameters normwise, at
+    twins.training_bound with each step's Muon update (newton_schulz_bound) added."""
+    model_class, adamw_class, clip_grad_norm = TRAINERS[impl]
+    steps, B, T, clip = 20, 4, 8, 1.0
+    config = modern_config(**SWITCHES["modern"])  # untied head: AdamW for wte and lm_head
+    model = model_class(config, seed=0, dtype=np.float64).train()
+    twin = torch_twin(model).train()
+    muon_names = [n for n, p in model.params.items() if uses_muon(n, p.shape)]
+    adam_names = [n for n in model.params if n not in muon_names]
+    assert "transformer.wte.weight" in adam_names and "lm_head.weight" in adam_names
+    assert "transformer.h.0.attn.q_norm.weight" in adam_names and len(muon_names) == 4 * config.n_layer
+    muon = Muon({n: model.params[n] for n in muon_names}, lr=0.02, weight_decay=0.01)
+    adamw = adamw_class({n: model.params[n] for n in adam_names}, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    named = dict(twin.named_parameters())
+    t_adamw = torch.optim.AdamW(
+        [{"params": [named[n] for n in adam_names if named[n].dim() >= 2], "weight_decay": 0.1},
+         {"params": [named[n] for n in adam_names if named[n].dim() < 2], "weight_decay": 0.0}],
+        lr=3e-3, betas=(0.9, 0.95))
+    t_bufs = {n: torch.zeros_like(named[n]) for n in muon_names}
+    rng = np.random.default_rng(12)
+    data = (3 * np.arange(500) + np.arange(500) // 7) % config.vocab_size  # a learnable sequence
+    losses, t_losses = [], []
+    for it in range(steps):
+        scale = cosine_lr(it, 1.0, 2, steps, 0.1)  # one schedule for both optimizers' rates
+        starts = rng.integers(0, data.size - T - 1, B)
+        idx = np.stack([data[s:s + T] for s in starts])  # (B, T)
+        targets = np.stack([data[s + 1:s + T + 1] for s in starts])  # the next tokens
+        _, loss = model.forward(idx, targets)
+        grads = model.backward()
+        clip_grad_norm(grads, clip)
+        muon.step({n: grads[n] for n in muon_names}, lr=0.02 * scale)
+        adamw.step({n: grads[n] for n in adam_names}, lr=3e-3 * scale)
+        losses.append(loss)
+
+        twin.zero_grad(set_to_none=True)
+        _, t_loss = twin(torch.from_numpy(idx), torch.from_numpy(targets))
+        t_loss.backward()
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), clip)
+        for group in t_adamw.param_groups:
+            group["lr"] = 3e-3 * scale
+        t_adamw.step()
+        with torch.no_grad():
+            torch_muon_step_float64({n: named[n] for n in muon_names}, {n: named[n].grad for n in muon_names},
+                                    t_bufs, lr=0.02 * scale, weight_decay=0.01, momentum=0.95,
+                                    nesterov=True, ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7,
+                                    ns_steps=5, adjust_lr_fn=None)
+        t_losses.append(t_loss.item())
+    print("losses", " ".join(f"{v:.4f}" for v in losses))
+    n_params = sum(p.size for p in model.params.values())
+    muon_step = newton_schulz_bound(np.float64, [model.params[n].shape for n in muon_names], 5,
+                                    (3.4445, -4.775, 2.0315))
+    rtol = math.hypot(training_bound(config, B, T, steps, n_params), math.sqrt(steps) * muon_step)
+    compare_all({"losses": np.array(losses), **model.params},
+                {"losses": np.array(t_losses), **{n: named[n] for n in model.params}}, rtol=rtol,
+                header=f"20 steps, Muon + AdamW, modern block, {impl} [float64]")
+    assert losses[-1] < losses[0] - 0.5  # it learned: Muon + AdamW really trained the model

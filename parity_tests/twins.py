@@ -5,7 +5,10 @@ every model-level comparison builds its pair the same way.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,7 +17,28 @@ import npgpt
 from npgpt import bounds
 import npgpt.fast
 import torchgpt
+from npgpt.compare import compare_outputs_and_grads
+from npgpt.config import GPTConfig
 from torchgpt.convert import load_params
+
+
+
+def _tests_helper(name: str):
+    """A helper module of tests/ (a folder of modules, not a package) by its path, once per process."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tests" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
+# The one parameter-shape oracle of the tests (tests/shapes.py): names and shapes from the contract.
+expected_param_shapes = _tests_helper("shapes").expected_param_shapes
+
+def randn(rng, shape, dtype, scale=1.0, offset=0.0) -> np.ndarray:
+    return (offset + scale * rng.standard_normal(shape)).astype(dtype)
+
 
 TORCH_DTYPE = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32}
 
@@ -155,3 +179,85 @@ def model_pair_results(config: npgpt.GPTConfig, dtype=np.float64, attention: str
     model = make_npgpt(config, dtype, seed, model_class=model_class)
     idx, targets = batch(config, B, T, seed)
     return pair_results(model, idx, targets, attention, device)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared by the parity tests of the model, CUDA, properties, optimizers and training
+# --------------------------------------------------------------------------------------------
+
+def modern_config(**overrides) -> GPTConfig:
+    kw = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+    kw.update(overrides)
+    return GPTConfig(**kw)
+
+
+SWITCHES = {
+    "default": dict(),
+    "rmsnorm": dict(norm="rmsnorm"),
+    "rope": dict(pos_emb="rope"),
+    "qk_norm": dict(qk_norm=True),
+    "relu2": dict(activation="relu2"),
+    "swiglu-H24": dict(activation="swiglu", mlp_hidden=24),
+    "mlp_hidden-40": dict(mlp_hidden=40, activation="gelu_tanh"),
+    "modern": dict(norm="rmsnorm", pos_emb="rope", qk_norm=True, activation="swiglu", bias=False,
+                   tie_weights=False, norm_eps=1e-6, rope_theta=500.0),
+    "modern-relu2-bias": dict(norm="rmsnorm", pos_emb="rope", qk_norm=True, activation="relu2"),
+}
+
+
+def check_model_parity(config: npgpt.GPTConfig, dtype, attention: str, device: str = "cpu",
+                       B: int = 3, T: int | None = None, seed: int = 0, header: str = "",
+                       implementation: str = "reference"):
+    """Forward + backward of the same GPT in both backends, compared. `implementation` picks
+    npgpt's side: "reference" (npgpt.GPT) or "fast" (npgpt.fast.GPT).
+
+    Each tensor is held to npgpt.compare.bounds for the config's and batch's sizes (parity_sizes).
+    Returns (table rows, npgpt's gradients)."""
+    n, depth = parity_sizes(config, B, T)
+    ours_fwd, theirs_fwd, ours_grads, theirs_grads = model_pair_results(
+        config, dtype, attention, device, B=B, T=T, seed=seed, model_class=MODEL_CLASSES[implementation])
+    assert list(ours_grads) == list(theirs_grads)  # the same names in named_parameters() order
+    rows = compare_outputs_and_grads(ours_fwd, theirs_fwd, ours_grads, theirs_grads, dtype,
+                                     header or f"GPT {implementation} {describe(config)} {attention} {device}",
+                                     n=n, depth=depth)
+    return rows, ours_grads
+
+
+ATTENTIONS = ["explicit", "sdpa"]
+
+
+def newton_schulz_bound(dtype, shapes, ns_steps: int, ns_coefficients, steps: int = 1) -> float:
+    """The normwise bound of `steps` Muon updates, each a Newton-Schulz iteration: per iteration 3
+    matmul stages (the Gram matrix, the polynomial, the new iterate), plus the normalisation and the
+    momentum's lerp; the longest sum is a matrix's larger side. Each iterate a x + b (x x^T) x +
+    c (x x^T)^2 x adds terms up to sum |coefficient| times the result (singular values <= 1): the
+    amplification. bounds.chain over all the stages of all the steps."""
+    n = max(max(s) for s in shapes)
+    amplification = sum(abs(c) for c in ns_coefficients)
+    return bounds.chain(dtype, n, steps * (3 * ns_steps + 2), amplification)
+
+
+def torch_muon_step_float64(params, grads, bufs, lr, weight_decay, momentum, nesterov,
+                            ns_coefficients, eps, ns_steps, adjust_lr_fn):
+    """torch.optim.Muon's step (torch/optim/_muon.py, _single_tensor_muon), restated with every
+    operation in float64: the same lerps, the same addmm forms, but no cast to bfloat16."""
+    a, b, c = ns_coefficients
+    for name, p in params.items():
+        g, buf = grads[name], bufs[name]
+        buf.lerp_(g, 1 - momentum)
+        update = g.lerp(buf, momentum) if nesterov else buf
+        x = update.T if update.size(0) > update.size(1) else update
+        x = x / x.norm().clamp(min=eps)
+        for _ in range(ns_steps):
+            gram = x @ x.T
+            gram_update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+            x = torch.addmm(x, gram_update, x, beta=a)
+        if update.size(0) > update.size(1):
+            x = x.T
+        rows, cols = p.shape
+        if adjust_lr_fn in (None, "original"):
+            adj = lr * math.sqrt(max(1, rows / cols))
+        else:
+            adj = lr * 0.2 * math.sqrt(max(rows, cols))
+        p.mul_(1 - lr * weight_decay)
+        p.add_(x, alpha=-adj)

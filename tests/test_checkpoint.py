@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -14,10 +13,10 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from test_train_helpers import ROOT, SUBPROCESS_ENV
+from checkpoint_helpers import CFG, VOCAB, Evil, make_checkpoint, torch_payload
+from train_helpers import ROOT, SUBPROCESS_ENV
 
 from gptapp.checkpoint import (
-    Checkpoint,
     CheckpointError,
     atomic_write,
     checkpoint_kind,
@@ -30,38 +29,9 @@ from npgpt.config import GPTConfig
 from npgpt.model import init_params
 from gptapp.torch_checkpoint import load_torch_checkpoint, save_torch_checkpoint
 
-CFG = GPTConfig(vocab_size=5, block_size=8, n_layer=1, n_head=2, n_embd=8)
-VOCAB = "\nab\u00e9\u4e2d"  # five characters, two of them outside ASCII
-
-
-def make_checkpoint(iter_num: int = 3) -> Checkpoint:
-    rng = np.random.default_rng(1)
-    rng.random(7)
-    return Checkpoint(backend="numpy", model="gpt", gpt_config=CFG, vocab=VOCAB, params=init_params(CFG, seed=0),
-                      train_config={"n_layer": 1}, iter_num=iter_num, best_val_loss=math.inf,
-                      optimizer={"step": np.array(iter_num), "exp_avg.decay": np.arange(4.0)},
-                      rng={"data": rng.bit_generator.state, "dropout": None})
-
-
-def torch_payload(params: dict, config: GPTConfig = CFG) -> dict:
-    return {"format": "npgpt-checkpoint", "version": 1, "backend": "torch", "model": "gpt",
-            "gpt_config": config.to_dict(), "train_config": {}, "vocab": VOCAB,
-            "model_state": {k: torch.from_numpy(np.array(v)) for k, v in params.items()},
-            "optimizer": {}, "iter_num": 0, "best_val_loss": 2.5, "rng": {}}
-
 
 def temp_files(directory) -> list:
     return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
-
-
-class Evil:
-    """Unpickling this runs a shell command: what a malicious checkpoint would do."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 # --------------------------------------------------------------------------- round trips

@@ -15,8 +15,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_checkpoint import CFG, Evil, make_checkpoint, torch_payload
-from test_train_helpers import (
+from checkpoint_helpers import CFG, Evil, make_checkpoint, torch_payload
+from train_helpers import (
     DATA,
     ROOT,
     SCRIPTS,

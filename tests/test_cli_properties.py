@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
-from test_train_helpers import DATA, SCRIPTS, load_script, working_directory
+from train_helpers import DATA, SCRIPTS, load_script, working_directory
 
 try:
     from gptapp.checkpoint import Checkpoint, load_npz, save_npz

@@ -1,4 +1,5 @@
-"""npgpt.fast against the reference it speeds up (npgpt.layers, npgpt.GPT, npgpt.optim.AdamW).
+"""npgpt.fast against the reference it speeds up (npgpt.layers, npgpt.GPT, npgpt.optim's AdamW and Muon),
+the modern block's switches (RMSNorm, RoPE, QK-norm, ReLU², SwiGLU) as rows of the block and model tables.
 
 Most rewrites in npgpt.fast do the same floating-point operations in the same order as the plain
 formula (in place, with out= and views), so they must give the reference's result bit for bit,
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import re
 
 import numpy as np
@@ -25,12 +25,18 @@ import pytest
 import npgpt
 from npgpt import GPTConfig, fast, optim
 from npgpt import layers as ref
+from npgpt import muon as ref_muon
 from npgpt.bounds import (bitwise, fast_model,
                           reordered)
 from npgpt.compare import compare_all
 from npgpt.fast import layers as fl
 from npgpt.model import init_params
+from npgpt.muon import Muon
 from functools import partial
+
+from fast_helpers import (IN_PLACE, MODEL_CONFIGS, MODERN_CONFIGS, batch, block_params, check_equal, compare_pair,
+                          noisy_pair, randn, small_config)
+from layer_helpers import qk_attention_backward, qk_attention_forward
 
 NP = fl.layer_set(kernels=False)  # npgpt.fast without numba: the reference's pairs plus the NumPy rewrites
 
@@ -41,60 +47,6 @@ DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="f32")
 def numpy_only(monkeypatch):
     """npgpt.fast's NumPy code, which these bit-for-bit claims are about (see the docstring)."""
     monkeypatch.setattr(fast.numba_kernels, "ENABLED", False)
-
-
-IN_PLACE = bitwise("npgpt.fast's NumPy code runs the reference's elementwise operations and reductions "
-                   "in the reference's order, writing in place or with out=")
-
-
-def arrays_of(prefix: str, obj) -> dict:
-    """Every array in a result or cache (NamedTuples, tuples, lists, dicts), keyed by its path.
-    None fields are skipped (the fast block drops its MLP activation; compared separately)."""
-    if isinstance(obj, np.ndarray) or np.isscalar(obj) and not isinstance(obj, (str, bool)):
-        return {prefix: np.asarray(obj)}
-    out = {}
-    if hasattr(obj, "_fields"):
-        items = zip(obj._fields, obj)
-    elif isinstance(obj, dict):
-        items = obj.items()
-    elif isinstance(obj, (tuple, list)):
-        items = enumerate(obj)
-    else:
-        return out
-    for key, value in items:
-        out.update(arrays_of(f"{prefix}.{key}", value))
-    return out
-
-
-def check_equal(header: str, ours: dict, theirs: dict, rtol) -> list:
-    """npgpt.compare's table for every array, rtol from npgpt.bounds (0: bit for bit); prints the
-    worst error / bound ratio of a bound above 0."""
-    rows = compare_all(ours, theirs, rtol=rtol, header=header)
-    ratios = [r.rel / r.rtol for r in rows if r.rtol]
-    if ratios:
-        print(f"{header}: worst error / bound {max(ratios):.3g}")
-    return rows
-
-
-def run_pair(forward, backward, args, kwargs, rng, dtype):
-    out, cache = forward(*args, **kwargs)
-    dout = rng.standard_normal(np.shape(out)).astype(dtype)
-    return out, cache, backward(dout, cache)
-
-
-def compare_pair(name, fast_pair, ref_pair, args, dtype, rtol, **kwargs):
-    """Forward output, cache and backward of a fast pair and its reference on the same inputs,
-    within rtol (a bound from npgpt.bounds)."""
-    f_out, f_cache, f_grads = run_pair(*fast_pair, args, kwargs, np.random.default_rng(99), dtype)
-    r_out, r_cache, r_grads = run_pair(*ref_pair, args, kwargs, np.random.default_rng(99), dtype)
-    assert type(f_cache) is type(r_cache), f"{name}: cache types differ"
-    ours = {**arrays_of("out", f_out), **arrays_of("cache", f_cache), **arrays_of("grad", f_grads)}
-    theirs = {**arrays_of("out", r_out), **arrays_of("cache", r_cache), **arrays_of("grad", r_grads)}
-    check_equal(f"{name} [{np.dtype(dtype).name}]", ours, theirs, rtol)
-
-
-def randn(rng, shape, dtype, scale=1.0):
-    return (scale * rng.standard_normal(shape)).astype(dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,38 +126,44 @@ def test_attention_with_a_kv_slot_equals_reference(dtype):
                 ATTENTION_VIEWS)
 
 
-def block_params(config: GPTConfig, dtype) -> dict:
-    p = init_params(config, 1, dtype)
-    rng = np.random.default_rng(9)
-    return {k[len("transformer.h.0."):]: v + randn(rng, v.shape, dtype, 0.2)
-            for k, v in p.items() if k.startswith("transformer.h.0.")}
+BLOCK_CONFIGS = {"relu": small_config(activation="relu"), "gelu": small_config(),
+                 "gelu_tanh": small_config(activation="gelu_tanh"), **MODERN_CONFIGS}
+
+
+def block_case(config, dtype, dropout, seed=10):
+    C, nh, B, T = config.n_embd, config.n_head, 2, config.block_size
+    p = block_params(config, dtype)
+    rng = np.random.default_rng(seed)
+    x, dout = randn(rng, (B, T, C), dtype), randn(rng, (B, T, C), dtype)
+    masks = ([ref.dropout_mask(s, 0.2, rng, dtype) for s in [(B, nh, T, T), (B, T, C), (B, T, C)]]
+             if dropout else None)
+    rope = ref.rope_angles(T, C // nh, config.rope_theta, 0, dtype) if config.pos_emb == "rope" else None
+    options = ref.BlockOptions.of(config, 0.2 if dropout else 0.0, None, rope)
+    return (x, p, options, masks), {}, dout
+
+
+def run_block(layers, args, kwargs, dout):
+    out, cache = ref.block_forward(*args, **kwargs, layers=layers)
+    dx, grads = ref.block_backward(dout, cache)
+    return {"out": out, "dx": dx, **grads}, cache
 
 
 @pytest.mark.parametrize("dropout", [False, True], ids=["nodrop", "dropout"])
-@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("name", BLOCK_CONFIGS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_block_equals_reference(dtype, activation, dropout):
-    """The whole block; it holds linears, so a chain of their reordered sums (and the float32 erf).
-    The fast cache drops the MLP's hidden activation (mlp_c_proj.x None) where the activation's
-    cache rebuilds it."""
-    C, nh, B, T = 8, 2, 2, 6
-    cfg = GPTConfig(vocab_size=5, block_size=T, n_layer=1, n_head=nh, n_embd=C, bias=True)
-    p = block_params(cfg, dtype)
-    rng = np.random.default_rng(10)
-    x, dout = randn(rng, (B, T, C), dtype), randn(rng, (B, T, C), dtype)
-    masks = None
-    if dropout:
-        masks = [ref.dropout_mask(s, 0.2, rng, dtype) for s in [(B, nh, T, T), (B, T, C), (B, T, C)]]
-    options = ref.BlockOptions(nh, activation, 0.2 if dropout else 0.0)
-    f_out, f_cache = ref.block_forward(x, p, options, masks, layers=NP)
-    r_out, r_cache = ref.block_forward(x, p, options, masks)
-    assert (f_cache.mlp_c_proj.x is None) == (activation != "relu")
-    f_dx, f_grads = ref.block_backward(dout, f_cache)
-    r_dx, r_grads = ref.block_backward(dout, r_cache)
-    check_equal(f"block {activation} dropout={dropout} [{np.dtype(dtype).name}]",
-                {"out": f_out, "dx": f_dx, **f_grads}, {"out": r_out, "dx": r_dx, **r_grads},
-                fast_model(dtype, dataclasses.replace(cfg, activation=activation), numpy_only=True,
-                           blocks_only=True))
+def test_block_equals_reference(dtype, name, dropout):
+    """The whole block, every switch of the modern block included; it holds linears, so a chain of
+    their reordered sums (and the float32 erf); every gradient, QK-norm's gains included. The fast
+    cache drops the MLP's hidden activation (mlp_c_proj.x None) where the activation's cache
+    rebuilds it: every activation but relu."""
+    config = BLOCK_CONFIGS[name]
+    args, kwargs, dout = block_case(config, dtype, dropout)
+    ours, f_cache = run_block(NP, args, kwargs, dout)
+    theirs, r_cache = run_block(ref.REFERENCE, args, kwargs, dout)
+    assert list(ours) == list(theirs)
+    check_equal(f"block {name} dropout={dropout} [{np.dtype(dtype).name}]", ours, theirs,
+                fast_model(dtype, dataclasses.replace(config, n_layer=1), numpy_only=True, blocks_only=True))
+    assert (f_cache.mlp_c_proj.x is None) == (config.activation != "relu")
     assert ref.block_dropout_masks(f_cache) == [] or all(
         (a is None and b is None) or np.array_equal(a, b)
         for a, b in zip(ref.block_dropout_masks(f_cache), ref.block_dropout_masks(r_cache)))
@@ -231,37 +189,87 @@ def test_block_rebuilds_the_dropped_mlp_activation_exactly(activation):
 
 
 # --------------------------------------------------------------------------------------------
+# The modern block's pairs (RMSNorm, RoPE, QK-norm, ReLU², SwiGLU)
+# --------------------------------------------------------------------------------------------
+
+def test_the_fast_layers_cover_every_switch():
+    """fast.GPT runs npgpt.fast's layer set for the modern block too (here on NumPy;
+    tests/test_numba_kernels.py: with the kernels)."""
+    for name, config in MODERN_CONFIGS.items():
+        assert fast.GPT(config).layers == NP, name
+
+
+@pytest.mark.parametrize("activation", ["relu2", "swiglu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_modern_activations_equal_reference_bit_for_bit(dtype, activation):
+    x = randn(np.random.default_rng(3), (4, 6, 32), dtype, 3.0)
+    compare_pair(activation, NP.activations[activation], ref.ACTIVATION_FUNCTIONS[activation],
+                 (x,), dtype, IN_PLACE)
+    out, cache = NP.activations[activation][0](x)  # the block rebuilds the output from the cache
+    assert np.array_equal(fl.ACTIVATION_OUTPUT_FROM_CACHE[activation](cache), out)
+
+
+def qk_kwargs(rng, dtype, hs, T, qk_norm=True, rope=True, offset=0):
+    return dict(q_norm=randn(rng, hs, dtype, 0.5) + dtype(1.0) if qk_norm else None,
+                k_norm=randn(rng, hs, dtype, 0.5) + dtype(1.0) if qk_norm else None,
+                eps=0.01, rope=ref.rope_angles(T, hs, 50.0, offset, dtype) if rope else None)
+
+
+def qk_attention_pair(layers):
+    """The block's attention steps (layer_helpers.qk_attention_forward) on a layer set."""
+    return (lambda qkv, nh, **kw: qk_attention_forward(layers, qkv, nh, **kw),
+            lambda dout, cache: qk_attention_backward(layers, dout, cache))
+
+
+QK_PREPARED = bitwise("QK-norm and RoPE run the reference's operations in its order, in place; then the "
+                      "reference's batched attention matmuls (the same shapes and operand layouts, outputs "
+                      "through head views)")
+
+
+@pytest.mark.parametrize("switches", [(True, True), (True, False), (False, True)], ids=["qk+rope", "qk", "rope"])
+@pytest.mark.parametrize("dropout", [False, True], ids=["nodrop", "dropout"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_with_qk_norm_and_rope_equals_reference_bit_for_bit(dtype, dropout, switches):
+    """q, k prepared (QK-norm, then RoPE) into a fresh qkv; the backward takes dq, dk back through
+    both in their place in dqkv and returns the gains' gradients as the reference does."""
+    rng = np.random.default_rng(4)
+    B, T, C, nh = 2, 9, 12, 3
+    qkv = randn(rng, (B, T, 3 * C), dtype)
+    kwargs = qk_kwargs(rng, dtype, C // nh, T, *switches)
+    if dropout:
+        kwargs["mask"] = ref.dropout_mask((B, nh, T, T), 0.25, rng, dtype)
+    before = qkv.copy()
+    compare_pair("attention qk", qk_attention_pair(NP), qk_attention_pair(ref.REFERENCE), (qkv, nh), dtype,
+                 QK_PREPARED, **kwargs)
+    assert np.array_equal(qkv, before)  # the input is not written
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_with_qk_norm_rope_and_a_kv_slot_equals_reference(dtype):
+    """Decoding at positions 4..6: keys enter the slot normed and rotated, as in the reference."""
+    rng = np.random.default_rng(5)
+    B, C, nh, bs = 2, 12, 3, 8
+    past = randn(rng, (B, nh, bs, C // nh), dtype), randn(rng, (B, nh, bs, C // nh), dtype)
+    qkv = randn(rng, (B, 3, 3 * C), dtype)
+    kwargs = qk_kwargs(rng, dtype, C // nh, 3, offset=4)
+    results = {}
+    for name, layers in (("fast", NP), ("reference", ref.REFERENCE)):
+        slot = ref.KVSlot(past[0].copy(), past[1].copy(), 4)
+        y, _ = qk_attention_forward(layers, qkv, nh, kv=slot, **kwargs)
+        results[name] = {"y": y, "slot.k": slot.k, "slot.v": slot.v}
+    compare_all(results["fast"], results["reference"], rtol=QK_PREPARED,
+                header=f"attention qk kv [{np.dtype(dtype).name}]")
+
+
+# --------------------------------------------------------------------------------------------
 # The whole model and the optimizer
 # --------------------------------------------------------------------------------------------
 
-def small_config(**kw):
-    return GPTConfig(**{**dict(vocab_size=7, block_size=6, n_layer=2, n_head=2, n_embd=8, tie_weights=False,
-                              bias=True), **kw})
 
-
-def batch(config, B=3, seed=14):
-    rng = np.random.default_rng(seed)
-    return (rng.integers(0, config.vocab_size, (B, config.block_size)),
-            rng.integers(0, config.vocab_size, (B, config.block_size)))
-
-
-def noisy_pair(config, dtype, seed=2):
-    """A reference and a fast GPT with the same (noisy, so biases matter) parameters."""
-    reference = npgpt.GPT(config, seed=seed, dtype=dtype)
-    rng = np.random.default_rng(15)
-    for p in reference.params.values():
-        p += randn(rng, p.shape, dtype, 0.2)
-    quick = fast.GPT(config, seed=seed, dtype=dtype)
-    for n, p in reference.params.items():
-        quick.params[n][...] = p
-    return reference, quick
-
-
-@pytest.mark.parametrize("config", [small_config(), small_config(tie_weights=True, bias=False, activation="relu"),
-                                    small_config(dropout=0.2, activation="gelu_tanh")],
-                         ids=["untied-bias-gelu", "tied-nobias-relu", "dropout-gelu_tanh"])
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_model_forward_backward_equals_reference(dtype, config):
+def test_model_forward_backward_equals_reference(dtype, name):
+    config = MODEL_CONFIGS[name]
     reference, quick = noisy_pair(config, dtype)
     idx, targets = batch(config)
     r_logits, r_loss = reference.forward(idx, targets)
@@ -270,7 +278,7 @@ def test_model_forward_backward_equals_reference(dtype, config):
     assert len(quick.last_dropout_masks) == len(reference.last_dropout_masks)
     r_grads, f_grads = reference.backward(), quick.backward()
     assert list(f_grads) == list(r_grads) == list(reference.params)
-    check_equal(f"model [{np.dtype(dtype).name}]", {"logits": f_logits, "loss": f_loss, **f_grads},
+    check_equal(f"model {name} [{np.dtype(dtype).name}]", {"logits": f_logits, "loss": f_loss, **f_grads},
                 {"logits": r_logits, "loss": r_loss, **r_grads}, fast_model(dtype, config, numpy_only=True))
 
 
@@ -371,6 +379,34 @@ def test_adamw_state_of_another_model_is_refused_whole():
         opt.load_state_dict(other.state_dict())
     after = opt.state_dict()
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_muon_is_bit_for_bit_the_reference(dtype, nesterov):
+    """npgpt.fast.Muon's in-place Newton-Schulz: the same operations, so five steps on a tall, a wide
+    and a square matrix give npgpt.optim.Muon's parameters and buffers exactly; the state dicts load
+    into each other."""
+    rng = np.random.default_rng(10)
+    shapes = {"tall": (12, 5), "wide": (4, 9), "square": (6, 6)}
+    start = {n: randn(rng, s, dtype) for n, s in shapes.items()}
+    params = {"ours": {n: p.copy() for n, p in start.items()}, "reference": {n: p.copy() for n, p in start.items()}}
+    opts = {"ours": fast.Muon(params["ours"], lr=0.05, weight_decay=0.1, nesterov=nesterov),
+            "reference": Muon(params["reference"], lr=0.05, weight_decay=0.1, nesterov=nesterov)}
+    for step in range(5):
+        grads = {n: randn(rng, s, dtype) for n, s in shapes.items()}
+        for opt in opts.values():
+            opt.step(grads, lr=0.05 / (step + 1))
+    compare_all({**params["ours"], **{f"buf {n}": b for n, b in opts["ours"].momentum_buffer.items()}},
+                {**params["reference"], **{f"buf {n}": b for n, b in opts["reference"].momentum_buffer.items()}},
+                rtol=bitwise("fast.Muon's in-place Newton-Schulz: the reference's products and sums, in its order"),
+                header=f"fast.Muon [{np.dtype(dtype).name}]")
+    u = randn(rng, (7, 3), dtype)
+    assert np.array_equal(fast.optim.zeropower_via_newton_schulz(u), ref_muon.zeropower_via_newton_schulz(u))
+    swapped = Muon({n: p.copy() for n, p in start.items()})
+    swapped.load_state_dict(opts["ours"].state_dict())
+    assert swapped.step_count == 5 and all(np.array_equal(swapped.momentum_buffer[n], opts["ours"].momentum_buffer[n])
+                                           for n in shapes)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

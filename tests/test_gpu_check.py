@@ -278,7 +278,7 @@ def test_tf32_settings_readable_and_restored_after_set_tf32():
     code = """
 import torch
 from torchgpt.runtime import set_tf32
-from parity_tests.test_cuda import full_precision_settings, set_tf32_settings, tf32_is_off, tf32_settings
+from parity_tests.tf32 import full_precision_settings, set_tf32_settings, tf32_is_off, tf32_settings
 set_tf32(True)
 saved = tf32_settings()
 assert saved[0] == ("new" if hasattr(torch.backends.cuda.matmul, "fp32_precision") else "legacy"), saved

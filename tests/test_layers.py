@@ -1,10 +1,15 @@
-"""Unit tests of npgpt.layers: every forward/backward pair against centred finite differences.
+"""Unit tests of npgpt.layers: every forward/backward pair against centred finite differences, the
+modern block's (RMSNorm, RoPE, ReLU², SwiGLU, attention with QK-norm and RoPE, the block with its
+switches) as rows of the same table.
 
 Gradients are checked in float64 with a random upstream gradient (gradcheck_layer draws it), each
 input and parameter to its own bounds.finite_diff bound (npgpt.gradcheck.finite_diff_bound, from
 the case's sizes). Every other comparison names its kind in npgpt.bounds. Each case below is built by a
 factory `make(rng, dtype) -> (forward, backward, inputs, kwargs)`; the same table drives the
-gradient check, the "backward writes nothing" check and the float32 dtype check.
+gradient check, the "backward writes nothing" check and the dtype check. Then the forwards against
+their formulas written out independently (loops over pairs, scalar sigmoid), each to the bound of
+its kind in npgpt.bounds, and RoPE's properties (a rotation: norms kept; q.k after RoPE depends only
+on the positions' difference; its backward is the rotation by -angle).
 
 Dimension letters as in npgpt.layers: B batch, T time, C channels, nh heads, hs head size, V vocab.
 """
@@ -20,10 +25,13 @@ from scipy.special import softmax as scipy_softmax
 
 from npgpt import layers as L
 from npgpt import bounds
-from npgpt.gradcheck import gradcheck_layer
+from npgpt.gradcheck import gradcheck_layer, rel_error
+
+from layer_helpers import qk_attention_backward, qk_attention_forward
 
 H = 1e-5  # finite-difference step (gradcheck_layer's default)
 F64 = np.float64
+U64 = bounds.unit_roundoff(F64)
 BLOCK_NAMES = (  # one block's parameters under nanoGPT's local names, written out independently
     "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
     "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
@@ -33,6 +41,10 @@ BLOCK_NAMES = (  # one block's parameters under nanoGPT's local names, written o
 
 def normal(rng, shape, dtype, scale=1.0):
     return (scale * rng.standard_normal(shape)).astype(dtype)
+
+
+def normal64(rng, shape, scale=1.0, offset=0.0):
+    return offset + scale * rng.standard_normal(shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,6 +172,73 @@ def block_case(B, T, C, n_head, activation="gelu", bias=True, dropout_p=0.0):
     return make
 
 
+def rmsnorm_case(shape, eps=1e-5, offset=0.0):
+    def make(rng, dtype):
+        C = shape[-1]
+        inputs = {"x": normal(rng, shape, dtype, 2.0) + dtype(offset),
+                  "w": (1.0 + normal(rng, (C,), np.float64, 0.5)).astype(dtype)}
+        return L.rmsnorm_forward, L.rmsnorm_backward, inputs, {"eps": eps}
+    return make
+
+
+def rope_case(B, nh, T, hs, theta=10000.0, offset=0):
+    def make(rng, dtype):
+        cos, sin = L.rope_angles(T, hs, theta, offset, dtype)
+        return L.rope_forward, L.rope_backward, {"x": normal(rng, (B, nh, T, hs), dtype)}, {"cos": cos, "sin": sin}
+    return make
+
+
+def qk_attention_case(B, T, C, n_head, qk_norm=True, rope=True, theta=50.0):
+    """The block's attention steps with QK-norm and RoPE (layer_helpers.qk_attention_forward): gradients
+    of qkv and of both gains; four stages (QK-norm, RoPE, the core's two) between qkv and y."""
+    def make(rng, dtype):
+        hs = C // n_head
+        inputs = {"qkv": normal(rng, (B, T, 3 * C), dtype)}
+        if qk_norm:
+            inputs["q_norm"] = (1.0 + normal(rng, (hs,), np.float64, 0.3)).astype(dtype)
+            inputs["k_norm"] = (1.0 + normal(rng, (hs,), np.float64, 0.3)).astype(dtype)
+
+        def forward(qkv, q_norm=None, k_norm=None):
+            angles = L.rope_angles(T, hs, theta, dtype=qkv.dtype) if rope else None
+            return qk_attention_forward(L.REFERENCE, qkv, n_head, q_norm, k_norm, angles)
+
+        return forward, lambda dout, cache: qk_attention_backward(L.REFERENCE, dout, cache), inputs, {}
+    make.depth = 4
+    return make
+
+
+def modern_block_case(B, T, C, n_head, activation, bias, norm="rmsnorm", qk_norm=True, rope=True, hidden=None):
+    """The block with the modern switches: every parameter's gradient and the input's."""
+    def make(rng, dtype):
+        hs, H = C // n_head, hidden or 4 * C
+        n_fc = 2 * H if activation == "swiglu" else H
+        shapes = {"ln_1.weight": (C,), "attn.c_attn.weight": (3 * C, C), "attn.c_proj.weight": (C, C),
+                  "ln_2.weight": (C,), "mlp.c_fc.weight": (n_fc, C), "mlp.c_proj.weight": (C, H)}
+        if qk_norm:
+            shapes.update({"attn.q_norm.weight": (hs,), "attn.k_norm.weight": (hs,)})
+        if bias:
+            shapes.update({"attn.c_attn.bias": (3 * C,), "attn.c_proj.bias": (C,), "mlp.c_fc.bias": (n_fc,),
+                           "mlp.c_proj.bias": (C,)})
+            if norm == "layernorm":
+                shapes.update({"ln_1.bias": (C,), "ln_2.bias": (C,)})
+        names = list(shapes)
+        params = {n: ((1.0 if n.endswith("norm.weight") or ".ln_" in f".{n}" else 0.0)
+                      + normal(rng, shape, np.float64, 0.4)).astype(dtype) for n, shape in shapes.items()}
+
+        def forward(x, *arrays):
+            angles = L.rope_angles(T, hs, 100.0, dtype=x.dtype) if rope else None
+            return L.block_forward(x, dict(zip(names, arrays)),
+                                   L.BlockOptions(n_head, activation, norm=norm, norm_eps=1e-5, rope=angles))
+
+        def backward(dout, cache):
+            dx, grads = L.block_backward(dout, cache)
+            assert sorted(grads) == sorted(names), f"block grads {sorted(grads)} != params {sorted(names)}"
+            return (dx, *(grads[n] for n in names))
+
+        return forward, backward, {"x": normal(rng, (B, T, C), dtype), **params}, {}
+    return make
+
+
 REPEATED_IDS = [[0, 2, 2, 1, 2], [3, 0, 2, 2, 0]]  # id 2 five times, id 0 three times
 
 CASES = [
@@ -201,6 +280,27 @@ CASES = [
     pytest.param(block_case(1, 3, 6, 3, "gelu_tanh", True), id="block-C6-nh3-hs2"),
     pytest.param(block_case(2, 3, 5, 5, "gelu", False), id="block-C5-nh5-hs1"),
     pytest.param(block_case(2, 1, 4, 1, "gelu", True), id="block-T1-nh1"),
+    # the modern block's pairs and switches
+    pytest.param(rmsnorm_case((2, 3, 4)), id="rmsnorm-C4"),
+    pytest.param(rmsnorm_case((6, 5), offset=1.5), id="rmsnorm-2d-C5-offset"),
+    pytest.param(rmsnorm_case((2, 1, 1)), id="rmsnorm-C1"),
+    pytest.param(rmsnorm_case((3, 4, 6), eps=0.5), id="rmsnorm-large-eps"),
+    pytest.param(rmsnorm_case((2, 2, 3, 4)), id="rmsnorm-qk-per-head"),  # (B, nh, T, hs), as QK-norm
+    pytest.param(rope_case(2, 2, 5, 4), id="rope-hs4"),
+    pytest.param(rope_case(1, 3, 4, 2, theta=3.0), id="rope-hs2-theta3"),
+    pytest.param(rope_case(2, 1, 3, 8, offset=17), id="rope-offset17"),
+    pytest.param(pointwise_case(L.relu2_forward, L.relu2_backward, (2, 3, 7), 1.0), id="relu2"),
+    pytest.param(pointwise_case(L.swiglu_forward, L.swiglu_backward, (2, 3, 8)), id="swiglu-H4"),
+    pytest.param(pointwise_case(L.swiglu_forward, L.swiglu_backward, (5, 2)), id="swiglu-H1"),
+    pytest.param(pointwise_case(L.swiglu_forward, L.swiglu_backward, (2, 3, 6), 12.0), id="swiglu-saturated"),
+    pytest.param(qk_attention_case(2, 4, 8, 2), id="attention-qknorm-rope"),
+    pytest.param(qk_attention_case(2, 4, 8, 2, qk_norm=False), id="attention-rope"),
+    pytest.param(qk_attention_case(1, 5, 6, 3, rope=False), id="attention-qknorm-hs2"),
+    pytest.param(modern_block_case(2, 4, 8, 2, "swiglu", False, hidden=12), id="block-modern-swiglu"),
+    pytest.param(modern_block_case(2, 4, 8, 2, "relu2", True), id="block-modern-relu2-bias"),
+    pytest.param(modern_block_case(2, 3, 8, 2, "gelu", True, norm="layernorm", qk_norm=True, rope=False),
+                 id="block-layernorm-qknorm"),
+    pytest.param(modern_block_case(2, 3, 8, 1, "gelu_tanh", False, qk_norm=False), id="block-rmsnorm-rope-nh1"),
 ]
 
 
@@ -259,11 +359,19 @@ def test_backward_matches_finite_differences(make, request, errors_below, record
     assert sorted(errors) == sorted(float_inputs(inputs))
     # f = sum(out * dout): its longest sum is over the output or over one input (the forward's
     # inner sums run over parts of its inputs); a block is BLOCK_DEPTH stages carried with the
-    # parity suite's amplification, a single layer one stage and the final sum
+    # parity suite's amplification, a single layer one stage and the final sum (the attention steps
+    # with QK-norm and RoPE: make.depth)
     n = max(np.size(out), *(x.size for x in float_inputs(inputs).values()))
     block = request.node.callspec.id.startswith("block-")
-    errors_below(errors, request.node.callspec.id, n=n, depth=bounds.BLOCK_DEPTH + 1 if block else 2,
+    errors_below(errors, request.node.callspec.id, n=n,
+                 depth=bounds.BLOCK_DEPTH + 1 if block else getattr(make, "depth", 2),
                  amplification=bounds.PARITY_AMPLIFICATION if block else 1.0, h=H)
+
+
+def freeze(obj):
+    """Every array in a (nested) cache or input: a write raises."""
+    for a in arrays_in(obj):
+        a.flags.writeable = False
 
 
 @pytest.mark.parametrize("make", CASES)
@@ -274,6 +382,8 @@ def test_backward_leaves_dout_and_cache_untouched(make):
     out, cache = forward(*inputs.values(), **kwargs)
     dout = rng.standard_normal(np.shape(out))
     dout_before, cache_before = dout.copy(), copy.deepcopy(cache)
+    freeze([dout, inputs, cache])  # a backward that writes into any of them raises
+    assert isinstance(cache, tuple) and type(cache) is not tuple  # a NamedTuple, read by name
     grads = backward(dout, cache)
     assert np.array_equal(dout, dout_before), "backward wrote into dout"
     assert_unchanged(cache_before, cache, "cache")
@@ -282,6 +392,7 @@ def test_backward_leaves_dout_and_cache_untouched(make):
     for g in grads:
         if g is None:
             continue
+        assert g.flags.writeable
         for other in [dout, *arrays_in(cache), *arrays_in(inputs)]:
             assert not np.shares_memory(g, other), "a gradient shares memory with dout/cache/inputs"
     # a second backward from the same cache gives identical gradients
@@ -289,18 +400,19 @@ def test_backward_leaves_dout_and_cache_untouched(make):
         assert (g1 is None and g2 is None) or np.array_equal(g1, g2)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("make", CASES)
-def test_float32_in_float32_out(make):
+def test_dtype_is_kept(make, dtype):
     """Every gradient has its input's shape and dtype; float32 stays float32 (no silent upcast)."""
-    forward, backward, inputs, kwargs = make(np.random.default_rng(4), np.float32)
+    forward, backward, inputs, kwargs = make(np.random.default_rng(4), dtype)
     out, cache = forward(*inputs.values(), **kwargs)
-    assert np.asarray(out).dtype == np.float32
-    dout = np.random.default_rng(5).standard_normal(np.shape(out)).astype(np.float32)
+    assert np.asarray(out).dtype == dtype
+    dout = np.random.default_rng(5).standard_normal(np.shape(out)).astype(dtype)
     grads = [g for g in backward(dout, cache) if g is not None]
     assert len(grads) == len(float_inputs(inputs))
     for (name, x), g in zip(float_inputs(inputs).items(), grads):
         assert g.shape == x.shape, f"d{name} has shape {g.shape}, expected {x.shape}"
-        assert g.dtype == np.float32, f"d{name} is {g.dtype}"
+        assert g.dtype == dtype, f"d{name} is {g.dtype}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,3 +603,144 @@ def test_block_dropout_masks_reproduce_a_drawn_forward(assert_close):
                  bounds.bitwise("the same forward on the same inputs and the same masks"))
     out_nodrop, _ = L.block_forward(x, p, L.BlockOptions(n_head, "gelu"))
     assert not np.allclose(out, out_nodrop)
+
+
+# --------------------------------------------------------------------------------------------
+# The modern block's forwards against their formulas written out another way
+# --------------------------------------------------------------------------------------------
+
+def test_rmsnorm_forward_formula():
+    rng = np.random.default_rng(3)
+    x, w = normal64(rng, (4, 6)), normal64(rng, (6,))
+    out, _ = L.rmsnorm_forward(x, w, eps=1e-3)
+    expected = np.array([[x[i, j] / math.sqrt(sum(v * v for v in x[i]) / 6 + 1e-3) * w[j]
+                          for j in range(6)] for i in range(4)])
+    assert rel_error(out, expected) <= bounds.chain(F64, 6, depth=2)  # mean square, then divide
+    # rms of the normalised row is 1 (up to eps): the whole point of the layer. Exactly,
+    # sqrt(ms / (ms + eps)) = 1 - eps / (2 ms) to first order; and two more stages of sums over 6
+    out1, _ = L.rmsnorm_forward(100.0 * x, np.ones(6))
+    ms = np.mean((100.0 * x) ** 2, axis=-1)
+    rms = np.sqrt(np.mean(out1 ** 2, axis=-1))
+    assert np.abs(rms - 1.0).max() <= 1e-5 / (2 * ms.min()) + bounds.chain(F64, 6, depth=4, cancellation=1.0)
+
+
+def test_rmsnorm_gradient_is_orthogonal_to_xhat_at_zero_eps():
+    """Scaling x leaves the output unchanged (eps = 0), so the gradient has no component along x."""
+    rng = np.random.default_rng(4)
+    x, w = normal64(rng, (5, 7)), normal64(rng, (7,))
+    _, cache = L.rmsnorm_forward(x, w, eps=0.0)
+    dx, _ = L.rmsnorm_backward(normal64(rng, (5, 7)), cache)
+    cosines = np.sum(dx * x, axis=-1) / (np.linalg.norm(dx, axis=-1) * np.linalg.norm(x, axis=-1))
+    # dx = r (g - xhat mean(g xhat)): the sums over C = 7 of the backward and of the dot product
+    # round relative to |dx| |x|, which the cosine divides by
+    assert np.abs(cosines).max() <= bounds.chain(F64, 7, depth=3)
+    assert np.abs(np.sum(dx, axis=-1)).min() > 1e-3  # unlike layernorm's, not orthogonal to 1
+
+
+def test_rope_angles_follow_the_contract():
+    T, hs, theta, offset = 5, 6, 50.0, 3
+    cos, sin = L.rope_angles(T, hs, theta, offset)
+    assert cos.shape == sin.shape == (T, hs)
+    for t in range(T):
+        for i in range(hs // 2):
+            angle = (offset + t) * theta ** (-2 * i / hs)
+            # theta ** e, e = -2i / hs rounded, is off by |e ln theta| u relatively, the product
+            # (offset + t) * inv_freq by u: an absolute angle error of a few u |angle|, which cos and
+            # sin (each correct to u) pass on; a reordered pair of one-term sums per unit of angle
+            tol = bounds.reordered(F64, 1) * (1.0 + angle * max(1.0, math.log(theta)))
+            for j in (i, i + hs // 2):  # cat(angle, angle)
+                assert abs(cos[t, j] - math.cos(angle)) <= tol and abs(sin[t, j] - math.sin(angle)) <= tol
+    assert np.array_equal(L.rope_angles(T, hs, theta, 0).cos[offset:], L.rope_angles(T - offset, hs, theta, offset).cos)
+    assert L.rope_angles(2, 4, dtype=np.float32).sin.dtype == np.float32
+
+
+def test_rope_rotates_each_pair():
+    """Pair (x_i, x_{i+hs/2}) at position t turns by angle[t, i]: rotate-half's layout, written out."""
+    rng = np.random.default_rng(5)
+    B, nh, T, hs = 1, 2, 4, 6
+    x = normal64(rng, (B, nh, T, hs))
+    cos, sin = L.rope_angles(T, hs, 100.0, 2)
+    out, _ = L.rope_forward(x, cos, sin)
+    half = hs // 2
+    for t in range(T):
+        for i in range(half):
+            a = (2 + t) * 100.0 ** (-2 * i / hs)
+            x1, x2 = x[..., t, i], x[..., t, i + half]
+            # two products and a sum on each side, and cos, sin of angles that differ by a few
+            # u |a| (see test_rope_angles_follow_the_contract): relative to |x1| + |x2|
+            tol = bounds.reordered(F64, 2) * (1.0 + a * math.log(100.0)) * (np.abs(x1) + np.abs(x2))
+            assert (np.abs(out[..., t, i] - (x1 * math.cos(a) - x2 * math.sin(a))) <= tol).all()
+            assert (np.abs(out[..., t, i + half] - (x2 * math.cos(a) + x1 * math.sin(a))) <= tol).all()
+    assert np.array_equal(L.rotate_half(L.rotate_half(x)), -x)
+
+
+def test_rope_preserves_norms():
+    rng = np.random.default_rng(6)
+    x = normal64(rng, (2, 3, 9, 8), 3.0)
+    out, _ = L.rope_forward(x, *L.rope_angles(9, 8, offset=1000))
+    # an angle off by rounding is still a rotation: only cos^2 + sin^2 = 1 (each correct to u), the
+    # two products and sum of each pair, and the norms' sums of 8 squares round
+    ratio = np.linalg.norm(out, axis=-1) / np.linalg.norm(x, axis=-1)
+    assert np.abs(ratio - 1.0).max() <= bounds.chain(F64, 8, depth=3, cancellation=1.0)
+    # and it does change the vectors (position 0 alone is the identity)
+    assert rel_error(out, x) > 0.1
+
+
+def test_rope_scores_depend_only_on_the_position_difference():
+    """q rotated at position m, k at position n: q_m . k_n is a function of m - n alone."""
+    rng = np.random.default_rng(7)
+    hs = 8
+    q, k = normal64(rng, (hs,)), normal64(rng, (hs,))
+
+    def rotated(v, position):
+        out, _ = L.rope_forward(v[None, None, None, :], *L.rope_angles(1, hs, 10000.0, position))
+        return out[0, 0, 0]
+
+    # the angle of position m rounds to m inv_freq (1 + d), |d| <= u: an absolute error up to m u,
+    # for q's angle and k's, which turns the score by at most 2 m u |q| |k|; and a dot product of hs
+    positions = (3, 10, 250, 4096)
+    tol = (bounds.reordered(F64, hs) + 2 * max(positions) * U64) * np.linalg.norm(q) * np.linalg.norm(k)
+    for delta in (0, 1, 5, -3):
+        scores = [rotated(q, m) @ rotated(k, m - delta) for m in positions]
+        assert np.ptp(scores) <= tol, (delta, scores)
+    # and the score does depend on the difference (else the test proves nothing)
+    assert abs(rotated(q, 5) @ rotated(k, 5) - rotated(q, 5) @ rotated(k, 4)) > 1e-3
+
+
+def test_rope_backward_is_rotation_by_minus_angle():
+    rng = np.random.default_rng(8)
+    T, hs = 6, 4
+    dout = normal64(rng, (2, 2, T, hs))
+    cos, sin = L.rope_angles(T, hs, 10.0, 5)
+    _, cache = L.rope_forward(normal64(rng, dout.shape), cos, sin)
+    (dx,) = L.rope_backward(dout, cache)
+    back, _ = L.rope_forward(dout, cos, -sin)  # cos(-a) = cos a, sin(-a) = -sin a
+    assert np.array_equal(dx, back)
+    # the rotation by -angle undoes the forward: the backward of a rotation is its inverse
+    x = normal64(rng, dout.shape)
+    out, cache = L.rope_forward(x, cos, sin)
+    # two rotations, each two products and a sum per entry
+    assert rel_error(L.rope_backward(out, cache)[0], x) <= bounds.chain(F64, 2, depth=2)
+
+
+def test_relu2_forward_and_kink():
+    x = np.array([-2.0, -1e-9, 0.0, 1e-9, 3.0])
+    out, cache = L.relu2_forward(x)
+    assert np.array_equal(out, [0.0, 0.0, 0.0, 1e-18, 9.0])
+    (dx,) = L.relu2_backward(np.ones(5), cache)
+    assert np.array_equal(dx, [0.0, 0.0, 0.0, 2e-9, 6.0])  # 2 relu(x): continuous through 0
+
+
+def test_swiglu_forward_formula_and_split():
+    rng = np.random.default_rng(9)
+    x = normal64(rng, (3, 10), 3.0)
+    out, _ = L.swiglu_forward(x)
+    assert out.shape == (3, 5)
+    sigmoid = lambda g: 1.0 / (1.0 + math.exp(-g))  # noqa: E731
+    expected = np.array([[x[i, j] * sigmoid(x[i, j]) * x[i, 5 + j] for j in range(5)] for i in range(3)])
+    # exp, 1 + e, a division and two products: math's exp against NumPy's, each correct to u
+    assert rel_error(out, expected) <= bounds.chain(F64, 1, depth=3)
+    # no overflow warning and the right limits far out: silu(-800) = 0, silu(800) = 800
+    with np.errstate(all="raise"):
+        far, _ = L.swiglu_forward(np.array([-800.0, 800.0, 2.0, 2.0]))
+    assert np.array_equal(far, [-0.0, 1600.0])

@@ -1,5 +1,7 @@
 """Unit tests of npgpt.model and npgpt.sampling: gradients, names, dtypes, init, errors, KV cache,
-generation.
+generation; the modern block's switches (RMSNorm, RoPE, QK-norm, ReLU², SwiGLU, the MLP width,
+norm_eps) as rows of the gradient and shape tables, with their init, the KV cache with RoPE, npgpt.fast
+on them and a modern checkpoint.
 
 The gradient checks run on float64 models whose parameters are re-drawn at O(1) scale (gains
 near 1, non-zero biases, weights N(0, 1/fan_in)): at nanoGPT's N(0, 0.02) init the blocks are
@@ -19,18 +21,16 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from scipy.special import chdtri
 
-from npgpt import GPT, BigramLanguageModel, GPTConfig, bounds
+from npgpt import GPT, BigramLanguageModel, GPTConfig, bounds, fast
 from npgpt.config import ACTIVATIONS
 from npgpt.compare import rel_error
 from npgpt.gradcheck import NORM_STD_MIN, gradcheck_model
+from npgpt.model import param_shapes
 from npgpt.sampling import sample_next
 
+from shapes import expected_param_shapes
+
 H = 1e-5  # finite-difference step
-BLOCK_LOCAL_NAMES = [  # nanoGPT's Block.named_parameters() order
-    "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
-    "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
-    "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
-]
 
 
 def fd_sizes(config: GPTConfig, B: int, T: int) -> dict:
@@ -41,9 +41,31 @@ def fd_sizes(config: GPTConfig, B: int, T: int) -> dict:
     return dict(n=n, depth=bounds.forward_depth(config.n_layer), amplification=bounds.PARITY_AMPLIFICATION, h=H)
 
 
+def longest_sum(config: GPTConfig, B: int, T: int) -> int:
+    """The longest sum of a forward and backward: the MLP's width (both halves of swiglu's c_fc),
+    the vocabulary's log-sum-exp, a weight gradient's sum over B * T positions."""
+    return max(config.mlp_hidden_size * (2 if config.activation == "swiglu" else 1), config.vocab_size, B * T)
+
+
 def small_config(**overrides) -> GPTConfig:
     base = dict(vocab_size=7, block_size=6, n_layer=2, n_head=2, n_embd=8)
     return GPTConfig(**{**base, **overrides})
+
+
+SWITCHES = {
+    "rmsnorm": dict(norm="rmsnorm"),
+    "rmsnorm-nobias": dict(norm="rmsnorm", bias=False),
+    "rope": dict(pos_emb="rope"),
+    "qk_norm": dict(qk_norm=True),
+    "relu2": dict(activation="relu2"),
+    "swiglu": dict(activation="swiglu"),
+    "swiglu-H12-untied": dict(activation="swiglu", mlp_hidden=12, tie_weights=False),
+    "mlp_hidden-20": dict(mlp_hidden=20),
+    "norm_eps": dict(norm_eps=0.1),
+    "modern": dict(norm="rmsnorm", pos_emb="rope", qk_norm=True, activation="swiglu", bias=False,
+                   rope_theta=100.0),
+    "modern-relu2-bias": dict(norm="rmsnorm", pos_emb="rope", qk_norm=True, activation="relu2"),
+}
 
 
 def randomize(params: dict[str, np.ndarray], rng: np.random.Generator) -> None:
@@ -65,6 +87,21 @@ def random_model(config: GPTConfig, seed: int = 0, dtype=np.float64) -> GPT:
     return model
 
 
+def jittered_model(config: GPTConfig, seed: int = 0, dtype=np.float64, scale: float = 0.3, cls=GPT):
+    """A model whose every parameter (gains and biases too) is moved off its init by N(0, scale)."""
+    model = cls(config, seed=seed, dtype=dtype)
+    rng = np.random.default_rng([seed, 5])
+    for p in model.params.values():
+        p += rng.normal(0.0, scale, p.shape).astype(p.dtype)
+    return model
+
+
+def jittered_batch(config, B, T, seed=0):
+    """The batch drawn for jittered_model's tests."""
+    rng = np.random.default_rng([seed, 3])
+    return rng.integers(0, config.vocab_size, (B, T)), rng.integers(0, config.vocab_size, (B, T))
+
+
 def batch(config, B, T, seed=0):
     rng = np.random.default_rng([seed, 7])
     return rng.integers(0, config.vocab_size, (B, T)), rng.integers(0, config.vocab_size, (B, T))
@@ -83,13 +120,17 @@ def relu_margin(model, idx, targets, recording_relu) -> float:
 # Whole-model gradient checks
 # --------------------------------------------------------------------------------------------
 
-GRAD_CONFIGS = [pytest.param(a, b, t, id=f"{a}-{'bias' if b else 'nobias'}-{'tied' if t else 'untied'}")
-                for a in ACTIVATIONS for b in (True, False) for t in (True, False)]
+GRAD_CONFIGS = {f"{a}-{'bias' if b else 'nobias'}-{'tied' if t else 'untied'}": dict(activation=a, bias=b, tie_weights=t)
+                for a in ACTIVATIONS for b in (True, False) for t in (True, False)}
+# every switch of the modern block alone, one block (half the cost), and the combined ones with two,
+# so a block's input gradient is checked through the next block too
+GRAD_CONFIGS.update({name: {"n_layer": 2 if name.startswith("modern") else 1, **overrides}
+                     for name, overrides in SWITCHES.items()})
 
 
-@pytest.mark.parametrize("activation,bias,tie", GRAD_CONFIGS)
-def test_gpt_gradients_match_finite_differences(activation, bias, tie, request, errors_below, recording_relu):
-    config = small_config(activation=activation, bias=bias, tie_weights=tie)
+@pytest.mark.parametrize("name", GRAD_CONFIGS)
+def test_gpt_gradients_match_finite_differences(name, errors_below, recording_relu):
+    config = small_config(**GRAD_CONFIGS[name])
     model = random_model(config, seed=1)
     idx, targets = batch(config, B=2, T=5)
     margin = relu_margin(model, idx, targets, recording_relu)
@@ -98,7 +139,7 @@ def test_gpt_gradients_match_finite_differences(activation, bias, tie, request, 
     assert margin > 10 * H, f"a ReLU pre-activation lies {margin:.2e} from 0; pick another seed"
     errors = gradcheck_model(model, idx, targets, h=H)
     assert list(errors) == list(model.params)
-    errors_below(errors, request.node.callspec.id, **fd_sizes(config, 2, 5))
+    errors_below(errors, name, **fd_sizes(config, 2, 5))
 
 
 def test_gpt_gradients_with_dropout_masks(errors_below):
@@ -112,6 +153,17 @@ def test_gpt_gradients_with_dropout_masks(errors_below):
     assert model.forward(idx, targets, dropout_masks=masks)[1] == loss  # the masks reproduce it
     errors = gradcheck_model(model, idx, targets, h=H, dropout_masks=masks)
     errors_below(errors, "GPT with dropout masks", **fd_sizes(config, 2, 5))
+
+
+def test_gpt_gradients_with_dropout_masks_and_every_switch(errors_below):
+    config = small_config(**SWITCHES["modern"], dropout=0.25)
+    model = jittered_model(config, seed=2)
+    idx, targets = jittered_batch(config, B=2, T=5, seed=2)
+    model.forward(idx, targets)  # draws the masks
+    masks = [m.copy() for m in model.last_dropout_masks]
+    assert len(masks) == 1 + 3 * config.n_layer
+    errors = gradcheck_model(model, idx, targets, h=H, dropout_masks=masks)
+    errors_below(errors, "modern with dropout masks", **fd_sizes(config, 2, 5))
 
 
 @pytest.mark.parametrize("vocab_size,idx", [
@@ -175,40 +227,29 @@ def test_gpt_gradient_property(case, errors_below, recording_relu, recording_nor
 # Names, shapes, dtypes
 # --------------------------------------------------------------------------------------------
 
-def nanogpt_names(n_layer: int, bias: bool, tie: bool) -> list[str]:
-    names = ["transformer.wte.weight", "transformer.wpe.weight"]
-    names += [f"transformer.h.{i}.{n}" for i in range(n_layer) for n in BLOCK_LOCAL_NAMES]
-    names += ["transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight"]
-    if not bias:
-        names = [n for n in names if not n.endswith(".bias")]
-    if tie:  # nanoGPT's named_parameters() yields the shared matrix once, as transformer.wte.weight
-        names.remove("lm_head.weight")
-    return names
+
+SHAPE_CONFIGS = {
+    "bias-tied": dict(bias=True, tie_weights=True), "bias-untied": dict(bias=True, tie_weights=False),
+    "nobias-tied": dict(bias=False, tie_weights=True), "nobias-untied": dict(bias=False, tie_weights=False),
+    **SWITCHES,
+}
 
 
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("tie", [True, False])
-def test_param_names_and_shapes_are_nanogpts(bias, tie):
-    V, bs, C = 7, 6, 8
-    model = GPT(small_config(bias=bias, tie_weights=tie))
-    assert list(model.params) == nanogpt_names(2, bias, tie)
-    if not bias:
+@pytest.mark.parametrize("name", SHAPE_CONFIGS)
+def test_param_names_and_shapes_are_nanogpts(name):
+    """Names in nanoGPT's order and shapes in nn.Linear's (out, in) layout, as tests/shapes.py has them
+    (torchgpt's named_parameters() order: q_norm, k_norm after attn.c_proj, as modules register)."""
+    config = small_config(**SHAPE_CONFIGS[name])
+    model = GPT(config)
+    expected = expected_param_shapes(config)
+    assert list(model.params) == list(expected)
+    assert {n: p.shape for n, p in model.params.items()} == expected
+    assert param_shapes(config) == expected
+    if not config.bias:
         assert not any(".bias" in n for n in model.params)
-    if tie:
+    if config.tie_weights:
         assert "lm_head.weight" not in model.params
         assert model.head_weight is model.params["transformer.wte.weight"]
-    local_shapes = {"ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (3 * C, C),
-                    "attn.c_attn.bias": (3 * C,), "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
-                    "ln_2.weight": (C,), "ln_2.bias": (C,), "mlp.c_fc.weight": (4 * C, C),
-                    "mlp.c_fc.bias": (4 * C,), "mlp.c_proj.weight": (C, 4 * C), "mlp.c_proj.bias": (C,)}
-    for name, p in model.params.items():
-        if name.startswith("transformer.h."):
-            expected = local_shapes[name.split(".", 3)[3]]
-        else:
-            expected = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (bs, C),
-                        "transformer.ln_f.weight": (C,), "transformer.ln_f.bias": (C,),
-                        "lm_head.weight": (V, C)}[name]
-        assert p.shape == expected, f"{name}: {p.shape} != {expected} (nn.Linear layout is (out, in))"
 
 
 @pytest.mark.parametrize("bias,tie,expected", [
@@ -304,6 +345,30 @@ def test_init_loss_is_log_vocab():
     idx, targets = batch(config, 4, 16)
     _, loss = model.forward(idx, targets)
     assert abs(loss - math.log(65)) < 0.05
+
+
+def test_init_gains_are_ones_and_swiglu_rows():
+    config = small_config(**SWITCHES["modern"], mlp_hidden=12)
+    model = GPT(config, seed=3)
+    for name, p in model.params.items():
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight", "q_norm.weight", "k_norm.weight")):
+            assert np.array_equal(p, np.ones_like(p)), name
+    c_fc = model.params["transformer.h.0.mlp.c_fc.weight"]
+    assert c_fc.shape == (24, 8) and 0.015 < c_fc.std() < 0.025  # gate and up rows both N(0, 0.02)
+    assert 0.01 < c_fc[:12].std() and 0.01 < c_fc[12:].std()
+
+def test_default_config_is_the_lecture_model():
+    """A config dict without the modern fields builds the lecture's parameters, in nanoGPT's order."""
+    old = dict(vocab_size=7, block_size=6, n_layer=1, n_head=2, n_embd=8, dropout=0.0, bias=True,
+               activation="gelu", tie_weights=True)
+    model = GPT(GPTConfig.from_dict(old), seed=4)
+    block = ["ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+             "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+             "mlp.c_proj.weight", "mlp.c_proj.bias"]
+    assert list(model.params) == (["transformer.wte.weight", "transformer.wpe.weight"]
+                                  + [f"transformer.h.0.{n}" for n in block]
+                                  + ["transformer.ln_f.weight", "transformer.ln_f.bias"])
+    assert model.params["transformer.h.0.mlp.c_fc.weight"].shape == (32, 8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,6 +551,39 @@ def test_kv_cache_matches_full_forward(activation, bias, tie, chunks, assert_clo
         assert_close(f"logits at position {t}", cached[:, t], full[:, t], tol)
 
 
+@pytest.mark.parametrize("switch", ["rope", "modern", "modern-relu2-bias"])
+@pytest.mark.parametrize("chunks", [(6,), (1, 1, 1, 1, 1, 1), (2, 3, 1)])
+def test_kv_cache_with_rope_matches_full_forward(switch, chunks, assert_close):
+    config = small_config(**SWITCHES[switch])
+    model = jittered_model(config, seed=5).eval()
+    idx, _ = jittered_batch(config, B=3, T=6, seed=5)
+    full, _ = model.forward(idx)
+    kv = model.new_kv_cache(3)
+    pieces, start = [], 0
+    for n in chunks:
+        pieces.append(model.forward_cached(idx[:, start:start + n], kv))
+        start += n
+    # the same formulas on (B, chunk) slices: sums of other lengths and orders through the forward
+    tol = bounds.chain(np.float64, longest_sum(config, 3, 6), bounds.forward_depth(config.n_layer) - 2,
+                       bounds.PARITY_AMPLIFICATION)  # no loss
+    assert_close("cached logits", np.concatenate(pieces, axis=1), full, tol)
+
+@pytest.mark.parametrize("switch", ["rope", "modern"])
+def test_generate_with_rope_with_and_without_cache(switch):
+    """Past block_size the window slides and the cache is refilled: positions restart at 0."""
+    config = small_config(**SWITCHES[switch])
+    model = jittered_model(config, seed=24, scale=1.0).eval()  # seed 24: no row settles into a cycle of 2
+    idx = np.array([[1, 2], [3, 4]])
+    cached = model.generate(idx, 14, temperature=0.0)
+    uncached = model.generate(idx, 14, temperature=0.0, use_cache=False)
+    ref = idx
+    for _ in range(14):
+        logits, _ = model.forward(ref[:, -config.block_size:])
+        ref = np.concatenate([ref, logits[:, -1].argmax(-1)[:, None]], axis=1)
+    assert np.array_equal(cached, ref) and np.array_equal(uncached, ref)
+    assert all(len(set(row[2:])) > 2 for row in cached.tolist())  # not stuck on one or two tokens
+
+
 def reference_generate(model, idx, n, temperature, top_k, rng):
     """The plain loop: full eval forward on the last block_size tokens, sample, append."""
     bs = model.config.block_size
@@ -542,6 +640,62 @@ def test_npgpt_never_imports_torch():
     code = ("import sys, npgpt, npgpt.gradcheck, npgpt.sampling, npgpt.data, npgpt.optim; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0, "importing npgpt pulled in torch"
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_fast_gpt_equals_reference_on_the_switches(switch):
+    """npgpt.fast.GPT runs the modern switches on its own layers (numba kernels as installed): the
+    reference's numbers to float64 rounding (tests/test_fastpath.py checks them pair by pair)."""
+    config = small_config(**SWITCHES[switch])
+    ref = jittered_model(config, seed=8)
+    quick = fast.GPT(config, seed=8, dtype=np.float64)
+    for n, p in ref.params.items():
+        quick.params[n][...] = p
+    idx, targets = jittered_batch(config, B=2, T=6, seed=8)
+    logits_r, loss_r = ref.forward(idx, targets)
+    logits_f, loss_f = quick.forward(idx, targets)
+    grads_r, grads_f = ref.backward(), quick.backward()
+    assert quick.layers == fast.layers.FAST
+    # the same formulas with other summation orders (numba loops, 2-D matmuls, in-place sums): the
+    # forward is a chain; the backward adds as many stages again
+    n, depth = longest_sum(config, 2, 6), bounds.forward_depth(config.n_layer)
+    forward = bounds.chain(np.float64, n, depth, bounds.PARITY_AMPLIFICATION)
+    backward = bounds.chain(np.float64, n, 2 * depth, bounds.PARITY_AMPLIFICATION)
+    assert rel_error(logits_f, logits_r) <= forward and abs(loss_f - loss_r) <= forward * abs(loss_r)
+    assert list(grads_f) == list(grads_r)
+    worst = {n: rel_error(grads_f[n], grads_r[n]) for n in grads_r}
+    assert all(worst[n] <= backward for n in grads_r), {n: e for n, e in worst.items() if e > backward}
+
+def test_checkpoint_round_trip_carries_the_modern_fields(tmp_path):
+    """A modern model's .npz checkpoint: the config's new fields and the params (no wpe, q_norm,
+    (2H, C) c_fc) come back, and torchgpt loads the params strictly. A checkpoint config saved
+    without the modern keys loads as the lecture's model."""
+    import math
+
+    pytest.importorskip("torch")  # torchgpt's strict load; the rest runs in the base install too
+    from gptapp.checkpoint import Checkpoint, load_npz, save_npz
+    from torchgpt import GPT as TorchGPT
+    from torchgpt.convert import load_params
+
+    config = small_config(**SWITCHES["modern"], mlp_hidden=12)
+    model = jittered_model(config, seed=9, dtype=np.float32)
+    ckpt = Checkpoint(backend="numpy", model="gpt", gpt_config=config, vocab="abcdefg", params=model.params,
+                      train_config={}, iter_num=1, best_val_loss=math.inf, optimizer={}, rng=None)
+    save_npz(tmp_path / "modern.npz", ckpt)
+    back = load_npz(tmp_path / "modern.npz")
+    assert back.gpt_config == config and back.gpt_config.pos_emb == "rope" and back.gpt_config.mlp_hidden == 12
+    assert sorted(back.params) == sorted(model.params)
+    assert all(np.array_equal(back.params[n], p) for n, p in model.params.items())
+    load_params(TorchGPT(back.gpt_config), back.params)  # strict: names and shapes agree
+
+    old = {k: v for k, v in small_config().to_dict().items()
+           if k not in ("norm", "norm_eps", "pos_emb", "rope_theta", "qk_norm", "mlp_hidden")}
+    lecture = GPT(GPTConfig.from_dict(old), seed=1)
+    ckpt_old = Checkpoint(backend="numpy", model="gpt", gpt_config=GPTConfig.from_dict(old), vocab="abcdefg",
+                          params=lecture.params, train_config={}, iter_num=1, best_val_loss=math.inf,
+                          optimizer={}, rng=None)
+    save_npz(tmp_path / "old.npz", ckpt_old)
+    assert load_npz(tmp_path / "old.npz").gpt_config == small_config()
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,23 +26,24 @@ import pytest
 
 from scipy.special import erf as scipy_erf
 
-import npgpt
 from npgpt import GPTConfig, fast, optim
 from npgpt import layers as L
 from npgpt.bounds import (ADAMW_ROUNDINGS, CANCELLATION, ERF32_MAX_ERROR, EXP32_MAX_ERROR, LIBM64_MAX_ERROR,
-                          MODEL_AMPLIFICATION, PHI32_MAX_ERROR, approximation, bitwise, chain, reassociated,
-                          fast_model, gamma, reordered)
+                          MODEL_AMPLIFICATION, NEWTON_SCHULZ_MATMULS, PHI32_MAX_ERROR, approximation, bitwise, chain,
+                          reassociated, fast_model, gamma, reordered)
 from npgpt.compare import compare_all
 from npgpt.fast import layers as fast_layers
 from npgpt.fast import numba_kernels as K
 from npgpt.gradcheck import rel_error
+from npgpt.muon import Muon
 from npgpt.optim import AdamW
 
 # the kernels' own attention core, split, merge and the rest the reference's
 KERNELS = L.LayerSet(**{**vars(L.REFERENCE), "causal_attention_forward": K.causal_attention_forward,
                          "causal_attention_backward": K.causal_attention_backward})
 from functools import partial
-from test_fastpath import arrays_of, batch, block_params, compare_pair, noisy_pair, small_config
+from fast_helpers import (MODEL_CONFIGS, MODERN_CONFIGS, arrays_of, batch, block_params, check, compare_pair, compare_to_reference,
+                          exact_twin, noisy_pair, small_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [np.float64, np.float32]
@@ -75,24 +76,6 @@ def test_numba_is_available():
     assert K.AVAILABLE, (f"{K.UNAVAILABLE_REASON}: the kernels are untested without numba; "
                          "install the test extra (pip install -e '.[test]')")
     assert K.threads() >= 1
-
-
-def check(name, ours, exact, dtype, bound, reference32=None):
-    """ours (in `dtype`) within `bound` (from npgpt.bounds) of `exact` (float64), normwise; prints
-    both and their ratio."""
-    ours = np.asarray(ours)
-    exact = np.asarray(exact, dtype=np.float64)
-    assert ours.shape == exact.shape, f"{name}: shape {ours.shape} != {exact.shape}"
-    assert ours.dtype == np.dtype(dtype), f"{name}: dtype {ours.dtype}, expected {np.dtype(dtype)}"
-    rel = rel_error(ours, exact)
-    max_abs = float(np.max(np.abs(ours.astype(np.float64) - exact))) if exact.size else 0.0
-    extra = ""
-    if reference32 is not None:
-        extra = f"; float32 reference {rel_error(reference32, exact):.2e}"
-    ratio = rel / bound if bound else float(rel > 0) * float("inf")
-    print(f"  {name:>10} {np.dtype(dtype).name}: rel {rel:.2e} (bound {bound:.2e}, worst error / bound "
-          f"{ratio:.3g}), max abs {max_abs:.2e}{extra}")
-    assert rel <= bound, f"{name}: normwise relative error {rel:.3e} > {bound:g} (max abs {max_abs:.3e})"
 
 
 def random(rng, shape, dtype, scale=1.0, shift=0.0):
@@ -245,7 +228,7 @@ def test_softmax(dtype):
 
 def scalar_function_over(function, z):
     """function (one of the kernels' scalar helpers, as numba compiles it for z's dtype) at each z."""
-    import numba  # here, not at the top: test_fast_modern.py imports this module's helpers without numba
+    import numba  # here, not at the top: the module's other tests import without it
 
     @numba.njit
     def each(z, out):
@@ -433,6 +416,86 @@ def test_sum_of_squares_and_scale(dtype):
 
 
 # --------------------------------------------------------------------------------------------
+# The modern block's kernels: RMSNorm, SwiGLU, RoPE
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [(3, 7, 24), (12, 64, 128), (2, 4, 9, 32)])
+def test_rmsnorm_kernel(dtype, shape, kernels_on):
+    """The row kernel against the float64 formula (a strided view of heads included, as QK-norm
+    passes it): the forward a chain of 2 stages (the mean square over C, the scaling), dx 4 (and
+    the backward's mean over C), dw 3 (and its sum over the N rows)."""
+    rng = np.random.default_rng(6)
+    C = shape[-1]
+    x, dout = random(rng, shape, dtype, 3.0) + dtype(1.5), random(rng, shape, dtype)
+    if len(shape) == 4:  # (B, nh, T, hs) heads split out of a (B, T, 3C) array: not contiguous
+        x = L.split_heads(random(rng, (shape[0], shape[2], 3 * shape[1] * C), dtype)[..., :shape[1] * C], shape[1])
+    w = random(rng, C, dtype, 0.5) + dtype(1.0)
+    out, cache = K.rmsnorm_forward(x, w, 1e-5)
+    dx, dw = K.rmsnorm_backward(dout, cache)
+    ref_out, ref_cache = L.rmsnorm_forward(*(np.asarray(a, np.float64) for a in (x, w)))
+    ref_dx, ref_dw = L.rmsnorm_backward(np.asarray(dout, np.float64), ref_cache)
+    assert type(cache) is L.RMSNormCache
+    N = int(np.prod(shape[:-1]))
+    check("out", out, ref_out, dtype, chain(dtype, C, 2))
+    check("xhat", cache.xhat, ref_cache.xhat, dtype, chain(dtype, C, 2))
+    check("dx", dx, ref_dx, dtype, chain(dtype, C, 4))
+    check("dw", dw, ref_dw, dtype, chain(dtype, max(C, N), 3))
+
+
+def test_rmsnorm_kernel_uses_eps(kernels_on):
+    rng = np.random.default_rng(7)
+    x = random(rng, (4, 16), np.float64, 1e-3)  # mean square ~1e-6: eps matters
+    out, _ = K.rmsnorm_forward(x, np.ones(16), eps=1e-2)
+    bound = chain(np.float64, 16, 2)
+    compare_all({"out": out}, {"out": L.rmsnorm_forward(x, np.ones(16), 1e-2)[0]}, rtol=bound)
+    assert np.abs(K.rmsnorm_forward(x, np.ones(16))[0] - out).max() > bound  # the default eps: another result
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_swiglu_kernel(dtype, kernels_on):
+    """One pass per row (sigmoid as 1 / (1 + exp(-g)), float32's polynomial exp) against the float64
+    formula (sigmoid as (1 + tanh(g / 2)) / 2), wide gates included (no NaN, no overflow): the
+    exp's error (float32: EXP32_MAX_ERROR; float64: two libm functions, LIBM64_MAX_ERROR) and
+    the formulas' roundings, 3 for sig, 5 for out, 9 for dx (dsilu's 4, two products), with
+    CANCELLATION (1 - sig, random-sign dout). The output the block rebuilds from the cache is the
+    kernel's own, bit for bit."""
+    rng = np.random.default_rng(8)
+    x = random(rng, (3, 5, 2 * 24), dtype, 3.0)
+    x[0, 0, :6] = np.array([-100.0, -30.0, 0.0, 30.0, 100.0, -0.0], dtype)  # gates at the extremes
+    dout = random(rng, (3, 5, 24), dtype)
+    out, cache = K.swiglu_forward(x)
+    (dx,) = K.swiglu_backward(dout, cache)
+    ref_out, ref_cache = L.swiglu_forward(x.astype(np.float64))
+    (ref_dx,) = L.swiglu_backward(dout.astype(np.float64), ref_cache)
+    assert type(cache) is L.SwigluCache and np.isfinite(out).all() and np.isfinite(dx).all()
+    approx = EXP32_MAX_ERROR if np.dtype(dtype) == np.float32 else LIBM64_MAX_ERROR
+    check("out", out, ref_out, dtype, approximation(dtype, approx, 5))
+    check("sig", cache.sig, ref_cache.sig, dtype, approximation(dtype, approx, 3))
+    check("dx", dx, ref_dx, dtype, approximation(dtype, approx, 9))
+    assert np.array_equal(fast_layers.ACTIVATION_OUTPUT_FROM_CACHE["swiglu"](cache), out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_kernel_is_bit_for_bit_the_reference(dtype, kernels_on, monkeypatch):
+    """The one-pass kernel (no FMA contraction) on a strided head view of qkv: the reference's
+    result exactly, forward and backward, into `out` when given."""
+    calls = []
+    for name in ("rope_forward", "rope_backward"):
+        original = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _f=original, _n=name: (calls.append(_n), _f(*a))[1])
+    rng = np.random.default_rng(9)
+    B, nh, T, hs = 2, 3, 7, 8
+    qkv = random(rng, (B, T, 3 * nh * hs), dtype)
+    x = L.split_heads(qkv[..., nh * hs:2 * nh * hs], nh)  # k's heads: not contiguous
+    angles = L.rope_angles(T, hs, 100.0, offset=5, dtype=dtype)
+    compare_pair("rope kernel", (K.rope_forward, K.rope_backward), (L.rope_forward, L.rope_backward),
+                 (x, angles.cos, angles.sin), dtype,
+                 bitwise("the kernel's loop runs ROPE_HALVES' products and sums, FMA contraction off"))
+    assert set(calls) == {"rope_forward", "rope_backward"}, calls
+
+
+# --------------------------------------------------------------------------------------------
 # npgpt.fast with the kernels on, against the reference (tests/test_fastpath.py: with them off)
 # --------------------------------------------------------------------------------------------
 
@@ -443,6 +506,12 @@ FAST_DTYPES = [pytest.param(np.float64, id="f64"), pytest.param(np.float32, id="
 def kernels_on(monkeypatch):
     assert K.AVAILABLE, K.UNAVAILABLE_REASON
     monkeypatch.setattr(K, "ENABLED", True)
+
+
+def test_the_fast_model_runs_the_kernel_set_for_every_switch(kernels_on):
+    """fast.GPT runs npgpt.fast's layer set, kernels included, for the modern block too."""
+    for name, config in MODERN_CONFIGS.items():
+        assert fast.GPT(config).layers == fast_layers.FAST, name
 
 
 @pytest.mark.parametrize("dtype", FAST_DTYPES)
@@ -529,41 +598,10 @@ def test_fast_block_with_kernels_equals_reference(dtype, activation, dropout, ke
         assert np.array_equal(fast_layers.ACTIVATION_OUTPUT_FROM_CACHE["gelu"](f_cache.act), act_out)
 
 
-def compare_to_reference(header, ours: dict, reference: dict, exact: dict | None, dtype, bound: float) -> None:
-    """float64: ours within `bound` (bounds.fast_model) of the reference. float32: ours and the
-    float32 reference are both compared with the exact result (the reference in float64 on the same
-    float32 inputs), ours within `bound` of it (the kernels sum in another order than the
-    reference, so neither float32 result is the other's truth); the reference's error is printed
-    beside it for scale."""
-    if np.dtype(dtype) == np.float64:
-        rows = compare_all(ours, reference, rtol=bound, header=header)
-        print(f"{header}: worst error / bound {max(r.rel / r.rtol for r in rows):.3g}")
-        return
-    print(f"\n{header}: normwise error against the exact result, ours / float32 reference")
-    bad, worst = [], 0.0
-    for name in exact:
-        mine, theirs = rel_error(ours[name], exact[name]), rel_error(reference[name], exact[name])
-        worst = max(worst, mine / bound)
-        print(f"  {name:36s} {mine:.2e} / {theirs:.2e}  (bound {bound:.1e}){'  FAIL' if not mine <= bound else ''}")
-        if not mine <= bound:
-            bad.append(name)
-    print(f"{header}: worst error / bound {worst:.3g}")
-    assert not bad, f"{header}: further from the exact result than allowed: {bad}"
-
-
-def exact_twin(model, config):
-    """A float64 reference GPT holding `model`'s (float32) parameters exactly."""
-    twin = npgpt.GPT(config, dtype=np.float64)
-    for n, p in model.params.items():
-        twin.params[n][...] = p
-    return twin
-
-
-@pytest.mark.parametrize("config", [small_config(), small_config(tie_weights=True, bias=False, activation="relu"),
-                                    small_config(dropout=0.2, activation="gelu_tanh")],
-                         ids=["untied-bias-gelu", "tied-nobias-relu", "dropout-gelu_tanh"])
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
 @pytest.mark.parametrize("dtype", FAST_DTYPES)
-def test_fast_model_with_kernels_equals_reference(dtype, config, kernels_on):
+def test_fast_model_with_kernels_equals_reference(dtype, name, kernels_on):
+    config = MODEL_CONFIGS[name]
     reference, quick = noisy_pair(config, dtype)
     idx, targets = batch(config)
     r_logits, r_loss = reference.forward(idx, targets)
@@ -576,7 +614,7 @@ def test_fast_model_with_kernels_equals_reference(dtype, config, kernels_on):
         twin = exact_twin(reference, config)
         e_logits, e_loss = twin.forward(idx, targets, dropout_masks=masks)
         exact = {"logits": e_logits, "loss": e_loss, **twin.backward()}
-    compare_to_reference(f"model with kernels [{np.dtype(dtype).name}]", ours, theirs, exact, dtype,
+    compare_to_reference(f"model {name} with kernels [{np.dtype(dtype).name}]", ours, theirs, exact, dtype,
                          fast_model(dtype, config, numpy_only=False))
 
 
@@ -640,6 +678,57 @@ def test_fast_generate_with_kernels_equals_reference(kernels_on):
     compare_all({"logits": quick.forward_cached(idx, kv_f)}, {"logits": reference.forward_cached(idx, kv_r)},
                 rtol=fast_model(np.float64, config, numpy_only=False, backward=False),
                 header="forward_cached with kernels")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_modern_training_with_muon_equals_reference(dtype, kernels_on):
+    """Steps of the fast modern model (kernels on) with Muon + AdamW, against the reference: five in
+    float64, two in float32, within a chain over the steps (each a forward, backward, clip, AdamW
+    and Newton-Schulz's 5 x 3 products). Newton-Schulz raises every singular value of the momentum
+    towards 1, however small: a direction in which the gradient is little more than rounding noise
+    gets as large an update as the main ones. So the two float32 runs' different summation orders
+    (each ~5e-7 from the exact run) turn into parameter differences of order lr * 1e-6 / sigma, and
+    from the third step the gradient norms differ at a few 1e-6: that would test the amplification,
+    not the layers."""
+    from gptapp.optimizers import MuonAdamW
+
+    config = MODEL_CONFIGS["modern"]
+    reference, quick = noisy_pair(config, dtype)
+    runs = {"ours": (quick, fast.AdamW, fast.clip_grad_norm), "reference": (reference, optim.AdamW, optim.clip_grad_norm)}
+    if np.dtype(dtype) == np.float32:
+        runs["exact"] = (exact_twin(reference, config), optim.AdamW, optim.clip_grad_norm)
+    opts = {k: MuonAdamW(m.params, adamw, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, muon_lr=0.05,
+                         muon_class=fast.Muon if k == "ours" else Muon)
+            for k, (m, adamw, _) in runs.items()}
+    assert opts["ours"].muon.params and isinstance(opts["ours"].muon, fast.Muon)
+    for step in range(5 if np.dtype(dtype) == np.float64 else 2):
+        idx, targets = batch(config, seed=step)
+        state = {}
+        for k, (model, _, clip) in runs.items():
+            _, loss = model.forward(idx, targets)
+            norm = clip(g := model.backward(), 0.5)
+            opts[k].step(g, lr=optim.cosine_lr(step, 1e-2, 2, 5, 1e-3))
+            state[k] = {"loss": loss, "grad norm": norm, **{n: p.copy() for n, p in model.params.items()}}
+        bound = fast_model(dtype, config, numpy_only=False, steps=step + 1,
+                           extra_stages=2 + 5 * NEWTON_SCHULZ_MATMULS)
+        compare_to_reference(f"muon step {step} [{np.dtype(dtype).name}]", state["ours"], state["reference"],
+                             state.get("exact"), dtype, bound)
+
+
+@pytest.mark.parametrize("name", ["modern", "modern-relu2-bias-eps"])
+def test_modern_generate_with_kernels_equals_reference(name, kernels_on):
+    """KV-cache decoding with RoPE offsets on the fast layers: the reference's tokens and logits."""
+    config = MODEL_CONFIGS[name]
+    reference, quick = noisy_pair(config, np.float64)
+    idx = np.array([[1, 2, 3], [4, 5, 6]])
+    assert np.array_equal(quick.generate(idx, 9, temperature=0.0), reference.generate(idx, 9, temperature=0.0))
+    kv_r, kv_f = reference.new_kv_cache(2), quick.new_kv_cache(2)
+    first = {"logits": quick.forward_cached(idx, kv_f)}, {"logits": reference.forward_cached(idx, kv_r)}
+    nxt = np.array([[0], [2]])
+    second = {"logits": quick.forward_cached(nxt, kv_f)}, {"logits": reference.forward_cached(nxt, kv_r)}
+    bound = fast_model(np.float64, config, numpy_only=False, backward=False)
+    compare_all(first[0], first[1], rtol=bound, header="forward_cached, prompt")
+    compare_all(second[0], second[1], rtol=bound, header="forward_cached, next token")
 
 
 def test_npgpt_numba_0_keeps_the_fast_path_on_numpy():
@@ -722,7 +811,6 @@ def test_the_thread_pool_starts_passive_without_leaving_the_setting_behind():
     code = "import os; from npgpt.fast import numba_kernels as K; print(os.environ.get('OMP_WAIT_POLICY', '-'))"
     chosen = run_python(code, {"OMP_WAIT_POLICY": "ACTIVE"})
     assert chosen.returncode == 0 and chosen.stdout.split()[0] == "ACTIVE", chosen.stderr
-
 
 
 def test_with_openmp_already_loaded_the_pool_is_numbas_workqueue():

@@ -1,4 +1,5 @@
-"""Unit tests of npgpt.optim: AdamW against a per-parameter reference, clipping, the LR schedule."""
+"""Unit tests of npgpt.optim: AdamW against a per-parameter reference, clipping, the LR schedule, and
+Muon (Newton-Schulz, its step by hand, its state)."""
 from __future__ import annotations
 
 import io
@@ -7,11 +8,23 @@ import math
 import numpy as np
 import pytest
 
-from npgpt import GPT, GPTConfig
+from npgpt import GPT, GPTConfig, bounds
 from npgpt.bounds import ADAMW_ROUNDINGS, CANCELLATION, bitwise, gamma, reassociated
 from npgpt.bounds import global_norm as bounds_global_norm
 from npgpt.compare import rel_error
+from npgpt.muon import NS_COEFFICIENTS, Muon, adjusted_lr, zeropower_via_newton_schulz
 from npgpt.optim import AdamW, clip_grad_norm, cosine_lr
+from npgpt.optim import Muon as OptimMuon
+
+F64 = np.float64
+# A Newton-Schulz step x <- a x + (b A + c A^2) x, A = x x^T, is three matmuls whose roundings the
+# rest of the iteration carries with at most |a| + |b| + |c| (the step's coefficients on s <= 1)
+NS_STAGES = 3 * 5
+NS_AMPLIFICATION = sum(abs(c) for c in NS_COEFFICIENTS)
+
+
+def normal64(rng, shape, scale=1.0, offset=0.0):
+    return offset + scale * rng.standard_normal(shape)
 
 
 def model_params(seed=0, dtype=np.float64, **overrides):
@@ -214,3 +227,131 @@ def test_cosine_lr_schedule():
     assert all(min_lr <= s <= lr for s in sched[warmup:])
     assert all(s == min_lr for s in sched[decay_iters + 1:])
     assert cosine_lr(10 ** 6, lr, warmup, decay_iters, min_lr) == min_lr
+
+
+# --------------------------------------------------------------------------------------------
+# Muon (npgpt.optim.Muon); the parity with torch.optim.Muon is in parity_tests/test_optim.py
+# --------------------------------------------------------------------------------------------
+
+def test_muon_is_exported_by_optim():
+    assert OptimMuon is Muon
+
+
+def test_newton_schulz_pushes_singular_values_towards_one():
+    """The quintic maps every singular value into a band around 1 and keeps the singular vectors."""
+    rng = np.random.default_rng(10)
+    u = normal64(rng, (12, 7)) @ np.diag(np.logspace(-1, 1, 7))  # condition number ~100
+    o = zeropower_via_newton_schulz(u)
+    s = np.linalg.svd(o, compute_uv=False)
+    assert 0.6 < s.min() and s.max() < 1.25, s  # (5 steps lift s >= ~1/500 of the largest)
+    # same singular vectors: o = U S' V^T, so U^T o V is diagonal
+    U, _, Vt = np.linalg.svd(u, full_matrices=False)
+    inner = U.T @ o @ Vt.T
+    # NS_STAGES matmuls with sums over 12, carried with NS_AMPLIFICATION, then two more matmuls
+    # (and the SVD, backward stable): off-diagonal rounding relative to ||o|| <= sqrt(7) * 1.25
+    off = np.abs(inner - np.diag(np.diag(inner))).max()
+    assert off <= bounds.chain(F64, 12, NS_STAGES + 3, NS_AMPLIFICATION) * np.linalg.norm(o)
+    # the wide orientation gives the transpose (the iteration runs on rows <= cols): the same
+    # matmuls on a transposed view, which BLAS may block and add in another order
+    assert rel_error(zeropower_via_newton_schulz(u.T), o.T) <= bounds.chain(F64, 12, NS_STAGES, NS_AMPLIFICATION)
+    assert zeropower_via_newton_schulz(u.astype(np.float32)).dtype == np.float32
+
+
+def test_newton_schulz_of_zero_is_zero():
+    """The norm clamp at eps keeps a zero update from dividing by zero."""
+    with np.errstate(all="raise"):
+        assert not zeropower_via_newton_schulz(np.zeros((3, 4))).any()
+
+
+def test_adjusted_lr():
+    assert adjusted_lr(0.02, None, (8, 2)) == 0.02 * 2.0
+    assert adjusted_lr(0.02, "original", (2, 8)) == 0.02
+    assert adjusted_lr(0.02, "match_rms_adamw", (4, 16)) == 0.02 * 0.2 * 4.0
+
+
+def test_muon_step_by_hand():
+    """One plain step, every line of the update restated: momentum, Nesterov, NS, decay, lr."""
+    rng = np.random.default_rng(11)
+    p0 = normal64(rng, (6, 3))
+    g1, g2 = normal64(rng, (6, 3)), normal64(rng, (6, 3))
+    params = {"w": p0.copy()}
+    opt = Muon(params, lr=0.05, weight_decay=0.2, momentum=0.9)
+    w = params["w"]
+    opt.step({"w": g1})
+    opt.step({"w": g2}, lr=0.01)
+    assert params["w"] is w  # updated in place: the model holds this very array
+    buf1 = 0.1 * g1
+    p1 = p0 * (1 - 0.05 * 0.2) - 0.05 * math.sqrt(2) * zeropower_via_newton_schulz(0.1 * g1 + 0.9 * buf1)
+    buf2 = 0.9 * buf1 + 0.1 * g2
+    p2 = p1 * (1 - 0.01 * 0.2) - 0.01 * math.sqrt(2) * zeropower_via_newton_schulz(0.1 * g2 + 0.9 * buf2)
+    # the buffer: two lerps, formulas rearranged; the parameter: the Nesterov input rounds
+    # differently on each side and Newton-Schulz carries it (NS_STAGES stages) into two steps
+    assert rel_error(opt.momentum_buffer["w"], buf2) <= bounds.chain(F64, 2, depth=2)
+    assert rel_error(w, p2) <= bounds.chain(F64, 6, 2 * (NS_STAGES + 2), NS_AMPLIFICATION)
+    assert opt.step_count == 2
+
+
+def test_muon_without_nesterov_uses_the_buffer():
+    rng = np.random.default_rng(12)
+    p0, g = normal64(rng, (3, 5)), normal64(rng, (3, 5))
+    params = {"w": p0.copy()}
+    Muon(params, lr=0.1, weight_decay=0.0, nesterov=False).step({"w": g})
+    expected = p0 - 0.1 * zeropower_via_newton_schulz(0.05 * g)
+    # the buffer 0.05 g is rounded once either way; Newton-Schulz and one update carry it
+    assert rel_error(params["w"], expected) <= bounds.chain(F64, 5, NS_STAGES + 2, NS_AMPLIFICATION)
+
+
+def test_muon_state_dict_round_trip_and_npz(tmp_path):
+    rng = np.random.default_rng(13)
+    make = lambda: {"a": normal64(rng, (4, 3)), "b": normal64(rng, (2, 5))}  # noqa: E731
+    params = make()
+    start = {n: v.copy() for n, v in params.items()}
+    grads = [make() for _ in range(3)]
+    opt = Muon(params, lr=0.02)
+    opt.step(grads[0])
+    path = tmp_path / "muon.npz"
+    np.savez(path, **opt.state_dict())
+    with np.load(path, allow_pickle=False) as f:
+        state = dict(f)
+    assert set(state) == {"step", "momentum_buffer.a", "momentum_buffer.b"}
+    resumed_params = {n: v.copy() for n, v in params.items()}
+    resumed = Muon(resumed_params, lr=0.02)
+    resumed.load_state_dict(state)
+    for g in grads[1:]:
+        opt.step(g)
+        resumed.step(g)
+    for n in params:
+        assert np.array_equal(params[n], resumed_params[n])
+        assert not np.array_equal(params[n], start[n])
+    assert resumed.step_count == 3
+
+
+def test_muon_load_state_dict_is_all_or_nothing():
+    params = {"a": np.zeros((4, 3)), "b": np.zeros((2, 5))}
+    opt = Muon(params)
+    opt.step({"a": np.ones((4, 3)), "b": np.ones((2, 5))})
+    before = {n: b.copy() for n, b in opt.momentum_buffer.items()}
+    bad = {**opt.state_dict(), "momentum_buffer.b": np.zeros((5, 2))}
+    with pytest.raises(ValueError, match=r"momentum_buffer\.b has shape \(5, 2\), expected \(2, 5\)"):
+        Muon(params).load_state_dict({**bad})
+    with pytest.raises(ValueError, match=r"lacks momentum_buffer\.a"):
+        opt.load_state_dict({"step": np.array(1), "momentum_buffer.b": np.zeros((2, 5))})
+    assert all(np.array_equal(opt.momentum_buffer[n], before[n]) for n in before)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(lr=-1.0), r"lr=-1\.0"),
+    (dict(momentum=-0.1), r"momentum=-0\.1"),
+    (dict(weight_decay=-0.5), r"weight_decay=-0\.5"),
+    (dict(adjust_lr_fn="spectral"), r"adjust_lr_fn='spectral' is unknown"),
+    (dict(ns_coefficients=(1.0, 2.0)), r"ns_coefficients must be 3 numbers"),
+    (dict(ns_steps=100), r"ns_steps must lie in \[0, 100\)"),
+])
+def test_muon_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Muon({"w": np.zeros((2, 2))}, **kwargs)
+
+
+def test_muon_only_takes_matrices():
+    with pytest.raises(ValueError, match=r"only takes 2-D matrices; give these to AdamW: ln_1\.weight \(4,\)"):
+        Muon({"w": np.zeros((2, 2)), "ln_1.weight": np.ones(4)})

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 import pytest
-from test_train_helpers import (
+from train_helpers import (
     DATA,
     ROOT,
     SUBPROCESS_ENV,
@@ -289,7 +289,7 @@ def test_ctrl_c_under_torchrun_every_rank_saves_once_and_exits_130(tmp_path):
     """The two ranks as torchrun starts them, in one process group. Ctrl-C in a terminal reaches every
     process of the group, and torchrun forwards it to each rank once more a moment later: that second
     SIGINT is the same request, not a second Ctrl-C. Rank 0 says so in one line, rank 1 says nothing."""
-    from test_train_ddp import ddp_env, free_port
+    from ddp_helpers import ddp_env, free_port
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "train_torch.py"),
            *map(str, tiny_args(out, "--max_iters", 100000, "--eval_interval", 100000, "--device", "cpu",

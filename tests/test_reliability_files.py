@@ -29,7 +29,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from test_train_helpers import (
+from train_helpers import (
     ROOT,
     SUBPROCESS_ENV,
     Result,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train_helpers import ROOT, SUBPROCESS_ENV, Result, assert_one_error_line, load_script, run_main
+from train_helpers import ROOT, SUBPROCESS_ENV, Result, assert_one_error_line, load_script, run_main
 
 BACKENDS = ["np", "torch"]
 EXT = {"np": ".npz", "torch": ".pt"}

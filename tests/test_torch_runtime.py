@@ -16,8 +16,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from test_checkpoint import CFG, torch_payload
-from test_train_helpers import DATA, needs_data, run_main, tiny_args
+from checkpoint_helpers import CFG, torch_payload
+from train_helpers import DATA, needs_data, run_main, tiny_args
 
 import gptapp.backends.numpy
 import gptapp.backends.torch

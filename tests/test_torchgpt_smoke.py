@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from test_train_helpers import check  # the one print-then-assert comparison of tests/
+from shapes import expected_param_shapes
+from train_helpers import check  # the one print-then-assert comparison of tests/
 
 from npgpt import bounds
 from npgpt.sampling import sample_next
@@ -59,32 +60,14 @@ def twin(model: GPT, attention: str) -> GPT:
 # Names, shapes, init
 # --------------------------------------------------------------------------------------------
 
-def expected_shapes(cfg: GPTConfig) -> dict:
-    C, V = cfg.n_embd, cfg.vocab_size
-    shapes = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (cfg.block_size, C)}
-    for i in range(cfg.n_layer):
-        h = f"transformer.h.{i}."
-        for name, w, b in [("ln_1", (C,), (C,)), ("attn.c_attn", (3 * C, C), (3 * C,)),
-                           ("attn.c_proj", (C, C), (C,)), ("ln_2", (C,), (C,)),
-                           ("mlp.c_fc", (4 * C, C), (4 * C,)), ("mlp.c_proj", (C, 4 * C), (C,))]:
-            shapes[h + name + ".weight"] = w
-            if cfg.bias:
-                shapes[h + name + ".bias"] = b
-    shapes["transformer.ln_f.weight"] = (C,)
-    if cfg.bias:
-        shapes["transformer.ln_f.bias"] = (C,)
-    if not cfg.tie_weights:
-        shapes["lm_head.weight"] = (V, C)
-    return shapes
-
-
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("tie", [True, False])
 def test_named_parameters_exact(bias, tie):
     cfg = small_config(bias=bias, tie_weights=tie)
     model = GPT(cfg)
     got = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    assert got == expected_shapes(cfg)
+    assert got == expected_param_shapes(cfg)
+    assert list(got) == list(expected_param_shapes(cfg))  # nanoGPT's order
     assert set(model.state_dict()) == set(got)  # no buffers to trip strict loading
     if tie:
         assert model.head_weight() is model.transformer.wte.weight
@@ -312,7 +295,7 @@ def test_greedy_generate_deterministic_and_numpy_input():
 def test_convert_round_trip_bit_exact(dtype, tie):
     cfg = small_config(tie_weights=tie, bias=not tie)
     rng = np.random.default_rng(0)
-    params = {n: rng.standard_normal(s).astype(dtype) for n, s in expected_shapes(cfg).items()}
+    params = {n: rng.standard_normal(s).astype(dtype) for n, s in expected_param_shapes(cfg).items()}
     sd = params_to_state_dict(params)
     assert all(sd[n].dtype == torch.from_numpy(params[n]).dtype for n in params)
     back = state_dict_to_params(sd)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_train_helpers import DATA, check, needs_data, run_main, tiny_args, tiny_runs  # noqa: F401
+from train_helpers import DATA, check, needs_data, run_main, tiny_args, tiny_runs  # noqa: F401
 
 from npgpt import bounds
 from npgpt.config import GPTConfig

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from test_train_helpers import check, needs_data, run_main, tiny_args
+from train_helpers import check, needs_data, run_main, tiny_args
 
 import npgpt
 import npgpt.fast

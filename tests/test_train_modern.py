@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from test_train_helpers import DATA, assert_one_error_line, needs_data, run_main, tiny_args
+from train_helpers import DATA, assert_one_error_line, needs_data, run_main, tiny_args
 
 import torchgpt
 from gptapp.checkpoint import load_npz

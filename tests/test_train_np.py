@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from test_train_helpers import (
+import pytest
+from train_helpers import (
     DATA,
     EVAL_LINE,
     ITER_LINE,
@@ -20,6 +21,21 @@ from test_train_helpers import (
 
 from gptapp.checkpoint import load_npz
 from gptapp.cli import train_config_from_args, train_parser
+
+# --------------------------------------------------------------------------- the helpers' premises
+
+
+def test_data_file_is_found():
+    """The other tests need Tiny Shakespeare (NPGPT_DATA, set by `make test`, or ../shared/data)."""
+    if not DATA.is_file():
+        pytest.skip(f"Tiny Shakespeare not found at {DATA}")
+    assert DATA.stat().st_size > 1_000_000
+
+
+def test_scripts_have_main():
+    assert callable(load_script("np").main)
+
+# --------------------------------------------------------------------------- train_np.py
 
 
 @needs_data

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_train_helpers import (
+from train_helpers import (
     DATA,
     EVAL_LINE,
     ITER_LINE,

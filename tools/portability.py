@@ -37,8 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # The tests whose bounds depend on summation order, vector width and fused multiply-adds.
-SENSITIVE = ["tests/test_layers.py", "tests/test_modern_layers.py", "tests/test_model.py",
-             "tests/test_modern_model.py", "tests/test_fastpath.py", "tests/test_fast_modern.py",
+SENSITIVE = ["tests/test_layers.py", "tests/test_model.py", "tests/test_fastpath.py",
              "tests/test_numba_kernels.py", "tests/test_optim.py", "tests/test_bounds.py", "parity_tests"]
 IGNORE = ["parity_tests/test_cuda.py"]
 # Tests of how processes start (numba's thread pool, its disk cache, a switch read at import): each runs

@@ -1,6 +1,7 @@
 """Helpers for the tests of train_np.py and train_torch.py: run a script in-process or as a
 subprocess, and check that a failure is one clear line on stderr. Imported by tests/test_train_*.py,
-tests/test_checkpoint.py and tests/test_cli_errors.py; its own tests check the helpers' premises.
+tests/test_checkpoint.py, tests/test_cli_errors.py and the reliability tests; tests/test_train_np.py
+checks the helpers' premises (the data file is found, the scripts have a main).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from npgpt import compare
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"np": "train_np", "torch": "train_torch"}
@@ -148,25 +151,7 @@ def check_run_dir(out_dir, ext: str, max_iters: int) -> None:
 
 
 def check(name, got, want, rtol):
-    """Print the max abs and normwise relative error of one tensor, then assert it is at most rtol (a
-    bound of npgpt.bounds; bitwise(...) is 0: equal bit for bit)."""
-    import torch
-    got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    abs_err = (got - want).abs().max().item()
-    rel_err = ((got - want).norm() / want.norm().clamp_min(1e-300)).item()
-    print(f"{name}: max abs {abs_err:.3e}, rel {rel_err:.3e}")
-    assert rel_err <= rtol, f"{name}: relative error {rel_err:.3e} > {rtol:.2e}"
-
-
-# --------------------------------------------------------------------------- the premises
-
-def test_data_file_is_found():
-    """The other tests need Tiny Shakespeare (NPGPT_DATA, set by `make test`, or ../shared/data)."""
-    if not DATA.is_file():
-        pytest.skip(f"Tiny Shakespeare not found at {DATA}")
-    assert DATA.stat().st_size > 1_000_000
-
-
-def test_scripts_have_main():
-    assert callable(load_script("np").main)
+    """npgpt.compare.assert_close for one tensor (torch or NumPy): print its max abs and normwise
+    relative error, then assert the latter is at most rtol (a bound of npgpt.bounds; bitwise(...)
+    is 0: equal bit for bit)."""
+    return compare.assert_close(name, got, want, rtol=rtol)
