@@ -35,8 +35,11 @@ $(TORCH_STAMP): $(TRAIN_STAMP)
 	$(PY) $(PIP) -e ".[torch,train]"
 	touch $@
 
+# The suite starts many interpreters at once (two workers, the scripts, torchrun's ranks): the bytecode of
+# every installed module is written here first, on all cores, rather than by each of them as it imports.
 $(STAMP): $(TORCH_STAMP)
 	$(PY) $(PIP) -e ".[test]"
+	$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" > /dev/null
 	touch $@
 
 # Train the NumPy GPT with the default (nanoGPT CPU) recipe, then print a sample. ARGS="..." adds
