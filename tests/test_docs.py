@@ -75,3 +75,44 @@ def test_as_coded_snippets_are_the_code_itself():
     missing = [line for snippet in snippets for line in _code_lines(snippet)
                if line != "..." and line not in source]
     assert not missing, f"docs/gradients.md shows lines the code no longer has: {missing}"
+
+
+def _github_anchors(headings: list[str]) -> list[str]:
+    """GitHub's anchors: lowercase, punctuation dropped, spaces -> '-', a repeat gets -1, -2, ..."""
+    seen: dict[str, int] = {}
+    anchors = []
+    for heading in headings:
+        base = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        anchors.append(base if n == 0 else f"{base}-{n}")
+    return anchors
+
+
+def test_contents_lists_every_section_in_order():
+    """The Contents of docs/gradients.md is one entry per "## " and "### " heading after it, in the
+    headings' order, a "### " nested under its "## ", each linking to its heading's anchor: a section
+    added without its entry (or an entry whose section moved or was renamed) fails here."""
+    lines, in_code = [], False
+    for line in GRADIENTS.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code:
+            lines.append(line)
+    found = [(len(m[1]), m[2].strip()) for line in lines if (m := re.match(r"^(#{2,6}) (.+)$", line))]
+    anchors = _github_anchors([title for _, title in found])
+    first = [title for _, title in found].index("Contents")
+    want = [(level, title, anchor) for (level, title), anchor in zip(found, anchors)][first + 1:]
+    assert want and all(level <= 3 for level, _, _ in want), \
+        f"headings deeper than ### would need their own Contents rule: {want}"
+
+    block = GRADIENTS.split("## Contents\n", 1)[1].split("\n## ", 1)[0]
+    entries = [m for line in block.splitlines() if line.strip()
+               for m in [re.fullmatch(r"( *)- \[(.+)\]\(#([\w-]+)\)", line)]]
+    assert all(entries), f"Contents lines must be `- [Title](#anchor)`, two spaces per level: {block!r}"
+    got = [(2 + len(m[1]) // 2, m[2], m[3]) for m in entries]
+    assert got == want, ("docs/gradients.md's Contents differs from its headings:\n"
+                         f"missing: {[w for w in want if w not in got]}\n"
+                         f"extra or wrong: {[g for g in got if g not in want]}\n"
+                         "(or the order differs); one `- [Title](#anchor)` per ## heading, "
+                         "`  - [Title](#anchor)` per ### heading, in the headings' order")
