@@ -36,7 +36,7 @@ def test_every_backward_is_derived_and_linked():
     assert GPT.backward.__doc__ and BigramLanguageModel.backward.__doc__
 
 
-@pytest.mark.parametrize("doc", ["docs/gradients.md", "README.md"])
+@pytest.mark.parametrize("doc", ["docs/gradients.md", "README.md", "notebooks/build_gpt.ipynb"])
 def test_relative_links_exist(doc):
     text = (ROOT / doc).read_text()
     base = (ROOT / doc).parent
@@ -52,7 +52,8 @@ def test_anchor_links_name_existing_headings():
 
     headings = {anchor(h) for h in re.findall(r"^#+ (.+)$", GRADIENTS, flags=re.M)}
     used = set(re.findall(r"gradients\.md#([\w-]+)", GRADIENTS + "".join(
-        (ROOT / "npgpt" / f).read_text() for f in ("layers.py", "model.py", "optim.py"))))
+        (ROOT / f).read_text() for f in ("npgpt/layers.py", "npgpt/model.py", "npgpt/optim.py",
+                                         "README.md", "notebooks/build_gpt.ipynb"))))
     used |= set(re.findall(r"\]\(#([\w-]+)\)", GRADIENTS))
     assert used, "no anchors found"
     assert not used - headings, f"anchors without a heading: {sorted(used - headings)}"
