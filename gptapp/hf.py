@@ -129,7 +129,7 @@ def config_from_hf(hf: dict, source: str = CONFIG) -> GPTConfig:
                          activation=ACTIVATIONS_IN[activation], tie_weights=c["tie_word_embeddings"],
                          norm="layernorm", norm_eps=float(eps), pos_emb="learned", qk_norm=False,
                          mlp_hidden=inner)
-    except ConfigError as err:  # every field was checked above; kept so nothing escapes as a traceback
+    except ConfigError as err:  # the checks above cover every field; this keeps any other as one line
         raise HFError(f"{source}: {err}") from None
 
 
@@ -233,7 +233,7 @@ def _load_tokenizer(folder: Path):
                       "from the model's hub folder, or remove the other for a model-only folder)")
     try:
         return BPETokenizer.from_files(vocab, merges)
-    except TokenizerError as err:
+    except (TokenizerError, OSError, UnicodeDecodeError) as err:
         raise HFError(" ".join(str(err).split())) from None
 
 
@@ -257,7 +257,8 @@ def load_pretrained(path, dtype=np.float32):
     try:
         hf_config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise HFError(f"{cfg_path} is not valid JSON ({' '.join(str(err).split())}); download or write it again") from None
+        raise HFError(f"{cfg_path} is not valid JSON ({' '.join(str(err).split())}); "
+                      "download or write it again") from None
     if not isinstance(hf_config, dict):
         raise HFError(f"{cfg_path} holds a JSON {type(hf_config).__name__}, not an object; download it again")
     config = config_from_hf(hf_config, str(cfg_path))

@@ -127,6 +127,33 @@ def test_export_writes_our_dropout_and_a_bpe_tokenizer_eot(tmp_path):
     assert load_pretrained(tmp_path / "m")[0] == dataclasses.replace(config, dropout=0.0)  # fine-tuning sets its own
 
 
+class StandIn(BPETokenizer):
+    """A BPETokenizer for export's wiring alone (npgpt/bpe.py's tests test the real one): its
+    end-of-text id and a save that writes two marker files, or fails."""
+    eot_id = 5
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+
+    def save(self, folder) -> None:
+        (Path(folder) / "vocab.json").write_text("{}")
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        (Path(folder) / "merges.txt").write_text("#version: 0.2\n")
+
+
+def test_export_writes_the_tokenizer_files_or_nothing(tmp_path):
+    config = gpt2_config(n_layer=1)
+    params = random_params(config, np.float32)
+    export_pretrained(config, params, StandIn(), tmp_path / "m")
+    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
+    hf_config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert hf_config["eos_token_id"] == hf_config["bos_token_id"] == 5
+    one_line_error(lambda: export_pretrained(config, params, StandIn(fail=True), tmp_path / "n"),
+                   "cannot write", "No space left on device", "nothing was written")
+    assert os.listdir(tmp_path) == ["m"]  # the temporary folder is gone
+
+
 def test_reads_what_transformers_saves_half_and_bfloat16_widened_exactly(tmp_path):
     """A random GPT2LMHeadModel saved with save_pretrained in float16 and bfloat16: each parameter
     loads as torch's own widening of the same values (torch's .double(): exact, as ours must be)."""
