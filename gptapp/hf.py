@@ -301,14 +301,20 @@ def _params_from_tensors(config: GPTConfig, tensors: dict, dtype, where) -> dict
                           f"{list(want)}; the weights belong to another config")
         if tensor.dtype not in FLOAT_DTYPES:
             raise HFError(f"{where}: tensor {key!r} has dtype {tensor.dtype}, not a float; the file is damaged")
-    params = {name: widen(ours[name][1], dtype, transpose=is_conv1d(name)) for name in expected}
-    if head is not None:
-        key, tensor = head
-        wte = params["transformer.wte.weight"]
-        if tensor.shape != wte.shape or not np.array_equal(widen(tensor, dtype), wte):
-            raise HFError(f"{where}: {key!r} differs from transformer.wte.weight, but {CONFIG} ties them "
-                          "(tie_word_embeddings true); set it false to load an untied head")
-    return params
+    if head is not None and not _same_values(head[1], ours["transformer.wte.weight"][1]):
+        raise HFError(f"{where}: {head[0]!r} differs from transformer.wte.weight, but {CONFIG} ties them "
+                      "(tie_word_embeddings true); set it false to load an untied head")
+    return {name: widen(ours[name][1], dtype, transpose=is_conv1d(name)) for name in expected}
+
+
+def _same_values(a, b, rows: int = 1024) -> bool:
+    """Whether two float tensors of a file hold the same values, compared in the map a block of
+    rows at a time (a tied head beside wte: no copy of either)."""
+    if a.shape != b.shape or a.dtype not in FLOAT_DTYPES:
+        return False
+    if a.dtype != b.dtype:
+        return bool(np.array_equal(widen(a, np.float64), widen(b, np.float64)))
+    return all(np.array_equal(a.array[i:i + rows], b.array[i:i + rows]) for i in range(0, a.shape[0], rows))
 
 
 def _few(names: list[str], limit: int = 4) -> str:
