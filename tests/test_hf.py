@@ -22,6 +22,7 @@ import pytest
 import npgpt
 from npgpt import bounds
 from npgpt.bpe import BPETokenizer
+from npgpt.data import CharTokenizer
 from npgpt.model import init_params, param_shapes
 from gptapp.hf import HFError, export_pretrained, hf_to_ours, is_conv1d, load_pretrained
 from gptapp.safetensors_np import SafetensorsError, read_safetensors, write_safetensors
@@ -116,9 +117,11 @@ def test_export_loads_in_transformers_and_back(case, dtype, tmp_path):
         assert np.array_equal(loaded[name], value), name
 
 
-def test_export_writes_our_dropout_and_a_bpe_tokenizer_eot(tmp_path):
+def test_export_writes_our_dropout_and_no_tokenizer_files_for_characters(tmp_path):
     config = gpt2_config(dropout=0.1, n_layer=1)
-    export_pretrained(config, random_params(config, np.float32), None, tmp_path / "m")
+    chars = CharTokenizer.from_text("abcdefghijklmnopqrstuvw")  # 23 characters: no GPT-2 form, no files
+    export_pretrained(config, random_params(config, np.float32), chars, tmp_path / "m")
+    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors"]
     hf_config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert hf_config["model_type"] == "gpt2" and hf_config["architectures"] == ["GPT2LMHeadModel"]
     assert hf_config["resid_pdrop"] == hf_config["embd_pdrop"] == hf_config["attn_pdrop"] == 0.1
