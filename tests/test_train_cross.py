@@ -36,6 +36,19 @@ def test_both_scripts_sample_the_same_text(checkpoints, source, decoding, capsys
     assert np_res.out == torch_res.out, f"train_np:\n{np_res.out}\ntrain_torch:\n{torch_res.out}"
 
 
+def test_both_scripts_sample_the_same_text_with_top_p(checkpoints, capsys):
+    """--top_p after --top_k: the same text in both scripts, and not the text without it."""
+    argv = ["sample", "--ckpt", checkpoints["np"], "--prompt", "ROMEO:", "--max_new_tokens", 120, "--seed", 1,
+            "--temperature", 1.0, "--top_k", 40]
+    np_res = run_main("np", argv + ["--top_p", 0.6], capsys)
+    torch_res = run_main("torch", argv + ["--top_p", 0.6, "--device", "cpu"], capsys)
+    unfiltered = run_main("np", argv, capsys)
+    assert np_res.rc == torch_res.rc == unfiltered.rc == 0, np_res.err + torch_res.err + unfiltered.err
+    assert np_res.out.startswith("ROMEO:") and len(np_res.out) == len("ROMEO:") + 120 + 1
+    assert np_res.out == torch_res.out, f"train_np:\n{np_res.out}\ntrain_torch:\n{torch_res.out}"
+    assert np_res.out != unfiltered.out
+
+
 @pytest.mark.parametrize("target,source", [("np", "torch"), ("torch", "np")])
 def test_init_from_the_other_backend(checkpoints, target, source, tmp_path, capsys):
     """Training starts from the other backend's weights: its first evaluation sees a trained model."""
