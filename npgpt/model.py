@@ -295,14 +295,12 @@ class GPT:
         return logits
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 rng: np.random.Generator | None = None, use_cache: bool = True,
-                 top_p: float | None = None) -> np.ndarray:
+                 rng: np.random.Generator | None = None, use_cache: bool = True, top_p: float | None = None):
         """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens).
 
         The model sees at most the last block_size tokens. With the KV cache each new token costs
         one position's work; once the window is full the positions shift, so the cache is refilled
-        from the cropped context. temperature 0 is greedy decoding; top_k, then top_p, filter the
-        tokens sampled from (npgpt.sampling.sample_next). No dropout.
+        from the cropped context. temperature 0 is greedy decoding; top_k, then top_p. No dropout.
         """
         bs = self.config.block_size
         idx = _check_idx(idx, self.config.vocab_size, None)
@@ -382,8 +380,8 @@ class BigramLanguageModel:
         return {"token_embedding_table.weight": dtable}
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 rng: np.random.Generator | None = None, use_cache: bool = True,
-                 top_p: float | None = None) -> np.ndarray:
+                 rng: np.random.Generator | None = None, use_cache: bool = True, top_p: float | None = None
+                 ) -> np.ndarray:
         """Only the last token matters to a bigram model, so no context cropping or cache is needed."""
         idx = _check_idx(idx, self.vocab_size, None).astype(np.int64)
         table = self.params["token_embedding_table.weight"]
