@@ -15,11 +15,12 @@ from .errors import UsageError
 def encode_prompt(tokenizer: CharTokenizer, prompt: str, block_size: int | None) -> np.ndarray:
     """The prompt as (1, T) ids; an empty prompt starts from token 0. UsageError for unknown characters.
 
-    A prompt longer than block_size is kept whole (it is printed back), but the model only sees its
-    last block_size tokens; that is said once on stderr.
+    A character-level model's prompt longer than block_size is kept whole (it is printed back), but
+    the model only sees its last block_size tokens; that is said once on stderr. (check_prompt
+    refuses such a prompt for any other tokenizer.)
     """
     try:
-        ids = tokenizer.encode(prompt)
+        ids = np.asarray(tokenizer.encode(prompt), dtype=np.int64)  # (T,)
     except ValueError as err:
         raise UsageError(f"--prompt has {err}; change the prompt") from None
     if len(ids) == 0:
@@ -30,12 +31,20 @@ def encode_prompt(tokenizer: CharTokenizer, prompt: str, block_size: int | None)
     return ids[None, :]
 
 
-def check_prompt(tokenizer: CharTokenizer, prompt: str) -> None:
-    """UsageError unless every character of the prompt is in the vocabulary (before any work)."""
+def check_prompt(tokenizer: CharTokenizer, prompt: str, block_size: int | None = None) -> None:
+    """UsageError, before any work, unless every character of the prompt is in the vocabulary and, for a
+    tokenizer other than characters (GPT-2's BPE), the prompt fits in the model's block_size tokens.
+
+    A character-level model's context is short (tens to hundreds of characters) and continuing the
+    end of a longer text is what autocomplete is for: encode_prompt crops such a prompt, with a note.
+    """
     try:
-        tokenizer.encode(prompt)
+        ids = tokenizer.encode(prompt)
     except ValueError as err:
         raise UsageError(f"--prompt {_shown(prompt)} has {err}; change the prompt") from None
+    if block_size is not None and not isinstance(tokenizer, CharTokenizer) and len(ids) > block_size:
+        raise UsageError(f"--prompt {_shown(prompt)} encodes to {len(ids)} tokens but the model's context "
+                         f"(block_size) is {block_size}; shorten the prompt to at most {block_size} tokens")
 
 
 def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
@@ -58,11 +67,11 @@ def _shown(prompt: str, limit: int = 40) -> str:
 
 
 def autocomplete(generate, tokenizer: CharTokenizer, prompt: str, block_size: int | None,
-                 max_new_tokens: int, temperature: float, top_k: int, seed: int) -> str:
-    """prompt + its continuation. `generate(idx, n, temperature=, top_k=, rng=)` is either model's
+                 max_new_tokens: int, temperature: float, top_k: int, seed: int, top_p: float = 1.0) -> str:
+    """prompt + its continuation. `generate(idx, n, temperature=, top_k=, top_p=, rng=)` is either model's
     generate (returning ids as anything np.asarray takes); the sampler draws from default_rng(seed),
-    so both backends give the same text for the same weights and seed."""
+    so both backends give the same text for the same weights and seed. top_k 0 and top_p 1 filter nothing."""
     ids = encode_prompt(tokenizer, prompt, block_size)
     out = np.asarray(generate(ids, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                              rng=np.random.default_rng(seed)))
-    return prompt + tokenizer.decode(out[0, ids.shape[1]:])
+                              top_p=top_p if top_p < 1.0 else None, rng=np.random.default_rng(seed)))
+    return prompt + tokenizer.decode(out[0, ids.shape[1]:].tolist())

@@ -101,6 +101,16 @@ def _temperature(text: str) -> float:
     return value
 
 
+def _top_p(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value <= 1.0:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] (1: no top-p filtering), got {text!r}")
+    return value
+
+
 def _path(text: str) -> str:
     """A path flag: `~` and `~user` expanded, as a shell would (also in --flag=~/x, which shells leave)."""
     return os.path.expanduser(text)
@@ -201,6 +211,9 @@ def sample_parser(prog: str, description: str, torch_flags: bool = False, numpy_
                    help="divide the logits by this; 0 means greedy decoding (default 0.8)")
     p.add_argument("--top_k", type=_nonneg_int, default=0, metavar="N",
                    help="sample from the k most likely tokens only; 0: all of them (default 0)")
+    p.add_argument("--top_p", type=_top_p, default=1.0, metavar="X",
+                   help="nucleus sampling: sample from the smallest set of most likely tokens whose probability "
+                        "reaches X, after --top_k; 1: all of them (default 1)")
     p.add_argument("--seed", type=_seed, default=1337, metavar="N",
                    help=f"seed of the sampler, in [0, {MAX_SEED}]: the same seed, the same text in either "
                         "script (default 1337)")

@@ -165,7 +165,8 @@ def locked_training(args, backend: Backend) -> int:
     tokenizer = (checkpoint_tokenizer(ckpt, args.vocab, lambda: text) if ckpt is not None
                  else CharTokenizer.from_text(text))
     train_data, val_data = training_splits(text, tokenizer, cfg.block_size)
-    check_final_prompt(tokenizer, cfg.prompt, args, text)  # the sample at the end must not fail after the run
+    # the sample at the end must not fail after the run
+    check_final_prompt(tokenizer, cfg.prompt, args, text, cfg.block_size if cfg.model == "gpt" else None)
     check_training_budget(cfg, tokenizer.vocab_size, backend.info.name, str(backend.device),
                           backend.attention)  # BudgetError before anything is built
     with backend.session():
@@ -177,15 +178,15 @@ def locked_training(args, backend: Backend) -> int:
                           len(val_data))
 
 
-def check_final_prompt(tokenizer: CharTokenizer, prompt: str, args, text: str) -> None:
-    """UsageError unless the sample after training can encode its prompt. When the prompt is the default
-    newline (no --prompt given) and the text has none, the error is about the text."""
+def check_final_prompt(tokenizer: CharTokenizer, prompt: str, args, text: str, block_size: int | None) -> None:
+    """UsageError unless the sample after training can encode its prompt (see check_prompt). When the prompt
+    is the default newline (no --prompt given) and the text has none, the error is about the text."""
     if getattr(args, "prompt", None) is None and prompt == "\n" and "\n" not in tokenizer.chars:
         where = f" {args.data}" if args.data else ""
         raise UsageError(f"the training text{where} has no newline, and the sample printed after training starts "
                          "from one (the default --prompt '\\n'); give the text line breaks, or pass a --prompt made "
                          f"of its characters, e.g. --prompt {shlex.quote(text[:1])}")
-    check_prompt(tokenizer, prompt)
+    check_prompt(tokenizer, prompt, block_size)
 
 
 def train_loop(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend, built: Built,
@@ -285,7 +286,7 @@ def run_steps(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend,
         print(f"done: {cfg.max_iters - start} steps in {time.perf_counter() - t_run:.1f}s, {saved}")
         with stop_at_once():  # nothing left to save: a stop signal ends the sample at once
             print(autocomplete(backend.generator(), tokenizer, cfg.prompt, cfg.block_size if cfg.model == "gpt" else None,
-                               cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed))
+                               cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.seed, cfg.top_p))
     return 0
 
 
@@ -297,13 +298,13 @@ def run_sample(args, read_checkpoint: Callable, build_generate: Callable) -> int
     prompt = read_prompt(args.prompt, args.prompt_file)
     ckpt = read_checkpoint(args.ckpt)
     tokenizer = checkpoint_tokenizer(ckpt, args.vocab, lambda: load_text(args.data))
-    check_prompt(tokenizer, prompt)
+    check_prompt(tokenizer, prompt, ckpt.gpt_config.block_size if ckpt.model == "gpt" else None)
     generate, block_size = build_generate(ckpt)
     with stop_at_once():  # SIGINT or SIGTERM: one line, between two generated tokens
         for i in range(args.num_samples):  # the i-th with seed + i: the first is the one of a single sample
             if i:
                 sys.stdout.write("---------------\n")
             text = autocomplete(generate, tokenizer, prompt, block_size, args.max_new_tokens, args.temperature,
-                                args.top_k, (args.seed + i) % (MAX_SEED + 1))
+                                args.top_k, (args.seed + i) % (MAX_SEED + 1), args.top_p)
             sys.stdout.write(text + "\n")
     return 0

@@ -100,6 +100,7 @@ class TrainConfig(ModelSettings):
     max_new_tokens: int = 500
     temperature: float = 0.8
     top_k: int = 0  # 0 = no top-k filtering
+    top_p: float = 1.0  # 1 = no top-p (nucleus) filtering
     prompt: str = "\n"
 
     def validate(self) -> None:
@@ -134,6 +135,8 @@ class TrainConfig(ModelSettings):
         if 0.0 < self.temperature < MIN_TEMPERATURE:
             bad("temperature", f"use 0 (greedy) or a number >= {MIN_TEMPERATURE:.3g}: the logits divided by a "
                                "smaller one overflow")
+        if not 0.0 < self.top_p <= 1.0:  # also rejects NaN
+            bad("top_p", "must lie in (0, 1] (1: no top-p filtering)")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 bad(name, "must lie in [0, 1)")
@@ -193,6 +196,7 @@ FIELD_HELP = {
     "max_new_tokens": "characters of the sample printed after training",
     "temperature": "the sample's temperature (0: greedy)",
     "top_k": "sample from the k most likely characters only (0: all)",
+    "top_p": "then from the smallest set of most likely characters whose probability reaches this (1: all)",
     "prompt": "the text the sample after training continues",
 }
 

@@ -295,12 +295,12 @@ class GPT:
         return logits
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 rng: np.random.Generator | None = None, use_cache: bool = True) -> np.ndarray:
+                 rng: np.random.Generator | None = None, use_cache: bool = True, top_p: float | None = None):
         """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens).
 
         The model sees at most the last block_size tokens. With the KV cache each new token costs
         one position's work; once the window is full the positions shift, so the cache is refilled
-        from the cropped context. temperature 0 is greedy decoding. No dropout.
+        from the cropped context. temperature 0 is greedy decoding; top_k, then top_p. No dropout.
         """
         bs = self.config.block_size
         idx = _check_idx(idx, self.config.vocab_size, None)
@@ -310,7 +310,7 @@ class GPT:
         kv = self.new_kv_cache(idx.shape[0])
         logits = self.forward_cached(idx[:, -bs:], kv)
         for step in range(max_new_tokens):
-            next_id = sample_next(logits[:, -1], temperature, top_k, rng)  # (B,)
+            next_id = sample_next(logits[:, -1], temperature, top_k, rng, top_p)  # (B,)
             idx = np.concatenate([idx, next_id[:, None]], axis=1)
             if step == max_new_tokens - 1:
                 break
@@ -380,11 +380,12 @@ class BigramLanguageModel:
         return {"token_embedding_table.weight": dtable}
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 rng: np.random.Generator | None = None, use_cache: bool = True) -> np.ndarray:
+                 rng: np.random.Generator | None = None, use_cache: bool = True, top_p: float | None = None
+                 ) -> np.ndarray:
         """Only the last token matters to a bigram model, so no context cropping or cache is needed."""
         idx = _check_idx(idx, self.vocab_size, None).astype(np.int64)
         table = self.params["token_embedding_table.weight"]
         for _ in range(max_new_tokens):
-            next_id = sample_next(table[idx[:, -1]], temperature, top_k, rng)
+            next_id = sample_next(table[idx[:, -1]], temperature, top_k, rng, top_p)
             idx = np.concatenate([idx, next_id[:, None]], axis=1)
         return idx

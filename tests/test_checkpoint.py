@@ -219,7 +219,7 @@ SAVED_SETTINGS = {
     "pos_emb", "rope_theta", "qk_norm", "mlp_hidden", "batch_size", "gradient_accumulation_steps", "max_iters",
     "learning_rate", "decay_lr", "warmup_iters", "lr_decay_iters", "min_lr", "beta1", "beta2", "weight_decay",
     "grad_clip", "optimizer", "muon_lr", "muon_ns_dtype", "eval_interval", "eval_iters", "log_interval", "seed",
-    "max_new_tokens", "temperature", "top_k", "prompt"}
+    "max_new_tokens", "temperature", "top_k", "top_p", "prompt"}
 
 
 def test_the_saved_settings_keep_their_keys_and_settings_saved_before_the_modern_block_load():

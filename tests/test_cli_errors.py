@@ -29,6 +29,7 @@ from train_helpers import (
 )
 
 from gptapp.checkpoint import load_checkpoint, save_npz
+from gptapp.errors import UsageError
 from npgpt.model import init_params
 from gptapp.torch_checkpoint import load_torch_checkpoint, save_torch_checkpoint
 
@@ -131,7 +132,9 @@ def test_text_not_utf8(backend, tmp_path, capsys):
     (["--preset", "gigantic"], ["--preset", "invalid choice", "tiny"]),
     (["--no_such_flag", "1"], ["unrecognized arguments", "--no_such_flag"]),
     (["--resume", "--init_from", "x.npz"], ["--resume", "--init_from", "pick one"]),
-], ids=["n_layer", "learning_rate", "dropout", "n_embd", "max_iters", "bias", "preset", "unknown", "resume_init"])
+    (["--top_p", "nan"], ["--top_p", "(0, 1]"]),
+], ids=["n_layer", "learning_rate", "dropout", "n_embd", "max_iters", "bias", "preset", "unknown", "resume_init",
+        "top_p"])
 def test_invalid_flags(backend, flags, words, tmp_path, capsys):
     res = run_main(backend, ["--data", DATA, "--out_dir", tmp_path / "o", *cpu(backend), "--preset", "tiny", *flags]
                    if "--preset" not in flags else ["--data", DATA, "--out_dir", tmp_path / "o", *flags], capsys)
@@ -153,6 +156,9 @@ def test_invalid_torch_flags(flags, words, tmp_path, capsys):
 @pytest.mark.parametrize("flags,words", [
     (["--temperature", "-1"], ["--temperature", ">= 0"]),
     (["--top_k", "-3"], ["--top_k", ">= 0"]),
+    (["--top_p", "0"], ["--top_p", "(0, 1]"]),
+    (["--top_p", "1.5"], ["--top_p", "(0, 1]"]),
+    (["--top_p", "nan"], ["--top_p", "(0, 1]"]),
     (["--max_new_tokens", "many"], ["--max_new_tokens", "integer"]),
     ([], ["--ckpt", "required"]),
 ])
@@ -180,6 +186,22 @@ def test_prompt_longer_than_block_size_is_cropped(backend, runs, capsys):
     assert res.rc == 0 and "Traceback" not in res.err
     assert res.err_lines == ["note: the prompt has 35 characters but block_size is 16; the model sees only its last 16"]
     assert res.out.startswith(prompt) and len(res.out) == len(prompt) + 10 + 1
+
+
+class WordTokenizer:
+    """A stand-in for a tokenizer other than characters (GPT-2's BPE): one token per word."""
+
+    def encode(self, text: str) -> list[int]:
+        return [len(word) for word in text.split()]
+
+
+def test_prompt_longer_than_the_context_of_a_non_character_tokenizer_is_refused():
+    from gptapp.autocomplete import check_prompt
+    check_prompt(WordTokenizer(), "one two three four", block_size=4)  # fits exactly
+    with pytest.raises(UsageError, match=r"encodes to 5 tokens but the model's context \(block_size\) is 4; "
+                                         r"shorten the prompt to at most 4 tokens"):
+        check_prompt(WordTokenizer(), "one two three four five", block_size=4)
+    check_prompt(WordTokenizer(), "one two three four five", block_size=None)  # a bigram model: no context
 
 
 # --------------------------------------------------------------------------- checkpoints

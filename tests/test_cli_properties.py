@@ -170,7 +170,8 @@ TRAIN_FLAGS = {  # name: (valid values, invalid values); SWITCH for --resume and
     "beta1": (["0.9", "0"], ["1.0"]), "beta2": (["0.99"], ["-0.1"]), "weight_decay": (["0", "0.1"], ["-1"]),
     "grad_clip": (["0", "1.0"], ["-1"]), "eval_interval": (["1", "2"], ["0"]), "eval_iters": (["1", "2"], ["0"]),
     "log_interval": (["1", "5"], ["0"]), "seed": SEEDS, "temperature": (["0", "0.8"], ["-1", "inf", "nan"]),
-    "top_k": (["0", "1", "5"], ["-1"]), "norm": (["layernorm", "rmsnorm"], ["batchnorm"]),
+    "top_k": (["0", "1", "5"], ["-1"]), "top_p": (["0.9", "1"], ["0", "1.5", "nan"]),
+    "norm": (["layernorm", "rmsnorm"], ["batchnorm"]),
     "pos_emb": (["learned", "rope"], ["alibi"]), "qk_norm": (["true", "false"], ["x"]),
     "mlp_hidden": (["0", "24"], ["-1"]), "optimizer": (["adamw", "muon"], ["sgd"]),
     "gradient_accumulation_steps": (["1", "2"], ["0"]),
@@ -180,7 +181,8 @@ TORCH_TRAIN_FLAGS = {"dtype": (["auto", "float32"], ["float16"]), "compile": (["
 SAMPLE_FLAGS = {
     "prompt_file": (["@small_text"], ["@missing", "@latin1"]), "num_samples": (["1", "2"], ["0", "x"]),
     "temperature": (["0", "0.8", "1e-9"], ["-1", "inf", "nan"]), "top_k": (["0", "1", "5"], ["-1"]),
-    "seed": SEEDS, "vocab": (["@data"], ["@missing", "@empty_text", "@latin1"]), "data": (["@data"], ["@missing"]),
+    "top_p": (["0.9", "1"], ["0", "1.5", "nan"]), "seed": SEEDS,
+    "vocab": (["@data"], ["@missing", "@empty_text", "@latin1"]), "data": (["@data"], ["@missing"]),
 }
 
 

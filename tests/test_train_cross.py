@@ -36,6 +36,19 @@ def test_both_scripts_sample_the_same_text(checkpoints, source, decoding, capsys
     assert np_res.out == torch_res.out, f"train_np:\n{np_res.out}\ntrain_torch:\n{torch_res.out}"
 
 
+def test_both_scripts_sample_the_same_text_with_top_p(checkpoints, capsys):
+    """--top_p after --top_k: the same text in both scripts, and not the text without it."""
+    argv = ["sample", "--ckpt", checkpoints["np"], "--prompt", "ROMEO:", "--max_new_tokens", 120, "--seed", 1,
+            "--temperature", 1.0, "--top_k", 40]
+    np_res = run_main("np", argv + ["--top_p", 0.6], capsys)
+    torch_res = run_main("torch", argv + ["--top_p", 0.6, "--device", "cpu"], capsys)
+    unfiltered = run_main("np", argv, capsys)
+    assert np_res.rc == torch_res.rc == unfiltered.rc == 0, np_res.err + torch_res.err + unfiltered.err
+    assert np_res.out.startswith("ROMEO:") and len(np_res.out) == len("ROMEO:") + 120 + 1
+    assert np_res.out == torch_res.out, f"train_np:\n{np_res.out}\ntrain_torch:\n{torch_res.out}"
+    assert np_res.out != unfiltered.out
+
+
 @pytest.mark.parametrize("target,source", [("np", "torch"), ("torch", "np")])
 def test_init_from_the_other_backend(checkpoints, target, source, tmp_path, capsys):
     """Training starts from the other backend's weights: its first evaluation sees a trained model."""
@@ -130,3 +143,20 @@ def test_init_from_nanogpt_checkpoint(tmp_path, capsys):
     assert "(nanogpt)" in res.out
     ckpt = numpy_backend.read_any_checkpoint(tmp_path / "out" / "ckpt_last.npz")
     assert ckpt.gpt_config.n_embd == 32 and ckpt.gpt_config.block_size == 32 and ckpt.gpt_config.bias
+
+
+
+def test_the_sample_after_training_takes_top_p(tmp_path, capsys):
+    """Training's --top_k and --top_p reach the sample printed at the end: it is the sample command's text
+    for the checkpoint saved at the last step, with the same flags and the run's seed. (train_np.py only:
+    both scripts print it through gptapp.loop, and the sample command's top_p is compared across them.)"""
+    decoding = ["--temperature", 1.0, "--top_k", 40, "--max_new_tokens", 40]
+    res = run_main("np", tiny_args(tmp_path / "out", "--max_iters", 2, "--eval_interval", 2, "--eval_iters", 1,
+                                   "--prompt", "ROMEO:", *decoding, "--top_p", 0.6), capsys)
+    assert res.rc == 0, res.err
+    argv = ["sample", "--ckpt", tmp_path / "out" / "ckpt_last.npz", "--prompt", "ROMEO:", "--seed", 1337, *decoding]
+    sampled = run_main("np", argv + ["--top_p", 0.6], capsys)
+    unfiltered = run_main("np", argv, capsys)
+    assert sampled.rc == unfiltered.rc == 0, sampled.err + unfiltered.err
+    assert sampled.out.startswith("ROMEO:") and sampled.out in res.out
+    assert unfiltered.out != sampled.out

@@ -429,7 +429,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 rng: np.random.Generator | None = None):
+                 rng: np.random.Generator | None = None, top_p: float | None = None):
         """Extend idx (B, T) by max_new_tokens sampled tokens -> (B, T + max_new_tokens).
 
         The model sees at most the last block_size tokens. New tokens go through the KV cache;
@@ -442,7 +442,7 @@ class GPT(nn.Module):
             return idx
         logits, kv_cache = self.prefill(idx[:, -bs:])
         for step in range(max_new_tokens):
-            nxt = _sample(logits, temperature, top_k, rng, idx.device)  # (B, 1)
+            nxt = _sample(logits, temperature, top_k, top_p, rng, idx.device)  # (B, 1)
             idx = torch.cat((idx, nxt), dim=1)
             if step == max_new_tokens - 1:
                 break
@@ -493,11 +493,11 @@ class BigramLanguageModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 rng: np.random.Generator | None = None):
+                 rng: np.random.Generator | None = None, top_p: float | None = None):
         idx = _as_long_tensor(idx, self.token_embedding_table.weight.device)
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -1:])  # only the last token matters: (B, 1, V)
-            idx = torch.cat((idx, _sample(logits, temperature, top_k, rng, idx.device)), dim=1)
+            idx = torch.cat((idx, _sample(logits, temperature, top_k, top_p, rng, idx.device)), dim=1)
         return idx
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -520,10 +520,10 @@ def _as_long_tensor(idx, device) -> torch.Tensor:
     return idx.to(device)
 
 
-def _sample(logits, temperature, top_k, rng, device) -> torch.Tensor:
+def _sample(logits, temperature, top_k, top_p, rng, device) -> torch.Tensor:
     """The shared NumPy sampler on the last position's logits (B, T, V) -> (B, 1) LongTensor."""
     last = logits[:, -1, :].double().cpu().numpy()  # (B, V) float64
-    nxt = sample_next(last, temperature, top_k, rng)  # (B,)
+    nxt = sample_next(last, temperature, top_k, rng, top_p)  # (B,)
     return torch.from_numpy(nxt).to(device).view(-1, 1)
 
 
