@@ -106,11 +106,10 @@ def _ranges(codes) -> list[tuple[int, int]]:
 
 
 @functools.cache
-def pretokenizer() -> re.Pattern:
-    """GPT2_PATTERN compiled for Python's `re`, with \\p{L}, \\p{N} and \\s as explicit classes.
+def character_classes() -> dict[str, str]:
+    """`re` character-class bodies for \\p{L} (letters), \\p{N} (numbers) and \\s (White_Space).
 
-    Built once (a scan of all 1.1M code points, a fraction of a second); `re` then does the same
-    leftmost-alternative matching and backtracking as `regex` does for the original pattern.
+    Built once from `unicodedata.category` (a scan of all 1.1M code points, a fraction of a second).
     """
     letters, numbers = [], []
     for c in range(sys.maxunicode + 1):
@@ -119,9 +118,18 @@ def pretokenizer() -> re.Pattern:
             letters.append(c)
         elif major == "N":
             numbers.append(c)
-    L = _class_body(_ranges(letters))
-    N = _class_body(_ranges(numbers))
-    S = _class_body(_ranges(sorted(map(ord, WHITE_SPACE))))
+    return {"L": _class_body(_ranges(letters)), "N": _class_body(_ranges(numbers)),
+            "s": _class_body(_ranges(sorted(map(ord, WHITE_SPACE))))}
+
+
+@functools.cache
+def pretokenizer() -> re.Pattern:
+    """GPT2_PATTERN compiled for Python's `re`, with \\p{L}, \\p{N} and \\s as explicit classes.
+
+    `re` does the same leftmost-alternative matching and backtracking as `regex` does for the
+    original pattern, so the pre-tokens are the same.
+    """
+    L, N, S = (character_classes()[k] for k in "LNs")
     pattern = (r"'s|'t|'re|'ve|'m|'ll|'d"
                rf"| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+"     # letters, numbers, other symbols
                rf"|[{S}]+(?![^{S}])|[{S}]+")              # \s+(?!\S)|\s+
