@@ -32,11 +32,13 @@ does): a sequence of ids that ends inside a multi-byte character shows U+FFFD th
 Round trip: decode(encode(s)) == s for every string of Unicode characters. A Python str can also
 hold surrogate code points (U+D800..U+DFFF), which are not characters and have no UTF-8 encoding;
 encode treats them as tiktoken does: a high surrogate followed by a low one is joined into the
-character they stand for, and every other surrogate is replaced by U+FFFD.
+character they stand for, and every other surrogate is replaced by U+FFFD (Hugging Face's
+tokenizers refuses such a str with a TypeError).
 
 The letter and number classes come from this Python's `unicodedata` (Unicode 14.0 on Python
 3.11). A code point assigned in a later Unicode version is "other" here, so text using such new
-letters may be cut differently than by a reference built on newer tables.
+letters may be cut differently than by a reference built on newer tables (Hugging Face's
+tokenizers knows the letters of Unicode 16, e.g. U+1C89; tiktoken agrees with the tables here).
 
 Cache: pre-tokens repeat (Zipf's law: a few words make up most of any text), so the ids of each
 word are kept in a dict and the merge loop runs once per distinct word. The dict is bounded:
@@ -56,7 +58,7 @@ import tempfile
 import unicodedata
 from pathlib import Path
 
-CACHE_SIZE = 1 << 16     # distinct pre-tokens whose ids are kept (Tiny Shakespeare has ~30k)
+CACHE_SIZE = 1 << 16     # distinct pre-tokens whose ids are kept (Tiny Shakespeare has about 15k)
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -166,8 +168,8 @@ class BPETokenizer:
         self.ranks: dict[tuple[str, str], int] = {}                    # pair -> rank (lower merges first)
         for k, (a, b) in enumerate(self.merges):
             where = f"{merges_name} line {k + merges_first_line}"
-            missing = [s for s in (a, b, a + b) if s not in self.encoder]
-            if missing:
+            if a not in self.encoder or b not in self.encoder or a + b not in self.encoder:
+                missing = [s for s in (a, b, a + b) if s not in self.encoder]
                 raise TokenizerError(f"{where}: the merge {a!r} + {b!r} uses {missing[0]!r}, which {vocab_name} lacks; "
                                      "vocab and merges must come from the same tokenizer")
             if (a, b) in self.ranks:
@@ -175,8 +177,8 @@ class BPETokenizer:
                                      f"{self.ranks[(a, b)] + merges_first_line}; use the tokenizer's original merges file")
             self.ranks[(a, b)] = k
         self.decoder: dict[int, str] = {i: s for s, i in self.encoder.items()}
-        byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
-        self.token_bytes: list[bytes] = [bytes(byte_of[ch] for ch in self.decoder[i])   # id -> its bytes
+        to_latin1 = str.maketrans({ch: chr(b) for b, ch in bytes_to_unicode().items()})   # symbol -> its byte
+        self.token_bytes: list[bytes] = [self.decoder[i].translate(to_latin1).encode("latin-1")  # id -> its bytes
                                          for i in range(len(self.decoder))]
         self.byte_symbols: list[str] = [bytes_to_unicode()[b] for b in range(256)]      # byte -> symbol
         self.cache: dict[str, tuple[int, ...]] = {}                                     # pre-token -> ids
@@ -336,8 +338,8 @@ def _check_vocab(encoder: dict, name: str) -> None:
         if i in seen:
             raise TokenizerError(f"{name}: id {i} is given to both {seen[i]!r} and {token!r}; {fix}")
         seen[i] = token
-        outside = [ch for ch in token if ch not in symbols]
-        if outside:
+        if not symbols.issuperset(token):
+            outside = [ch for ch in token if ch not in symbols]
             raise TokenizerError(f"{name}: token {token!r} holds {outside[0]!r}, which is not one of the 256 "
                                  f"byte symbols of a byte-level BPE; {fix}")
     if min(seen) != 0 or max(seen) != len(seen) - 1:
