@@ -165,6 +165,10 @@ class BPETokenizer:
         self.encoder: dict[str, int] = dict(encoder)
         self.merges: list[tuple[str, str]] = [tuple(m) for m in merges]
         _check_vocab(self.encoder, vocab_name)
+        for k, m in enumerate(self.merges):
+            if len(m) != 2 or not all(isinstance(s, str) for s in m):
+                raise TokenizerError(f"{merges_name} line {k + merges_first_line}: expected two symbols (a, b), "
+                                     f"got {m!r}; pass the tokenizer's merges")
         self.ranks: dict[tuple[str, str], int] = {}                    # pair -> rank (lower merges first)
         for k, (a, b) in enumerate(self.merges):
             where = f"{merges_name} line {k + merges_first_line}"

@@ -337,6 +337,12 @@ def test_from_strings_names_its_source():
     assert str(e.value).startswith("checkpoint out/ckpt.pt (vocab.json): ")
 
 
+def test_constructor_checks_merges():
+    vocab, merges = tiny_files()
+    with pytest.raises(TokenizerError, match=r"the merges line 2: expected two symbols \(a, b\), got \('Ġt', 'h', 'e'\)"):
+        BPETokenizer(vocab, [("Ġ", "t"), ("Ġt", "h", "e")])
+
+
 def test_no_end_of_text_token():
     vocab, merges = tiny_files()
     del vocab[EOT]
