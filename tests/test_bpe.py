@@ -70,12 +70,6 @@ def tiktoken_gpt2(gpt2_files):
                              special_tokens={EOT: 50256})
 
 
-@pytest.fixture(scope="module")
-def hf_gpt2(gpt2_files):
-    transformers = pytest.importorskip("transformers")
-    return transformers.GPT2TokenizerFast(vocab=str(gpt2_files["encoder.json"]), merges=str(gpt2_files["vocab.bpe"]))
-
-
 def tiktoken_ids(enc, text: str) -> list[int]:
     return enc.encode(text, allowed_special={EOT})
 
@@ -87,11 +81,15 @@ def test_gpt2_sizes(tok):
     assert tok.encode("Hello world") == [15496, 995]
 
 
-def test_tiny_shakespeare_token_for_token(tok, tiktoken_gpt2, hf_gpt2):
+def tiny_shakespeare() -> str:
     path = shakespeare_path()
     if not path.is_file():
         pytest.skip(f"Tiny Shakespeare not found at {path}; set NPGPT_DATA")
-    text = path.read_text(encoding="utf-8")
+    return path.read_text(encoding="utf-8")
+
+
+def test_tiny_shakespeare_token_for_token(tok, tiktoken_gpt2):
+    text = tiny_shakespeare()
     fresh = copy.copy(tok)
     fresh.cache = {}                                                # empty: the time of a first encode
     start = time.perf_counter()
@@ -100,7 +98,6 @@ def test_tiny_shakespeare_token_for_token(tok, tiktoken_gpt2, hf_gpt2):
     print(f"\nencoded Tiny Shakespeare ({len(text):,} characters -> {len(ids):,} tokens, "
           f"{len(fresh.cache):,} distinct pre-tokens) in {seconds:.2f} s")
     assert ids == tiktoken_ids(tiktoken_gpt2, text)
-    assert ids == hf_gpt2.encode(text)
     assert fresh.decode(ids) == text
 
 
@@ -131,12 +128,30 @@ HOSTILE = {
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))
-def test_hostile_text_token_for_token(tok, tiktoken_gpt2, hf_gpt2, name):
+def test_hostile_text_token_for_token(tok, tiktoken_gpt2, name):
     text = HOSTILE[name]
     ids = tok.encode(text)
     assert ids == tiktoken_ids(tiktoken_gpt2, text), name
-    assert ids == hf_gpt2.encode(text), name
     assert tok.decode(ids) == text
+
+
+def test_equal_to_hugging_face(tok, gpt2_files, tmp_path):
+    """GPT2TokenizerFast from the same files, in one test (building it costs seconds): Tiny
+    Shakespeare and every hostile text token for token; it refuses surrogates, which we replace
+    (test_surrogates_as_tiktoken); and it reads the files that `save` writes."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2TokenizerFast(vocab=str(gpt2_files["encoder.json"]), merges=str(gpt2_files["vocab.bpe"]))
+    text = tiny_shakespeare()
+    assert tok.encode(text) == hf.encode(text)
+    for name, text in HOSTILE.items():
+        assert tok.encode(text) == hf.encode(text), name
+    for text in SURROGATES:
+        with pytest.raises(TypeError):
+            hf.encode(text)
+    tok.save(tmp_path)
+    saved = transformers.GPT2TokenizerFast(vocab=str(tmp_path / "vocab.json"), merges=str(tmp_path / "merges.txt"))
+    text = HOSTILE["emoji ZWJ and skin tones"] + HOSTILE["whitespace runs"] + HOSTILE["end of text"]
+    assert saved.encode(text) == tok.encode(text)
 
 
 def test_end_of_text_is_one_token(tok):
@@ -145,18 +160,19 @@ def test_end_of_text_is_one_token(tok):
     assert tok.decode([50256]) == EOT
 
 
-@pytest.mark.parametrize("text, like", [
-    ("a\ud800b", "a\ufffdb"),                 # lone high surrogate
-    ("\udcff x", "\ufffd x"),                 # lone low surrogate (what surrogateescape makes of byte 0xff)
-    ("\ud83d\ude00!", "\U0001f600!"),         # a pair: joined into the character it stands for
-    ("\ude00\ud83d", "\ufffd\ufffd"),         # a pair in the wrong order
-])
-def test_surrogates_as_tiktoken(tok, tiktoken_gpt2, hf_gpt2, text, like):
+SURROGATES = {                                 # str -> what encode reads in its place
+    "a\ud800b": "a\ufffdb",                     # lone high surrogate
+    "\udcff x": "\ufffd x",                     # lone low surrogate (what surrogateescape makes of byte 0xff)
+    "\ud83d\ude00!": "\U0001f600!",             # a pair: joined into the character it stands for
+    "\ude00\ud83d": "\ufffd\ufffd",             # a pair in the wrong order
+}
+
+
+@pytest.mark.parametrize("text", list(SURROGATES))
+def test_surrogates_as_tiktoken(tok, tiktoken_gpt2, text):
     ids = tok.encode(text)
-    assert ids == tiktoken_ids(tiktoken_gpt2, text) == tok.encode(like)
-    assert tok.decode(ids) == like
-    with pytest.raises(Exception):            # HF's tokenizers refuses such a str outright
-        hf_gpt2.encode(text)
+    assert ids == tiktoken_ids(tiktoken_gpt2, text) == tok.encode(SURROGATES[text])
+    assert tok.decode(ids) == SURROGATES[text]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -236,14 +252,6 @@ def test_to_strings_and_save_round_trip(tok, tmp_path):
     assert (tmp_path / "out" / "merges.txt").read_text(encoding="utf-8") == merges_txt
     loaded = BPETokenizer.from_files(tmp_path / "out" / "vocab.json", tmp_path / "out" / "merges.txt")
     assert loaded.encoder == tok.encoder and loaded.merges == tok.merges
-
-
-def test_saved_files_load_in_transformers(tok, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    tok.save(tmp_path)
-    hf = transformers.GPT2TokenizerFast(vocab=str(tmp_path / "vocab.json"), merges=str(tmp_path / "merges.txt"))
-    text = HOSTILE["emoji ZWJ and skin tones"] + HOSTILE["whitespace runs"]
-    assert hf.encode(text) == tok.encode(text)
 
 
 SYMBOL = bytes_to_unicode()
