@@ -14,7 +14,6 @@ import copy
 import hashlib
 import importlib.util
 import json
-import os
 import re
 import time
 import unicodedata
@@ -25,15 +24,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from npgpt import bpe
 from npgpt.bpe import BPETokenizer, TokenizerError, bytes_to_unicode
+from train_helpers import DATA     # Tiny Shakespeare: $NPGPT_DATA, else the shared checkout's copy
 
 SHA256 = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
           "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
 EOT = "<|endoftext|>"
-
-
-def shakespeare_path() -> Path:
-    env = os.environ.get("NPGPT_DATA", "")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -82,10 +77,9 @@ def test_gpt2_sizes(tok):
 
 
 def tiny_shakespeare() -> str:
-    path = shakespeare_path()
-    if not path.is_file():
-        pytest.skip(f"Tiny Shakespeare not found at {path}; set NPGPT_DATA")
-    return path.read_text(encoding="utf-8")
+    if not DATA.is_file():
+        pytest.skip(f"Tiny Shakespeare not found at {DATA}; set NPGPT_DATA")
+    return DATA.read_text(encoding="utf-8")
 
 
 def test_tiny_shakespeare_token_for_token(tok, tiktoken_gpt2):
