@@ -261,6 +261,9 @@ def _known_factors(exercise: str, run: Run) -> list:
     if keep:
         out.append(("1/(1-p) (dropout's rescaling applied once more)",
                     "(1-p) (dropout's rescaling 1/(1-p) left out)", keep))
+        out.append(("1/(1-p)^2 (dropout's rescaling applied twice more)",
+                    "(1-p)^2 (dropout's rescaling 1/(1-p) inverted: multiplied by 1-p where it divides)",
+                    keep * keep))
     return out
 
 
@@ -408,7 +411,8 @@ def _mask_regions(exercise: str, run: Run, grad_name: str, shape) -> list:
         counts = np.bincount(np.asarray(idx).reshape(-1), minlength=shape[0])[:shape[0]]
         rows = lambda sel: np.broadcast_to(sel[:, None], shape)
         out += [("on the rows of token ids that occur more than once (repeated ids)", rows(counts > 1)),
-                ("on the rows of token ids that never occur", rows(counts == 0))]
+                ("on the rows of token ids that never occur", rows(counts == 0)),
+                ("on the rows of token ids that occur in idx", rows(counts > 0))]
     return out
 
 
@@ -540,8 +544,10 @@ def explain(exercise: str, grad_name: str, runs: list) -> str | None:
 
     # a sum over positions left out
     picks = {
-        "the first position's term alone": lambda a: a.reshape((-1,) + a.shape[a.ndim - gd:])[0],
-        "the last position's term alone": lambda a: a.reshape((-1,) + a.shape[a.ndim - gd:])[-1],
+        "the first position's term alone: it is not summed over the positions":
+            lambda a: a.reshape((-1,) + a.shape[a.ndim - gd:])[0],
+        "the last position's term alone: it is not summed over the positions (an assignment in a "
+        "loop where += belongs?)": lambda a: a.reshape((-1,) + a.shape[a.ndim - gd:])[-1],
     }
     terms_ok = {}
     for run, g, w, t in data:
@@ -553,17 +559,17 @@ def explain(exercise: str, grad_name: str, runs: list) -> str | None:
         lead = terms.ndim - gd
         options = {k: f(terms) for k, f in picks.items()}
         if lead == 2:
-            options["the first batch row's terms summed (over time only, not over the batch)"] = terms[0].sum(axis=0)
-            options["the first time step's terms summed (over the batch only, not over time)"] = terms[:, 0].sum(axis=0)
+            options["the first batch row's terms summed over time: it is not summed over the batch"] = terms[0].sum(axis=0)
+            options["the first time step's terms summed over the batch: it is not summed over time"] = terms[:, 0].sum(axis=0)
             if terms.shape[1] == 1:  # one term per batch row
-                options = {"the first batch row's alone (not summed over the batch)": terms[0, 0],
-                           "the last batch row's alone (not summed over the batch)": terms[-1, 0]}
+                options = {"the first batch row's alone: it is not summed over the batch": terms[0, 0],
+                           "the last batch row's alone: it is not summed over the batch": terms[-1, 0]}
         for k, v in options.items():
             terms_ok[k] = terms_ok.get(k, True) and _close(g, v, t, max(_norm(g), _norm(w)))
     if terms_ok:
         for k, ok in terms_ok.items():
             if ok:
-                return f"{name} equals {k}: it is not summed over all the positions."
+                return f"{name} equals {k}."
 
     # a missing term
     found = _missing_term(exercise, name, data)
