@@ -252,10 +252,9 @@ def _tanh_gelu(inner=True, cubic=True, product=True):
 
 
 def _tanh_gelu_exact(dout, cache):
-    from scipy.special import erf  # as npgpt.layers
     x = cache.x
-    phi = 0.5 * (1.0 + erf(x / math.sqrt(2.0)))
-    return (dout * (phi + x * _gelu_pdf(x)),)
+    _, exact = L.gelu_forward(x)  # Phi(x), the exact GELU's CDF
+    return (dout * (exact.phi + x * _gelu_pdf(x)),)
 
 
 def _dropout_keep_scale(mask):
@@ -302,8 +301,7 @@ def _attention(scale_backward=True, dv_transposed=True, dk_transposed=True, dot_
     def backward(dout, cache):
         q, k, v, att, att_mask, scale = cache
         if not masked_recompute:  # the probabilities recomputed from q and k, without the causal mask
-            scores = (q @ k.transpose(0, 1, 3, 2)) * scale
-            (att,) = (softmax_forward_probs(scores),)
+            att, _ = L.softmax_forward((q @ k.transpose(0, 1, 3, 2)) * scale)
         att_used = att if att_mask is None else att * att_mask
         dv = (att_used.transpose(0, 1, 3, 2) if dv_transposed else att_used) @ dout
         datt = dout @ v.transpose(0, 1, 3, 2)
@@ -318,11 +316,6 @@ def _attention(scale_backward=True, dv_transposed=True, dk_transposed=True, dot_
         dk = ((dscores.transpose(0, 1, 3, 2) if dk_transposed else dscores) @ q) * s
         return dq, dk, dv
     return backward
-
-
-def softmax_forward_probs(scores):
-    y, _ = L.softmax_forward(scores)
-    return y
 
 
 # cross-entropy: (dlogits,)

@@ -293,8 +293,6 @@ def _terms(exercise: str, grad_name: str, run: Run) -> list:
                 ("the Jacobian's off-diagonal part, -y_i sum over j != i of y_j dout_j",
                  -c.y * (dot - dout * c.y))]
     if exercise == "attention" and grad_name in ("dq", "dk"):
-        att_used = c.att if c.att_mask is None else c.att * c.att_mask
-        del att_used
         datt = dout @ c.v.transpose(0, 1, 3, 2)
         if c.att_mask is not None:
             datt = datt * c.att_mask
@@ -378,9 +376,9 @@ def _name_factor(exercise: str, runs, scales) -> str | None:
 
     if all(same(m, 1.0, r) for m, r in zip(mags, runs)):
         return "-1" if negative else None
-    factors = [_known_factors(exercise, r) for r in runs]
-    for i, (name, inverse_name, _) in enumerate(factors[0]):
-        values = [f[i][2] if i < len(f) and f[i][0] == name else None for f in factors]
+    factors = [{f[0]: f for f in _known_factors(exercise, r)} for r in runs]
+    for name, inverse_name, _ in _known_factors(exercise, runs[0]):
+        values = [f[name][2] if name in f else None for f in factors]
         if None in values or all(v == 1.0 for v in values):
             continue
         for label, want in ((name, values), (inverse_name, [1.0 / v for v in values])):
@@ -491,17 +489,21 @@ def explain(exercise: str, grad_name: str, runs: list) -> str | None:
         s = float(np.vdot(g, w)) / ww
         fits = fits and s != 0.0 and _close(g, s * w, t, max(_norm(g), abs(s) * _norm(w)))
         scales.append((run, s))
-    if fits and scales:
-        runs_s, ss = [r for r, _ in scales], [s for _, s in scales]
+    if fits and any(abs(s - 1.0) > tolerance(exercise, r) for r, s in scales):
+        # cases where the gradient is right (scale 1) cannot name a factor: name it on the others
+        wrong = [(r, s) for r, s in scales if abs(s - 1.0) > tolerance(exercise, r)]
+        right = len(scales) - len(wrong)
+        where = f" on the {len(wrong)} cases where it is wrong (right on the other {right})" if right else ""
+        runs_s, ss = [r for r, _ in wrong], [s for _, s in wrong]
         named = _name_factor(exercise, runs_s, ss)
         if named is not None:
             if named == "-1":
-                return f"{name} has the wrong sign: it is -1 times the right gradient."
-            return f"{name} is off by {named}: it is the right gradient times that factor."
+                return f"{name} has the wrong sign{where}: it is -1 times the right gradient."
+            return f"{name} is off by {named}{where}: it is the right gradient times that factor."
         spread = max(ss) - min(ss)
         if spread <= max(t for *_, t in data) * max(abs(s) for s in ss):
-            return f"{name} is off by a constant factor {_fraction(ss[0])}: it is that multiple of the right gradient."
-        listed = ", ".join(_fraction(s) for s in ss)
+            return f"{name} is off by a constant factor {_fraction(ss[0])}{where}: it is that multiple of the right gradient."
+        listed = ", ".join(_fraction(s) for _, s in scales)
         return f"{name} is a multiple of the right gradient, by a factor that changes from case to case ({listed})."
 
     # transposed, or a transpose read in the wrong shape
@@ -523,24 +525,6 @@ def explain(exercise: str, grad_name: str, runs: list) -> str | None:
             _close(g, r.dout - w, t, max(_norm(g), _norm(w), _norm(r.dout))) for r, g, w, t in data):
         return (f"{name} is dout minus the right gradient: it passes dout exactly where the right "
                 f"gradient blocks it, and blocks it where it passes (a mask inverted).")
-
-    # the error sits on entries a cache marks (masked units, repeated ids)
-    regions = None
-    for run, g, w, t in data:
-        err = np.abs(g - w)
-        wrong = err > t * max(float(np.abs(w).max()), float(np.abs(g).max()))
-        marks = _mask_regions(exercise, run, name, g.shape)
-        if regions is None:
-            regions = [[desc, True, False] for desc, _ in marks]
-        for slot, (desc, sel) in zip(regions, marks):
-            inside = not wrong[~sel].any()
-            slot[1] = slot[1] and inside
-            slot[2] = slot[2] or (wrong.any() and inside and bool((~sel).any()))
-    for desc, inside, informative in regions or []:
-        if inside and informative:
-            run, g, w, t = next((d for d in data if not _close(d[1], d[2], d[3])), data[0])
-            wrong = np.abs(g - w) > t * max(float(np.abs(w).max()), float(np.abs(g).max()))
-            return f"{name} is right except {desc}{_what_there(g, w, run.dout, wrong, t)}."
 
     # a sum over positions left out
     picks = {
@@ -575,6 +559,25 @@ def explain(exercise: str, grad_name: str, runs: list) -> str | None:
     found = _missing_term(exercise, name, data)
     if found:
         return found
+
+    # the error sits on entries a cache marks (masked units, repeated ids)
+    regions = None
+    for run, g, w, t in data:
+        err = np.abs(g - w)
+        wrong = err > t * max(float(np.abs(w).max()), float(np.abs(g).max()))
+        marks = _mask_regions(exercise, run, name, g.shape)
+        if regions is None:
+            regions = [[desc, True, False] for desc, _ in marks]
+        for slot, (desc, sel) in zip(regions, marks):
+            inside = not wrong[~sel].any()
+            slot[1] = slot[1] and inside
+            slot[2] = slot[2] or (wrong.any() and inside and bool((~sel).any()))
+    for desc, inside, informative in regions or []:
+        if inside and informative:
+            run, g, w, t = next((d for d in data if not _close(d[1], d[2], d[3])), data[0])
+            wrong = np.abs(g - w) > t * max(float(np.abs(w).max()), float(np.abs(g).max()))
+            return f"{name} is right except {desc}{_what_there(g, w, run.dout, wrong, t)}."
+
 
     # the error sits at some indices along one axis
     found = _axis_subset(exercise, name, data)

@@ -271,6 +271,19 @@ def test_explain_names_a_dropped_term():
     assert "misses the tied head's gradient" in sentence
 
 
+def test_explain_names_a_sum_left_out():
+    def first_row(run):  # db = dout's first position: not summed over the positions
+        return run.want[:2] + (None if run.want[2] is None else run.dout.reshape(-1, run.dout.shape[-1])[0],)
+    sentence = explain("linear", "db", _with_got(_runs("linear"), first_row))
+    assert "first position's term alone: it is not summed over the positions" in sentence
+
+    def divided_by_b(run):  # dlogits / B instead of / N: right on the cases with T = 1
+        B, T = run.cache.logits_shape[:2]
+        return (run.want[0] * T,)
+    sentence = explain("cross_entropy", "dlogits", _with_got(_runs("cross_entropy"), divided_by_b))
+    assert "factor T (the number of time steps) on the 2 cases where it is wrong (right on the other 1)" in sentence
+
+
 def test_explain_names_zeros_nan_and_positions():
     runs = _runs("gelu")
     assert "zero everywhere" in explain("gelu", "dx", _with_got(runs, lambda r: (np.zeros_like(r.want[0]),)))
