@@ -400,6 +400,11 @@ def _mask_regions(exercise: str, run: Run, grad_name: str, shape) -> list:
     if exercise == "dropout" and np.shape(c.mask) == tuple(shape):
         out += [("on the dropped units (mask 0)", c.mask == 0),
                 ("on the kept units", c.mask != 0)]
+    emb = c if exercise == "embedding" else c.embedding if exercise == "model" else None
+    if emb is not None and grad_name in ("dwpe", "transformer.wpe.weight") and len(shape) == 2:
+        unused = np.zeros(shape, dtype=bool)
+        unused[emb.idx.shape[1]:] = True
+        out.append(("on the rows t >= T of wpe, which the forward did not use (their gradient is zero)", unused))
     idx = None
     if exercise == "embedding" and grad_name == "dwte":
         idx = c.idx
@@ -665,23 +670,32 @@ def _axis_subset(exercise: str, name: str, data) -> str | None:
     axes = _axis_names(exercise, name, shape0)
     order = sorted(range(len(shape0)), key=lambda a: 0 if axes[a] == "time step" else 1)
     for a in order:
-        pattern, seen_long, proper = None, False, False
+        labels, seen_long, proper, everywhere = None, False, False, False
         for run, g, w, t in data:
             wrong = np.abs(g - w) > t * max(float(np.abs(w).max()), float(np.abs(g).max()))
             other = tuple(i for i in range(g.ndim) if i != a)
-            hit = np.flatnonzero(wrong.any(axis=other))
+            hit = list(np.flatnonzero(wrong.any(axis=other)))
             n = g.shape[a]
-            if hit.size == 0:
+            if not hit:
                 continue
             seen_long = seen_long or n > 1
-            proper = proper or hit.size < n
-            this = "first" if list(hit) == [0] else "last" if list(hit) == [n - 1] else "some"
-            if this == "some" and hit.size == n:
-                pattern = "all"
+            proper = proper or len(hit) < n
+            if len(hit) == n and n > 1:
+                everywhere = True
                 break
-            pattern = this if pattern in (None, this) else "some"
-        if pattern is None or pattern == "all" or not (seen_long and proper):
+            fits = {"some"}  # the labels this run's wrong indices fit
+            if hit == [0]:
+                fits.add("first")
+            if hit == [n - 1]:
+                fits.add("last")
+            if hit == list(range(n - 1)):
+                fits.add("all but the last")
+            if hit == list(range(1, n)):
+                fits.add("all but the first")
+            labels = fits if labels is None else labels & fits
+        if labels is None or everywhere or not (seen_long and proper):
             continue
+        pattern = next(p for p in ("first", "last", "all but the last", "all but the first", "some") if p in labels)
         run, g, w, t = next(d for d in data if not _close(d[1], d[2], d[3]))
         wrong = np.abs(g - w) > t * max(float(np.abs(w).max()), float(np.abs(g).max()))
         there = _what_there(g, w, run.dout, wrong, t)
@@ -690,6 +704,13 @@ def _axis_subset(exercise: str, name: str, data) -> str | None:
             where = f"the first {axis} ({axis} 0)"
         elif pattern == "last":
             where = f"the last {axis}"
+        elif pattern != "some":
+            right_at = pattern.split()[-1]
+            note = ""
+            if exercise == "attention" and axis == "time step" and right_at == "last":
+                note = (" (the query that sees every key, where the causal mask changes nothing: "
+                        "is the mask applied?)")
+            return f"{name} is right only at the {right_at} {axis}{note}, and wrong at every other."
         else:
             hit = np.flatnonzero(wrong.any(axis=tuple(i for i in range(g.ndim) if i != a)))
             listed = ", ".join(str(i) for i in hit[:8]) + (", ..." if hit.size > 8 else "")

@@ -302,6 +302,8 @@ def test_explain_names_zeros_nan_and_positions():
         ("dropout", "dropout-not-rescaled", "dx", "(1-p) (dropout's rescaling 1/(1-p) left out)"),
         ("linear", "linear-db-last-position", "db", "last position's term alone"),
         ("attention", "attention-no-scale", "dq", "sqrt(hs)"),
+        ("attention", "attention-unmasked-recompute", "dq", "right only at the last time step (the query that sees every key"),
+        ("embedding", "embedding-dwpe-unused-rows", "dwpe", "rows t >= T of wpe"),
         ("cross_entropy", "cross-entropy-no-one-hot", "dlogits", "misses the one-hot"),
         ("rope", "rope-no-sin-term", "dx", "misses the term -rotate_half(dout) * sin"),
         ("swiglu", "swiglu-silu-no-second-term", "dx", "misses silu's second term"),
