@@ -532,32 +532,30 @@ def explain(exercise: str, grad_name: str, runs: list) -> str | None:
                 f"gradient blocks it, and blocks it where it passes (a mask inverted).")
 
     # a sum over positions left out
-    picks = {
-        "the first position's term alone: it is not summed over the positions":
-            lambda a: a.reshape((-1,) + a.shape[a.ndim - gd:])[0],
-        "the last position's term alone: it is not summed over the positions (an assignment in a "
-        "loop where += belongs?)": lambda a: a.reshape((-1,) + a.shape[a.ndim - gd:])[-1],
-    }
     terms_ok = {}
     for run, g, w, t in data:
         terms = _per_position_terms(exercise, name, run)
         if terms is None:
             terms_ok = None
             break
-        gd = g.ndim
-        lead = terms.ndim - gd
-        options = {k: f(terms) for k, f in picks.items()}
-        if lead == 2:
+        per_position = terms.reshape((-1,) + g.shape)  # (positions, *gradient's shape)
+        options = {
+            "the first position's term alone: it is not summed over the positions": per_position[0],
+            "the last position's term alone: it is not summed over the positions (an assignment in a "
+            "loop where += belongs?)": per_position[-1],
+        }
+        if terms.ndim - g.ndim == 2:  # (B, T, ...) terms
             options["the first batch row's terms summed over time: it is not summed over the batch"] = terms[0].sum(axis=0)
             options["the first time step's terms summed over the batch: it is not summed over time"] = terms[:, 0].sum(axis=0)
-            if terms.shape[1] == 1:  # one term per batch row
+            if exercise == "embedding":  # dwpe: one term per batch row
                 options = {"the first batch row's alone: it is not summed over the batch": terms[0, 0],
                            "the last batch row's alone: it is not summed over the batch": terms[-1, 0]}
         for k, v in options.items():
-            terms_ok[k] = terms_ok.get(k, True) and _close(g, v, t, max(_norm(g), _norm(w)))
+            held, cases = terms_ok.get(k, (True, 0))
+            terms_ok[k] = (held and _close(g, v, t, max(_norm(g), _norm(w))), cases + 1)
     if terms_ok:
-        for k, ok in terms_ok.items():
-            if ok:
+        for k, (held, cases) in terms_ok.items():
+            if held and cases == len(data):  # on every case
                 return f"{name} equals {k}."
 
     # a missing term
@@ -582,7 +580,6 @@ def explain(exercise: str, grad_name: str, runs: list) -> str | None:
             run, g, w, t = next((d for d in data if not _close(d[1], d[2], d[3])), data[0])
             wrong = np.abs(g - w) > t * max(float(np.abs(w).max()), float(np.abs(g).max()))
             return f"{name} is right except {desc}{_what_there(g, w, run.dout, wrong, t)}."
-
 
     # the error sits at some indices along one axis
     found = _axis_subset(exercise, name, data)

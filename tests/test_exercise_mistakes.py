@@ -82,7 +82,8 @@ def _forward_cases(exercise: str):
             _, cache = L.embedding_forward(idx, _normal(rng, 5, 3), _normal(rng, 4, 3) if wpe else None)
             out.append((f"B={B} T={T}", _normal(rng, B, T, 3), cache))
     elif exercise == "linear":
-        for xs, ws, bias in (((2, 3, 4), (5, 4), True), ((3, 4), (4, 4), True), ((2, 1, 3), (2, 3), False)):
+        for xs, ws, bias in (((2, 3, 4), (5, 4), True), ((3, 4), (4, 4), True), ((2, 1, 3), (2, 3), False),
+                             ((1, 1, 3), (2, 3), True)):
             _, cache = L.linear_forward(_normal(rng, *xs), _normal(rng, *ws), _normal(rng, ws[0]) if bias else None)
             out.append((f"x{xs} w{ws}", _normal(rng, *xs[:-1], ws[0]), cache))
     elif exercise in ("layernorm", "rmsnorm"):
