@@ -119,8 +119,8 @@ class Row:
     nonfinite: str = ""  # the label of a case where it holds NaN or inf
 
     def update(self, label, max_abs, rel, ok, fd_rel=None):
-        self.max_abs = max(self.max_abs, max_abs)
-        self.rel = max(self.rel, rel)
+        self.max_abs = max_abs if math.isnan(max_abs) else max(self.max_abs, max_abs)  # NaN sticks
+        self.rel = rel if math.isnan(rel) else max(self.rel, rel)
         if fd_rel is not None:
             self.fd_rel = fd_rel if self.fd_rel is None else max(self.fd_rel, fd_rel)
         if not ok and self.ok:
@@ -173,23 +173,25 @@ def _say(out, text: str = "") -> None:
     print(text, file=out)
 
 
-def check(name: str, file: str, timeout: float = DEFAULT_TIMEOUT, out=None) -> Result:
-    """Check FILE's NAME_backward; print the report to `out` (stdout). Returns the exit code."""
+def check(name: str, file: str, timeout: float = DEFAULT_TIMEOUT, out=None, err=None) -> Result:
+    """Check FILE's NAME_backward: the table to `out` (stdout), a report that ends the check early
+    to `err` (stderr). Returns the exit code and a one-line summary."""
     out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
     ex = registry.get(name)
     if ex is None:
         msg = f"unknown exercise '{name}': `python -m exercises list` shows them"
-        _say(out, f"error: {msg}")
+        _say(err, f"error: {msg}")
         return Result(BAD_INPUT, msg)
     if not timeout > 0 or not math.isfinite(timeout):
         msg = f"--timeout must be a positive number of seconds, got {timeout}"
-        _say(out, f"error: {msg}")
+        _say(err, f"error: {msg}")
         return Result(BAD_INPUT, msg)
     path = Path(file).expanduser().resolve()
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "no such file"
         msg = f"{file}: {what} (`python -m exercises start {name}` writes one)"
-        _say(out, f"error: {msg}")
+        _say(err, f"error: {msg}")
         return Result(BAD_INPUT, msg)
 
     cases = prepared(name)
@@ -215,17 +217,17 @@ def check(name: str, file: str, timeout: float = DEFAULT_TIMEOUT, out=None) -> R
     if outcome.timed_out:
         msg = (f"{name}: time limit of {timeout:g} s reached while {outcome.phase} (an infinite loop?); "
                f"--timeout sets the limit")
-        _say(out, f"error: {msg}")
+        _say(err, f"error: {msg}")
         return Result(WRONG, msg)
     if outcome.result is None:
         how = (f"was killed by signal {-outcome.exitcode}" if outcome.exitcode is not None and outcome.exitcode < 0
                else f"exited with status {outcome.exitcode}")
         msg = f"{name}: the process running your code {how} while {outcome.phase} (os._exit? a crash?)"
-        _say(out, f"error: {msg}")
+        _say(err, f"error: {msg}")
         return Result(WRONG, msg)
     if outcome.result["status"] != "ok":
         message = outcome.result["message"]
-        _say(out, f"error: {message}")
+        _say(err, f"error: {message}")
         return Result(outcome.result["code"], message.splitlines()[0])
     return _report(ex, file, cases, got, outcome.result["used_forward"], out)
 
@@ -264,7 +266,8 @@ def _report(ex, file, cases, got, used_forward, out) -> Result:
     source = "your forward's caches" if used_forward else "the reference forward's caches"
     _say(out, f"{ex.name}: {file}, {len(cases)} cases, {ex.name}_backward on {source}")
     for p in cases:
-        _say(out, f"  - {p.case.label}" + ("" if p.case.fd else " (no finite differences: not smooth there)"))
+        _say(out, f"  - {p.case.label}" + ("" if p.case.fd else " (against the reference only: centred "
+                                                                  "differences do not hold there)"))
     table = ([forward_row] if forward_row else []) + list(rows.values())
     width = max(len("gradient"), *(len(r.name) for r in table))
     _say(out, f"{'gradient':<{width}}  {'max abs err':>11}  {'rel err':>9}  {'fd rel err':>10}  result")

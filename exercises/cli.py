@@ -89,7 +89,7 @@ def cmd_status(args) -> int:
         if not path.exists():
             rows.append((ex.name, "-", "not started"))
             continue
-        result = checker.check(ex.name, str(path), args.timeout, out=io.StringIO())
+        result = checker.check(ex.name, str(path), args.timeout, out=io.StringIO(), err=io.StringIO())
         word = {PASS: "pass", WRONG: "FAIL", BAD_INPUT: "cannot check"}[result.code]
         detail = "" if result.code == PASS else f": {result.summary.removeprefix('wrong: ')}"
         rows.append((ex.name, str(path), word + detail))
