@@ -212,20 +212,25 @@ def _swiglu_cases(rng):
             Case("B=2 T=2 2H=6, gate all 0", {"x": zero_gate})]
 
 
-def _block_params(rng, C, H):
-    """O(1) activations everywhere: gains near 1, non-zero biases, weights N(0, 1/fan_in)."""
+def _block_params(rng, C, H, modern=False):
+    """O(1) activations everywhere: gains near 1, non-zero biases, weights N(0, 1/fan_in). The
+    modern block: RMSNorm (no norm biases), QK-norm's gains (hs,), SwiGLU's c_fc (2H, C)."""
+    hs = C // 2
+    n_fc = 2 * H if modern else H
     shapes = {"ln_1.weight": (C,), "ln_1.bias": (C,), "attn.c_attn.weight": (3 * C, C),
               "attn.c_attn.bias": (3 * C,), "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
-              "ln_2.weight": (C,), "ln_2.bias": (C,), "mlp.c_fc.weight": (H, C), "mlp.c_fc.bias": (H,),
+              "attn.q_norm.weight": (hs,), "attn.k_norm.weight": (hs,),
+              "ln_2.weight": (C,), "ln_2.bias": (C,), "mlp.c_fc.weight": (n_fc, C), "mlp.c_fc.bias": (n_fc,),
               "mlp.c_proj.weight": (C, H), "mlp.c_proj.bias": (C,)}
+    absent = {"ln_1.bias", "ln_2.bias"} if modern else {"attn.q_norm.weight", "attn.k_norm.weight"}
     params = {}
     for name in BLOCK_PARAM_NAMES:
-        if name not in shapes:
-            continue
         shape = shapes[name]
+        if name in absent:
+            continue
         if name.endswith(".bias"):
             params[name] = _normal(rng, shape, 0.2)
-        elif name.startswith("ln_"):
+        elif name.startswith("ln_") or name.endswith("_norm.weight"):
             params[name] = _gain(rng, shape[0])
         else:
             params[name] = _normal(rng, shape, 1.0 / math.sqrt(shape[1]))
@@ -233,18 +238,23 @@ def _block_params(rng, C, H):
 
 
 def _block_cases(rng):
-    def case(label, B, T, C, n_head, activation="gelu", p=None):
-        params = _block_params(rng, C, 4 * C)
+    def case(label, B, T, C, n_head, activation="gelu", p=None, modern=False):
+        params = _block_params(rng, C, 4 * C, modern)
         arrays = {"x": _normal(rng, (B, T, C)), **params}
+        options = {"params": list(params), "n_head": n_head, "activation": activation,
+                   "dropout_p": 0.0 if p is None else p, "norm": "rmsnorm" if modern else "layernorm"}
         if p is not None:
             for name, shape in (("mask.attention", (B, n_head, T, T)), ("mask.attn_residual", (B, T, C)),
                                 ("mask.mlp_residual", (B, T, C))):
                 arrays[name] = L.dropout_mask(shape, p, rng, np.float64)
-        return Case(label, arrays, {"params": list(params), "n_head": n_head, "activation": activation,
-                                    "dropout_p": 0.0 if p is None else p})
+        if modern:
+            arrays["rope.cos"], arrays["rope.sin"] = L.rope_angles(T, C // n_head, 50.0, 0, np.float64)
+        return Case(label, arrays, options)
     return [case("B=2 T=3 C=4 nh=2", 2, 3, 4, 2),
             case("B=1 T=1 C=4 nh=1 (one time step, one head)", 1, 1, 4, 1, "gelu_tanh"),
-            case("B=1 T=3 C=4 nh=2, dropout p=0.25", 1, 3, 4, 2, p=0.25)]
+            case("B=1 T=3 C=4 nh=2, dropout p=0.25", 1, 3, 4, 2, p=0.25),
+            case("B=1 T=3 C=4 nh=2, the modern block: RMSNorm, QK-norm, RoPE, SwiGLU", 1, 3, 4, 2, "swiglu",
+                 modern=True)]
 
 
 def _model_cases(rng):
@@ -277,14 +287,12 @@ def _call_x(f, a, o):
     return f(a["x"])
 
 
-def _block_options(o):
-    return L.BlockOptions(o["n_head"], o["activation"], o["dropout_p"])
-
-
 def _call_block(f, a, o):
     names = ("mask.attention", "mask.attn_residual", "mask.mlp_residual")
     masks = [a[n] for n in names] if names[0] in a else None
-    return f(a["x"], {n: a[n] for n in o["params"]}, _block_options(o), masks)
+    rope = L.RopeAngles(a["rope.cos"], a["rope.sin"]) if "rope.cos" in a else None
+    options = L.BlockOptions(o["n_head"], o["activation"], o["dropout_p"], None, o["norm"], L.LAYERNORM_EPS, rope)
+    return f(a["x"], {n: a[n] for n in o["params"]}, options, masks)
 
 
 def _call_model(f, a, o):
@@ -342,7 +350,10 @@ EXERCISES: list[Exercise] = [
              "block_forward(x, p, options, masks=None)", "block", _call_block, _block_cases,
              depth=bounds.BLOCK_DEPTH + 1, amplification=bounds.PARITY_AMPLIFICATION, fd_entries=16,
              notes="You may call the reference layer backwards (from npgpt.layers import linear_backward,\n"
-                   "layernorm_backward, ...): the exercise is the composition. cache.layers holds them too."),
+                   "layernorm_backward, ...): the exercise is the composition. cache.layers holds them too.\n"
+                   "The last case is the modern block (RMSNorm, QK-norm, RoPE, SwiGLU): there ln_1 and ln_2 are\n"
+                   "RMSNormCaches, q_norm, k_norm, q_rope, k_rope are not None, and the grads' keys follow its\n"
+                   "parameters (attn.q_norm.weight, attn.k_norm.weight; no ln_*.bias)."),
     Exercise("model", "the GPT's backward: blocks, ln_f, the head, the tied embedding's two gradients",
              "model-backward", reference.model_forward, reference.model_backward, GPTCache,
              "model_forward(idx, targets, params, config)", "model", _call_model, _model_cases,
