@@ -154,13 +154,9 @@ def _write_job(jobdir: Path, ex: registry.Exercise, path: Path, cases) -> None:
     (jobdir / "job.json").write_text(json.dumps({"exercise": ex.name, "file": str(path), "cases": specs}))
 
 
-def _job_dir(student_dir: Path) -> Path:
-    """A fresh temporary directory, never inside the student's."""
-    jobdir = Path(tempfile.mkdtemp(prefix="exercises-")).resolve()
-    if jobdir.is_relative_to(student_dir):
-        shutil.rmtree(jobdir)
-        jobdir = Path(tempfile.mkdtemp(prefix="exercises-", dir=student_dir.anchor)).resolve()
-    return jobdir
+def _job_dir() -> Path:
+    """A fresh temporary directory (the caller makes sure it is not inside the student's)."""
+    return Path(tempfile.mkdtemp(prefix="exercises-")).resolve()
 
 
 @dataclass
@@ -194,8 +190,13 @@ def check(name: str, file: str, timeout: float = DEFAULT_TIMEOUT, out=None, err=
         _say(err, f"error: {msg}")
         return Result(BAD_INPUT, msg)
 
+    if Path(tempfile.gettempdir()).resolve().is_relative_to(path.parent):
+        msg = (f"the temporary directory {tempfile.gettempdir()} lies inside {path.parent}, which check "
+               f"leaves untouched: set TMPDIR to a directory elsewhere")
+        _say(err, f"error: {msg}")
+        return Result(BAD_INPUT, msg)
     cases = prepared(name)
-    jobdir = _job_dir(path.parent)
+    jobdir = _job_dir()
     try:
         _write_job(jobdir, ex, path, cases)
         outcome = sandbox.run(jobdir, timeout)

@@ -182,8 +182,10 @@ def _embedding_cases(rng):
 
 
 def _attention_cases(rng):
-    def case(label, B, nh, T, hs, p=None):
+    def case(label, B, nh, T, hs, p=None, zero_q=False):
         arrays = {name: _normal(rng, (B, nh, T, hs)) for name in ("q", "k", "v")}
+        if zero_q:
+            arrays["q"][:] = 0.0
         options = {}
         if p is not None:
             arrays["mask"] = L.dropout_mask((B, nh, T, T), p, rng, np.float64)
@@ -192,7 +194,8 @@ def _attention_cases(rng):
     return [case("B=2 nh=2 T=4 hs=3", 2, 2, 4, 3),
             case("B=1 nh=2 T=1 hs=4 (one time step)", 1, 2, 1, 4),
             case("B=2 nh=1 T=3 hs=4 (one head)", 2, 1, 3, 4),
-            case("B=1 nh=2 T=3 hs=2, dropout p=0.25 on the probabilities", 1, 2, 3, 2, p=0.25)]
+            case("B=1 nh=2 T=3 hs=2, dropout p=0.25 on the probabilities", 1, 2, 3, 2, p=0.25),
+            case("B=1 nh=2 T=3 hs=2, q all 0 (uniform attention over the past)", 1, 2, 3, 2, zero_q=True)]
 
 
 def _rope_cases(rng):
