@@ -347,13 +347,16 @@ EXERCISES: list[Exercise] = [
              L.causal_attention_forward, L.causal_attention_backward, L.AttentionCache,
              "attention_forward(q, k, v, dropout_p=0.0, rng=None, mask=None)", "tuple",
              _call_attention, _attention_cases, ("dq", "dk", "dv"), ("q", "k", "v"), depth=4,
-             notes="The pair is npgpt.layers.causal_attention_forward / causal_attention_backward."),
+             notes="The pair is npgpt.layers.causal_attention_forward / causal_attention_backward. One case\n"
+                   "runs dropout on the probabilities: there att_mask is its mask (0 or 1 / (1 - p)) and\n"
+                   "y = (att * att_mask) @ v."),
     Exercise("block", "the transformer block: the residual fan-in of its two branches", "transformer-block",
              L.block_forward, L.block_backward, L.BlockCache,
              "block_forward(x, p, options, masks=None)", "block", _call_block, _block_cases,
              depth=bounds.BLOCK_DEPTH + 1, amplification=bounds.PARITY_AMPLIFICATION, fd_entries=16,
              notes="You may call the reference layer backwards (from npgpt.layers import linear_backward,\n"
                    "layernorm_backward, ...): the exercise is the composition. cache.layers holds them too.\n"
+                   "One case runs dropout: there attn_dropout, mlp_dropout and attention.att_mask are set.\n"
                    "The last case is the modern block (RMSNorm, QK-norm, RoPE, SwiGLU): there ln_1 and ln_2 are\n"
                    "RMSNormCaches, q_norm, k_norm, q_rope, k_rope are not None, and the grads' keys follow its\n"
                    "parameters (attn.q_norm.weight, attn.k_norm.weight; no ln_*.bias)."),

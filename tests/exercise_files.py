@@ -2,7 +2,8 @@
 
 `reference_file` copies the reference backward's source (inspect.getsource) into a file under the
 exercise's name, `name_backward`, and with forward=True the reference forward's as `name_forward`:
-the worker imports and runs that copy, not npgpt's function. `variant_file` keeps the copy as
+the worker imports and runs that copy, not npgpt's function (`function_file` does the same for any
+function of the backward's signature). `variant_file` keeps the copy as
 `_reference_backward` and wraps it in a plausible mistake on one returned gradient, drawn from
 an rng: scaled by a factor, negated, transposed (where the gradient is square in its last two
 axes), or dropped (zeroed).
@@ -32,11 +33,19 @@ def _renamed(fn, new_name: str) -> str:
     return re.sub(r"^def \w+\(", f"def {new_name}(", source, count=1, flags=re.M)
 
 
-def reference_file(ex: registry.Exercise, forward: bool = False) -> str:
-    parts = [HEADER, _renamed(ex.backward, f"{ex.name}_backward")]
+def function_file(ex: registry.Exercise, backward, forward: bool = False, header: str = "") -> str:
+    """A student's file holding `backward`'s source (any function with the reference backward's
+    signature and returns: the reference's, a catalogue mistake's) as NAME_backward, after HEADER
+    and `header` (imports or helpers its source needs); with forward=True the reference forward's
+    source as NAME_forward too."""
+    parts = [HEADER + header, _renamed(backward, f"{ex.name}_backward")]
     if forward:
         parts.append(_renamed(ex.forward, f"{ex.name}_forward"))
     return "\n\n".join(parts)
+
+
+def reference_file(ex: registry.Exercise, forward: bool = False) -> str:
+    return function_file(ex, ex.backward, forward)
 
 
 def variant_file(ex: registry.Exercise, rng, forward: bool = False) -> tuple[str, str]:
