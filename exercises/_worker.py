@@ -14,6 +14,7 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import resource
 import signal
 import sys
 import time
@@ -25,6 +26,7 @@ import numpy as np
 from . import registry
 
 WRONG, BAD_INPUT = 1, 2  # the exit codes of `check` (exercises/__init__.py)
+MAX_FILE_BYTES = 64 * 2 ** 20  # the most a job's process may write to one file
 
 
 class Report(Exception):
@@ -171,6 +173,8 @@ def serve() -> None:
             try:
                 os.setpgid(0, 0)
                 os.dup2(devnull, 0)  # the student's input() reads nothing, not the job lines
+                # a print in an endless loop fills output.txt to this size, then raises OSError
+                resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_FILE_BYTES, MAX_FILE_BYTES))
                 run_job(jobdir)
             except BaseException:  # noqa: BLE001 (run_job reports everything; this is the last guard)
                 code = 70

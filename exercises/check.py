@@ -22,6 +22,7 @@ import functools
 import json
 import math
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ PASS, WRONG, BAD_INPUT = 0, 1, 2
 H = 1e-5  # the finite-difference step
 DEFAULT_TIMEOUT = 20.0
 MAX_OUTPUT_LINES = 20  # of the student's prints shown
+MAX_LINE = 200  # characters of each
 
 
 @dataclass
@@ -212,7 +214,7 @@ def check(name: str, file: str, timeout: float = DEFAULT_TIMEOUT, out=None, err=
         lines = outcome.output.rstrip("\n").splitlines()
         _say(out, f"your code printed ({len(lines)} line{'s' * (len(lines) != 1)}):")
         for line in lines[:MAX_OUTPUT_LINES]:
-            _say(out, f"  | {line}")
+            _say(out, f"  | {line[:MAX_LINE]}" + (" ..." if len(line) > MAX_LINE else ""))
         if len(lines) > MAX_OUTPUT_LINES:
             _say(out, f"  | ... {len(lines) - MAX_OUTPUT_LINES} more")
     if outcome.timed_out:
@@ -221,15 +223,20 @@ def check(name: str, file: str, timeout: float = DEFAULT_TIMEOUT, out=None, err=
         _say(err, f"error: {msg}")
         return Result(WRONG, msg)
     if outcome.result is None:
-        how = (f"was killed by signal {-outcome.exitcode}" if outcome.exitcode is not None and outcome.exitcode < 0
-               else f"exited with status {outcome.exitcode}")
+        if outcome.exitcode is not None and outcome.exitcode < 0:
+            try:
+                how = f"was killed by {signal.Signals(-outcome.exitcode).name}"
+            except ValueError:
+                how = f"was killed by signal {-outcome.exitcode}"
+        else:
+            how = f"exited with status {outcome.exitcode}"
         msg = f"{name}: the process running your code {how} while {outcome.phase} (os._exit? a crash?)"
         _say(err, f"error: {msg}")
         return Result(WRONG, msg)
     if outcome.result["status"] != "ok":
         message = outcome.result["message"]
         _say(err, f"error: {message}")
-        return Result(outcome.result["code"], message.splitlines()[0])
+        return Result(outcome.result["code"], message.splitlines()[0].rstrip(":"))
     return _report(ex, file, cases, got, outcome.result["used_forward"], out)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]  # the directory holding exercises/ and npgpt/
+MAX_OUTPUT_BYTES = 100_000  # of the student's prints read back
 SLACK = 30.0  # seconds the server may take beyond a job's limit before it is presumed dead
 
 _server: subprocess.Popen | None = None
@@ -97,6 +98,9 @@ def run(jobdir: Path, timeout: float) -> Outcome:
     timed_out, exitcode = runner(jobdir, timeout)
     result_file, output_file, phase_file = jobdir / "result.json", jobdir / "output.txt", jobdir / "phase.txt"
     result = json.loads(result_file.read_text()) if result_file.exists() and not timed_out else None
-    output = output_file.read_text(errors="replace") if output_file.exists() else ""
+    output = ""
+    if output_file.exists():
+        with open(output_file, "rb") as f:
+            output = f.read(MAX_OUTPUT_BYTES).decode(errors="replace")
     phase = phase_file.read_text() if phase_file.exists() else "starting"
     return Outcome(result, output, timed_out, phase, exitcode)
