@@ -10,7 +10,7 @@ computes the student's gradients. Each gradient is compared with both:
   backward rounds differently (depth: twice the exercise's stages), never bit for bit;
 - the finite differences', to npgpt.gradcheck.finite_diff_bound (kind ``finite_diff``), except in
   the cases where centred differences do not apply (a kink at 0, a norm's row of zeros), and
-  on a sample of entries of each tensor where the exercise says so (the model's, for time).
+  on a sample of entries of each tensor where the exercise says so (the block's and the model's, for time).
 
 A student's NAME_forward, when the file defines one, is compared with the reference forward to
 kind ``chain`` over the forward's stages. A failed gradient is explained in a sentence
@@ -259,7 +259,7 @@ def _report(ex, file, cases, got, used_forward, out) -> Result:
             fd_rel = None
             numeric = None if p.numeric is None else p.numeric[j]
             if numeric is not None:
-                visited = ~np.isnan(numeric)  # every entry, or the model's sample
+                visited = ~np.isnan(numeric)  # every entry, or the sample (block, model)
                 numeric, g_visited = numeric[visited], g[visited]
             rms = 0.0 if numeric is None else float(np.linalg.norm(numeric)) / math.sqrt(max(numeric.size, 1))
             if rms > 0.0 and not math.isnan(rel):  # a zero gradient (T = 1's dq) gives the bound no scale
@@ -282,8 +282,9 @@ def _report(ex, file, cases, got, used_forward, out) -> Result:
     for r in table:
         result = "pass" if r.ok else f"FAIL (first in: {r.worst})"
         _say(out, f"{r.name:<{width}}  {_fmt(r.max_abs):>11}  {_fmt(r.rel):>9}  {_fmt(r.fd_rel):>10}  {result}")
+    sample = f" on up to {ex.fd_entries} entries of each tensor" if ex.fd_entries else ""
     _say(out, "rel err: ||yours - reference|| / ||reference||, normwise, the worst case; fd rel err: against "
-              "centred finite differences")
+              f"centred finite differences{sample}")
 
     failed = [r for r in rows.values() if not r.ok]
     if forward_row is not None and not forward_row.ok:
