@@ -96,6 +96,9 @@ def prepared(name: str) -> tuple:
             numeric = tuple(_numeric(f, case.arrays[x], ex.fd_entries, rng) for x in wrt)
         terms = float(np.linalg.norm(np.asarray(out, dtype=np.float64) * dout))
         n = max(np.size(out), *(case.arrays[x].size for x in wrt))
+        for a in (*case.arrays.values(), dout, *want, *(numeric or ())):
+            if isinstance(a, np.ndarray):
+                a.flags.writeable = False  # shared by every check of this process: read only
         result.append(Prepared(case, dout, out, cache, want, numeric, terms, n))
     return tuple(result)
 
