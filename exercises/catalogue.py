@@ -1,7 +1,7 @@
 """Known wrong backwards, one list per exercise: the mistakes people make when they derive a backward.
 
 Each entry is a real backward with the reference's signature and returns (npgpt/layers.py, and for
-"model" `model_backward` below), with one thing broken. `name_mistake` (exercises/diagnose.py) runs
+"model" `gpt_backward` below), with one thing broken. `name_mistake` (exercises/diagnose.py) runs
 each on the reference caches of a check's cases and names the one the student's gradients match.
 Every entry's paragraph in docs/gradients.md (the `doc` link) says why it is wrong.
 
@@ -35,7 +35,7 @@ def _doc(key: str) -> str:
 # The model's backward as one function of (dout, cache)
 # --------------------------------------------------------------------------------------------
 
-def model_backward(dout, cache, *, tied: bool = True, head_into_wte: bool = True,
+def gpt_backward(dout, cache, *, tied: bool = True, head_into_wte: bool = True,
                    embedding_into_wte: bool = True, blocks_reversed: bool = True,
                    ln_f_dx: bool = True) -> dict:
     """GPT.backward's steps as a pair's backward: dout is the loss's gradient (GPT.backward passes
@@ -114,6 +114,20 @@ def _block_backward(dout, cache, *, mlp_identity: bool = True, attn_identity: bo
     dh, dw, db = norm_backward(dh, c.ln_1, lay); put("ln_1", dw, db)
     dx = dx_mid + dh if attn_identity else dh
     return dx, grads
+
+
+def _block(**switches):
+    """A block backward with the given switch of _block_backward turned."""
+    def backward(dout, cache):
+        return _block_backward(dout, cache, **switches)
+    return backward
+
+
+def _gpt(**switches):
+    """The model's backward with the given switch of gpt_backward turned."""
+    def backward(dout, cache):
+        return gpt_backward(dout, cache, **switches)
+    return backward
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,27 +571,27 @@ MISTAKES: dict[str, tuple[Mistake, ...]] = {
     "block": (
         _m("block-no-mlp-residual-path", "the MLP's residual drops its identity path: dx_mid is the "
            "MLP branch's gradient alone, without dout.",
-           lambda dout, cache: _block_backward(dout, cache, mlp_identity=False)),
+           _block(mlp_identity=False)),
         _m("block-no-attention-residual-path", "the attention's residual drops its identity path: dx "
            "is the attention branch's gradient alone, without dx_mid.",
-           lambda dout, cache: _block_backward(dout, cache, attn_identity=False)),
+           _block(attn_identity=False)),
         _m("block-attention-from-dout", "the attention branch's backward starts from dout instead "
            "of dx_mid, the gradient at its output that includes the MLP branch's.",
-           lambda dout, cache: _block_backward(dout, cache, attn_from_dout=True)),
+           _block(attn_from_dout=True)),
     ),
     "model": (
         _m("model-tied-head-gradient-dropped", "the tied wte collects only the embedding's "
            "gradient: the head's gradient dhead is dropped.",
-           lambda dout, cache: model_backward(dout, cache, head_into_wte=False)),
+           _gpt(head_into_wte=False)),
         _m("model-tied-embedding-gradient-overwritten", "the tied wte's gradient is the head's "
            "alone: the embedding's gradient was overwritten instead of added to.",
-           lambda dout, cache: model_backward(dout, cache, embedding_into_wte=False)),
+           _gpt(embedding_into_wte=False)),
         _m("model-blocks-forward-order", "the backward walks the blocks first to last, the "
            "forward's order, instead of last to first.",
-           lambda dout, cache: model_backward(dout, cache, blocks_reversed=False)),
+           _gpt(blocks_reversed=False)),
         _m("model-ln-f-dx-dropped", "the blocks get the head's dx, not ln_f's: ln_f's input "
            "gradient is computed and dropped.",
-           lambda dout, cache: model_backward(dout, cache, ln_f_dx=False)),
+           _gpt(ln_f_dx=False)),
     ),
 }
 """exercise name -> its known mistakes, each a wrong backward with the reference's signature."""

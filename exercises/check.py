@@ -41,6 +41,7 @@ H = 1e-5  # the finite-difference step
 DEFAULT_TIMEOUT = 20.0
 MAX_OUTPUT_LINES = 20  # of the student's prints shown
 MAX_LINE = 200  # characters of each
+MAX_VAGUE = 3  # gradients told "wrong throughout" one by one; the rest in one line
 
 
 @dataclass
@@ -302,10 +303,23 @@ def _report(ex, file, cases, got, used_forward, out) -> Result:
         return Result(PASS, "pass")
     for note in notes:
         _say(out, note)
+    vague = []
     for r in failed:
         sentence = _guarded(diagnose.explain, ex.name, r.name, runs)
-        if sentence:
-            _say(out, f"{r.name}: {sentence}")
+        if not sentence:
+            continue
+        if sentence.startswith(f"{r.name} {diagnose.VAGUE}"):
+            vague.append(r.name)
+            if len(vague) > MAX_VAGUE:
+                continue
+        # explain's sentence names the gradient first; a failure of explain itself does not
+        _say(out, sentence if sentence.startswith(f"{r.name} ") or sentence.startswith(f"{r.name}'") else
+             f"{r.name}: {sentence}")
+    if len(vague) > MAX_VAGUE:
+        more = vague[MAX_VAGUE:]
+        verb = diagnose.VAGUE if len(more) == 1 else "are " + diagnose.VAGUE.removeprefix("is ")
+        _say(out, f"{len(more)} more {verb} as well: "
+                  f"{', '.join(more[:3])}{', ...' if len(more) > 3 else ''}")
     mistake = _guarded(diagnose.name_mistake, ex.name, runs) if failed else None
     if mistake is not None:
         _say(out, f"Known mistake: {mistake.title} — see {mistake.doc}")

@@ -29,6 +29,9 @@ from npgpt import layers as L
 from . import catalogue
 
 
+VAGUE = "is wrong throughout"  # how the last resort's sentence goes on after the gradient's name
+
+
 class Run(NamedTuple):
     """One case of a check: what the student's backward got and what the reference gives."""
 
@@ -329,10 +332,75 @@ def _terms(exercise: str, grad_name: str, run: Run) -> list:
     if exercise == "model" and grad_name == "transformer.wte.weight":
         (dlogits,) = L.cross_entropy_backward(dout, c.loss)
         _, dhead, _ = L.linear_backward(dlogits, c.lm_head)
-        dwte = catalogue.model_backward(dout, c, head_into_wte=False)["transformer.wte.weight"]
+        dwte = catalogue.gpt_backward(dout, c, head_into_wte=False)["transformer.wte.weight"]
         return [("the tied head's gradient, dhead = dlogits^T x", dhead),
                 ("the embedding's gradient, dwte (the scatter-add of the blocks' dx)", dwte)]
     return []
+
+
+def _wrong_forms(exercise: str, grad_name: str, run: Run) -> list:
+    """[(sentence, array shaped like the gradient)]: a wrong formula that derivations commonly
+    write for the gradient, and the sentence that says what it is when the student's equals it."""
+    c, dout, name = run.cache, run.dout, grad_name
+    forms = []
+    if exercise == "attention" and name in ("dv", "dk"):
+        att = c.att if c.att_mask is None else c.att * c.att_mask
+        if name == "dv":
+            forms.append((f"{name} equals att @ dout instead of att^T @ dout: the transpose of the attention "
+                          f"weights is missing.", att @ dout))
+        else:
+            datt = dout @ c.v.transpose(0, 1, 3, 2)
+            if c.att_mask is not None:
+                datt = datt * c.att_mask
+            (dscores,) = L.softmax_backward(datt, L.SoftmaxCache(c.att))
+            forms.append((f"{name} equals dscores @ q * scale instead of dscores^T @ q * scale: the transpose "
+                          f"of the scores' gradient is missing (dq = dscores @ k * scale, dk = "
+                          f"dscores^T @ q * scale).", (dscores @ c.q) * c.scale))
+    if exercise == "dropout" and name == "dx":
+        forms.append((f"{name} is dout unchanged: it ignores the mask, so it is nonzero on the dropped "
+                      f"units (where it must be zero) and lacks the factor 1/(1-p) on the kept ones.", dout))
+    if exercise == "rope" and name == "dx":
+        adjacent = np.empty_like(dout)
+        adjacent[..., 0::2], adjacent[..., 1::2] = -dout[..., 1::2], dout[..., 0::2]
+        forms.append((f"{name} rotates adjacent pairs (x0, x1), (x2, x3), ... where the forward rotates the "
+                      f"halves' pairs (x_i, x_(i + hs/2)), as rotate_half does: the RoPE paper's "
+                      f"interleaved layout, not this one's.", dout * c.cos - adjacent * c.sin))
+    if exercise == "rmsnorm" and name == "dx":
+        g = dout  # the gain w left out of g = dout * w
+        forms.append((f"{name} is the gradient for a gain of 1: w is missing from g = dout * w (the "
+                      f"gradient reaching xhat).",
+                      c.rstd * (g - c.xhat * (g * c.xhat).mean(axis=-1, keepdims=True))))
+    if exercise == "cross_entropy" and name == "dlogits":
+        n = c.probs.shape[0]
+        rows = np.arange(n)
+        d = np.zeros_like(c.probs)
+        d[rows, c.targets] = -1.0 / c.probs[rows, c.targets]
+        forms.append((f"{name} is the gradient of the loss w.r.t. the probabilities (-dloss / (N p) at the "
+                      f"target, zero elsewhere): it stops at softmax's output and is not carried through "
+                      f"the softmax to the logits.", (d * (float(dout) / n)).reshape(c.logits_shape)))
+    if exercise == "softmax" and name == "dx":
+        for axis in range(dout.ndim - 1):
+            forms.append((f"{name} takes the sum sum(dout * y) over axis {axis} instead of the last axis, "
+                          f"the one the softmax normalises.",
+                          c.y * (dout - (dout * c.y).sum(axis=axis, keepdims=True))))
+    if exercise in ("relu", "relu2", "gelu", "gelu_tanh", "swiglu", "dropout") and \
+            isinstance(dout, np.ndarray) and dout.shape == np.shape(run.want[0]):
+        nonzero = dout != 0
+        local = np.divide(np.asarray(run.want[0], dtype=np.float64), dout, out=np.zeros(dout.shape), where=nonzero)
+        forms.append((f"{name} is the layer's local derivative alone: it is not multiplied by dout (the "
+                      f"chain rule's product is missing).", local))
+    return forms
+
+
+def _equals_wrong_form(exercise: str, name: str, data) -> str | None:
+    """The sentence of the _wrong_forms entry that the student's gradient equals on every case."""
+    per_run = [_wrong_forms(exercise, name, run) for run, *_ in data]
+    for j in range(len(per_run[0]) if per_run else 0):
+        if all(j < len(forms) and np.shape(forms[j][1]) == g.shape and
+               _close(g, forms[j][1], t, max(_norm(g), _norm(w)))
+               for forms, (run, g, w, t) in zip(per_run, data)):
+            return per_run[0][j][0]
+    return None
 
 
 def _per_position_terms(exercise: str, grad_name: str, run: Run):
@@ -563,6 +631,11 @@ def explain(exercise: str, grad_name: str, runs: list) -> str | None:
     if found:
         return found
 
+    # a wrong formula derivations commonly write (a transpose left out, a sum on the wrong axis)
+    found = _equals_wrong_form(exercise, name, data)
+    if found:
+        return found
+
     # the error sits on entries a cache marks (masked units, repeated ids)
     regions = None
     for run, g, w, t in data:
@@ -604,7 +677,7 @@ def explain(exercise: str, grad_name: str, runs: list) -> str | None:
         return (f"{name} is close to the right gradient but not equal (normwise relative error "
                 f"{rel:.2g}, far above rounding): an approximation of the formula, or a small term "
                 f"gone wrong.")
-    return (f"{name} is wrong throughout (normwise relative error {rel:.2g}): not a constant "
+    return (f"{name} {VAGUE} (normwise relative error {rel:.2g}): not a constant "
             f"multiple, a transpose, or a known missing term of the right gradient.")
 
 

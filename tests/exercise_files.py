@@ -6,23 +6,28 @@ the worker imports and runs that copy, not npgpt's function (`function_file` doe
 function of the backward's signature). `variant_file` keeps the copy as
 `_reference_backward` and wraps it in a plausible mistake on one returned gradient, drawn from
 an rng: scaled by a factor, negated, transposed (where the gradient is square in its last two
-axes), or dropped (zeroed).
+axes), or dropped (zeroed). `mistake_file` writes a catalogue mistake's wrong backward
+(exercises/catalogue.py) as the student's own NAME_backward: its source, the values of the
+switches its factory closed over as module-level names, and the source of each catalogue helper
+it calls: the file imports no backward.
 """
 from __future__ import annotations
 
 import inspect
 import re
 import textwrap
+import types
 
-from exercises import registry
+from exercises import catalogue, registry
 
 HEADER = """\
 import math
 
 import numpy as np
+from npgpt import layers as L
 from npgpt.layers import *  # the reference layers: the block and the model compose them
 from npgpt.layers import _GELU_TANH_K, _sum_to_last_axis
-from npgpt.model import GPTCache
+from npgpt.model import BLOCK_PARAM_NAMES, GPTCache
 """
 
 MISTAKES = ("scaled", "negated", "transposed", "zeroed")
@@ -42,6 +47,44 @@ def function_file(ex: registry.Exercise, backward, forward: bool = False, header
     if forward:
         parts.append(_renamed(ex.forward, f"{ex.name}_forward"))
     return "\n\n".join(parts)
+
+
+def _global_names(code: types.CodeType) -> set:
+    """Every name a code object (and the functions nested in it) may read as a global."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def mistake_file(ex: registry.Exercise, mistake: catalogue.Mistake) -> str:
+    """A student's file whose NAME_backward is the catalogue mistake's wrong backward: its own
+    source; the switches its factory closed over (e.g. mean_path = False) as module-level names;
+    the source of each catalogue helper it calls (_block_backward, gpt_backward,
+    _dropout_keep_scale, ...), and an import of any other catalogue name they read that the
+    header does not define (BLOCK_PARAM_NAMES). The file imports no backward."""
+    fn = mistake.backward
+    available = {}
+    exec(HEADER, available)
+    helpers, imports, pending = {}, set(), [fn.__code__]
+    while pending:
+        for name in sorted(_global_names(pending.pop())):
+            value = vars(catalogue).get(name)
+            if name in available or name in helpers or value is None or name.startswith("__"):
+                continue
+            if inspect.isfunction(value) and value.__module__ == catalogue.__name__:
+                helpers[name] = textwrap.dedent(inspect.getsource(value))
+                pending.append(value.__code__)
+            else:
+                imports.add(name)
+    lines = [f"from exercises.catalogue import {name}" for name in sorted(imports)]
+    for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+        value = cell.cell_contents
+        assert eval(repr(value)) == value, f"{mistake.key}: {name} = {value!r} cannot be written as source"
+        lines.append(f"{name} = {value!r}")
+    header = "\n".join(lines) + "\n\n\n" + "\n\n".join(helpers[n] for n in sorted(helpers))
+    return function_file(ex, fn, header=header)
 
 
 def reference_file(ex: registry.Exercise, forward: bool = False) -> str:

@@ -33,7 +33,7 @@ BACKWARD = {
     "dropout": L.dropout_backward, "softmax": L.softmax_backward,
     "attention": L.causal_attention_backward, "cross_entropy": L.cross_entropy_backward,
     "rmsnorm": L.rmsnorm_backward, "rope": L.rope_backward, "swiglu": L.swiglu_backward,
-    "relu2": L.relu2_backward, "block": L.block_backward, "model": catalogue.model_backward,
+    "relu2": L.relu2_backward, "block": L.block_backward, "model": catalogue.gpt_backward,
 }
 
 NAMES = {
@@ -175,7 +175,7 @@ def test_model_backward_is_gpt_backward():
         model = GPT(config, seed=1, dtype=np.float64)
         model.forward(rng.integers(0, 7, size=(2, 3)), rng.integers(0, 7, size=(2, 3)))
         want = model.backward()
-        got = catalogue.model_backward(1.0, model._cache, tied=config.tie_weights)
+        got = catalogue.gpt_backward(1.0, model._cache, tied=config.tie_weights)
         assert list(got) == list(want)
         bound = bounds.bitwise("GPT.backward's steps in its order; the tied wte adds 0 + dwte + dhead, "
                                "and 0 + dwte is exact")
@@ -316,3 +316,23 @@ def test_explain_names_zeros_nan_and_positions():
     for exercise, key, grad, words in cases:
         sentence = explain(exercise, grad, _runs(exercise, by_key[key]))
         assert sentence and words in sentence, (key, sentence)
+
+
+def test_explain_names_a_wrong_formula():
+    """Mistakes that are neither a factor, a transpose of the whole gradient nor a missing term: the
+    sentence says which wrong formula the gradient equals, not "wrong throughout"."""
+    by_key = {m.key: m.backward for ms in catalogue.MISTAKES.values() for m in ms}
+    cases = (
+        ("attention", "attention-dv-not-transposed", "dv", "dv equals att @ dout instead of att^T @ dout"),
+        ("attention", "attention-dk-not-transposed", "dk", "dk equals dscores @ q * scale instead of dscores^T"),
+        ("rope", "rope-interleaved-pairs", "dx", "dx rotates adjacent pairs"),
+        ("dropout", "dropout-identity", "dx", "dx is dout unchanged: it ignores the mask"),
+        ("rmsnorm", "rmsnorm-no-gain", "dx", "dx is the gradient for a gain of 1"),
+        ("cross_entropy", "cross-entropy-stops-at-probs", "dlogits", "dlogits is the gradient of the loss w.r.t. the probabilities"),
+        ("softmax", "softmax-wrong-axis", "dx", "dx takes the sum sum(dout * y) over axis 0 instead of the last"),
+        ("gelu", "gelu-local-derivative-only", "dx", "dx is the layer's local derivative alone"),
+        ("relu2", "relu2-local-derivative-only", "dx", "dx is the layer's local derivative alone"),
+    )
+    for exercise, key, grad, words in cases:
+        sentence = explain(exercise, grad, _runs(exercise, by_key[key]))
+        assert sentence and sentence.startswith(words), (key, sentence)

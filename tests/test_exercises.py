@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exercises import cli, diagnose, registry, template
+from exercises import catalogue, cli, diagnose, registry, template
+from exercises import check as checker
 from exercises.reference import model_backward, model_forward
 from npgpt import layers as L
 from npgpt.config import GPTConfig
 from npgpt.model import GPT
 
-from exercise_files import reference_file, variant_file
+from exercise_files import mistake_file, reference_file, variant_file
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = [ex.name for ex in registry.EXERCISES]
@@ -232,7 +233,7 @@ def test_failed_gradients_are_explained_and_named(tmp_path, capsys, monkeypatch)
     student = write(tmp_path, "softmax.py", "def softmax_backward(dout, cache):\n    return (cache.y * dout,)\n")
     code, out, _ = run(capsys, "check", "softmax", str(student))
     assert code == 1
-    assert "dx: dx is off" in out
+    assert "\ndx is off\n" in out and "dx: dx" not in out  # the sentence names the gradient once
     assert "Known mistake: softmax backward without the subtracted dot product — see docs/gradients.md#softmax" in out
     runs = seen["dx"]
     assert [r.label for r in runs] == [c.label for c in registry.cases(registry.get("softmax"))]
@@ -242,12 +243,90 @@ def test_failed_gradients_are_explained_and_named(tmp_path, capsys, monkeypatch)
         np.testing.assert_array_equal(r.got[0], r.cache.y * r.dout)
 
 
-def test_without_a_diagnosis_nothing_extra_is_printed(tmp_path, capsys):
+def test_without_a_diagnosis_nothing_extra_is_printed(tmp_path, capsys, monkeypatch):
+    """When diagnose has no sentence and no mistake, the table's legend is followed by the count alone."""
+    monkeypatch.setattr(diagnose, "explain", lambda exercise, grad_name, runs: None)
+    monkeypatch.setattr(diagnose, "name_mistake", lambda exercise, runs: None)
     student = write(tmp_path, "softmax.py", "def softmax_backward(dout, cache):\n    return (cache.y * dout,)\n")
     code, out, _ = run(capsys, "check", "softmax", str(student))
     assert code == 1
-    if diagnose.explain("softmax", "dx", []) is None:  # the stubs: nothing under the table
-        assert "Known mistake" not in out and not any(line.startswith("dx:") for line in out.splitlines())
+    assert out.split("\nrel err: ", 1)[1].splitlines()[1:] == ["1 of 1 wrong: dx"]
+
+
+def test_a_failing_diagnosis_is_one_line(tmp_path, capsys, monkeypatch):
+    def explain(exercise, grad_name, runs):
+        raise ValueError("broken")
+
+    monkeypatch.setattr(diagnose, "explain", explain)
+    student = write(tmp_path, "softmax.py", "def softmax_backward(dout, cache):\n    return (cache.y * dout,)\n")
+    code, out, _ = run(capsys, "check", "softmax", str(student))
+    assert code == 1 and "dx: (no diagnosis: explain failed with ValueError: broken)" in out
+    assert "Known mistake: dx is y * dout" in out  # name_mistake still runs
+
+
+def diagnosis(out: str) -> list:
+    """The lines under the table: notes, sentences, the known mistake, the count."""
+    return out.split("\nrel err: ", 1)[1].splitlines()[1:]
+
+
+MISTAKES = [(name, m) for name, ms in catalogue.MISTAKES.items() for m in ms]
+
+
+@pytest.mark.parametrize("name,mistake", MISTAKES, ids=[m.key for _, m in MISTAKES])
+def test_every_catalogue_mistake_fails_and_is_named(name, mistake, tmp_path, capsys):
+    """The issue's done-when: each catalogue entry's wrong backward, written into a student's file
+    (its own source, tests/exercise_files.mistake_file), fails through the CLI on the exercise's own
+    cases and is named with its paragraph; each failed gradient is said once, under its own name."""
+    ex = registry.get(name)
+    student = write(tmp_path, f"{name}.py", mistake_file(ex, mistake))
+    assert re.search(rf"^def {name}_backward\(", student.read_text(), flags=re.M)
+    code, out, err = run(capsys, "check", name, str(student))
+    assert code == 1, out + err
+    assert f"Known mistake: {mistake.title} — see {mistake.doc}" in out
+    lines = diagnosis(out)
+    failed = lines[-1].split(" wrong: ", 1)[1].split(", ")
+    assert failed and all("FAIL" in row(out, g) for g in failed)
+    told = [line for line in lines if any(line.startswith(f"{g} ") or line.startswith(f"{g}'") for g in failed)]
+    assert told, f"{mistake.key}: no failed gradient explained:\n{out}"
+    assert not any(line.startswith(f"{g}: {g}") for line in lines for g in failed)
+    vague = [line for line in lines if diagnose.VAGUE in line]
+    assert len(vague) <= checker.MAX_VAGUE + 1, out
+
+
+def _drop(source: str, term: str, by: str = "") -> str:
+    assert source.count(term) == 1, f"the reference's source holds {term!r} {source.count(term)} times: update DROPPED"
+    return source.replace(term, by, 1)
+
+
+# A term of the reference backward's own source left out, as a student leaves it out: (exercise,
+# the gradient it breaks, the text removed, what replaces it, what the diagnosis says of it or None).
+DROPPED = [
+    ("layernorm", "dx", "g - g.mean(axis=-1, keepdims=True)", "g", "misses the path through the mean"),
+    ("layernorm", "dx", "\n                 - xhat * (g * xhat).mean(axis=-1, keepdims=True)", "",
+     "misses the path through the variance"),
+    ("softmax", "dx", " - (dout * y).sum(axis=-1, keepdims=True)", "", "misses the subtracted dot product"),
+    ("attention", "dq", "(dscores,) = softmax_backward(datt, SoftmaxCache(att))", "dscores = att * datt",
+     "misses the softmax backward's subtracted dot product"),
+    ("rmsnorm", "dx", " - cache.xhat * mean_gx", "", "misses the path through the rms"),
+    ("gelu", "dx", "(phi + x * pdf)", "phi", "misses the product rule's second term"),
+    ("rope", "dx", " - rotate_half(dout) * cache.sin", "", "misses the term -rotate_half(dout) * sin"),
+    ("swiglu", "dx", "sig * (1.0 + gate * (1.0 - sig))", "sig", "misses silu's second term"),
+    ("cross_entropy", "dlogits", "(probs - one_hot)", "probs", "misses the one-hot of the targets"),
+]
+
+
+@pytest.mark.parametrize("name,gradient,term,by,says", DROPPED, ids=[f"{d[0]}-{i}" for i, d in enumerate(DROPPED)])
+def test_a_term_dropped_from_the_reference_fails(name, gradient, term, by, says, tmp_path, capsys):
+    """A wrong-but-plausible variant made from the reference backward's source with one term of
+    its formula deleted (not a zeroed gradient): it fails on that gradient, and the diagnosis names
+    the term."""
+    ex = registry.get(name)
+    source = _drop(reference_file(ex), term, by)
+    student = write(tmp_path, f"{name}.py", source)
+    code, out, err = run(capsys, "check", name, str(student))
+    assert code == 1, out + err
+    assert "FAIL" in row(out, gradient)
+    assert any(line.startswith(f"{gradient} ") and says in line for line in diagnosis(out)), out
 
 
 # --------------------------------------------------------------------------------------------
