@@ -3,11 +3,15 @@
 `explain` looks at one gradient over every case of a check (a `Run` each) and tries, in order:
 NaN or inf; zero everywhere; a constant factor (the least-squares scale of each case, named when it
 is a known constant: 2, 1/2, -1, N = B*T, B, T, sqrt(hs), 1/(1-p) and their inverses); a transpose;
-an error confined to masked entries (units a ReLU or dropout zeroes) or to the rows of repeated
-token ids; a sum over positions left out (the gradient equals one position's or one batch row's
-term); a missing term (the error want - got lies in the span of a term of the reference's formula,
-computed from the case's cache: a least-squares fit with a residual at rounding level); an error
-confined to some indices along one axis (the first time step, say).
+the halves of the last axis swapped; dout minus the right gradient (a mask inverted); a sum over
+positions left out (the gradient equals one position's or one batch row's term); a missing term
+(the error want - got lies in the span of a term of the reference's formula, computed from the
+case's cache: a least-squares fit with a residual at rounding level); a wrong formula that
+derivations commonly write (att @ dout for dv, a sum on the wrong axis, the local derivative
+without dout); an error confined to masked entries (units a ReLU or dropout zeroes) or to the rows
+of repeated token ids; an error confined to some indices along one axis (the first time step,
+say); a factor that differs from row to row. Each sentence starts with the gradient's name; the
+last resort's goes on with VAGUE.
 
 `name_mistake` runs every wrong backward of the catalogue (exercises/catalogue.py) on each case's
 (dout, cache) and names the entry whose gradients equal the student's, on every case, to the bound

@@ -3,7 +3,10 @@
 For every exercise, the reference backward's own source copied into a file passes `check` (exit 0),
 with and without the reference forward beside it, and a wrong-but-plausible variant of it (one
 gradient scaled, negated, transposed or dropped, drawn from a seed of the exercise's name) fails
-(exit 1) on that gradient's row. Each kind of bad input ends in one report, the documented exit
+(exit 1) on that gradient's row, as does the reference with one term of its formula deleted from
+its source. Every catalogue mistake (exercises/catalogue.py), its wrong backward's source written
+into a student's file, fails and is named with its paragraph of docs/gradients.md, on the
+exercise's own cases. Each kind of bad input ends in one report, the documented exit
 code, no traceback of the checker, and the student's directory unchanged. The CLI runs in this
 process (exercises.cli.main); the student's code runs in the worker's forked process, one per check.
 """
