@@ -93,21 +93,6 @@ def test_list_prints_every_exercise_with_an_existing_section(capsys):
         assert ex.anchor in headings, f"{ex.name}: no heading for #{ex.anchor}"
 
 
-def test_exercises_import_numpy_npgpt_and_the_standard_library_only():
-    for path in sorted((ROOT / "exercises").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                names = [node.module]
-            else:
-                continue
-            for name in names:
-                top = name.split(".")[0]
-                assert top in sys.stdlib_module_names or top in ("numpy", "npgpt", "exercises"), \
-                    f"{path.name} imports {name}"
-
-
 # --------------------------------------------------------------------------------------------
 # start
 # --------------------------------------------------------------------------------------------

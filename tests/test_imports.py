@@ -5,7 +5,9 @@
   would hide (scipy loads argparse itself, torch loads tqdm itself) is still checked for our code.
 
 npgpt needs only the base install (numpy, scipy, the standard library): nothing it loads comes
-from anywhere else. torchgpt imports torch, numpy and npgpt's shared core, never the app.
+from anywhere else. torchgpt imports torch, numpy and npgpt's shared core, never the app. The
+exercises import npgpt, numpy and the standard library only: they load nothing beyond what npgpt
+loads (scipy comes in through npgpt, never through an import of theirs), and never torch.
 """
 from __future__ import annotations
 
@@ -103,6 +105,7 @@ def test_every_package_module_is_found():
     """The premise of the tests below: they see npgpt's and torchgpt's modules, the fast path included."""
     assert {"npgpt", "npgpt.layers", "npgpt.model", "npgpt.data", "npgpt.fast"} <= set(modules_of("npgpt"))
     assert {"torchgpt", "torchgpt.model", "torchgpt.runtime"} <= set(modules_of("torchgpt"))
+    assert {"exercises", "exercises.cli", "exercises.check", "exercises._worker"} <= set(modules_of("exercises"))
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +161,33 @@ def test_the_app_loads_no_torch_for_the_numpy_backend():
     loaded = top_level(loaded_by("train_np", "gptapp", "gptapp.cli", "gptapp.loop", "gptapp.data",
                                  "gptapp.run_log", "gptapp.checkpoint", "gptapp.backends.numpy"))
     assert "torch" not in loaded and "torchgpt" not in loaded, sorted(loaded)
+
+
+# --------------------------------------------------------------------------- the exercises
+
+EXERCISES_MAY_IMPORT = {"numpy", "npgpt", "exercises"}
+
+
+def test_the_exercises_load_only_what_npgpt_loads():
+    """npgpt's modules (not its fast path) imported first, then every module of exercises/ in the
+    same fresh interpreter: the exercises add only their own modules and the standard library's.
+    What npgpt itself may load is test_npgpt_loads_only_the_base_install's to check."""
+    npgpt = [m for m in modules_of("npgpt") if not (m == "npgpt.fast" or m.startswith("npgpt.fast."))]
+    ours = modules_of("exercises")
+    loads = loaded_each(*npgpt, *ours)
+    added = top_level(set().union(*(loads[m] for m in ours))) - RUNTIME_NAMES
+    assert "exercises" in added  # the premise: they were imported here, not before
+    outside = sorted(added - {"exercises"} - set(sys.stdlib_module_names)
+                     - {m for m in added if m.startswith("_sysconfigdata")})
+    assert not outside, f"importing the exercises loads {outside} beyond what npgpt loads"
+
+
+@pytest.mark.parametrize("module", modules_of("exercises"))
+def test_exercises_source_imports_npgpt_numpy_stdlib_only(module):
+    names = imports_in_source(module)
+    outside = sorted(n for n in names if n.split(".")[0] not in EXERCISES_MAY_IMPORT | set(sys.stdlib_module_names))
+    assert not outside, f"{module} imports {outside}"
+    assert not any(n == "npgpt.fast" or n.startswith("npgpt.fast.") for n in names), f"{module} imports npgpt.fast"
 
 
 # --------------------------------------------------------------------------- train_np.py without torch
