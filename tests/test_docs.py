@@ -1,5 +1,6 @@
 """The documentation's links work: every code link in docs/gradients.md lands on its definition,
-every backward in npgpt is derived there, and every file or picture the docs point to exists."""
+every backward in npgpt is derived there, and every file or picture the docs point to exists. The
+exercises the README and the notebook name exist, and the README's example session is the real one."""
 from __future__ import annotations
 
 import inspect
@@ -51,6 +52,7 @@ def test_anchor_links_name_existing_headings():
         return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
     headings = {anchor(h) for h in re.findall(r"^#+ (.+)$", GRADIENTS, flags=re.M)}
+    headings |= set(re.findall(r'<a id="([\w-]+)"></a>', GRADIENTS))  # the known mistakes' paragraphs
     used = set(re.findall(r"gradients\.md#([\w-]+)", GRADIENTS + "".join(
         (ROOT / f).read_text() for f in ("npgpt/layers.py", "npgpt/model.py", "npgpt/optim.py",
                                          "README.md", "notebooks/build_gpt.ipynb"))))
@@ -117,3 +119,74 @@ def test_contents_lists_every_section_in_order():
                          f"extra or wrong: {[g for g in got if g not in want]}\n"
                          "(or the order differs); one `- [Title](#anchor)` per ## heading, "
                          "`  - [Title](#anchor)` per ### heading, in the headings' order")
+
+
+# --------------------------------------------------------------------------------------------
+# The exercises in the README and the notebook
+# --------------------------------------------------------------------------------------------
+
+def _notebook_text() -> str:
+    import json
+    cells = json.loads((ROOT / "notebooks" / "build_gpt.ipynb").read_text())["cells"]
+    return "\n".join("".join(cell["source"]) for cell in cells)
+
+
+def _study_order() -> list[str]:
+    """The exercise column of the README's suggested order, in order."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("| # | exercise |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    return [name for line in table for name in re.findall(r"`(\w+)`", line.split("|")[2])]
+
+
+def test_the_exercises_the_docs_name_exist():
+    """Every `python -m exercises start/check NAME` of the README and the notebook names an exercise
+    of the CLI's registry; the README's suggested order holds each exercise once; the notebook
+    links each exercise it names to that exercise's own section."""
+    from exercises import registry
+
+    names = [ex.name for ex in registry.EXERCISES]
+    readme, notebook = (ROOT / "README.md").read_text(), _notebook_text()
+    for doc, text in (("README.md", readme), ("notebooks/build_gpt.ipynb", notebook)):
+        named = re.findall(r"python -m exercises (?:start|check) ([a-z]\w*)", text)
+        assert named or doc == "README.md" and "python -m exercises start NAME" in text, doc
+        unknown = sorted(set(named) - set(names))
+        assert not unknown, f"{doc} names exercises that do not exist: {unknown}"
+    order = _study_order()
+    assert sorted(order) == sorted(names), f"the README's order lacks {set(names) - set(order)} or has extra {set(order) - set(names)}"
+    linked = re.findall(r"python -m exercises start (\w+)`, derived in \[[^]]+\]\(\.\./docs/gradients\.md#([\w-]+)\)",
+                        notebook)
+    assert len(linked) >= 10
+    wrong = [(name, anchor) for name, anchor in linked if registry.get(name).anchor != anchor]
+    assert not wrong, f"the notebook links these exercises to another section: {wrong}"
+
+
+def _masked(text: str) -> list[str]:
+    """Lines with the numbers of the table (3 significant digits, which rounding may move) masked."""
+    return [re.sub(r"\d\.\d\de[+-]\d\d", "#.##e+##", line) for line in text.splitlines()]
+
+
+def test_the_readme_session_is_real(tmp_path, monkeypatch, capsys):
+    """The README's example session, rerun: `start` prints what it shows, the backward it shows is
+    written into the file start wrote, and `check` prints what it shows (numbers aside) and exits 1."""
+    from exercises import cli
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("A session, as it runs", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    commands = re.split(r"^\$ (.*)$", block, flags=re.M)[1:]  # [command, its output, command, ...]
+    shown = dict(zip(commands[0::2], commands[1::2]))
+    start, show, check, status = list(shown)
+    assert (start, check, status) == ("python -m exercises start layernorm",
+                                      "python -m exercises check layernorm my_backprop/layernorm.py", "echo $?")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["start", "layernorm"]) == 0
+    assert capsys.readouterr().out == shown[start].lstrip("\n")
+    path = tmp_path / "my_backprop" / "layernorm.py"
+    written = path.read_text()
+    backward = shown[show].lstrip("\n")
+    head = "\n".join(backward.splitlines()[:2])  # the signature and the docstring are start's
+    assert head in written
+    path.write_text(written.split(head, 1)[0] + backward)
+    code = cli.main(["check", "layernorm", "my_backprop/layernorm.py"])
+    out = capsys.readouterr().out
+    assert _masked(out) == _masked(shown[check].lstrip("\n")), out
+    assert str(code) == shown[status].strip()
