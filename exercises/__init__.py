@@ -30,7 +30,8 @@ Commands
                               changes (no bytecode is written), and arrays travel as .npy files
                               through a temporary directory elsewhere (no pickle).
     status [DIR]              a table: each exercise, its file in DIR (default my_backprop), and
-                              whether it passes, fails (which gradients) or cannot be checked.
+                              whether it passes, fails (which gradients), is not written yet (the
+                              template's NotImplementedError) or cannot be checked.
 
 Exit codes of check
     0   every gradient (and the forward, if FILE defines one) passes.

@@ -92,6 +92,8 @@ def cmd_status(args) -> int:
         result = checker.check(ex.name, str(path), args.timeout, out=io.StringIO(), err=io.StringIO())
         word = {PASS: "pass", WRONG: "FAIL", BAD_INPUT: "cannot check"}[result.code]
         detail = "" if result.code == PASS else f": {result.summary.removeprefix('wrong: ')}"
+        if "raises NotImplementedError: it is not written yet" in result.summary:
+            word, detail = "not written yet", " (raises NotImplementedError)"
         rows.append((ex.name, str(path), word + detail))
     width = max(len("exercise"), *(len(r[0]) for r in rows))
     fwidth = max(len("file"), *(len(r[1]) for r in rows))

@@ -403,6 +403,7 @@ def test_status_table(tmp_path, capsys):
     write(d, "linear.py", reference_file(registry.get("linear")))
     write(d, "relu.py", "def relu_backward(dout, cache):\n    return (dout,)\n")
     write(d, "softmax.py", "def softmax_backward(dout, cache)\n")
+    write(d, "gelu.py", template.text("gelu", str(d / "gelu.py")))  # started, not written
     code, out, _ = run(capsys, "status", str(d))
     assert code == 0
     rows = {line.split()[0]: line for line in out.splitlines()[1:-1]}
@@ -411,7 +412,8 @@ def test_status_table(tmp_path, capsys):
     assert rows["relu"].endswith("FAIL: dx")
     assert "cannot check" in rows["softmax"] and "SyntaxError" in rows["softmax"]
     assert rows["layernorm"].endswith("not started")
-    assert out.splitlines()[-1].startswith("1 of 16 pass (3 started)")
+    assert rows["gelu"].endswith("not written yet (raises NotImplementedError)")
+    assert out.splitlines()[-1].startswith("1 of 16 pass (4 started)")
     code, _, err = run(capsys, "status", str(tmp_path / "nowhere"))
     assert code == 2 and "no such directory" in err
 
