@@ -703,6 +703,10 @@ def load_hf_folder(folder: Path) -> Checkpoint:
     """A Hugging Face GPT-2 folder as a Checkpoint (backend "hf", float32 weights, its tokenizer if it has
     the files); any fault of the folder (no config.json, a damaged safetensors, a tokenizer file that does
     not parse) is a CheckpointError, one line."""
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"checkpoint path is not a file: {folder}, nor a Hugging Face GPT-2 folder (it has no "
+                              "config.json); pass a ckpt_*.npz or .pt file, or a folder as save_pretrained or the "
+                              "hub lays it out (config.json, model.safetensors, vocab.json, merges.txt)")
     try:
         config, params, tokenizer = load_pretrained(folder, np.float32)
     except HFError as err:

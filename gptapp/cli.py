@@ -163,7 +163,8 @@ def train_parser(prog: str, description: str, default_preset: str = "cpu", torch
     """The `train` command's flags: data, output, resume, and every TrainConfig field."""
     p = OneLineArgumentParser(prog=prog, description=description, usage=usage_lines(prog),
                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=f"The sample command's flags: {prog} sample --help")
+                              epilog=f"The sample command's flags: {prog} sample --help; the export command's: "
+                                     f"{prog} export --help")
     p.add_argument("--data", type=_path, default=None, metavar="PATH", help="path to the training text (default: "
                    "NPGPT_DATA, the cache, or a download of Tiny Shakespeare)")
     p.add_argument("--out_dir", type=_path, default=DEFAULT_OUT_DIR, metavar="DIR",

@@ -20,7 +20,8 @@ from npgpt.data import CharTokenizer, check_text_length
 from npgpt.optim import cosine_lr
 
 from .autocomplete import autocomplete, check_prompt, read_prompt
-from .backend import Backend, Built, eval_seed, local_accumulation_steps, model_vocab_size  # noqa: F401 (eval_seed: the loop's rule too)
+from .backend import (  # noqa: F401 (eval_seed: the loop's rule too)
+    Backend, Built, eval_seed, local_accumulation_steps, model_vocab_size)
 from .budget import check_training_budget
 from .checkpoint import TORCH_EXT, Checkpoint, CheckpointError, WriteError, checkpoint_paths, guarded_write, link_or_copy
 from .cli import init_from_train_config, resumed_train_config, train_config_from_args
@@ -57,7 +58,8 @@ def save_checkpoint(backend: Backend, cfg: TrainConfig, tokenizer: Tokenizer, pa
     gpt = cfg.model == "gpt"
     chars = isinstance(tokenizer, CharTokenizer)
     vocab_size = state.params["transformer.wte.weight"].shape[0] if gpt else None  # the model's: BPE may pad it
-    ckpt = Checkpoint(backend=backend.info.name, model=cfg.model, gpt_config=cfg.gpt_config(vocab_size) if gpt else None,
+    ckpt = Checkpoint(backend=backend.info.name, model=cfg.model,
+                      gpt_config=cfg.gpt_config(vocab_size) if gpt else None,
                       vocab=tokenizer.vocab_string() if chars else None, params=state.params,
                       train_config=cfg.to_dict(), iter_num=it, best_val_loss=best_val, optimizer=state.optimizer,
                       rng=state.rng, tokenizer=None if chars else tokenizer)

@@ -70,12 +70,18 @@ def tokenizer_of(folder: Path) -> BPETokenizer:
     return BPETokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
 
 
+@pytest.fixture(scope="module")
+def text_tokens(gpt2) -> int:
+    """Tiny Shakespeare's length in GPT-2 tokens (encoding it takes a second or two: once)."""
+    return len(tokenizer_of(gpt2).encode(DATA.read_text(encoding="utf-8")))
+
+
 # --------------------------------------------------------------------------------------------
 # End to end: fine-tune, resume, sample, export, reload in transformers
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fine_tune_resume_sample_export(backend, gpt2, tmp_path, capsys):
+def test_fine_tune_resume_sample_export(backend, gpt2, text_tokens, tmp_path, capsys):
     import torch
     import transformers
 
@@ -85,7 +91,6 @@ def test_fine_tune_resume_sample_export(backend, gpt2, tmp_path, capsys):
              "--prompt", "ROMEO:", *cpu(backend)]
     res = run_main(backend, [*train, "--max_iters", 50], capsys)
     assert res.rc == 0, res.err
-    text_tokens = len(tokenizer_of(gpt2).encode(DATA.read_text(encoding="utf-8")))
     n_train = int(0.9 * text_tokens)
     assert f"vocab 50257, {n_train:,} train / {text_tokens - n_train:,} val tokens" in res.out  # BPE tokens
     assert f"initialised from {gpt2} (hf)" in res.out and "block_size=32" in res.out
@@ -160,7 +165,7 @@ def broken_folder(gpt2: Path, tmp_path: Path, fault: str) -> Path:
 
 
 FAULTS = {  # fault -> words of the error line
-    "no config.json": ["has no config.json", "Hugging Face GPT-2 folder"],
+    "no config.json": ["has no config.json", "Hugging Face GPT-2 folder", "save_pretrained"],
     "truncated header": ["model.safetensors", "truncated header"],
     "shape": ["transformer.wte.weight", "[50257, 16]", "another config"],
     "tokenizer": ["merges.txt line 3", "expected two symbols"],
