@@ -95,10 +95,6 @@ def test_fine_tune_resume_sample_export(backend, gpt2, text_tokens, tmp_path, ca
     assert f"vocab 50257, {n_train:,} train / {text_tokens - n_train:,} val tokens" in res.out  # BPE tokens
     assert f"initialised from {gpt2} (hf)" in res.out and "block_size=32" in res.out
     ckpt_path = out / f"ckpt_last{EXT[backend]}"
-    ckpt = load_checkpoint(ckpt_path, torch_loader=_torch_loader)
-    assert ckpt.vocab is None and ckpt.iter_num == 50
-    assert ckpt.tokenizer.to_strings() == tokenizer_of(gpt2).to_strings()  # carried whole
-    assert ckpt.gpt_config.block_size == 32 and ckpt.params["transformer.wpe.weight"].shape == (32, 16)
 
     res = run_main(backend, ["--resume", "--out_dir", out, "--data", DATA, "--max_iters", 53, *cpu(backend)], capsys)
     assert res.rc == 0, res.err
@@ -113,7 +109,9 @@ def test_fine_tune_resume_sample_export(backend, gpt2, text_tokens, tmp_path, ca
     assert res.rc == 0, res.err
     assert sorted(os.listdir(export)) == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
     ckpt = load_checkpoint(ckpt_path, torch_loader=_torch_loader)
-    assert ckpt.iter_num == 53
+    assert ckpt.vocab is None and ckpt.iter_num == 53
+    assert ckpt.tokenizer.to_strings() == tokenizer_of(gpt2).to_strings()  # carried whole, through --resume
+    assert ckpt.gpt_config.block_size == 32 and ckpt.params["transformer.wpe.weight"].shape == (32, 16)
     hf = transformers.GPT2LMHeadModel.from_pretrained(export, attn_implementation="eager").eval()
     idx = np.random.default_rng(0).integers(0, 50257, (2, 32))
     with torch.no_grad():
@@ -265,3 +263,32 @@ def test_export_refuses_what_is_not_gpt2_and_a_used_folder(backend, tmp_path, ca
     res = run_main(backend, ["export", "--ckpt", chars, "--to", tmp_path / "model"], capsys)
     assert res.rc == 0 and "character vocabulary" in res.err, res.err
     assert sorted(os.listdir(tmp_path / "model")) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_export_of_a_nanogpt_checkpoint_loads_in_transformers(backend, tmp_path, capsys):
+    """nanoGPT's ckpt.pt (its `model` state dict, head tied, and `model_args`): exact GELU, biases."""
+    import torch
+    import transformers
+
+    config = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, activation="gelu")
+    params = init_params(config, 0, np.float32)
+    state = {f"_orig_mod.{k}": torch.from_numpy(v) for k, v in params.items()}  # a compiled model's keys
+    state["_orig_mod.lm_head.weight"] = state["_orig_mod.transformer.wte.weight"]
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": state, "model_args": dict(n_layer=2, n_head=2, n_embd=8, block_size=8, bias=True,
+                                                   vocab_size=11, dropout=0.0), "iter_num": 5}, path)
+    res = run_main(backend, ["export", "--ckpt", path, "--to", tmp_path / "hf"], capsys)
+    assert res.rc == 0 and res.err == "", res.err
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    idx = np.random.default_rng(0).integers(0, 11, (2, 8))
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(idx)).logits.numpy()
+    model = npgpt.GPT(config).eval()
+    model.params = params
+    ours, _ = model.forward(idx)
+    n = max(bounds.linear_sum_length(config), idx.shape[1])
+    npgpt.compare.assert_close("logits", ours, theirs,
+                               rtol=bounds.parity(np.float32, n, bounds.model_depth(config, backward=False)),
+                               header="nanoGPT ckpt.pt -> export -> transformers")
