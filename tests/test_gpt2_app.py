@@ -157,6 +157,9 @@ def broken_folder(gpt2: Path, tmp_path: Path, fault: str) -> Path:
     elif fault == "shape":
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config, "n_embd": 32}))
+    elif fault == "no tokenizer":
+        os.remove(folder / "vocab.json")
+        os.remove(folder / "merges.txt")
     elif fault == "tokenizer":
         (folder / "merges.txt").write_text("#version: 0.2\nĠ t\nnot-a-pair-line\n", encoding="utf-8")
     return folder
@@ -167,6 +170,7 @@ FAULTS = {  # fault -> words of the error line
     "truncated header": ["model.safetensors", "truncated header"],
     "shape": ["transformer.wte.weight", "[50257, 16]", "another config"],
     "tokenizer": ["merges.txt line 3", "expected two symbols"],
+    "no tokenizer": ["has no tokenizer files (vocab.json and merges.txt)", "copy them"],
 }
 
 
