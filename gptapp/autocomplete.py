@@ -73,8 +73,13 @@ def autocomplete(generate, tokenizer: Tokenizer, prompt: str, block_size: int | 
                  max_new_tokens: int, temperature: float, top_k: int, seed: int, top_p: float = 1.0) -> str:
     """prompt + its continuation. `generate(idx, n, temperature=, top_k=, top_p=, rng=)` is either model's
     generate (returning ids as anything np.asarray takes); the sampler draws from default_rng(seed),
-    so both backends give the same text for the same weights and seed. top_k 0 and top_p 1 filter nothing."""
+    so both backends give the same text for the same weights and seed. top_k 0 and top_p 1 filter nothing.
+    A model whose vocabulary is padded past its BPE tokenizer's (nanoGPT's 50304 for GPT-2's 50257) may
+    draw a padding id, which has no text: it is left out, as Hugging Face's tokenizers leaves out unknown ids."""
     ids = encode_prompt(tokenizer, prompt, block_size)
     out = np.asarray(generate(ids, max_new_tokens, temperature=temperature, top_k=top_k or None,
                               top_p=top_p if top_p < 1.0 else None, rng=np.random.default_rng(seed)))
-    return prompt + tokenizer.decode(out[0, ids.shape[1]:].tolist())
+    new = out[0, ids.shape[1]:]  # (max_new_tokens,)
+    if isinstance(tokenizer, BPETokenizer):
+        new = new[new < tokenizer.vocab_size]
+    return prompt + tokenizer.decode(new.tolist())

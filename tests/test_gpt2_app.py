@@ -296,3 +296,29 @@ def test_export_of_a_nanogpt_checkpoint_loads_in_transformers(backend, tmp_path,
     npgpt.compare.assert_close("logits", ours, theirs,
                                rtol=bounds.parity(np.float32, n, bounds.model_depth(config, backward=False)),
                                header="nanoGPT ckpt.pt -> export -> transformers")
+
+
+def test_a_padded_vocabulary_samples_text_and_an_empty_prompt_starts_from_end_of_text(gpt2):
+    from gptapp.autocomplete import autocomplete
+
+    tokenizer = tokenizer_of(gpt2)
+    seen = []
+
+    def generate(ids, n, **sampling):  # a model of vocab_size 50304 that draws padding ids too
+        seen.append(ids.tolist())
+        return np.concatenate([ids, [[50256 + 47, 15496, 50300, 995]]], axis=1)
+
+    assert autocomplete(generate, tokenizer, "", 64, 4, 1.0, 0, 0) == "Hello world"
+    assert seen == [[[tokenizer.eot_id]]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fine_tuning_refuses_an_epsilon_the_settings_cannot_keep(backend, gpt2, tmp_path, capsys):
+    folder = tmp_path / "eps"
+    shutil.copytree(gpt2, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": 1e-6}))
+    res = run_main(backend, ["--init_from", folder, "--data", DATA, "--out_dir", tmp_path / "out", *cpu(backend)],
+                   capsys)
+    assert_one_error_line(res, "layer_norm_epsilon=1e-06", "1e-05", rc=2)
+    assert not (tmp_path / "out").exists()
