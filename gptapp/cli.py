@@ -206,7 +206,7 @@ def sample_parser(prog: str, description: str, torch_flags: bool = False, numpy_
                         help="checkpoint to sample from: ckpt_*.npz, ckpt_*.pt, a nanoGPT ckpt.pt or a Hugging Face "
                              "GPT-2 folder (this or --init_from is required)")
     source.add_argument("--init_from", type=_path, default=None, metavar="PATH",
-                        help="the same as --ckpt, named as the train command names it")
+                        help="the same as --ckpt, named as the train command names it (this or --ckpt is required)")
     p.add_argument("--prompt", default=None, metavar="TEXT", help="text to continue (default a newline)")
     p.add_argument("--prompt_file", type=_path, default=None, metavar="PATH",
                    help="read the text to continue from this UTF-8 file instead (default: use --prompt)")

@@ -322,3 +322,13 @@ def test_fine_tuning_refuses_an_epsilon_the_settings_cannot_keep(backend, gpt2, 
                    capsys)
     assert_one_error_line(res, "layer_norm_epsilon=1e-06", "1e-05", rc=2)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_usage_lists_export_and_its_help_names_both_flags(backend, tmp_path, capsys):
+    script = {"np": "train_np.py", "torch": "train_torch.py"}[backend]
+    res = run_main(backend, ["--help", "--out_dir", tmp_path], capsys)
+    assert res.rc == 0 and f"{script} export --ckpt PATH --to DIR" in res.out
+    res = run_main(backend, ["export", "--help"], capsys)
+    assert res.rc == 0 and "--ckpt PATH" in res.out and "--to DIR" in res.out and "GPT2LMHeadModel" in res.out
+    assert_one_error_line(run_main(backend, ["export", "--ckpt", tmp_path / "x.npz"], capsys), "--to", rc=2)
