@@ -332,3 +332,21 @@ def test_the_usage_lists_export_and_its_help_names_both_flags(backend, tmp_path,
     res = run_main(backend, ["export", "--help"], capsys)
     assert res.rc == 0 and "--ckpt PATH" in res.out and "--to DIR" in res.out and "GPT2LMHeadModel" in res.out
     assert_one_error_line(run_main(backend, ["export", "--ckpt", tmp_path / "x.npz"], capsys), "--to", rc=2)
+
+
+def test_a_character_checkpoint_is_written_as_before(tmp_path):
+    """No tokenizer key in a character run's .npz meta or .pt: its files are as before the BPE runs."""
+    import torch
+
+    from gptapp.torch_checkpoint import load_torch_checkpoint, save_run_checkpoint
+
+    config = GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=4)
+    ckpt = Checkpoint(backend="numpy", model="gpt", gpt_config=config, vocab="abcde",
+                      params=init_params(config, 0, np.float32))
+    save_npz(tmp_path / "c.npz", ckpt)
+    with np.load(tmp_path / "c.npz", allow_pickle=False) as f:
+        assert "tokenizer" not in json.loads(str(f["meta"][()]))
+    ckpt.params = {k: torch.from_numpy(v) for k, v in ckpt.params.items()}
+    save_run_checkpoint(tmp_path / "c.pt", ckpt)
+    assert "tokenizer" not in torch.load(tmp_path / "c.pt", weights_only=True)
+    assert load_torch_checkpoint(tmp_path / "c.pt").tokenizer is None and load_checkpoint(tmp_path / "c.npz").vocab
