@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, NamedTuple, Protocol
 
-from npgpt.data import CharTokenizer
-
 from .checkpoint import Checkpoint, CheckpointError
+from .data import Tokenizer
 from .errors import UsageError, one_line
 from .settings import TrainConfig
 
@@ -59,9 +58,10 @@ class Backend(Protocol):
     def read_checkpoint(self, path, any_kind: bool) -> Checkpoint: ...
     # any_kind: any checkpoint's weights (--init_from); else its own kind only (--resume)
     def session(self) -> ContextManager: ...  # around everything after the settings (torch: the DDP group)
-    def build(self, cfg: TrainConfig, tokenizer: CharTokenizer, train_data, val_data, ckpt: Checkpoint | None,
+    def build(self, cfg: TrainConfig, tokenizer: Tokenizer, train_data, val_data, ckpt: Checkpoint | None,
               resume: bool) -> Built: ...
-    # model, optimiser and streams; the weights from ckpt, and with resume its optimiser and RNG state
+    # model, optimiser and streams; the weights from ckpt, and with resume its optimiser and RNG state;
+    # the vocabulary's size from model_vocab_size
     def evaluate(self, it: int, stop: Callable[[], bool] | None = None) -> dict | None: ...
     # {"train": loss, "val": loss}; None when stop() turned true between two batches
     def step(self, it: int, lr: float, log: bool) -> float | None: ...
@@ -75,6 +75,12 @@ class Backend(Protocol):
 
 
 # --------------------------------------------------------------------------- rules both backends share
+
+def model_vocab_size(tokenizer: Tokenizer, ckpt: Checkpoint | None) -> int:
+    """The model's vocab_size: the checkpoint's when there is one (a GPT-2 may pad its vocabulary past its
+    tokenizer's), else the tokenizer's (a fresh run's characters)."""
+    return ckpt.vocab_size if ckpt is not None else tokenizer.vocab_size
+
 
 def eval_seed(seed: int, it: int, split_index: int) -> int:
     """The seed of the evaluation batches of one split (0 train, 1 val) at step `it`, for both backends.

@@ -6,13 +6,16 @@ One in-memory form, `Checkpoint`, for every file either script can read:
     ckpt_*.pt    written by train_torch.py; read with torch.load(weights_only=True) in gptapp.torch_checkpoint
     ckpt.pt      nanoGPT's (`model` state dict + `model_args`); read by gptapp.torch_checkpoint, for sampling
                  and --init_from
+    a folder     Hugging Face GPT-2 (config.json, model.safetensors, vocab.json + merges.txt); read by
+                 gptapp.hf, for sampling, --init_from and export
 
 Parameters always come back as {name: float32 ndarray} under npgpt's names, so either model can take
 them. The optimiser and RNG state stay in their backend's own form: only that backend resumes from them.
 
 Layout of an .npz checkpoint (every entry a plain array, so no pickle is ever needed):
     meta            0-d unicode array holding JSON: format, version, backend, model, gpt_config,
-                    train_config, vocab, iter_num, best_val_loss, rng (numpy bit_generator states)
+                    train_config, vocab, iter_num, best_val_loss, rng (numpy bit_generator states), and
+                    for a run with GPT-2's tokenizer only, tokenizer (see tokenizer_entry)
     param/<name>    one array per parameter
     optim/<key>     npgpt.optim.AdamW.state_dict() entries (step, exp_avg.<group>, exp_avg_sq.<group>)
 
@@ -36,10 +39,12 @@ from typing import BinaryIO, Callable
 
 import numpy as np
 
+from npgpt.bpe import BPETokenizer, TokenizerError
 from npgpt.config import GPTConfig
 
 from .budget import available_memory, check_checkpoint_config, format_bytes
 from .errors import first_sentence
+from .hf import HFError, load_pretrained
 
 FORMAT = "npgpt-checkpoint"
 VERSION = 1
@@ -55,18 +60,21 @@ class CheckpointError(Exception):
 
 @dataclass
 class Checkpoint:
-    """Everything a run saves. `backend` is "numpy", "torch" or "nanogpt" (where it came from)."""
+    """Everything a run saves. `backend` is "numpy", "torch", "nanogpt" or "hf" (where it came from).
+    The tokenizer is `vocab` (characters) or `tokenizer` (GPT-2's BPE), never both; nanoGPT files
+    carry neither."""
 
     backend: str
     model: str                              # "gpt" or "bigram"
     gpt_config: GPTConfig | None            # None for the bigram model
-    vocab: str | None                       # the tokenizer's characters; None for nanoGPT files
+    vocab: str | None                       # the tokenizer's characters; None for BPE and nanoGPT files
     params: dict[str, np.ndarray]           # npgpt names -> float32 arrays
     train_config: dict | None = None        # TrainConfig.to_dict() of the run; None for nanoGPT
     iter_num: int = 0                       # optimisation steps done
     best_val_loss: float = math.inf
     optimizer: dict | None = None           # the backend's own optimiser state
     rng: dict | None = None                 # the backend's own RNG state
+    tokenizer: BPETokenizer | None = None   # GPT-2's tokenizer, for a BPE model; None for characters
     path: Path | None = field(default=None, compare=False)
 
     @property
@@ -121,6 +129,7 @@ class Checkpoint:
                 raise CheckpointError(f"{where}: parameter {k} holds values that are not finite (nan or inf): "
                                       "the run that wrote it diverged; use an earlier checkpoint")
         check_vocab(self.vocab, self.vocab_size, where)
+        self._check_tokenizer(where)
         check_count(self.iter_num, "iter_num", where)
         check_loss(self.best_val_loss, "best_val_loss", where)
         self._check_train_config(where)
@@ -130,6 +139,16 @@ class Checkpoint:
                 if key == "step" or key.endswith(".step"):
                     check_count(value, f"the optimizer's {key}", where)
         return self
+
+    def _check_tokenizer(self, where) -> None:
+        if self.tokenizer is None:
+            return
+        if self.vocab is not None:
+            raise CheckpointError(f"{where}: it carries both a character vocabulary and a GPT-2 tokenizer; the file "
+                                  "was edited or written by another program")
+        if self.tokenizer.vocab_size > self.vocab_size:
+            raise CheckpointError(f"{where}: its tokenizer has {self.tokenizer.vocab_size} tokens but the model has "
+                                  f"vocab_size={self.vocab_size}; the file was edited or mixes two models")
 
     def _check_train_config(self, where) -> None:
         """Our formats save the run's settings beside the model's config: they must describe one model."""
@@ -212,6 +231,38 @@ def check_vocab(vocab, vocab_size: int, where) -> None:
     if len(vocab) != vocab_size:
         raise CheckpointError(f"{where}: the vocabulary has {len(vocab)} characters but the model "
                               f"has vocab_size={vocab_size}; the file is inconsistent")
+
+
+TOKENIZER_KIND = "gpt2-bpe"
+
+
+def tokenizer_entry(tokenizer: BPETokenizer | None) -> dict | None:
+    """GPT-2's tokenizer as a checkpoint stores it: the texts of its two files, {"kind": "gpt2-bpe",
+    "vocab.json": ..., "merges.txt": ...}, so --resume and sample need nothing else; None without one."""
+    if tokenizer is None:
+        return None
+    vocab_json, merges_txt = tokenizer.to_strings()
+    return {"kind": TOKENIZER_KIND, "vocab.json": vocab_json, "merges.txt": merges_txt}
+
+
+def tokenizer_from_entry(entry, where) -> BPETokenizer | None:
+    """The tokenizer a checkpoint stores (tokenizer_entry), parsed and checked; CheckpointError naming
+    the checkpoint when it is not one or does not parse."""
+    if entry is None:
+        return None
+    files = ("vocab.json", "merges.txt")
+    if not isinstance(entry, dict) or entry.get("kind") != TOKENIZER_KIND or not all(
+            isinstance(entry.get(name), str) for name in files):
+        shown = sorted(entry)[:4] if isinstance(entry, dict) else type(entry).__name__
+        raise CheckpointError(f"{where}: its tokenizer entry ({shown}) is not a GPT-2 tokenizer (kind "
+                              f"{TOKENIZER_KIND!r} and the texts of {' and '.join(files)}); the file was edited "
+                              "or written by another program")
+    try:
+        return BPETokenizer.from_strings(entry["vocab.json"], entry["merges.txt"], source=f"{where}: its tokenizer")
+    except TokenizerError as err:
+        problem = " ".join(str(err).split()).rsplit("; ", 1)[0]  # the file's fix does not apply to a checkpoint
+        raise CheckpointError(f"{problem}; the checkpoint was edited or damaged: use another checkpoint "
+                              "(ckpt_best / ckpt_last) or train again") from None
 
 
 # numpy's PCG64 state, as bit_generator.state gives it: 128-bit state and increment, a cached 32-bit half
@@ -388,6 +439,8 @@ def save_npz(path: str | os.PathLike, ckpt: Checkpoint) -> None:
         "train_config": ckpt.train_config, "vocab": ckpt.vocab, "iter_num": int(ckpt.iter_num),
         "best_val_loss": float(ckpt.best_val_loss), "rng": ckpt.rng,
     }
+    if ckpt.tokenizer is not None:  # a character run's meta has no such key
+        meta["tokenizer"] = tokenizer_entry(ckpt.tokenizer)
     arrays = {"meta": np.array(json.dumps(meta))}
     arrays.update({f"param/{k}": np.asarray(v) for k, v in ckpt.params.items()})
     arrays.update({f"optim/{k}": np.asarray(v) for k, v in (ckpt.optimizer or {}).items()})
@@ -456,7 +509,8 @@ def _checkpoint_from_meta(path: Path, meta, params: dict, optim: dict) -> Checkp
                           vocab=meta["vocab"], params=params, train_config=meta.get("train_config"),
                           iter_num=check_count(meta["iter_num"], "iter_num", path),
                           best_val_loss=check_loss(meta["best_val_loss"], "best_val_loss", path),
-                          optimizer=optim, rng=meta.get("rng"), path=path)
+                          optimizer=optim, rng=meta.get("rng"),
+                          tokenizer=tokenizer_from_entry(meta.get("tokenizer"), path), path=path)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: the checkpoint's metadata is incomplete or invalid "
                               f"({_reason(exc)}); it was edited or written by another program") from exc
@@ -464,7 +518,8 @@ def _checkpoint_from_meta(path: Path, meta, params: dict, optim: dict) -> Checkp
 
 # --------------------------------------------------------------------------- .npz: headers before arrays
 
-MAX_META_BYTES = 64 << 20  # the meta entry: JSON of the settings and the vocabulary (a 10**6-character one is ~12 MB)
+MAX_META_BYTES = 64 << 20  # the meta entry: JSON of the settings and the vocabulary (a 10**6-character one is
+                           # ~12 MB, GPT-2's tokenizer ~7 MB)
 MAX_JSON_DEPTH = 16        # our meta nests 4 deep (meta -> rng -> data -> state)
 DEFLATE_MAX_RATIO = 1032   # deflate cannot expand one compressed byte into more than 1032 (RFC 1951's longest match)
 
@@ -630,8 +685,11 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
 
 def load_checkpoint(path: str | os.PathLike, torch_loader: Callable[[Path], Checkpoint] | None = None
                     ) -> Checkpoint:
-    """Read any checkpoint: .npz here, .pt / nanoGPT through `torch_loader` (needs torch)."""
+    """Read any checkpoint: .npz here, a Hugging Face GPT-2 folder through gptapp.hf, .pt / nanoGPT
+    through `torch_loader` (needs torch)."""
     path = Path(path)
+    if path.is_dir():
+        return load_hf_folder(path)
     if checkpoint_kind(path) == "npz":
         return load_npz(path)
     if torch_loader is None:
@@ -639,6 +697,22 @@ def load_checkpoint(path: str | os.PathLike, torch_loader: Callable[[Path], Chec
                               "whatever its name says; use it with train_torch.py, or start from its weights with "
                               "--init_from")
     return torch_loader(path)
+
+
+def load_hf_folder(folder: Path) -> Checkpoint:
+    """A Hugging Face GPT-2 folder as a Checkpoint (backend "hf", float32 weights, its tokenizer if it has
+    the files); any fault of the folder (no config.json, a damaged safetensors, a tokenizer file that does
+    not parse) is a CheckpointError, one line."""
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"checkpoint path is not a file: {folder}, nor a Hugging Face GPT-2 folder (it has no "
+                              "config.json); pass a ckpt_*.npz or .pt file, or a folder as save_pretrained or the "
+                              "hub lays it out (config.json, model.safetensors, vocab.json, merges.txt)")
+    try:
+        config, params, tokenizer = load_pretrained(folder, np.float32)
+    except HFError as err:
+        raise CheckpointError(" ".join(str(err).split())) from None
+    return Checkpoint(backend="hf", model="gpt", gpt_config=config, vocab=None, params=params, tokenizer=tokenizer,
+                      path=folder).check()
 
 
 ZIP_MAGIC = b"PK\x03\x04"  # .npz and torch.save's format are zip archives

@@ -1,9 +1,10 @@
 """The command line of train_np.py and train_torch.py: flags, settings of a run, and run_cli.
 
 Flags use nanoGPT's names; each TrainConfig field (gptapp.settings) is a flag. Both scripts take
-the same two commands:
+the same three commands:
     python train_X.py [train] [--preset NAME] [--flag value ...]      train (the default command)
     python train_X.py sample --ckpt PATH [--prompt TEXT ...]           autocomplete a prompt
+    python train_X.py export --ckpt PATH --to DIR                      a GPT-2-shaped model as a Hugging Face folder
 Every mistake a user can make ends in one line on stderr, "error: <problem>; <fix>", and exit status
 2 (EXIT_USAGE); a fault during training (non-finite loss, a failed write) exits 1; Ctrl-C exits 130.
 """
@@ -37,7 +38,7 @@ from .settings import (
 
 DEFAULT_OUT_DIR = "out"
 
-__all__ = ["DEFAULT_OUT_DIR", "TrainingError", "UsageError", "one_line", "run_cli", "sample_parser",
+__all__ = ["DEFAULT_OUT_DIR", "TrainingError", "UsageError", "one_line", "run_cli", "sample_parser", "export_parser",
            "train_parser", "train_config_from_args", "resumed_train_config", "init_from_train_config"]
 
 
@@ -162,7 +163,8 @@ def train_parser(prog: str, description: str, default_preset: str = "cpu", torch
     """The `train` command's flags: data, output, resume, and every TrainConfig field."""
     p = OneLineArgumentParser(prog=prog, description=description, usage=usage_lines(prog),
                               formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=f"The sample command's flags: {prog} sample --help")
+                              epilog=f"The sample command's flags: {prog} sample --help; the export command's: "
+                                     f"{prog} export --help")
     p.add_argument("--data", type=_path, default=None, metavar="PATH", help="path to the training text (default: "
                    "NPGPT_DATA, the cache, or a download of Tiny Shakespeare)")
     p.add_argument("--out_dir", type=_path, default=DEFAULT_OUT_DIR, metavar="DIR",
@@ -178,8 +180,10 @@ def train_parser(prog: str, description: str, default_preset: str = "cpu", torch
                    help="start a new run in an --out_dir that holds one after moving that run into "
                         "<out_dir>/run-<date>-<time>/ (default off: refuse; `make train` turns it on)")
     p.add_argument("--init_from", type=_path, default=None, metavar="PATH",
-                   help="start from the weights of any checkpoint (.npz, .pt, nanoGPT ckpt.pt) with a "
-                        "fresh optimiser; the model shape comes from the checkpoint (default: random weights)")
+                   help="start from the weights of any checkpoint (.npz, .pt, nanoGPT ckpt.pt, or a Hugging Face "
+                        "GPT-2 folder: fine-tune it with its BPE tokenizer) with a fresh optimiser; the model shape "
+                        "comes from the checkpoint, a GPT-2 folder's block_size may be lowered (default: random "
+                        "weights)")
     p.add_argument("--vocab", type=_path, default=None, metavar="PATH",
                    help="with --init_from a nanoGPT ckpt.pt (it carries no vocabulary): the text whose "
                         "characters are its vocabulary (default: the training text)")
@@ -197,8 +201,12 @@ def sample_parser(prog: str, description: str, torch_flags: bool = False, numpy_
                   ) -> OneLineArgumentParser:
     """The `sample` command: autocomplete a prompt from a checkpoint."""
     p = OneLineArgumentParser(prog=f"{prog} sample", description=description)
-    p.add_argument("--ckpt", type=_path, required=True, metavar="PATH",
-                   help="checkpoint to sample from: ckpt_*.npz, ckpt_*.pt or a nanoGPT ckpt.pt (required)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", type=_path, default=None, metavar="PATH",
+                        help="checkpoint to sample from: ckpt_*.npz, ckpt_*.pt, a nanoGPT ckpt.pt or a Hugging Face "
+                             "GPT-2 folder (this or --init_from is required)")
+    source.add_argument("--init_from", type=_path, default=None, metavar="PATH",
+                        help="the same as --ckpt, named as the train command names it (this or --ckpt is required)")
     p.add_argument("--prompt", default=None, metavar="TEXT", help="text to continue (default a newline)")
     p.add_argument("--prompt_file", type=_path, default=None, metavar="PATH",
                    help="read the text to continue from this UTF-8 file instead (default: use --prompt)")
@@ -206,7 +214,7 @@ def sample_parser(prog: str, description: str, torch_flags: bool = False, numpy_
                    help="how many continuations: the i-th (from 0) uses seed + i, a line of dashes between "
                         "them (default 1)")
     p.add_argument("--max_new_tokens", type=_nonneg_int, default=500, metavar="N",
-                   help="characters to add to the prompt (default 500)")
+                   help="tokens to add to the prompt: characters, or GPT-2's BPE tokens (default 500)")
     p.add_argument("--temperature", type=_temperature, default=0.8, metavar="X",
                    help="divide the logits by this; 0 means greedy decoding (default 0.8)")
     p.add_argument("--top_k", type=_nonneg_int, default=0, metavar="N",
@@ -252,12 +260,28 @@ def _add_torch_flags(p: argparse.ArgumentParser, training: bool) -> None:
 def usage_lines(prog: str) -> str:
     """The usage of both commands (argparse puts "usage: " in front)."""
     return (f"{prog} [train] [--preset NAME] [--resume | --overwrite | --move_aside] [--FLAG VALUE ...]\n"
-            f"       {prog} sample --ckpt PATH [--prompt TEXT | --prompt_file PATH] [--FLAG VALUE ...]")
+            f"       {prog} sample --ckpt PATH [--prompt TEXT | --prompt_file PATH] [--FLAG VALUE ...]\n"
+            f"       {prog} export --ckpt PATH --to DIR")
+
+
+def export_parser(prog: str) -> OneLineArgumentParser:
+    """The `export` command: a GPT-2-shaped checkpoint -> a Hugging Face GPT-2 folder."""
+    p = OneLineArgumentParser(prog=f"{prog} export", description=(
+        "Write a GPT-2-shaped checkpoint (.npz, .pt or nanoGPT's ckpt.pt) as a Hugging Face GPT-2 folder: "
+        "config.json, model.safetensors, and vocab.json + merges.txt for a model with GPT-2's tokenizer. "
+        "GPT2LMHeadModel.from_pretrained(DIR) loads it."))
+    p.add_argument("--ckpt", type=_path, required=True, metavar="PATH",
+                   help="the checkpoint: ckpt_*.npz, ckpt_*.pt or a nanoGPT ckpt.pt of a GPT-2-shaped model "
+                        "(layernorm, learned positions, biases, no QK-norm, gelu, gelu_tanh or relu) (required)")
+    p.add_argument("--to", type=_path, required=True, metavar="DIR",
+                   help="the folder to write; it must not exist or be empty (required)")
+    return p
 
 
 def split_command(argv: list[str]) -> tuple[str, list[str]]:
-    """("sample", rest) for `sample ...`; ("train", rest) otherwise (the word `train` is optional)."""
-    if argv and argv[0] in ("sample", "train"):
+    """("sample", rest) for `sample ...`, ("export", rest) for `export ...`; ("train", rest) otherwise (the
+    word `train` is optional)."""
+    if argv and argv[0] in ("sample", "train", "export"):
         return argv[0], argv[1:]
     return "train", list(argv)
 
@@ -347,14 +371,19 @@ def _refuse_shape_change(base: TrainConfig, overrides: dict, fix: str, source: s
                              f"{name}={getattr(base, name)!r}; {fix}")
 
 
-def run_cli(argv, train_command, sample_command) -> int:
-    """Both scripts' entry point: `[train] FLAGS` or `sample FLAGS`, every failure one line on stderr.
+def run_cli(argv, train_command, sample_command, export_command=None) -> int:
+    """Both scripts' entry point: `[train] FLAGS`, `sample FLAGS` or `export FLAGS`, every failure one line
+    on stderr.
 
     Exit status: 2 for bad input (flags, data, checkpoints), 1 for a fault during training,
     130 for Ctrl-C; never a traceback.
     """
     command, rest = split_command(sys.argv[1:] if argv is None else list(argv))
     try:
+        if command == "export":
+            if export_command is None:
+                raise UsageError("this program has no export command; use train_np.py export or train_torch.py export")
+            return export_command(rest)
         return sample_command(rest) if command == "sample" else train_command(rest)
     except (UsageError, DataError, CheckpointError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)

@@ -1,5 +1,5 @@
 """Where the training text comes from, and the text of a run: Tiny Shakespeare found or downloaded,
-encoded and split, or a checkpoint's vocabulary.
+encoded and split, with a checkpoint's tokenizer (its characters, or GPT-2's BPE) or the text's characters.
 
 Where the text comes from (`resolve_data_path`), first match wins:
     1. an explicit path (the `--data` flag),
@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from npgpt.bpe import BPETokenizer
 from npgpt.data import CharTokenizer, DataError, train_val_split
 
 from .errors import UsageError
@@ -150,27 +151,37 @@ def _describe(exc: BaseException) -> str:
 
 # --------------------------------------------------------------------------- the text of a run
 
-def training_splits(text: str, tokenizer: CharTokenizer, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Encode `text` and split it 90/10; DataError unless both splits hold a (block_size + 1) window."""
+Tokenizer = CharTokenizer | BPETokenizer  # what a run encodes its text with: encode, decode, vocab_size
+
+
+def training_splits(text: str, tokenizer: Tokenizer, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Encode `text` and split it 90/10 (int64 ids); DataError unless both splits hold a (block_size + 1)
+    window. The text's length is told in characters for a character tokenizer, in tokens for BPE."""
     try:
-        data = tokenizer.encode(text)
+        data = np.asarray(tokenizer.encode(text), dtype=np.int64)  # (N,)
     except ValueError as err:
         raise DataError(f"the training text does not fit the checkpoint's vocabulary: {err}") from None
     train_data, val_data = train_val_split(data)
+    length = f"{len(text)} characters" if isinstance(tokenizer, CharTokenizer) else f"{len(data)} tokens"
     for name, split in (("train", train_data), ("val", val_data)):
         if len(split) < block_size + 1:
-            raise DataError(f"the text has {len(text)} characters, so the {name} split has {len(split)} tokens, "
+            raise DataError(f"the text has {length}, so the {name} split has {len(split)} tokens, "
                             f"fewer than block_size + 1 = {block_size + 1}; use a longer text or a smaller "
                             "--block_size")
     return train_data, val_data
 
 
-def checkpoint_tokenizer(ckpt, vocab_path: str | None, default_text) -> CharTokenizer:
-    """The tokenizer of a checkpoint: its own vocabulary, or (nanoGPT files carry none) the sorted
-    characters of the text at `vocab_path`, else of `default_text()`. DataError/UsageError if they
-    do not match the model's vocab_size."""
+def checkpoint_tokenizer(ckpt, vocab_path: str | None, default_text) -> Tokenizer:
+    """The tokenizer of a checkpoint: its GPT-2 tokenizer or its own vocabulary, or (nanoGPT files carry
+    none) the sorted characters of the text at `vocab_path`, else of `default_text()`. DataError/UsageError
+    if they do not match the model's vocab_size, or for a Hugging Face folder without tokenizer files."""
+    if ckpt.tokenizer is not None:
+        return ckpt.tokenizer
     if ckpt.vocab is not None:
         return CharTokenizer(ckpt.vocab)
+    if ckpt.backend == "hf":
+        raise DataError(f"{ckpt.path} has no tokenizer files (vocab.json and merges.txt); copy them from the "
+                        "model's hub folder (GPT-2's: openai-community/gpt2) into it")
     if vocab_path is not None:
         path = Path(vocab_path).expanduser()
         if not path.is_file():

@@ -11,18 +11,21 @@ import math
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+from npgpt.config import GPTConfig
 from npgpt.data import CharTokenizer, check_text_length
 from npgpt.optim import cosine_lr
 
 from .autocomplete import autocomplete, check_prompt, read_prompt
-from .backend import Backend, Built, eval_seed, local_accumulation_steps  # noqa: F401 (eval_seed: the loop's rule too)
+from .backend import (  # noqa: F401 (eval_seed: the loop's rule too)
+    Backend, Built, eval_seed, local_accumulation_steps, model_vocab_size)
 from .budget import check_training_budget
 from .checkpoint import TORCH_EXT, Checkpoint, CheckpointError, WriteError, checkpoint_paths, guarded_write, link_or_copy
 from .cli import init_from_train_config, resumed_train_config, train_config_from_args
-from .data import checkpoint_tokenizer, load_text, training_splits
+from .data import Tokenizer, checkpoint_tokenizer, load_text, training_splits
 from .errors import INSTALL_TORCH, TrainingError, UsageError, torch_installed
 from .run_dir import (
     check_out_dir_flags,
@@ -44,18 +47,22 @@ def learning_rate_at(cfg: TrainConfig, it: int) -> float:
     return cosine_lr(it, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr)
 
 
-def save_checkpoint(backend: Backend, cfg: TrainConfig, tokenizer: CharTokenizer, path: Path, it: int,
+def save_checkpoint(backend: Backend, cfg: TrainConfig, tokenizer: Tokenizer, path: Path, it: int,
                     best_val: float) -> None:
-    """Write the run's checkpoint at step `it`: the settings, the vocabulary and the step from here, the
-    weights, optimiser and RNG states from the backend. Every rank calls this; rank 0 writes."""
+    """Write the run's checkpoint at step `it`: the settings, the tokenizer (characters, or GPT-2's BPE)
+    and the step from here, the weights, optimiser and RNG states from the backend. Every rank calls
+    this; rank 0 writes."""
     state = backend.state()
     if state is None:
         return
     gpt = cfg.model == "gpt"
+    chars = isinstance(tokenizer, CharTokenizer)
+    vocab_size = state.params["transformer.wte.weight"].shape[0] if gpt else None  # the model's: BPE may pad it
     ckpt = Checkpoint(backend=backend.info.name, model=cfg.model,
-                      gpt_config=cfg.gpt_config(tokenizer.vocab_size) if gpt else None,
-                      vocab=tokenizer.vocab_string(), params=state.params, train_config=cfg.to_dict(), iter_num=it,
-                      best_val_loss=best_val, optimizer=state.optimizer, rng=state.rng)
+                      gpt_config=cfg.gpt_config(vocab_size) if gpt else None,
+                      vocab=tokenizer.vocab_string() if chars else None, params=state.params,
+                      train_config=cfg.to_dict(), iter_num=it, best_val_loss=best_val, optimizer=state.optimizer,
+                      rng=state.rng, tokenizer=None if chars else tokenizer)
     guarded_write(path, lambda: backend.info.write(path, ckpt))
 
 
@@ -123,8 +130,30 @@ def run_settings(args, backend: Backend, paths: dict) -> tuple[TrainConfig, Chec
         return cfg, ckpt
     if args.init_from:
         ckpt = backend.read_checkpoint(args.init_from, any_kind=True)
+        if ckpt.backend == "hf":
+            ckpt = fit_pretrained(ckpt, args.block_size)
         return init_from_train_config(args, ckpt.model, ckpt.gpt_config, backend.default_preset), ckpt
     return train_config_from_args(args, backend.default_preset), None
+
+
+def fit_pretrained(ckpt: Checkpoint, block_size: int | None) -> Checkpoint:
+    """A Hugging Face GPT-2 to fine-tune: with a smaller --block_size, its position table cropped to the
+    first block_size rows (nanoGPT's crop_block_size: GPT-2's 1024 positions are costly on a CPU).
+    UsageError for a larger --block_size, or a layer_norm_epsilon the run's settings cannot carry."""
+    config = ckpt.gpt_config
+    default_eps = GPTConfig.__dataclass_fields__["norm_eps"].default
+    if config.norm_eps != default_eps:
+        raise UsageError(f"{ckpt.path}: layer_norm_epsilon={config.norm_eps!r}, but a run's settings keep the "
+                         f"norms' eps at {default_eps!r}; fine-tune a model with the standard epsilon (sample and "
+                         "export take this one)")
+    if block_size is None or block_size == config.block_size:
+        return ckpt
+    if block_size > config.block_size:
+        raise UsageError(f"--block_size {block_size} is longer than the {config.block_size} positions of "
+                         f"{ckpt.path} (n_positions); pass at most --block_size {config.block_size}")
+    params = dict(ckpt.params)
+    params["transformer.wpe.weight"] = params["transformer.wpe.weight"][:block_size].copy()  # (block_size, C)
+    return replace(ckpt, gpt_config=replace(config, block_size=block_size), params=params)
 
 
 # --------------------------------------------------------------------------- train
@@ -155,8 +184,9 @@ def locked_training(args, backend: Backend) -> int:
     # a name the run writes that is taken by a directory would fail only after the work
     refuse_what_is_no_file(args.out_dir, [p.name for p in paths.values()] + [METRICS_NAME, PLOT_NAME])
     cfg, ckpt = run_settings(args, backend, paths)
-    if args.vocab and ckpt.vocab is not None:
-        raise UsageError(f"--vocab: {ckpt.path} carries its own vocabulary; drop --vocab")
+    if args.vocab and (ckpt.vocab is not None or ckpt.tokenizer is not None or ckpt.backend == "hf"):
+        what = "vocabulary" if ckpt.vocab is not None else "tokenizer (GPT-2's)"
+        raise UsageError(f"--vocab: {ckpt.path} carries its own {what}; drop --vocab")
     local_accumulation_steps(cfg.gradient_accumulation_steps, backend.world_size)  # UsageError before any work
     out_dir = Path(args.out_dir)
 
@@ -167,7 +197,7 @@ def locked_training(args, backend: Backend) -> int:
     train_data, val_data = training_splits(text, tokenizer, cfg.block_size)
     # the sample at the end must not fail after the run
     check_final_prompt(tokenizer, cfg.prompt, args, text, cfg.block_size if cfg.model == "gpt" else None)
-    check_training_budget(cfg, tokenizer.vocab_size, backend.info.name, str(backend.device),
+    check_training_budget(cfg, model_vocab_size(tokenizer, ckpt), backend.info.name, str(backend.device),
                           backend.attention)  # BudgetError before anything is built
     with backend.session():
         built = backend.build(cfg, tokenizer, train_data, val_data, ckpt, resume=args.resume)
@@ -178,10 +208,11 @@ def locked_training(args, backend: Backend) -> int:
                           len(val_data))
 
 
-def check_final_prompt(tokenizer: CharTokenizer, prompt: str, args, text: str, block_size: int | None) -> None:
+def check_final_prompt(tokenizer: Tokenizer, prompt: str, args, text: str, block_size: int | None) -> None:
     """UsageError unless the sample after training can encode its prompt (see check_prompt). When the prompt
     is the default newline (no --prompt given) and the text has none, the error is about the text."""
-    if getattr(args, "prompt", None) is None and prompt == "\n" and "\n" not in tokenizer.chars:
+    if (getattr(args, "prompt", None) is None and prompt == "\n" and isinstance(tokenizer, CharTokenizer)
+            and "\n" not in tokenizer.chars):
         where = f" {args.data}" if args.data else ""
         raise UsageError(f"the training text{where} has no newline, and the sample printed after training starts "
                          "from one (the default --prompt '\\n'); give the text line breaks, or pass a --prompt made "
@@ -190,7 +221,7 @@ def check_final_prompt(tokenizer: CharTokenizer, prompt: str, args, text: str, b
 
 
 def train_loop(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend, built: Built,
-               tokenizer: CharTokenizer, out_dir: Path, paths: dict, n_train: int, n_val: int) -> int:
+               tokenizer: Tokenizer, out_dir: Path, paths: dict, n_train: int, n_val: int) -> int:
     state = {"last_saved": None}  # (path, step) of the newest checkpoint: the advice after a failure names it
     try:
         return run_steps(args, cfg, ckpt, backend, built, tokenizer, out_dir, paths, n_train, n_val, state)
@@ -199,7 +230,7 @@ def train_loop(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend
 
 
 def run_steps(args, cfg: TrainConfig, ckpt: Checkpoint | None, backend: Backend, built: Built,
-              tokenizer: CharTokenizer, out_dir: Path, paths: dict, n_train: int, n_val: int, state: dict) -> int:
+              tokenizer: Tokenizer, out_dir: Path, paths: dict, n_train: int, n_val: int, state: dict) -> int:
     start, best_val, last_saved = 0, math.inf, None  # last_saved: (path, step) of the newest checkpoint
     if args.resume:
         start, best_val, last_saved = ckpt.iter_num, ckpt.best_val_loss, (ckpt.path, ckpt.iter_num)
@@ -296,7 +327,7 @@ def run_sample(args, read_checkpoint: Callable, build_generate: Callable) -> int
     """The `sample` command: `read_checkpoint(path)` -> Checkpoint, `build_generate(ckpt)` ->
     (generate, block_size) for the backend's model holding the checkpoint's weights."""
     prompt = read_prompt(args.prompt, args.prompt_file)
-    ckpt = read_checkpoint(args.ckpt)
+    ckpt = read_checkpoint(args.ckpt if args.ckpt is not None else args.init_from)
     tokenizer = checkpoint_tokenizer(ckpt, args.vocab, lambda: load_text(args.data))
     check_prompt(tokenizer, prompt, ckpt.gpt_config.block_size if ckpt.model == "gpt" else None)
     generate, block_size = build_generate(ckpt)

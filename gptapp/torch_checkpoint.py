@@ -25,6 +25,8 @@ from .checkpoint import (
     check_loss,
     checked_zip_directory,
     checkpoint_kind,
+    tokenizer_entry,
+    tokenizer_from_entry,
 )
 from .errors import first_sentence
 
@@ -37,14 +39,18 @@ def save_torch_checkpoint(path, payload: dict) -> None:
 
 
 def save_run_checkpoint(path, ckpt: Checkpoint) -> None:
-    """Write a run's Checkpoint as our .pt: plain containers, the weights (tensors) as model_state."""
-    save_torch_checkpoint(path, {
+    """Write a run's Checkpoint as our .pt: plain containers, the weights (tensors) as model_state, and
+    for a run with GPT-2's tokenizer its files' texts as tokenizer (a character run has no such key)."""
+    payload = {
         "format": FORMAT, "version": VERSION, "backend": ckpt.backend, "model": ckpt.model,
         "gpt_config": ckpt.gpt_config.to_dict() if ckpt.gpt_config is not None else None,
         "train_config": ckpt.train_config, "vocab": ckpt.vocab, "model_state": ckpt.params,
         "optimizer": ckpt.optimizer, "iter_num": ckpt.iter_num, "best_val_loss": float(ckpt.best_val_loss),
         "rng": ckpt.rng,
-    })
+    }
+    if ckpt.tokenizer is not None:
+        payload["tokenizer"] = tokenizer_entry(ckpt.tokenizer)
+    save_torch_checkpoint(path, payload)
 
 
 def load_torch_checkpoint(path) -> Checkpoint:
@@ -100,7 +106,7 @@ def _ours(obj: dict, path: Path) -> Checkpoint:
                           vocab=obj["vocab"], params=_to_numpy(obj["model_state"], path),
                           train_config=obj.get("train_config"), iter_num=iter_num,
                           best_val_loss=best_val_loss, optimizer=obj.get("optimizer"),
-                          rng=obj.get("rng"), path=path)
+                          rng=obj.get("rng"), tokenizer=tokenizer_from_entry(obj.get("tokenizer"), path), path=path)
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: the checkpoint is incomplete or invalid ({_first_line(err)}); it was "
                               "edited or written by another program") from None

@@ -10,7 +10,7 @@ import numpy as np
 
 from npgpt.data import get_batch
 
-from ..backend import BackendInfo, Built, TrainingState, eval_seed, restore_or_refuse
+from ..backend import BackendInfo, Built, TrainingState, eval_seed, model_vocab_size, restore_or_refuse
 from ..checkpoint import NUMPY_EXT, TORCH_EXT, Checkpoint, CheckpointError, load_checkpoint, save_npz
 from ..errors import INSTALL_TORCH
 from ..optimizers import MuonAdamW
@@ -116,8 +116,9 @@ class NumpyBackend:
     def build(self, cfg, tokenizer, train_data, val_data, ckpt, resume: bool) -> Built:
         GPT, BigramLanguageModel, AdamW, self.clip_grad_norm = model_classes(self.reference)
         self.cfg = cfg
-        self.model = (BigramLanguageModel(tokenizer.vocab_size, seed=cfg.seed) if cfg.model == "bigram"
-                      else GPT(cfg.gpt_config(tokenizer.vocab_size), seed=cfg.seed))
+        vocab_size = model_vocab_size(tokenizer, ckpt)
+        self.model = (BigramLanguageModel(vocab_size, seed=cfg.seed) if cfg.model == "bigram"
+                      else GPT(cfg.gpt_config(vocab_size), seed=cfg.seed))
         if ckpt is not None:
             load_params_into(self.model, ckpt.params)
         if cfg.optimizer == "muon":  # Muon for the block matrices, AdamW for the rest

@@ -39,7 +39,8 @@ from torchgpt.runtime import (
     wrap_ddp,
 )
 
-from ..backend import BackendInfo, Built, TrainingState, eval_seed, local_accumulation_steps, restore_or_refuse
+from ..backend import (BackendInfo, Built, TrainingState, eval_seed, local_accumulation_steps, model_vocab_size,
+                       restore_or_refuse)
 from ..checkpoint import NUMPY_EXT, TORCH_EXT, Checkpoint, CheckpointError, load_checkpoint
 from ..errors import UsageError, one_line
 from ..torch_checkpoint import check_optimizer_state, load_torch_checkpoint, save_run_checkpoint
@@ -158,8 +159,9 @@ class TorchBackend:
         if device.type == "cuda":
             set_tf32(True)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        raw = (BigramLanguageModel(tokenizer.vocab_size) if cfg.model == "bigram"
-               else GPT(cfg.gpt_config(tokenizer.vocab_size), attention=self.attention))
+        vocab_size = model_vocab_size(tokenizer, ckpt)
+        raw = (BigramLanguageModel(vocab_size) if cfg.model == "bigram"
+               else GPT(cfg.gpt_config(vocab_size), attention=self.attention))
         if ckpt is not None:
             try:
                 load_params(raw, ckpt.params)
