@@ -70,13 +70,18 @@ def finite_diff_bound(check: Check, h: float, n: int, depth: int, amplification:
                               gradient=check.gradient)
 
 
-def numerical_gradient(f: Callable[[], float], x: np.ndarray, h: float = 1e-5) -> np.ndarray:
-    """Gradient of the scalar f() w.r.t. the array x, which f reads and which is perturbed in place."""
+def numerical_gradient(f: Callable[[], float], x: np.ndarray, h: float = 1e-5,
+                       entries=None) -> np.ndarray:
+    """Gradient of the scalar f() w.r.t. the array x, which f reads and which is perturbed in place.
+
+    entries: flat indices of x to visit (CS231n's sparse gradient check on a large tensor), NaN
+    elsewhere; None visits every entry.
+    """
     if x.dtype != np.float64:
         raise TypeError(f"gradcheck needs float64 arrays, got {x.dtype}")
-    grad = np.zeros_like(x)
+    grad = np.zeros_like(x) if entries is None else np.full_like(x, np.nan)
     flat, gflat = x.reshape(-1), grad.reshape(-1)  # views onto x and grad
-    for i in range(flat.size):
+    for i in (range(flat.size) if entries is None else entries):
         old = flat[i]
         flat[i] = old + h
         f_plus = f()
