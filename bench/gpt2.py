@@ -344,11 +344,15 @@ def main(argv=None) -> int:
         if getattr(args, k) is None:
             setattr(args, k, v)
     cfg = gpt_config(args.quick)
-    for name in ("prompt", "tokens", "repeats", "batch_size", "seq_len", "rounds", "block", "threads"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if args.prompt + args.tokens > cfg.block_size or args.seq_len > cfg.block_size:
-        p.error(f"--prompt + --tokens and --seq_len must fit in {cfg.block_size} positions")
+    error = next((f"--{name} must be a positive integer, got {getattr(args, name)}" for name in
+                  ("prompt", "tokens", "repeats", "batch_size", "seq_len", "rounds", "block", "threads")
+                  if getattr(args, name) <= 0), None)
+    if error is None and (args.prompt + args.tokens > cfg.block_size or args.seq_len > cfg.block_size):
+        error = (f"--prompt {args.prompt} + --tokens {args.tokens} and --seq_len {args.seq_len} must each fit in "
+                 f"the model's {cfg.block_size} positions")
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.worker:
         worker(args)
         return 0
