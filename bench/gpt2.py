@@ -1,8 +1,8 @@
 """GPT-2 small's shape (12 layers, 768 channels, 12 heads, 1024 positions, vocabulary 50257; layernorm
 with bias, learned positions, tanh GELU, tied head), random weights, float32, on the CPU, in one run:
 generation with the KV cache (npgpt.fast vs torchgpt eager vs transformers' GPT2LMHeadModel, the same
-weights) and one fine-tuning step's time and peak memory (npgpt.fast vs torchgpt). How each is
-measured: bench/RESULTS.md.
+weights) and one fine-tuning step's time and peak memory (npgpt.fast vs torchgpt), each as a ratio to
+torchgpt, measured in the same run.
 
     python bench/gpt2.py                         # generate, step and memory, all cores
     python bench/gpt2.py --mode generate --repeats 5
@@ -97,17 +97,27 @@ def hf_model(cfg, params):
 
 
 # --- generate: in this process -------------------------------------------------------------------------
-def generate_runs(args, cfg) -> dict:
+class Runs(dict):
+    """{backend: run()}, and hf_logits_error: transformers' logits of the prompt against npgpt.fast's
+    (normwise relative), None without transformers."""
+    hf_logits_error = None
+
+
+def generate_runs(args, cfg) -> Runs:
     """{backend: run()} each returning the (1, prompt + tokens) ids, greedy, with its KV cache."""
     import numpy as np
     import torch
     prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, args.prompt))
     fast = npgpt_model(cfg).eval()
-    runs = {"npgpt.fast": lambda: fast.generate(prompt, args.tokens, temperature=0.0, use_cache=True)}
+    runs = Runs({"npgpt.fast": lambda: fast.generate(prompt, args.tokens, temperature=0.0, use_cache=True)})
     tm = torch_model(cfg, fast.params).eval()
     runs["torchgpt"] = lambda: tm.generate(torch.from_numpy(prompt), args.tokens, 0.0).numpy()
     if not args.no_hf:
         hf = hf_model(cfg, fast.params)
+        with torch.no_grad():  # the mapping's check: transformers' logits of the prompt against ours
+            theirs = hf(torch.from_numpy(prompt)).logits.numpy()
+        ours, _ = fast.forward(prompt)
+        runs.hf_logits_error = float(np.linalg.norm(ours - theirs) / np.linalg.norm(ours))
 
         @torch.no_grad()
         def hf_run():
@@ -141,6 +151,10 @@ def generate_mode(args, cfg) -> dict:
         r["speed_ratio_to_torch"] = r["tokens_per_s"] / res["torchgpt"]["tokens_per_s"]
         print(f"   {k:14s} {r['tokens_per_s']:9.1f} {r['seconds']:8.2f} {1 / r['speed_ratio_to_torch']:11.2f}  "
               f"{r['same_tokens_as_npgpt.fast']}")
+    if runs.hf_logits_error is not None:
+        res["hf_logits_error"] = runs.hf_logits_error
+        print(f"   transformers' logits of the prompt against npgpt.fast's (the weights' mapping): "
+              f"{runs.hf_logits_error:.1e} normwise")
     ratio = res["npgpt.fast"]["seconds"] / res["torchgpt"]["seconds"]
     res["ratio"] = ratio
     print(f"   time ratio npgpt.fast / torchgpt = {ratio:.2f}   (target <= {TARGETS['generate']}: "

@@ -1,6 +1,6 @@
 """bench/gpt2.py at a tiny shape (--quick): one real run of all three modes gives the table's rows, the
-JSON's figures and the verdicts; the HF mapping gives transformers our logits; bad options are one-line
-errors. GPT-2 small's own run (minutes) is not a test.
+JSON's figures and the verdicts, and transformers our logits through the bench's weight mapping; bad
+options are one-line errors. GPT-2 small's own run (minutes) is not a test.
 """
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from npgpt.bounds import parity
+from npgpt.compare import PARITY_FORWARD_DEPTH
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 
@@ -23,8 +26,11 @@ def run_bench(*args, timeout=240):
                           cwd=ROOT, env=env, timeout=timeout)
 
 
-def row(out: str, name: str) -> list[str]:
-    return next(line for line in out.splitlines() if line.strip().startswith(name + " ")).split()
+def row(out: str, name: str, section: str) -> list[str]:
+    """The cells of the first row starting with `name` after the line starting with `section`."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(section))
+    return next(line for line in lines[start:] if line.strip().startswith(name + " ")).split()
 
 
 def test_a_quick_run_gives_every_row_and_verdict(tmp_path):
@@ -40,47 +46,30 @@ def test_a_quick_run_gives_every_row_and_verdict(tmp_path):
         r = gen[backend]
         assert r["new_tokens"] == 8 and r["tokens_per_s"] > 0, (backend, r)
         assert r["same_tokens_as_npgpt.fast"] is True, backend  # greedy on the same weights: the same work
-        cells = row(out, backend)
+        cells = row(out, backend, "generate:")
         assert cells[1] == f"{r['tokens_per_s']:.1f}" and cells[-1] == "True"
     assert gen["ratio"] == gen["npgpt.fast"]["seconds"] / gen["torchgpt"]["seconds"]  # bitwise: the same division
+    # the weights' mapping (same names, Conv1D weights transposed, tied head): transformers' logits are ours
+    assert gen["hf_logits_error"] <= parity(np.float32, 4 * 32, PARITY_FORWARD_DEPTH), gen["hf_logits_error"]
 
     step = results["step"]
     for backend in ("npgpt.fast", "torch"):
         r = step[backend]
         assert r["steps"] == 2 and r["q1_ms"] <= r["step_ms"] <= r["q3_ms"], (backend, r)
-        assert row(out, backend)[1] == f"{r['step_ms']:.0f}"
+        assert row(out, backend, "step:")[1] == f"{r['step_ms']:.0f}"
     assert step["ratio"] == step["npgpt.fast"]["step_ms"] / step["torch"]["step_ms"]  # bitwise: the same division
 
     mem = results["memory"]
     for backend in ("npgpt.fast", "torch"):
         r = mem[backend]
         assert r["total_mb"] > 0 and r["total_mb"] >= r["state_mb"] and r["step_peak_mb"] >= 0, (backend, r)
+        assert row(out, backend, "memory:")[1] == f"{r['total_mb']:.0f}"
     assert mem["ratio"] == mem["npgpt.fast"]["total_mb"] / mem["torch"]["total_mb"]  # bitwise: the same division
 
     summary = out[out.index("summary"):].splitlines()[1:4]
     for line, mode in zip(summary, ("generate", "step", "memory")):
         assert line.split()[0] == mode and f"{results[mode]['ratio']:.2f}" in line
         assert line.rstrip().endswith("met")
-
-
-def test_the_hf_model_holds_our_weights():
-    """The mapping (same names, Conv1D weights transposed, tied head): transformers' logits are ours."""
-    pytest.importorskip("transformers")
-    import torch
-    sys.path.insert(0, str(BENCH))
-    import gpt2
-    from npgpt.bounds import parity
-    from npgpt.compare import PARITY_FORWARD_DEPTH, compare_all
-    cfg = gpt2.gpt_config(quick=True)
-    model = gpt2.npgpt_model(cfg)
-    for p in model.params.values():  # non-zero biases and gains: every parameter shows in the logits
-        p += np.random.default_rng(3).normal(0.0, 0.02, p.shape).astype(p.dtype)
-    idx = np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 9))
-    ours, _ = model.eval().forward(idx)
-    with torch.no_grad():
-        theirs = gpt2.hf_model(cfg, model.params)(torch.from_numpy(idx)).logits.numpy()
-    compare_all({"logits": ours}, {"logits": theirs}, rtol=parity(np.float32, 4 * cfg.n_embd, PARITY_FORWARD_DEPTH),
-                header="npgpt.fast vs transformers")
 
 
 @pytest.mark.parametrize("args, words", [
