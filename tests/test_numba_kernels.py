@@ -432,7 +432,8 @@ def test_embedding_backward_is_a_scatter_add_in_position_order(dtype, kernels_on
     expected = np.zeros((V, C), dtype)
     np.add.at(expected, idx.reshape(-1), dout.reshape(-1, C))
     ref_dwte, ref_dwpe = L.embedding_backward(dout, cache)
-    check_equal(f"embedding [{np.dtype(dtype).name}]", {"dwte": dwte, "dwpe": dwpe}, {"dwte": expected, "dwpe": ref_dwpe},
+    check_equal(f"embedding [{np.dtype(dtype).name}]", {"dwte": dwte, "dwpe": dwpe},
+                {"dwte": expected, "dwpe": ref_dwpe},
                 bitwise("np.add.at's sums in position order; dwpe the reference's own sum"))
     # the reference's one-hot product adds the same rows in BLAS's order
     check("dwte", dwte, L.embedding_backward(dout.astype(np.float64), cache)[0], dtype, reordered(dtype, B * T))
