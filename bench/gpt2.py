@@ -10,6 +10,9 @@ torchgpt, measured in the same run.
     python bench/gpt2.py --mode memory --threads 1
     python bench/gpt2.py --quick                 # a tiny shape in seconds: the smoke test's run
 
+torchgpt runs eagerly (no torch.compile) with its default attention (SDPA); transformers' model gets
+our weights through HF_CONV1D's transposes and is checked on the prompt's logits before it is timed.
+
 generate: batch 1, a `prompt`-token random prompt, `tokens` new tokens, greedy (the three do the same
 work), each backend's KV cache (transformers: generate(use_cache=True), eager attention, no EOS stop);
 the runs alternate in this process; median time. step: forward, backward, clip_grad_norm and AdamW as
