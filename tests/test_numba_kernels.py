@@ -42,7 +42,7 @@ from npgpt.optim import AdamW
 KERNELS = L.LayerSet(**{**vars(L.REFERENCE), "causal_attention_forward": K.causal_attention_forward,
                          "causal_attention_backward": K.causal_attention_backward})
 from functools import partial
-from fast_helpers import (MODEL_CONFIGS, MODERN_CONFIGS, arrays_of, batch, block_params, check, compare_pair, compare_to_reference,
+from fast_helpers import (MODEL_CONFIGS, MODERN_CONFIGS, arrays_of, batch, block_params, check, check_equal, compare_pair, compare_to_reference,
                           exact_twin, noisy_pair, small_config)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -400,6 +400,46 @@ def test_adamw_update_rejects_mismatched_buffers():
     with pytest.raises(ValueError, match="dtype"):
         K.adamw_update(a, np.zeros(4, np.float32), a.copy(), a.copy(), lr=1e-3, beta1=0.9, beta2=0.99,
                        eps=1e-8, weight_decay=0.0, step=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_adamw_per_parameter_equals_the_gathered_update(dtype, kernels_on, monkeypatch):
+    """fast.AdamW on a group above GATHER_MAX runs the kernel once per parameter on its slices of the
+    flat buffers instead of once on gathered gradients: the same update of every element."""
+    def run(gather_max):
+        monkeypatch.setattr(fast.optim, "GATHER_MAX", gather_max)
+        model = fast.GPT(small_config(), seed=2, dtype=dtype)
+        opt = fast.AdamW(model.params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+        rng = np.random.default_rng(21)
+        for _ in range(3):
+            opt.step({n: random(rng, p.shape, dtype, 0.1) for n, p in model.params.items()})
+        return model.params, opt.moments("exp_avg"), opt.moments("exp_avg_sq"), opt._grad_flat
+    per_parameter, gathered = run(0), run(1 << 40)
+    assert per_parameter[3] == {} and set(gathered[3]) == {"decay", "no_decay"}  # no gathered copy made
+    for i, what in enumerate(("params", "exp_avg", "exp_avg_sq")):
+        check_equal(f"{what} [{np.dtype(dtype).name}]", per_parameter[i], gathered[i],
+                    bitwise("one elementwise kernel on the same elements, called per parameter or per group"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding_backward_is_a_scatter_add_in_position_order(dtype, kernels_on):
+    rng = np.random.default_rng(22)
+    B, T, V, C = 3, 37, 11, 20  # few ids, many positions: every id repeats
+    idx = rng.integers(0, V - 1, (B, T))  # id V - 1 never occurs: its row stays 0
+    dout = random(rng, (B, T, C), dtype)
+    cache = L.EmbeddingCache(idx, (V, C), (T + 4, C))
+    dwte, dwpe = K.embedding_backward(dout, cache)
+    expected = np.zeros((V, C), dtype)
+    np.add.at(expected, idx.reshape(-1), dout.reshape(-1, C))
+    ref_dwte, ref_dwpe = L.embedding_backward(dout, cache)
+    check_equal(f"embedding [{np.dtype(dtype).name}]", {"dwte": dwte, "dwpe": dwpe},
+                {"dwte": expected, "dwpe": ref_dwpe},
+                bitwise("np.add.at's sums in position order; dwpe the reference's own sum"))
+    # the reference's one-hot product adds the same rows in BLAS's order
+    check("dwte", dwte, L.embedding_backward(dout.astype(np.float64), cache)[0], dtype, reordered(dtype, B * T))
+    assert not dwte[V - 1].any() and dwte.dtype == ref_dwte.dtype
+    assert K.embedding_backward(dout, cache._replace(wpe_shape=None))[1] is None
+    assert fast_layers.layer_set(kernels=True).embedding_backward is K.embedding_backward
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

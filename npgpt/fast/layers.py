@@ -10,8 +10,9 @@ their pairs from a LayerSet. FAST is npgpt.layers.REFERENCE with these replaceme
   place), and ACTIVATION_OUTPUT_FROM_CACHE (the block drops the MLP's hidden activation after the
   forward and rebuilds it in the backward).
 - With numba (npgpt.fast.numba_kernels.ENABLED): the fused, threaded kernels of
-  npgpt.fast.numba_kernels for layernorm, GELU, the attention core (per head, where it pays),
-  cross-entropy, RMSNorm, RoPE and SwiGLU. Without numba those pairs are the reference's.
+  npgpt.fast.numba_kernels for the embedding's backward (a scatter-add), layernorm, GELU, the
+  attention core (per head, where it pays), cross-entropy, RMSNorm, RoPE and SwiGLU. Without
+  numba those pairs are the reference's.
 
 tests/test_fastpath.py compares each replaced pair with its reference twin (numpy only), and
 tests/test_numba_kernels.py with the kernels on.
@@ -202,7 +203,7 @@ def layer_set(kernels: bool) -> LayerSet:
     activations = {**REFERENCE.activations, "gelu": (K.gelu_forward, K.gelu_backward),
                    "swiglu": (K.swiglu_forward, K.swiglu_backward)}
     return dataclasses.replace(
-        REFERENCE, **numpy_rewrites, layernorm_forward=K.layernorm_forward,
+        REFERENCE, **numpy_rewrites, embedding_backward=K.embedding_backward, layernorm_forward=K.layernorm_forward,
         layernorm_backward=K.layernorm_backward, activations=activations,
         cross_entropy_forward=K.cross_entropy_forward, cross_entropy_backward=K.cross_entropy_backward,
         rmsnorm_forward=K.rmsnorm_forward, rmsnorm_backward=K.rmsnorm_backward,

@@ -6,7 +6,9 @@ order) and checkpoints. It differs in three ways, none visible to a caller:
   instead of npgpt.layers.REFERENCE;
 - its parameter arrays are views into one contiguous buffer (pack_params), so fast.AdamW can
   update each parameter group as one flat vector with no gather or scatter;
-- its constructor asks glibc's malloc to keep freed memory (keep_freed_memory), once per process.
+- its constructor asks glibc's malloc to keep freed memory (keep_freed_memory), once per process;
+- its backward holds less at once: the logits' gradient (B, T, V) lives only through the head's
+  backward, and a tied head's two gradients of wte are summed into one of them.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import ctypes
 import numpy as np
 
 from ..config import GPTConfig
+from ..layers import block_backward, norm_backward
 from ..model import GPT as ReferenceGPT
 from ..optim import decays
 from . import layers as fast_layers
@@ -82,3 +85,39 @@ class GPT(ReferenceGPT):
         self.layers = fast_layers.layer_set(numba_kernels.ENABLED)  # equal to FAST unless ENABLED changed
         self.params = pack_params(self.params)  # the same values, as views of one buffer
         keep_freed_memory()
+
+    def _head_backward(self, cache):
+        """(dx (B, T, C), dhead (V, C)) of the loss through the head; dlogits (B, T, V) is freed on return."""
+        (dlogits,) = self.layers.cross_entropy_backward(1.0, cache.loss)  # (B, T, V)
+        dx, dhead, _ = self.layers.linear_backward(dlogits, cache.lm_head)
+        return dx, dhead
+
+    def backward(self) -> dict[str, np.ndarray]:
+        """npgpt.GPT.backward's walk and result, with less alive at once (see the module doc):
+        wte's gradient dwte + dhead is summed into dhead, the same sums in place."""
+        cache = self._cache
+        if cache is None or cache.loss is None:
+            return super().backward()  # its error
+        L, cfg = self.layers, self.config
+        grads = {}
+        dx, dhead = self._head_backward(cache)
+        dx, grads["transformer.ln_f.weight"], db = norm_backward(dx, cache.ln_f, L)
+        if db is not None:
+            grads["transformer.ln_f.bias"] = db
+        for i in reversed(range(cfg.n_layer)):
+            dx, block_grads = block_backward(dx, cache.blocks[i])
+            for name, g in block_grads.items():
+                grads[f"transformer.h.{i}.{name}"] = g
+        if cache.embedding_dropout is not None:
+            (dx,) = L.dropout_backward(dx, cache.embedding_dropout)
+        dwte, dwpe = L.embedding_backward(dx, cache.embedding)
+        del dx
+        if dwpe is not None:  # None with RoPE: no wpe
+            grads["transformer.wpe.weight"] = dwpe
+        if cfg.tie_weights:
+            dhead += dwte  # one matrix used twice: the two gradients add (x + y == y + x, bit for bit)
+            grads["transformer.wte.weight"] = dhead
+        else:
+            grads["transformer.wte.weight"] = dwte
+            grads["lm_head.weight"] = dhead
+        return {k: grads[k] for k in self.params}  # same keys, same order as params

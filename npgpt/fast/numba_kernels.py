@@ -316,6 +316,39 @@ if AVAILABLE:
 
 
 # --------------------------------------------------------------------------------------------
+# The embedding's backward: a scatter-add of rows
+# --------------------------------------------------------------------------------------------
+
+@_kernel
+def _embedding_backward_rows(dout, idx, n_parts, dwte):  # dout (N, C), idx (N,), dwte (V, C) zeros
+    # Part k owns columns [k C / n_parts, (k + 1) C / n_parts) of every row: no two threads write
+    # one element, and each element sums its rows in position order (np.add.at's order).
+    n_rows, C = dout.shape
+    for k in prange(n_parts):
+        c0, c1 = k * C // n_parts, (k + 1) * C // n_parts
+        for n in range(n_rows):
+            row = idx[n]
+            for c in range(c0, c1):
+                dwte[row, c] += dout[n, c]
+
+
+def embedding_backward(dout: np.ndarray, cache):
+    """(dwte, dwpe): dwte[v] sums dout's rows at the positions with id v, in position order
+    (np.add.at(dwte, idx, dout) bit for bit), with no (B*T, V) one-hot matrix and no product over V;
+    dwpe as the reference (None without wpe)."""
+    B, T, C = dout.shape
+    d2 = np.ascontiguousarray(dout).reshape(-1, C)  # (N, C)
+    idx = np.ascontiguousarray(cache.idx, dtype=np.int64).reshape(-1)  # (N,), checked by the forward's gather
+    dwte = np.zeros(cache.wte_shape, dtype=dout.dtype)  # (V, C): rows no position names stay untouched zeros
+    _embedding_backward_rows(d2, idx, max(1, min(threads(), C)), dwte)
+    if cache.wpe_shape is None:
+        return dwte, None
+    dwpe = np.zeros(cache.wpe_shape, dtype=dout.dtype)  # positions >= T got no gradient
+    dwpe[:T] = dout.sum(axis=0)  # (T, C)
+    return dwte, dwpe
+
+
+# --------------------------------------------------------------------------------------------
 # Layer normalisation over the last axis
 # --------------------------------------------------------------------------------------------
 

@@ -13,6 +13,13 @@ from . import numba_kernels as _kernels
 __all__ = ["AdamW", "Muon", "clip_grad_norm", "cosine_lr", "decays", "zeropower_via_newton_schulz"]
 
 
+# With numba, a parameter group larger than this (elements) is updated parameter by parameter
+# (one kernel call each, on its slices of the flat buffers) instead of gathered into one flat
+# copy of its gradients first: the copy would cost as much memory as the group itself. Smaller
+# groups are gathered: one kernel call for the group beats many calls on small parameters.
+GATHER_MAX = 1 << 20
+
+
 class AdamW:
     """npgpt.optim.AdamW's update, over one flat buffer per parameter group.
 
@@ -45,9 +52,9 @@ class AdamW:
         self.exp_avg = {g: np.zeros(s, dtype=dtype) for g, s in sizes.items()}
         self.exp_avg_sq = {g: np.zeros(s, dtype=dtype) for g, s in sizes.items()}
         self.step_count = 0
-        # Reused every step: the gathered gradients, and scratch for the update's intermediates.
-        self._grad_flat = {g: np.zeros(s, dtype=dtype) for g, s in sizes.items()}
-        self._scratch = {g: np.zeros(s, dtype=dtype) for g, s in sizes.items()}
+        # Reused every step, made at the first step that needs them: the gathered gradients, and
+        # scratch for the update's intermediates (group-sized, so a model's size again each).
+        self._grad_flat, self._scratch = {}, {}
         self._param_views = {g: _flat_view([params[n] for n in ns]) for g, ns in self.groups.items()}
 
     def _flat(self, arrays: dict[str, np.ndarray], group: str, out: np.ndarray | None = None) -> np.ndarray:
@@ -84,8 +91,24 @@ class AdamW:
             if not self.groups[group]:
                 continue
             p, gathered = self._params_flat(group)
+            m, v = self.exp_avg[group], self.exp_avg_sq[group]
+            if _kernels.ENABLED and not gathered and p.size > GATHER_MAX:
+                # one kernel call per parameter on its slices of the flat buffers: no gathered
+                # copy of the gradients (a model's size of memory); the same update element by element
+                offset = 0
+                for n in self.groups[group]:
+                    size = self.params[n].size
+                    part = slice(offset, offset + size)
+                    _kernels.adamw_update(p[part], np.ascontiguousarray(grads[n], dtype=p.dtype).reshape(-1),
+                                          m[part], v[part], lr=lr, beta1=b1, beta2=b2, eps=self.eps,
+                                          weight_decay=wd, step=t)
+                    offset += size
+                continue
+            if group not in self._grad_flat:
+                self._grad_flat[group] = np.zeros(p.size, dtype=p.dtype)
+                self._scratch[group] = np.zeros(p.size, dtype=p.dtype)
             g = self._flat(grads, group, out=self._grad_flat[group])
-            m, v, s = self.exp_avg[group], self.exp_avg_sq[group], self._scratch[group]
+            s = self._scratch[group]
             if _kernels.ENABLED:
                 _kernels.adamw_update(p, g, m, v, lr=lr, beta1=b1, beta2=b2, eps=self.eps,
                                       weight_decay=wd, step=t)
