@@ -76,7 +76,7 @@ BASE_VENV  := .venv-base
 BASE_PY    := $(BASE_VENV)/bin/python
 BASE_STAMP := $(BASE_VENV)/.installed-base
 BASE_TESTS := tests/test_layers.py tests/test_model.py tests/test_fastpath.py tests/test_optim.py tests/test_data.py \
-              tests/test_config.py $(wildcard tests/test_bounds.py)
+              tests/test_config.py tests/test_bounds.py tests/test_exercises.py tests/test_exercise_mistakes.py
 BASE_ABSENT := torch numba tqdm matplotlib
 
 $(BASE_STAMP): pyproject.toml Makefile
