@@ -335,7 +335,7 @@ def memory_mode(args, cfg, memory_runs: dict) -> dict:
             stop(proc)
             runs[b].append(figures)
     res = {b: {k: common.median([r[k] for r in rs]) for k in rs[0]} for b, rs in runs.items()}
-    note = " (the first: step's, before its timed steps)" if shared else ""
+    note = " (the first of each: the step workers', before their timed steps)" if shared else ""
     print(f"\n   memory: peak RSS of one step, batch {args.batch_size} x {args.seq_len} tokens; median of "
           f"{len(runs['torch'])} fresh workers each{note}")
     print(f"   {'backend':11s} {'total MB':>9s} {'state MB':>9s} {'step peak MB':>13s} {'total / torch':>14s}")

@@ -43,8 +43,8 @@ def text_file(tmp_path_factory) -> Path:
 
 def run_bench(*args, timeout=120):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(BENCH / "time_to_loss.py"), "modern", *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=timeout)
+    return subprocess.run([sys.executable, str(BENCH / "time_to_loss.py"), "modern", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
 
 
 def test_the_modern_configuration_plans_both_presets_in_both_backends(tmp_path, text_file, capsys):
