@@ -327,7 +327,7 @@ def step_mode(args, cfg, memory_runs: dict) -> dict:
 
 
 def memory_mode(args, cfg, memory_runs: dict) -> dict:
-    """The figures of `repeats` fresh workers per backend: those step's workers gave, and more."""
+    """The figures of `repeats` fresh workers per backend: the step workers' (--mode all), then new ones."""
     runs, shared = memory_runs, len(memory_runs["torch"])
     for _ in range(args.repeats - shared):
         for b in BACKENDS:  # alternate the backends
