@@ -11,16 +11,19 @@ torchgpt, measured in the same run.
     python bench/gpt2.py --quick                 # a tiny shape in seconds: the smoke test's run
 
 torchgpt runs eagerly (no torch.compile) with its default attention (SDPA); transformers' model gets
-our weights through HF_CONV1D's transposes and is checked on the prompt's logits before it is timed.
+our weights through gptapp.hf's mapping (ours_to_hf) and is checked on the prompt's logits before it is
+timed.
 
 generate: batch 1, a `prompt`-token random prompt, `tokens` new tokens, greedy (the three do the same
 work), each backend's KV cache (transformers: generate(use_cache=True), eager attention, no EOS stop);
 the runs alternate in this process; median time. step: forward, backward, clip_grad_norm and AdamW as
 the training scripts do them, on the same random batches, each backend in a worker process of its own,
 `rounds` interleaved blocks of `block` steps; median. memory: one step in each of `repeats` fresh
-workers per backend: the peak RSS (VmHWM) above the RSS after the imports, as bench/step_time.py
---mode memory measures it (`total`: parameters, optimizer state and the step's peak; `step peak`: above
-the RSS just before the step).
+workers per backend (with --mode all the step's workers measure it first, before their timed steps):
+the peak RSS (VmHWM) above the RSS after the imports, as bench/step_time.py --mode memory measures it
+(`total`: parameters, optimizer state and the step's peak; `step peak`: above the RSS just before the
+step). Each worker loads its own library only, as a user's program would: npgpt.fast's no torch (fast.GPT
+tunes its allocator itself), torch's no npgpt.fast (torch's default allocator; npgpt's initial weights).
 """
 from __future__ import annotations
 
@@ -71,29 +74,26 @@ def torch_model(cfg, params):
     return model
 
 
-HF_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
-
-
 def hf_model(cfg, params):
-    """transformers' GPT2LMHeadModel (eager attention) holding `params`: the same names, each Conv1D
-    weight (in, out) the transpose of our nn.Linear layout (out, in); the head tied to wte."""
+    """transformers' GPT2LMHeadModel (eager attention) holding `params`, through gptapp.hf's mapping:
+    config_to_hf's GPT2Config, ours_to_hf's state dict (Conv1D weights transposed, the head tied)."""
+    import numpy as np
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
-    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
-                        n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=cfg.norm_eps,
-                        tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
-                        attn_implementation="eager")
-    model = GPT2LMHeadModel(hf_cfg).eval()
+
+    from gptapp.hf import config_to_hf, gpt2_shaped, ours_to_hf
+    why = gpt2_shaped(cfg)
+    if why is not None:
+        raise ValueError(f"transformers' GPT-2 cannot hold this model: {why}")
+    model = GPT2LMHeadModel(GPT2Config(**config_to_hf(cfg, np.float32), attn_implementation="eager")).eval()
     if model.config._attn_implementation != "eager":
         raise RuntimeError(f"transformers chose {model.config._attn_implementation} attention, not eager")
-    own = dict(model.named_parameters())
-    if set(own) != set(params):
-        raise ValueError(f"HF GPT-2 names differ from ours: {sorted(set(own) ^ set(params))}")
+    own, theirs = dict(model.named_parameters()), ours_to_hf(params)
+    if set(own) != set(theirs):
+        raise ValueError(f"HF GPT-2 names differ from ours: {sorted(set(own) ^ set(theirs))}")
     with torch.no_grad():
         for name, p in own.items():
-            value = torch.from_numpy(params[name])
-            p.copy_(value.T if name.endswith(HF_CONV1D) else value)
+            p.copy_(torch.from_numpy(theirs[name]))
     model.generation_config.eos_token_id = None  # generate exactly the tokens asked for
     model.generation_config.pad_token_id = 0
     return model
@@ -168,12 +168,14 @@ def generate_mode(args, cfg) -> dict:
 # --- step and memory: one backend per worker process ----------------------------------------------
 def make_step(backend: str, cfg):
     """One fine-tuning step as the training scripts run it: step(x, y) -> its (forward, backward, clip +
-    AdamW) seconds; step.as_input turns a NumPy batch into the backend's input."""
-    fast = npgpt_model(cfg)
+    AdamW) seconds; step.as_input turns a NumPy batch into the backend's input. torch gets npgpt's
+    initial weights (npgpt.model.init_params, seed 0) without npgpt.fast: its process keeps torch's
+    default allocator, as a user's would."""
     if backend == "torch":
+        import numpy as np
         import torch
-        model = torch_model(cfg, fast.params).train()
-        del fast
+        from npgpt.model import init_params
+        model = torch_model(cfg, init_params(cfg, 0, np.float32)).train()
         opt = model.configure_optimizers(WEIGHT_DECAY, LR, BETAS, "cpu")
         params, as_input = list(model.parameters()), torch.from_numpy
         forward, backward = (lambda x, y: model(x, y)[1]), (lambda loss: loss.backward())
@@ -184,7 +186,7 @@ def make_step(backend: str, cfg):
             opt.zero_grad(set_to_none=True)
     else:
         from npgpt.fast import AdamW, clip_grad_norm
-        model = fast
+        model = npgpt_model(cfg)  # fast.GPT tunes its process's allocator itself
         opt = AdamW(model.params, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
         forward, backward, as_input = model.forward, (lambda _: model.backward()), (lambda a: a)
 
@@ -220,29 +222,32 @@ def trim() -> None:
 
 
 def worker(args) -> None:
-    """memory: prints the step's figures as JSON. step: prints "ready", then answers each line K with
-    the JSON list of K (forward, backward, update) seconds, until stdin closes."""
+    """One backend in a fresh process. Its first answer: memory's figures of one step after the warm-up
+    (modes memory and all; see step_memory) or "ready" (mode step). memory then exits; step and all
+    answer each line K with the JSON list of K (forward, backward, update) seconds, until stdin closes."""
     import numpy as np
-    import torch  # memory: torch loaded on both sides
-    torch.set_num_threads(args.threads)
-    from npgpt.fast import keep_freed_memory
-    keep_freed_memory()  # the torch worker too: both keep freed memory for the next step
-    cfg, memory = gpt_config(args.quick), args.mode == "memory"
+    if args.worker == "torch":  # each worker loads its backend's library only
+        import torch
+        import torchgpt  # noqa: F401
+        torch.set_num_threads(args.threads)
+    else:
+        import npgpt.fast  # noqa: F401
+    cfg = gpt_config(args.quick)
     trim()
     rss_imports = status_kb("VmRSS")
     step = make_step(args.worker, cfg)
     rng = np.random.default_rng(0)
     data = [tuple(step.as_input(a) for a in rng.integers(0, cfg.vocab_size, (2, args.batch_size, args.seq_len)))
-            for _ in range(1 if memory else 4)]
+            for _ in range(1 if args.mode == "memory" else 4)]
     for i in range(args.warmup):
         step(*data[i % len(data)])
-    if memory:
-        print(json.dumps(step_memory(args.worker, step, data[0], rss_imports)), flush=True)
+    first = "ready" if args.mode == "step" else step_memory(args.worker, step, data[0], rss_imports)
+    print(json.dumps(first), flush=True)
+    if args.mode == "memory":
         return
-    print(json.dumps("ready"), flush=True)
-    i = args.warmup
+    i = args.warmup + (args.mode != "step")
     for line in sys.stdin:
-        time.sleep(PAUSE_S)  # let the other worker's idle BLAS/OpenMP threads stop spinning
+        time.sleep(0 if args.quick else PAUSE_S)  # the other worker's idle BLAS/OpenMP threads stop spinning
         times = [step(*data[(i + k) % len(data)]) for k in range(int(line))]
         i += len(times)
         print(json.dumps(times), flush=True)
@@ -287,8 +292,13 @@ def stop(proc) -> None:
 BACKENDS = ("npgpt.fast", "torch")
 
 
-def step_mode(args, cfg) -> dict:
-    procs = {b: start(args, b, "step")[0] for b in BACKENDS}  # one at a time: none warms up under another's load
+def step_mode(args, cfg, memory_runs: dict) -> dict:
+    """With --mode all each worker first measures memory (fresh, after the warm-up) into memory_runs."""
+    procs = {}
+    for b in BACKENDS:  # one at a time: none warms up under another's load
+        procs[b], first = start(args, b, args.mode if args.mode == "all" else "step")
+        if args.mode == "all":
+            memory_runs[b].append(first)
     times = {b: [] for b in BACKENDS}
     try:
         for r in range(args.rounds):
@@ -316,16 +326,18 @@ def step_mode(args, cfg) -> dict:
     return res
 
 
-def memory_mode(args, cfg) -> dict:
-    runs = {b: [] for b in BACKENDS}
-    for _ in range(args.repeats):
+def memory_mode(args, cfg, memory_runs: dict) -> dict:
+    """The figures of `repeats` fresh workers per backend: the step workers' (--mode all), then new ones."""
+    runs, shared = memory_runs, len(memory_runs["torch"])
+    for _ in range(args.repeats - shared):
         for b in BACKENDS:  # alternate the backends
             proc, figures = start(args, b, "memory")
             stop(proc)
             runs[b].append(figures)
     res = {b: {k: common.median([r[k] for r in rs]) for k in rs[0]} for b, rs in runs.items()}
+    note = " (the first of each: the step workers', before their timed steps)" if shared else ""
     print(f"\n   memory: peak RSS of one step, batch {args.batch_size} x {args.seq_len} tokens; median of "
-          f"{args.repeats} fresh workers each")
+          f"{len(runs['torch'])} fresh workers each{note}")
     print(f"   {'backend':11s} {'total MB':>9s} {'state MB':>9s} {'step peak MB':>13s} {'total / torch':>14s}")
     for b, r in res.items():
         print(f"   {b:11s} {r['total_mb']:9.0f} {r['state_mb']:9.0f} {r['step_peak_mb']:13.0f} "
@@ -382,8 +394,10 @@ def main(argv=None) -> int:
     results = {"machine": info, "command": " ".join(sys.argv), "model": describe(cfg), "quick": args.quick,
                "settings": {k: getattr(args, k) for k in defaults}}
     modes = ("generate", "step", "memory") if args.mode == "all" else (args.mode,)
+    memory_runs = {b: [] for b in BACKENDS}  # memory's figures, the step workers' first answers with --mode all
     for mode in modes:
-        results[mode] = {"generate": generate_mode, "step": step_mode, "memory": memory_mode}[mode](args, cfg)
+        results[mode] = (generate_mode(args, cfg) if mode == "generate" else
+                         {"step": step_mode, "memory": memory_mode}[mode](args, cfg, memory_runs))
     print("\n   summary (npgpt.fast / torchgpt; targets are upper bounds)")
     for mode in modes:
         r = results[mode]["ratio"]

@@ -1,6 +1,7 @@
-"""bench/gpt2.py at a tiny shape (--quick): one real run of all three modes gives the table's rows, the
-JSON's figures and the verdicts, and transformers our logits through the bench's weight mapping; bad
-options are one-line errors. GPT-2 small's own run (minutes) is not a test.
+"""bench/gpt2.py at a tiny shape (--quick): one real run of all three modes (this process's generate, then
+one worker per backend for step and memory) gives the table's rows, the JSON's figures and the verdicts,
+and transformers our logits through gptapp.hf's weight mapping; bad options are one-line errors. GPT-2
+small's own run (minutes) is not a test.
 """
 from __future__ import annotations
 
@@ -64,6 +65,8 @@ def test_a_quick_run_gives_every_row_and_verdict(tmp_path):
         r = mem[backend]
         assert r["total_mb"] > 0 and r["total_mb"] >= r["state_mb"] and r["step_peak_mb"] >= 0, (backend, r)
         assert row(out, backend, "memory:")[1] == f"{r['total_mb']:.0f}"
+    # --repeats 1: the step workers measured memory first, and no other worker started
+    assert "median of 1 fresh workers each (the first of each: the step workers', before their timed steps)" in out
     assert mem["ratio"] == mem["npgpt.fast"]["total_mb"] / mem["torch"]["total_mb"]  # bitwise: the same division
 
     summary = out[out.index("summary"):].splitlines()[1:4]
