@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The tests whose bounds depend on summation order, vector width and fused multiply-adds.
 SENSITIVE = ["tests/test_layers.py", "tests/test_model.py", "tests/test_fastpath.py",
-             "tests/test_numba_kernels.py", "tests/test_optim.py", "tests/test_bounds.py", "parity_tests"]
+             "tests/test_numba_kernels.py", "tests/test_optim.py", "tests/test_bounds.py", "parity_tests",
+             "tests/test_hf.py", "tests/test_exercises.py", "tests/test_exercise_mistakes.py"]
 IGNORE = ["parity_tests/test_cuda.py"]
 # Tests of how processes start (numba's thread pool, its disk cache, a switch read at import): each runs
 # fresh interpreters with an environment of its own and checks no number the kernels compute; `make
