@@ -227,3 +227,24 @@ def finish(results: dict, json_path: str | None) -> int:
         with open(json_path, "w") as f:
             json.dump(results, f, indent=2)
     return 0
+
+
+# --------------------------------------------------------------------------- worker processes
+# A step or memory worker (bench/step_time.py, bench/gpt2.py) answers one JSON line at start
+# ("ready", or its memory figures), then one line of step times per number of steps it is sent.
+
+def ask(proc, steps: int | None = None):
+    """Send a worker `steps` to time (None: only read), and return its next JSON answer."""
+    if steps is not None:
+        proc.stdin.write(f"{steps}\n")
+        proc.stdin.flush()
+    answer = proc.stdout.readline()
+    if not answer:
+        raise RuntimeError(f"worker {' '.join(map(str, proc.args[2:6]))} exited with {proc.wait()}")
+    return json.loads(answer)
+
+
+def stop(proc, timeout: float = 120) -> None:
+    """Close a worker's input (its loop ends) and wait for it to exit."""
+    proc.stdin.close()
+    proc.wait(timeout=timeout)

@@ -271,22 +271,7 @@ def start(args, backend: str, mode: str):
            "--threads", str(args.threads), "--warmup", str(args.warmup), "--batch_size", str(args.batch_size),
            "--seq_len", str(args.seq_len)] + (["--quick"] if args.quick else [])
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    return proc, ask(proc)
-
-
-def ask(proc, steps: int | None = None):
-    if steps is not None:
-        proc.stdin.write(f"{steps}\n")
-        proc.stdin.flush()
-    answer = proc.stdout.readline()
-    if not answer:
-        raise RuntimeError(f"worker {proc.args[3]} exited with {proc.wait()}")
-    return json.loads(answer)
-
-
-def stop(proc) -> None:
-    proc.stdin.close()
-    proc.wait(timeout=120)
+    return proc, common.ask(proc)
 
 
 BACKENDS = ("npgpt.fast", "torch")
@@ -303,10 +288,10 @@ def step_mode(args, cfg, memory_runs: dict) -> dict:
     try:
         for r in range(args.rounds):
             for b in BACKENDS[r % 2:] + BACKENDS[:r % 2]:
-                times[b] += ask(procs[b], args.block)
+                times[b] += common.ask(procs[b], args.block)
     finally:
         for proc in procs.values():
-            stop(proc)
+            common.stop(proc)
     res = {}
     for b, ts in times.items():
         q1, q3 = common.quartiles([sum(p) for p in ts])
@@ -332,7 +317,7 @@ def memory_mode(args, cfg, memory_runs: dict) -> dict:
     for _ in range(args.repeats - shared):
         for b in BACKENDS:  # alternate the backends
             proc, figures = start(args, b, "memory")
-            stop(proc)
+            common.stop(proc)
             runs[b].append(figures)
     res = {b: {k: common.median([r[k] for r in rs]) for k in rs[0]} for b, rs in runs.items()}
     note = " (the first of each: the step workers', before their timed steps)" if shared else ""

@@ -191,22 +191,7 @@ def start(args, backend: str, name: str):
                              "--config", name, "--threads", str(args.threads), "--warmup", str(args.warmup),
                              "--torch_malloc", args.torch_malloc, "--muon_ns_dtype", args.muon_ns_dtype],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    return proc, ask(proc)
-
-
-def ask(proc, steps: int | None = None):
-    if steps is not None:
-        proc.stdin.write(f"{steps}\n")
-        proc.stdin.flush()
-    answer = proc.stdout.readline()
-    if not answer:
-        raise RuntimeError(f"worker {' '.join(proc.args[2:6])} exited with {proc.wait()}")
-    return json.loads(answer)
-
-
-def stop(proc) -> None:
-    proc.stdin.close()
-    proc.wait(timeout=60)
+    return proc, common.ask(proc)
 
 
 def time_config(args, name: str, backends: list) -> dict:
@@ -215,10 +200,10 @@ def time_config(args, name: str, backends: list) -> dict:
     try:
         for r in range(args.rounds):
             for b in backends[r % len(backends):] + backends[:r % len(backends)]:
-                times[b] += ask(procs[b], args.block)
+                times[b] += common.ask(procs[b], args.block)
     finally:
         for proc in procs.values():
-            stop(proc)
+            common.stop(proc)
     out = {}
     for b, ts in times.items():
         q1, q3 = common.quartiles([sum(p) for p in ts])
@@ -233,7 +218,7 @@ def memory_config(args, name: str, backends: list) -> dict:
     for _ in range(args.repeats):
         for b in backends:  # alternate the backends
             proc, figures = start(args, b, name)
-            stop(proc)
+            common.stop(proc)
             runs[b].append(figures)
     return {b: {k: common.median([r[k] for r in rs]) for k in rs[0]} for b, rs in runs.items()}
 
