@@ -6,6 +6,8 @@ this module and nothing else of bench/.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -248,3 +250,42 @@ def stop(proc, timeout: float = 120) -> None:
     """Close a worker's input (its loop ends) and wait for it to exit."""
     proc.stdin.close()
     proc.wait(timeout=timeout)
+
+
+# --------------------------------------------------------------------------- peak memory of a step
+
+def status_kb(field: str) -> int:
+    """A field of /proc/self/status in kB (VmRSS: resident now, VmHWM: the peak since the last reset)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def trim() -> None:
+    """Free what Python and glibc's malloc hold unused, so that VmRSS counts live memory only."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def step_memory(run, rss_imports_kb: int, trace: bool = False) -> dict:
+    """Peak RSS of one call of run(): "state" = resident before it beyond the imports, "step_peak" =
+    VmHWM (reset through /proc/self/clear_refs) minus that, "total" = both; trace also reads
+    tracemalloc's peak (NumPy's buffers) over the call."""
+    import tracemalloc
+    trim()
+    rss_before = status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM
+    if trace:
+        tracemalloc.start()
+        start = tracemalloc.get_traced_memory()[0]
+    run()
+    peak = status_kb("VmHWM")
+    out = {"total_mb": (peak - rss_imports_kb) / 1024, "state_mb": (rss_before - rss_imports_kb) / 1024,
+           "step_peak_mb": (peak - rss_before) / 1024}
+    if trace:
+        out["tracemalloc_step_peak_mb"] = (tracemalloc.get_traced_memory()[1] - start) / 2**20
+        tracemalloc.stop()
+    return out

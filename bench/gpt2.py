@@ -28,8 +28,6 @@ tunes its allocator itself), torch's no npgpt.fast (torch's default allocator; n
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import subprocess
@@ -208,19 +206,6 @@ def make_step(backend: str, cfg):
     return step
 
 
-def status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def worker(args) -> None:
     """One backend in a fresh process. Its first answer: memory's figures of one step after the warm-up
     (modes memory and all; see step_memory) or "ready" (mode step). memory then exits; step and all
@@ -233,8 +218,8 @@ def worker(args) -> None:
     else:
         import npgpt.fast  # noqa: F401
     cfg = gpt_config(args.quick)
-    trim()
-    rss_imports = status_kb("VmRSS")
+    common.trim()
+    rss_imports = common.status_kb("VmRSS")
     step = make_step(args.worker, cfg)
     rng = np.random.default_rng(0)
     data = [tuple(step.as_input(a) for a in rng.integers(0, cfg.vocab_size, (2, args.batch_size, args.seq_len)))
@@ -256,14 +241,7 @@ def worker(args) -> None:
 def step_memory(backend: str, step, xy, rss_imports: int) -> dict:
     if backend != "torch":
         step.model._cache = None  # the activations it keeps for a second backward(); torch keeps none
-    trim()
-    rss_before = status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM
-    step(*xy)
-    peak = status_kb("VmHWM")
-    return {"total_mb": (peak - rss_imports) / 1024, "state_mb": (rss_before - rss_imports) / 1024,
-            "step_peak_mb": (peak - rss_before) / 1024}
+    return common.step_memory(lambda: step(*xy), rss_imports)
 
 
 def start(args, backend: str, mode: str):

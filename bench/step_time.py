@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import gc
 import json
 import os
 import subprocess
@@ -125,19 +124,6 @@ def config(name: str, muon_ns_dtype: str):
 
 
 # --- Workers: one backend in its own process, driven over stdin/stdout (modes time and memory) ----
-def status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def worker(args) -> None:
     """memory: prints the step's figures as JSON. time: prints "ready", then answers each line K with
     the JSON list of K (forward, backward, optimizer) seconds, until stdin closes."""
@@ -148,8 +134,8 @@ def worker(args) -> None:
     if backend == "torch" and args.torch_malloc == "same":
         keep_freed_memory()
     cfg = config(args.config, args.muon_ns_dtype)
-    trim()
-    rss_imports = status_kb("VmRSS")
+    common.trim()
+    rss_imports = common.status_kb("VmRSS")
     step = make_step(backend, cfg)
     data = [(step.as_input(x), step.as_input(y)) for x, y in batches(cfg, 1 if memory else 8)]
     for i in range(args.warmup):
@@ -164,24 +150,11 @@ def worker(args) -> None:
 
 
 def step_memory(backend: str, step, xy, rss_imports: int) -> dict:
-    import tracemalloc
     npgpt = backend != "torch"
     if npgpt and hasattr(step.model, "_cache"):
         step.model._cache = None  # the activations it keeps for a second backward(); torch keeps none
-    trim()
-    rss_before = status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM
-    if npgpt:
-        tracemalloc.start()
-        start = tracemalloc.get_traced_memory()[0]
-    step(*xy)
-    peak = status_kb("VmHWM")
-    out = {"total_mb": (peak - rss_imports) / 1024, "state_mb": (rss_before - rss_imports) / 1024,
-           "step_peak_mb": (peak - rss_before) / 1024, "rss_imports_mb": rss_imports / 1024}
-    if npgpt:
-        out["tracemalloc_step_peak_mb"] = (tracemalloc.get_traced_memory()[1] - start) / 2**20
-        tracemalloc.stop()
+    out = common.step_memory(lambda: step(*xy), rss_imports, trace=npgpt)
+    out["rss_imports_mb"] = rss_imports / 1024
     return out
 
 
